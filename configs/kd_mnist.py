@@ -1,0 +1,38 @@
+"""Hinton KD LeNet-5 -> LeNet-5-half on the offline benchmark (no download).
+
+    python -m kd_jax.main --config=configs/kd_mnist.py:pool --workdir=/tmp/kd/kd_mnist_pool
+
+Argument picks the transfer set: `original` (MNIST train images without labels: the upper
+bound), `pool` (the whole bundled open-world pool), `random` (a random pool subset of
+`data.transfer.subset_size` = 4,000 images, the size of the original train set). Add `,smoke` for
+a seconds-long run. The teacher is trained first into <workdir>/teacher unless
+`--config.teacher.workdir` names a finished teacher run. About 2 minutes on 2 CPU cores
+(+1 minute for the teacher).
+"""
+from kd_jax import config_utils
+
+
+def get_config(arg="pool"):
+    flags = config_utils.parse_arg(arg, ("original", "pool", "random", "smoke"), __file__)
+    c = config_utils.base_config()
+    c.method = "kd"
+    c.model.name = "lenet5_half"
+    c.teacher.model = "lenet5"
+    c.teacher.train = config_utils.sibling(__file__, "teacher_mnist.py",
+                                           "smoke" if "smoke" in flags else None)
+    c.data = c.teacher.train.data.copy_and_resolve_references()
+    if "original" in flags:
+        c.data.transfer.source = "original"
+    else:
+        c.data.transfer.source = "offline_pool"
+        c.data.transfer.subset = "random" if "random" in flags else "all"
+        c.data.transfer.subset_size = 4000 if "random" in flags else 0
+    c.batch_size = 128
+    c.num_steps = 2000
+    c.optimizer.lr = 0.05
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 500
+    if "smoke" in flags:
+        c.batch_size, c.num_steps = 64, 30
+        c.data.transfer.subset_size = min(c.data.transfer.subset_size, 500)
+        c.log_every, c.eval_every, c.checkpoint_every = 10, 30, 15
+    return c

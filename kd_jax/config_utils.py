@@ -1,0 +1,120 @@
+"""Config helpers: load a sibling config file, check keys, and record a config as JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, the way `--config=path[:arg]` would load it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    name = "kd_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def sibling(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads `name` from the directory of `config_file` (configs chain e.g. a teacher config)."""
+    return load_config(os.path.join(os.path.dirname(os.path.abspath(config_file)), name), arg)
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...], config_file: str) -> set[str]:
+    """Splits `--config=file.py:a,b` into flags and rejects unknown ones by name."""
+    flags = set(filter(None, (arg or "").split(",")))
+    unknown = flags - set(allowed)
+    if unknown:
+        raise ValueError(f"{os.path.basename(config_file)}: unknown argument(s) {sorted(unknown)}; "
+                         f"allowed: {list(allowed)}")
+    return flags
+
+
+def require(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """Fails with the dotted key named when a required config value is empty."""
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            if part not in node:
+                raise KeyError(f"config.{key} is missing")
+            node = node[part]
+        if node in (None, ""):
+            raise ValueError(f"config.{key} must be set")
+
+
+def to_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys every method reads; a config file starts here and overrides what it needs."""
+    c = ml_collections.ConfigDict()
+    c.method = ""
+    c.seed = 0
+    c.num_classes = 10
+    c.dtype = "float32"                 # compute dtype of the models (bfloat16 on TPU)
+    c.distributed = False               # jax.distributed.initialize() (launch/ sets it)
+    c.model = ml_collections.ConfigDict({"name": ""})    # the network being trained
+    c.teacher = ml_collections.ConfigDict({
+        "model": "",     # architecture; checked against the teacher workdir
+        "workdir": "",   # finished teacher run / converted checkpoint; "" = <workdir>/teacher
+        "train": ml_collections.ConfigDict(),  # teacher config, trained first when workdir == ""
+    })
+    c.data = ml_collections.ConfigDict({
+        # The teacher's domain: every image (target or pool) is mapped into it.
+        "image_size": 32, "channels": 3, "normalization": "cifar10", "eval_crop": 1.0,
+        "augment": "crop_flip", "shuffle_buffer": 16384, "cache": False,
+        # Labeled target set: teacher training and every reported accuracy.
+        "target": ml_collections.ConfigDict({
+            "source": "tfds", "name": "", "data_dir": "", "path": "",
+            "train_split": "train", "eval_split": "test",
+            "max_eval_examples": 0}),  # 0 = the whole eval split
+        # The student's transfer set (KD methods): original | offline_pool | shards.
+        "transfer": ml_collections.ConfigDict({
+            "source": "original", "pattern": "", "cache_dir": "", "split": "train",
+            "subset": "all", "subset_size": 0}),
+    })
+    c.batch_size = 256                  # global, over all devices and hosts
+    c.eval_batch_size = 512
+    c.num_steps = 1000
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
+        "schedule": "cosine", "warmup_steps": 0, "end_lr": 0.0,
+        "decay_at": (0.4, 0.8), "decay_factor": 0.1})
+    c.kd = ml_collections.ConfigDict({"temperature": 4.0})
+    c.label_smoothing = 0.0
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    return c
+
+
+# Teacher -> student pairs of the CIFAR benchmark grid (Fast / CMI tables, shared/papers/targets.md).
+CIFAR_PAIRS = {
+    "r34_r18": ("resnet34_cifar", "resnet18_cifar"),
+    "vgg11_r18": ("vgg11", "resnet18_cifar"),
+    "wrn40_2_wrn16_1": ("wrn40_2", "wrn16_1"),
+    "wrn40_2_wrn40_1": ("wrn40_2", "wrn40_1"),
+    "wrn40_2_wrn16_2": ("wrn40_2", "wrn16_2"),
+}
+
+
+def cifar_data(c: ml_collections.ConfigDict, dataset: str) -> None:
+    """CIFAR-10/100 from TFDS in the teacher's domain (32 px, crop + flip)."""
+    c.num_classes = {"cifar10": 10, "cifar100": 100}[dataset]
+    c.data.image_size, c.data.channels, c.data.normalization = 32, 3, dataset
+    c.data.augment = "crop_flip"
+    c.data.target.source, c.data.target.name = "tfds", dataset
+
+
+def cifar_pair(flags: set, config_file: str) -> tuple[str, str]:
+    chosen = [f for f in flags if f in CIFAR_PAIRS]
+    if len(chosen) > 1:
+        raise ValueError(f"{config_file}: pick one pair of {sorted(CIFAR_PAIRS)}")
+    return CIFAR_PAIRS[chosen[0] if chosen else "r34_r18"]

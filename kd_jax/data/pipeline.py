@@ -1,0 +1,349 @@
+"""Input pipelines: labeled sets and open-world pools -> per-host numpy batches.
+
+Every source yields the same raw element, `{"image": uint8 [H,W,C], "label": int64 (-1 when
+unlabeled), "id": int64}`, read by *this process only* (TFDS: `tfds.split_for_jax_process`;
+shards: file-level sharding; in-memory arrays: a strided slice). `preprocess` then puts the image
+into the *teacher's* domain (size, channels, normalisation) — pool images included — and applies
+the augmentation. Train streams are deterministic functions of (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would; eval streams are padded with `mask = 0` rows
+so every process runs the same number of steps and each example counts exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+# tf.data runs on the host CPU only; keep TF away from accelerators.
+tf.config.set_visible_devices([], "GPU")
+
+NORMALIZATION = {
+    # (mean, std) per channel, in [0, 1] units. CIFAR values are the Fast-Datafree/CMI ones,
+    # which their public teachers were trained with.
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0,), (1.0,)),
+}
+AUGMENTATIONS = ("none", "crop", "crop_flip", "inception")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """How the teacher sees an image; every stream (target or pool) is mapped into it."""
+    image_size: int
+    channels: int
+    normalization: str
+    eval_crop: float = 1.0  # ImageNet: resize to size/0.875 then centre crop.
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATION:
+            raise ValueError(f"config.data.normalization={self.normalization!r} is not one of "
+                             f"{sorted(NORMALIZATION)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"config.data.channels must be 1 or 3, got {self.channels}")
+
+
+def domain_from_config(data_cfg) -> Domain:
+    return Domain(image_size=data_cfg.image_size, channels=data_cfg.channels,
+                  normalization=data_cfg.normalization,
+                  eval_crop=data_cfg.get("eval_crop", 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: spec -> (host-local tf.data.Dataset of raw elements, number of elements on this host)
+# ---------------------------------------------------------------------------------------------
+
+def open_source(spec, split: str, process_index: int = 0, process_count: int = 1,
+                keep_ids: np.ndarray | None = None, classes: tuple[int, ...] | None = None):
+    """Opens a labeled set or a pool as this host's share.
+
+    spec.source: `tfds` (spec.name, spec.data_dir), `offline_mnist` (bundled MNIST-5k),
+    `npz` (spec.path with `images` [N,H,W(,C)] uint8 and optional `labels`), `folder`
+    (spec.path/<split>/<class>/*.png|jpg), `shards` (spec.pattern of TFRecord shards written by
+    `kd_jax.data.make_shards`), `offline_pool` (the bundled open-world pool, built on first use).
+    `keep_ids` keeps only elements whose id is listed (a pool selection); `classes` keeps only
+    those labels (NCD splits). Returns (dataset, count on this host).
+    """
+    kind = spec.source
+    if kind == "tfds":
+        ds, n = _tfds_source(spec, split, process_index, process_count)
+    elif kind == "offline_mnist":
+        from kd_jax.data import offline
+        d = offline.mnist5k()
+        key = "train" if split.startswith("train") else "test"
+        ds, n = _array_source(d[f"{key}_images"], d[f"{key}_labels"], process_index, process_count)
+    elif kind == "npz":
+        ds, n = _npz_source(spec.path if "{split}" not in spec.path else spec.path.format(split=split),
+                            process_index, process_count)
+    elif kind == "folder":
+        ds, n = _folder_source(os.path.join(spec.path, split), process_index, process_count)
+    elif kind in ("shards", "offline_pool"):
+        pattern = spec.get("pattern", "")
+        if kind == "offline_pool":
+            from kd_jax.data import offline
+            pattern = offline.ensure_offline_pool_shards(cache_dir=spec.get("cache_dir") or None)
+        ds, n = _shard_source(pattern, process_index, process_count, keep_ids)
+        keep_ids = None  # already applied before decoding
+    else:
+        raise ValueError(f"config.data source={kind!r}: expected one of tfds, offline_mnist, npz, "
+                         f"folder, shards, offline_pool")
+    if keep_ids is not None:
+        ds, n = _filter_ids(ds, keep_ids), None
+    if classes is not None:
+        wanted = tf.constant(np.asarray(classes, np.int64))
+        ds = ds.filter(lambda e: tf.reduce_any(tf.equal(e["label"], wanted)))
+        n = None
+    if n is None:  # count once (cheap for the filtered/in-memory cases this happens in)
+        n = int(ds.map(lambda e: e["id"]).reduce(np.int64(0), lambda c, _: c + 1))
+    return ds, n
+
+
+def _element(image, label, idx):
+    return {"image": image, "label": tf.cast(label, tf.int64), "id": tf.cast(idx, tf.int64)}
+
+
+def _array_source(images, labels, process_index, process_count):
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} "
+                         f"{images.shape}")
+    labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    ids = np.arange(len(images), dtype=np.int64)
+    sl = slice(process_index, None, process_count)
+    ds = tf.data.Dataset.from_tensor_slices((images[sl], labels[sl], ids[sl])).map(_element)
+    return ds, len(ids[sl])
+
+
+def _npz_source(path, process_index, process_count):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data npz file {path!r} does not exist")
+    with np.load(path, allow_pickle=False) as z:
+        if "images" not in z:
+            raise KeyError(f"{path!r} has no 'images' array (keys: {sorted(z.keys())})")
+        images, labels = z["images"], (z["labels"] if "labels" in z else None)
+    return _array_source(images, labels, process_index, process_count)
+
+
+def _folder_source(root, process_index, process_count):
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist (expected "
+                                f"<path>/<split>/<class>/<image files>)")
+    class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for ext in ("png", "jpg", "jpeg", "JPEG", "PNG", "bmp"):
+            found = sorted(glob.glob(os.path.join(root, name, f"*.{ext}")))
+            files += found
+            labels += [label] * len(found)
+    if not files:
+        raise FileNotFoundError(f"no images under {root!r}/<class>/")
+    ids = np.arange(len(files))[process_index::process_count]
+    files = np.asarray(files)[ids]
+    labels = np.asarray(labels, np.int64)[ids]
+
+    def load(path, label, idx):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return _element(image, label, idx)
+
+    ds = tf.data.Dataset.from_tensor_slices((files, labels, ids)).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds, len(ids)
+
+
+def _tfds_source(spec, split, process_index, process_count):
+    import tensorflow_datasets as tfds
+    try:
+        builder = tfds.builder(spec.name, data_dir=spec.get("data_dir") or None)
+    except Exception as e:  # unknown name: tfds lists close matches in its message
+        raise ValueError(f"config.data TFDS dataset {spec.name!r} is unknown: {e}") from e
+    host_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                            process_count=process_count)
+    try:
+        ds = builder.as_dataset(split=host_split, shuffle_files=False)
+    except AssertionError as e:  # tfds raises AssertionError when not prepared
+        raise FileNotFoundError(
+            f"TFDS dataset {spec.name!r} is not prepared in data_dir={builder.data_dir!r}. "
+            f"Run `tfds build {spec.name} --data_dir=...` (imagenet2012 needs the manual "
+            f"download in <data_dir>/downloads/manual, see the TFDS catalog), or set "
+            f"config.data.*.data_dir. ({e})") from e
+    try:
+        n = builder.info.splits[host_split].num_examples
+    except Exception:
+        n = None
+    image_key = spec.get("image_key", "image")
+    label_key = spec.get("label_key", "label")
+    ds = ds.enumerate().map(lambda i, e: _element(
+        e[image_key], e.get(label_key, tf.constant(-1, tf.int64)), i))
+    if n is None:
+        n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
+    return ds, n
+
+
+def _filter_ids(ds, keep_ids):
+    keep_ids = np.asarray(keep_ids, np.int64)
+    table = np.zeros(int(keep_ids.max(initial=-1)) + 2, bool)
+    table[keep_ids] = True
+    table = tf.constant(table)
+    limit = tf.cast(tf.shape(table)[0] - 1, tf.int64)
+    return ds.filter(lambda e: tf.gather(table, tf.minimum(e["id"], limit)))
+
+
+def _shard_source(pattern, process_index, process_count, keep_ids):
+    from kd_jax.data import shards
+    before_decode = None
+    if keep_ids is not None:
+        keep_ids = np.asarray(keep_ids, np.int64)
+        table = np.zeros(int(keep_ids.max(initial=-1)) + 2, bool)
+        table[keep_ids] = True
+        table_t = tf.constant(table)
+        limit = tf.cast(tf.shape(table_t)[0] - 1, tf.int64)
+        before_decode = lambda i: tf.gather(table_t, tf.minimum(i, limit))
+    ds = shards.read_shards(pattern, process_index=process_index, process_count=process_count,
+                            keep_id_fn=before_decode)
+    ds = ds.map(lambda e: {"image": e["image"], "label": e["label"], "id": e["id"]})
+    n = shards.count_ids(pattern, process_index=process_index, process_count=process_count,
+                         keep_id_fn=before_decode)
+    return ds, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+def _to_domain_channels(image, channels):
+    have = image.shape[-1]
+    if have == channels or have is None:
+        return image
+    if channels == 1:
+        return tf.image.rgb_to_grayscale(image[..., :3])
+    return tf.image.grayscale_to_rgb(image)
+
+
+def _normalize(image, domain: Domain):
+    mean, std = NORMALIZATION[domain.normalization]
+    mean = tf.constant(mean, tf.float32) * 255.0
+    std = tf.constant(std, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def preprocess(element, domain: Domain, augment: str, seed=None, strong: bool = False):
+    """uint8 image -> normalised float32 [S,S,C] in the teacher's domain, with augmentation.
+
+    `seed` is a stateless [2] int seed (per element), so augmentation is a pure function of
+    (run seed, epoch, position) and a resumed run repeats it exactly. `strong` adds the colour
+    jitter / grayscale of a second contrastive view (RGB only).
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"config.data.augment={augment!r} is not one of {AUGMENTATIONS}")
+    image = tf.cast(_to_domain_channels(element["image"], domain.channels), tf.float32)
+    size = domain.image_size
+    train = seed is not None and augment != "none"
+    if train:
+        s = tf.random.experimental.stateless_split(seed, 6)
+    if train and augment == "inception":
+        begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
+            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+        image = tf.slice(image, begin, box_size)
+        image = tf.image.resize(image, (size, size), antialias=True)
+    else:
+        if domain.eval_crop < 1.0:  # resize the shorter side, centre crop
+            h, w = tf.shape(image)[0], tf.shape(image)[1]
+            scale = (size / domain.eval_crop) / tf.cast(tf.minimum(h, w), tf.float32)
+            new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
+            image = tf.image.resize(image, new, antialias=True)
+            image = tf.image.resize_with_crop_or_pad(image, size, size)
+        elif image.shape[0] != size or image.shape[1] != size:
+            image = tf.image.resize(image, (size, size), antialias=True)
+        image = tf.ensure_shape(image, (size, size, domain.channels))
+        if train:  # crop / crop_flip: pad 4 px (2 for small images) then crop back
+            pad = 4 if size >= 32 else 2
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.stateless_random_crop(image, (size, size, domain.channels), seed=s[1])
+    if train and augment in ("crop_flip", "inception"):
+        image = tf.image.stateless_random_flip_left_right(image, seed=s[2])
+    if train and strong and domain.channels == 3:
+        image = _colour_jitter(image, s[3], s[4], s[5])
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    return tf.ensure_shape(_normalize(image, domain), (size, size, domain.channels))
+
+
+def _colour_jitter(image, seed_apply, seed_jitter, seed_gray):
+    """SimCLR-style jitter (strength 0.4, p = 0.8) and grayscale (p = 0.2), on [0, 255]."""
+    x = image / 255.0
+    k = tf.random.experimental.stateless_split(seed_jitter, 4)
+    jittered = tf.image.stateless_random_brightness(x, 0.4, k[0])
+    jittered = tf.image.stateless_random_contrast(jittered, 0.6, 1.4, k[1])
+    jittered = tf.image.stateless_random_saturation(jittered, 0.6, 1.4, k[2])
+    jittered = tf.image.stateless_random_hue(jittered, 0.1, k[3])
+    x = tf.where(tf.random.stateless_uniform([], seed_apply) < 0.8, jittered, x)
+    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
+    x = tf.where(tf.random.stateless_uniform([], seed_gray) < 0.2, gray, x)
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------
+
+def train_iterator(ds, *, local_batch: int, steps_per_epoch: int, domain: Domain, augment: str,
+                   seed: int, start_step: int = 0, views: int = 1, shuffle_buffer: int = 16384,
+                   cache: bool = False) -> Iterator[dict]:
+    """Infinite per-host stream of `{"image"[, "image2"], "label", "id"}` numpy batches.
+
+    Epoch e shuffles with seed (seed, e) and augments element k with seed (seed, e, k), so batch
+    t is a pure function of (seed, t): on resume we skip whole epochs and, inside the current
+    epoch, the first elements *before* decoding/augmenting them.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"this host holds fewer examples than one local batch ({local_batch}); lower "
+            f"config.batch_size or use a larger transfer set")
+    if cache:
+        ds = ds.cache()
+    epoch = start_step // steps_per_epoch
+    skip = (start_step % steps_per_epoch) * local_batch
+    while True:
+        epoch_ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch,
+                              reshuffle_each_iteration=False)
+        epoch_ds = epoch_ds.take(steps_per_epoch * local_batch).enumerate().skip(skip)
+
+        def prep(k, e, epoch=epoch):
+            elem_seed = tf.random.experimental.stateless_fold_in(
+                tf.constant([seed, epoch], tf.int64), k)
+            out = {"image": preprocess(e, domain, augment, elem_seed),
+                   "label": e["label"], "id": e["id"]}
+            if views == 2:
+                out["image2"] = preprocess(
+                    e, domain, augment,
+                    tf.random.experimental.stateless_fold_in(elem_seed, 1), strong=True)
+            return out
+
+        epoch_ds = epoch_ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        epoch_ds = epoch_ds.batch(local_batch, drop_remainder=True).prefetch(2)
+        yield from epoch_ds.as_numpy_iterator()
+        epoch, skip = epoch + 1, 0
+
+
+def eval_batches(ds, *, host_count: int, max_host_count: int, local_batch: int, domain: Domain):
+    """Per-host padded eval batches with a `mask`; every host yields the same number."""
+    num_batches = max(1, math.ceil(max_host_count / local_batch))
+    real = ds.map(lambda e: {"image": preprocess(e, domain, "none"), "label": e["label"],
+                             "id": e["id"], "mask": tf.constant(1.0)},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pad = tf.data.Dataset.from_tensors({
+        "image": tf.zeros((domain.image_size, domain.image_size, domain.channels)),
+        "label": tf.constant(-1, tf.int64), "id": tf.constant(-1, tf.int64),
+        "mask": tf.constant(0.0)}).repeat()
+    full = real.take(host_count).concatenate(pad).take(num_batches * local_batch)
+    return full.batch(local_batch, drop_remainder=True).prefetch(2)

@@ -1,0 +1,44 @@
+"""Hinton KD from a frozen teacher: the baseline every data-free paper compares with.
+
+The transfer set is chosen by `config.data.transfer`: the original training images *without
+labels* (the upper bound), the whole open-world pool, or a random pool subset of N images.
+"""
+from __future__ import annotations
+
+import jax
+
+from kd_jax import losses, pool
+from kd_jax.data import pipeline
+from kd_jax.methods.base import Method
+
+
+class KD(Method):
+    name = "kd"
+
+    def prepare(self):
+        transfer = self.config.data.transfer
+        self.keep_ids = None
+        if transfer.source == "original":
+            return
+        if transfer.subset == "random":
+            self.keep_ids = pool.random_subset(self.workdir, transfer, transfer.subset_size,
+                                               seed=self.config.seed).ids
+        elif transfer.subset != "all":
+            raise ValueError(f"config.data.transfer.subset={transfer.subset!r}: the kd method "
+                             f"takes 'all' or 'random' (selection rules live in odsd / eikd)")
+
+    def transfer_source(self):
+        transfer = self.config.data.transfer
+        if transfer.source == "original":
+            target = self.config.data.target
+            return pipeline.open_source(target, target.train_split, jax.process_index(),
+                                        jax.process_count())
+        return pipeline.open_source(transfer, transfer.get("split", "train"), jax.process_index(),
+                                    jax.process_count(), keep_ids=self.keep_ids)
+
+    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+        t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
+        s_logits, _, new_stats = self.student_apply(params, batch_stats, batch["image"], True, rng=rng)
+        kd = losses.kd_loss(s_logits, t_logits, temperature=self.config.kd.temperature)
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).mean()
+        return kd, ({"model": new_stats}, {"kd": kd, "teacher_agreement": agree})

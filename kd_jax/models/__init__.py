@@ -1,0 +1,98 @@
+"""The model zoo: Flax Linen classifiers by name.
+
+    model = create_model("resnet18_cifar", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *model_input_shape("resnet18_cifar"))))
+    logits, features = model.apply(variables, x, train=False)
+    (logits, features), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+Every model takes NHWC float images and returns `(logits, features)`: `logits` [B, C] float32,
+`features` a dict of named taps — stage outputs (`stage1`, `stage2`, … NHWC; VGG counts from
+`stage0`) and `pre_logits`, the pooled [B, D] vector the final linear layer consumes.
+
+`dtype` is the compute dtype (e.g. `jnp.bfloat16`); parameters stay float32. Parameter counts
+equal the reference PyTorch definitions (see each module's docstring and `tests/test_models.py`).
+
+Naming convention for PyTorch weight conversion: a Flax module path is the PyTorch state_dict key
+with every `.<digit>` folded into the preceding name (`layer1.0.conv1.weight` →
+`layer1_0/conv1/kernel`, `features.1.conv.0.0.weight` → `features_1/conv_0_0/kernel`), except
+LeNet, whose names are DAFL's `conv1..3, fc1, fc2`. Leaves: conv/linear `weight` → `kernel`
+(OIHW → HWIO, Linear weight.T), `bias` → `bias`, BN/LN `weight` → `scale`, BN `running_mean` /
+`running_var` → `batch_stats` `mean` / `var`; `num_batches_tracked` has no counterpart.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from kd_jax.models import lenet, mobilenetv2, resnet_cifar, resnet_imagenet, vgg, vit, wrn
+
+
+class ModelSpec(NamedTuple):
+    constructor: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # default (H, W, C) of the benchmark inputs
+    description: str
+
+
+_MNIST = (32, 32, 1)
+_CIFAR = (32, 32, 3)
+_IMAGENET = (224, 224, 3)
+
+_REGISTRY: dict[str, ModelSpec] = {
+    "lenet5": ModelSpec(lenet.lenet5, _MNIST, "DAFL LeNet-5 (MNIST resized to 32x32)"),
+    "lenet5_half": ModelSpec(lenet.lenet5_half, _MNIST, "DAFL LeNet-5-half"),
+    "resnet18_cifar": ModelSpec(resnet_cifar.resnet18_cifar, _CIFAR,
+                                "DAFL/CMI/Fast-Datafree CIFAR ResNet-18"),
+    "resnet34_cifar": ModelSpec(resnet_cifar.resnet34_cifar, _CIFAR,
+                                "DAFL/CMI/Fast-Datafree CIFAR ResNet-34"),
+    "wrn16_1": ModelSpec(wrn.wrn16_1, _CIFAR, "WideResNet-16-1 (CMI/Fast-Datafree)"),
+    "wrn16_2": ModelSpec(wrn.wrn16_2, _CIFAR, "WideResNet-16-2 (CMI/Fast-Datafree)"),
+    "wrn40_1": ModelSpec(wrn.wrn40_1, _CIFAR, "WideResNet-40-1 (CMI/Fast-Datafree)"),
+    "wrn40_2": ModelSpec(wrn.wrn40_2, _CIFAR, "WideResNet-40-2 (CMI/Fast-Datafree)"),
+    "vgg8": ModelSpec(vgg.vgg8, _CIFAR, "CIFAR VGG-8 with BN (RepDistiller vgg8_bn)"),
+    "vgg11": ModelSpec(vgg.vgg11, _CIFAR, "CIFAR VGG-11 with BN (RepDistiller vgg11_bn)"),
+    "resnet18": ModelSpec(resnet_imagenet.resnet18, _IMAGENET, "torchvision ResNet-18"),
+    "resnet34": ModelSpec(resnet_imagenet.resnet34, _IMAGENET, "torchvision ResNet-34"),
+    "resnet50": ModelSpec(resnet_imagenet.resnet50, _IMAGENET, "torchvision ResNet-50 (v1.5)"),
+    "mobilenet_v2": ModelSpec(mobilenetv2.mobilenet_v2, _IMAGENET, "torchvision MobileNetV2"),
+    "vit_b16": ModelSpec(vit.vit_b16, _IMAGENET, "ViT-B/16 (timm / DINO layout)"),
+    "vit_s16": ModelSpec(vit.vit_s16, _IMAGENET, "ViT-S/16 (timm / DINO layout)"),
+}
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(list_models())}"
+        ) from None
+
+
+def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
+    """Build the registered model `name` with `num_classes` outputs and compute `dtype`.
+
+    Extra keyword arguments go to the model (e.g. `dropout_rate=` for WRN / MobileNetV2,
+    `img_size=` for ViTs). Raises ValueError for an unknown name, listing the known ones.
+    """
+    spec = _spec(name)
+    return spec.constructor(num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def model_input_shape(name: str) -> tuple[int, int, int]:
+    """The default input (H, W, C) of model `name`: 32x32x1 LeNets, 32x32x3 CIFAR nets,
+    224x224x3 ImageNet nets."""
+    return _spec(name).input_shape
+
+
+def model_description(name: str) -> str:
+    return _spec(name).description
+
+
+__all__ = ["create_model", "list_models", "model_input_shape", "model_description", "ModelSpec"]

@@ -1,0 +1,478 @@
+"""Dev check: the kd_jax model zoo against PyTorch reference definitions.
+
+For every registered model this builds the reference PyTorch module (written out below, following
+DAFL / CMI / Fast-Datafree / RepDistiller / torchvision / timm), then checks
+  1. the trainable parameter count equals the Flax `params` count,
+  2. every state_dict entry maps, by the naming rule of `kd_jax.models`, onto a Flax leaf of the
+     converted shape and no leaf is left over,
+  3. (with --parity) logits and pre_logits agree after copying the weights over, in eval mode
+     with non-trivial BatchNorm statistics.
+
+Needs torch (CPU wheel), which kd_jax itself never imports:
+
+    pip install torch==2.13.0
+    python -m kd_jax.tools.torch_reference [--parity] [--models lenet5,vgg11]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Reference PyTorch definitions
+# ----------------------------------------------------------------------------------------------
+
+
+class LeNet5(tnn.Module):  # DAFL lenet.py
+    def __init__(self, w=(6, 16, 120, 84), num_classes=10):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(1, w[0], 5)
+        self.conv2 = tnn.Conv2d(w[0], w[1], 5)
+        self.conv3 = tnn.Conv2d(w[1], w[2], 5)
+        self.fc1 = tnn.Linear(w[2], w[3])
+        self.fc2 = tnn.Linear(w[3], num_classes)
+        self.c3 = w[2]
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.relu(self.conv3(x)).view(-1, self.c3)
+        f = F.relu(self.fc1(x))
+        return self.fc2(f), f
+
+
+class CifarBasicBlock(tnn.Module):  # DAFL / CMI resnet.py
+    def __init__(self, inp, planes, stride=1):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(planes)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(planes)
+        self.shortcut = tnn.Sequential()
+        if stride != 1 or inp != planes:
+            self.shortcut = tnn.Sequential(tnn.Conv2d(inp, planes, 1, stride, bias=False),
+                                           tnn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(tnn.Module):
+    def __init__(self, nb, num_classes=10):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(64)
+        inp = 64
+        for i, (p, n, s) in enumerate(zip((64, 128, 256, 512), nb, (1, 2, 2, 2)), 1):
+            blocks = []
+            for j in range(n):
+                blocks.append(CifarBasicBlock(inp, p, s if j == 0 else 1))
+                inp = p
+            setattr(self, f"layer{i}", tnn.Sequential(*blocks))
+        self.linear = tnn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        f = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.linear(f), f
+
+
+class WRNBlock(tnn.Module):  # ZSKT / CMI wresnet.py
+    def __init__(self, inp, outp, stride):
+        super().__init__()
+        self.bn1 = tnn.BatchNorm2d(inp)
+        self.conv1 = tnn.Conv2d(inp, outp, 3, stride, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(outp)
+        self.conv2 = tnn.Conv2d(outp, outp, 3, 1, 1, bias=False)
+        self.equal = inp == outp
+        self.convShortcut = None if self.equal else tnn.Conv2d(inp, outp, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        if not self.equal:
+            x = F.relu(self.bn1(x))
+            out = x
+        else:
+            out = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return (x if self.equal else self.convShortcut(x)) + out
+
+
+class NetworkBlock(tnn.Module):
+    def __init__(self, n, inp, outp, stride):
+        super().__init__()
+        self.layer = tnn.Sequential(*[WRNBlock(inp if i == 0 else outp, outp,
+                                               stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(tnn.Module):
+    def __init__(self, depth, k, num_classes=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        ch = [16, 16 * k, 32 * k, 64 * k]
+        self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, ch[0], ch[1], 1)
+        self.block2 = NetworkBlock(n, ch[1], ch[2], 2)
+        self.block3 = NetworkBlock(n, ch[2], ch[3], 2)
+        self.bn1 = tnn.BatchNorm2d(ch[3])
+        self.fc = tnn.Linear(ch[3], num_classes)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        f = F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1)
+        return self.fc(f), f
+
+
+VGG_CFG = {"S": [[64], [128], [256], [512], [512]],
+           "A": [[64], [128], [256, 256], [512, 512], [512, 512]]}
+
+
+class VGG(tnn.Module):  # RepDistiller vgg.py, batch_norm=True
+    def __init__(self, cfg, num_classes=10):
+        super().__init__()
+        inp = 3
+        for b, widths in enumerate(cfg):
+            layers = []
+            for w in widths:
+                layers += [tnn.Conv2d(inp, w, 3, padding=1), tnn.BatchNorm2d(w), tnn.ReLU()]
+                inp = w
+            setattr(self, f"block{b}", tnn.Sequential(*layers[:-1]))
+        self.classifier = tnn.Linear(512, num_classes)
+
+    def forward(self, x):
+        h = x.shape[2]
+        x = F.max_pool2d(F.relu(self.block0(x)), 2)
+        x = F.max_pool2d(F.relu(self.block1(x)), 2)
+        x = F.max_pool2d(F.relu(self.block2(x)), 2)
+        x = F.relu(self.block3(x))
+        if h == 64:
+            x = F.max_pool2d(x, 2)
+        x = F.relu(self.block4(x))
+        f = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(f), f
+
+
+class TVBasicBlock(tnn.Module):  # torchvision resnet.py
+    expansion = 1
+
+    def __init__(self, inp, planes, stride=1):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(planes)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inp != planes:
+            self.downsample = tnn.Sequential(tnn.Conv2d(inp, planes, 1, stride, bias=False),
+                                             tnn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TVBottleneck(tnn.Module):
+    expansion = 4
+
+    def __init__(self, inp, planes, stride=1):
+        super().__init__()
+        outp = planes * 4
+        self.conv1 = tnn.Conv2d(inp, planes, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(planes)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(planes)
+        self.conv3 = tnn.Conv2d(planes, outp, 1, bias=False)
+        self.bn3 = tnn.BatchNorm2d(outp)
+        self.downsample = None
+        if stride != 1 or inp != outp:
+            self.downsample = tnn.Sequential(tnn.Conv2d(inp, outp, 1, stride, bias=False),
+                                             tnn.BatchNorm2d(outp))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TVResNet(tnn.Module):
+    def __init__(self, block, layers, num_classes=1000):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = tnn.BatchNorm2d(64)
+        self.maxpool = tnn.MaxPool2d(3, 2, 1)
+        inp = 64
+        for i, (p, n, s) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 2, 2)), 1):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(inp, p, s if j == 0 else 1))
+                inp = p * block.expansion
+            setattr(self, f"layer{i}", tnn.Sequential(*blocks))
+        self.fc = tnn.Linear(512 * block.expansion, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        f = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(f), f
+
+
+def _cna(inp, outp, k, stride=1, groups=1):
+    return tnn.Sequential(tnn.Conv2d(inp, outp, k, stride, (k - 1) // 2, groups=groups,
+                                     bias=False), tnn.BatchNorm2d(outp), tnn.ReLU6())
+
+
+class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
+    def __init__(self, inp, outp, stride, t):
+        super().__init__()
+        hidden = int(round(inp * t))
+        self.use_res = stride == 1 and inp == outp
+        layers = [] if t == 1 else [_cna(inp, hidden, 1)]
+        layers += [_cna(hidden, hidden, 3, stride, hidden), tnn.Conv2d(hidden, outp, 1, bias=False),
+                   tnn.BatchNorm2d(outp)]
+        self.conv = tnn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class TVMobileNetV2(tnn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        setting = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                   (6, 160, 3, 2), (6, 320, 1, 1)]
+        feats = [_cna(3, 32, 3, 2)]
+        inp = 32
+        for t, c, n, s in setting:
+            for i in range(n):
+                feats.append(TVInvertedResidual(inp, c, s if i == 0 else 1, t))
+                inp = c
+        feats.append(_cna(inp, 1280, 1))
+        self.features = tnn.Sequential(*feats)
+        self.classifier = tnn.Sequential(tnn.Dropout(0.2), tnn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(f), f
+
+
+class ViTAttention(tnn.Module):  # timm / DINO vision_transformer.py
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = tnn.Linear(dim, dim * 3)
+        self.proj = tnn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class ViTMlp(tnn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = tnn.Linear(dim, hidden)
+        self.fc2 = tnn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ViTBlock(tnn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
+        self.attn = ViTAttention(dim, heads)
+        self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ViTMlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(tnn.Module):
+    def __init__(self, dim, p):
+        super().__init__()
+        self.proj = tnn.Conv2d(3, dim, p, p)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(tnn.Module):
+    def __init__(self, dim, depth, heads, num_classes=1000, img=224, p=16):
+        super().__init__()
+        self.patch_embed = PatchEmbed(dim, p)
+        n = (img // p) ** 2
+        self.cls_token = tnn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = tnn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = tnn.ModuleList([ViTBlock(dim, heads) for _ in range(depth)])
+        self.norm = tnn.LayerNorm(dim, eps=1e-6)
+        self.head = tnn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        f = self.norm(x)[:, 0]
+        return self.head(f), f
+
+
+REFERENCES = {
+    "lenet5": lambda c: LeNet5((6, 16, 120, 84), c),
+    "lenet5_half": lambda c: LeNet5((3, 8, 60, 42), c),
+    "resnet18_cifar": lambda c: CifarResNet((2, 2, 2, 2), c),
+    "resnet34_cifar": lambda c: CifarResNet((3, 4, 6, 3), c),
+    "wrn16_1": lambda c: WideResNet(16, 1, c),
+    "wrn16_2": lambda c: WideResNet(16, 2, c),
+    "wrn40_1": lambda c: WideResNet(40, 1, c),
+    "wrn40_2": lambda c: WideResNet(40, 2, c),
+    "vgg8": lambda c: VGG(VGG_CFG["S"], c),
+    "vgg11": lambda c: VGG(VGG_CFG["A"], c),
+    "resnet18": lambda c: TVResNet(TVBasicBlock, (2, 2, 2, 2), c),
+    "resnet34": lambda c: TVResNet(TVBasicBlock, (3, 4, 6, 3), c),
+    "resnet50": lambda c: TVResNet(TVBottleneck, (3, 4, 6, 3), c),
+    "mobilenet_v2": lambda c: TVMobileNetV2(c),
+    "vit_b16": lambda c: ViT(768, 12, 12, c),
+    "vit_s16": lambda c: ViT(384, 12, 6, c),
+}
+
+# ----------------------------------------------------------------------------------------------
+# The naming rule, and a minimal state_dict → Flax variables conversion (for the checks only)
+# ----------------------------------------------------------------------------------------------
+
+
+def flax_path(key: str) -> tuple[str, tuple[str, ...]]:
+    """state_dict key → (collection, Flax path) by the kd_jax.models naming rule."""
+    parts = key.split(".")
+    leaf = parts.pop()
+    mods: list[str] = []
+    for p in parts:
+        if p.isdigit() and mods:
+            mods[-1] += f"_{p}"
+        else:
+            mods.append(p)
+    if leaf == "running_mean":
+        return "batch_stats", (*mods, "mean")
+    if leaf == "running_var":
+        return "batch_stats", (*mods, "var")
+    if leaf == "weight":
+        return "params", (*mods, "WEIGHT")  # kernel or scale, resolved against the Flax tree
+    return "params", (*mods, leaf)
+
+
+def to_flax(t: np.ndarray, name: str) -> np.ndarray:
+    if name == "kernel" and t.ndim == 4:
+        return t.transpose(2, 3, 1, 0)  # OIHW → HWIO
+    if name == "kernel" and t.ndim == 2:
+        return t.T
+    return t
+
+
+def convert(sd: dict, variables: dict) -> tuple[dict, list[str]]:
+    import flax
+
+    flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
+        flax.core.unfreeze(variables)).items()}
+    out, problems, used = {}, [], set()
+    for key, val in sd.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        col, path = flax_path(key)
+        arr = val.detach().cpu().numpy()
+        if path[-1] == "WEIGHT":
+            cands = [(col, *path[:-1], n) for n in ("kernel", "scale")]
+            found = [c for c in cands if c in flat]
+            if not found:
+                problems.append(f"{key}: no Flax leaf {cands}")
+                continue
+            fk = found[0]
+        else:
+            fk = (col, *path)
+            if fk not in flat:
+                problems.append(f"{key}: no Flax leaf {'/'.join(fk)}")
+                continue
+        arr = to_flax(arr, fk[-1])
+        if arr.shape != flat[fk].shape:
+            problems.append(f"{key}: torch→{arr.shape} vs flax {flat[fk].shape}")
+            continue
+        out[fk] = arr
+        used.add(fk)
+    for fk in flat:
+        if fk not in used:
+            problems.append(f"Flax leaf {'/'.join(fk)} has no state_dict entry")
+    return flax.traverse_util.unflatten_dict(out), problems
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parity", action="store_true", help="also compare logits after conversion")
+    ap.add_argument("--models", default="", help="comma-separated subset")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from kd_jax.models import create_model, list_models, model_input_shape
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.manual_seed(0)
+    names = args.models.split(",") if args.models else list_models()
+    ok = True
+    for name in names:
+        nc = 1000 if model_input_shape(name)[0] == 224 else 10
+        ref = REFERENCES[name](nc).eval()
+        n_torch = sum(p.numel() for p in ref.parameters())
+        model = create_model(name, nc)
+        shape = model_input_shape(name)
+        x = np.random.RandomState(0).randn(2, *shape).astype(np.float32)
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(x)))
+        n_flax = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract["params"]))
+        variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+        # Non-trivial BN statistics and affine params, so parity exercises them.
+        with torch.no_grad():
+            for m in ref.modules():
+                if isinstance(m, tnn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        conv, problems = convert(ref.state_dict(), variables)
+        line = f"{name:16s} classes={nc:5d} torch={n_torch:>11,d} flax={n_flax:>11,d}"
+        good = n_torch == n_flax and not problems
+        if args.parity and good:
+            with torch.no_grad():
+                tl, tf = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+            jl, jf = model.apply(conv, jnp.asarray(x), train=False)
+            dl = float(np.max(np.abs(np.asarray(jl) - tl.numpy())))
+            df = float(np.max(np.abs(np.asarray(jf["pre_logits"]) - tf.numpy())))
+            line += f"  max|Δlogits|={dl:.2e} max|Δpre_logits|={df:.2e}"
+            good = good and dl <= 1e-4 * max(1.0, float(np.abs(tl.numpy()).max())) and df <= 1e-3
+        print(("OK   " if good else "FAIL ") + line, flush=True)
+        for p in problems[:10]:
+            print("     ", p)
+        ok = ok and good
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

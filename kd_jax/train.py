@@ -1,0 +1,246 @@
+"""The one training loop every method runs: mesh -> method -> state -> step -> loop -> results.
+
+`train_and_evaluate(config, workdir)` is importable and testable; `kd_jax.main` only parses flags.
+A method (kd_jax/methods/<paper>.py) supplies the models, the data and a pure `train_step`; this
+file knows no paper.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint, config_utils, methods, parallel
+from kd_jax.methods.base import evaluate_variables
+
+
+class _Preemption:
+    """SIGTERM (TPU maintenance / preemption) -> save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(parallel.allgather_ints(int(self.requested)).max())
+
+
+class _Logger:
+    """metrics.jsonl (one JSON object per line) + TensorBoard events, written by process 0."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            import tensorflow as tf
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def history(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        import tensorflow as tf
+        with self._tb.as_default(step=int(step)):
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tf.summary.scalar(k, v)
+        self._tb.flush()
+
+
+def _py(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: int | None = None) -> dict:
+    """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+    Returns the results dict (also written to `workdir/results.json` when training finishes).
+    `stop_after` ends this invocation after that many steps with a checkpoint, as a preemption
+    would (tests use it to check that a resumed run equals an uninterrupted one).
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    # ----- mesh -------------------------------------------------------------------------------
+    parallel.maybe_initialize_distributed(config.get("distributed", False))
+    mesh = parallel.make_mesh()
+    is_main = jax.process_index() == 0
+
+    results_path = os.path.join(workdir, "results.json")
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            done = json.load(f)
+        if done.get("steps") == config.num_steps:
+            if is_main:
+                print(f"[kd_jax] {workdir} already finished ({config.method}); "
+                      f"final_accuracy={done.get('final_accuracy')}")
+            return done
+
+    # ----- method (models, teacher, data) -----------------------------------------------------
+    method = methods.get_method(config.method)(config, workdir, mesh)
+    method.prepare()
+    num_steps = method.num_steps()
+    if is_main:
+        _write_json(os.path.join(workdir, "config.json"), config_utils.to_json(config))
+
+    # ----- state: init or resume --------------------------------------------------------------
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    replicated = parallel.replicated(mesh)
+    method.build_optimizer(num_steps)
+    state = jax.jit(method.init_state, out_shardings=replicated)(init_rng)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2),
+                                   async_save=config.get("async_checkpoints", True))
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        if is_main:
+            print(f"[kd_jax] resumed {workdir} at step {int(state.step)}")
+    start_step = int(state.step)
+    step_rng = parallel.replicate(step_rng, mesh)
+
+    # ----- the update step: jit over the mesh, batch sharded, state donated -------------------
+    train_step = jax.jit(method.train_step, donate_argnums=(0,),
+                         out_shardings=(replicated, replicated))
+    eval_step = jax.jit(method.eval_step, out_shardings=replicated)
+
+    logger = _Logger(workdir)
+    history = logger.history()
+    evals = [h for h in history if "accuracy" in h]
+    best = max([h["accuracy"] for h in evals], default=0.0)
+    previous_wall = max([h.get("wall_seconds", 0.0) for h in history], default=0.0)
+
+    def run_eval(state) -> float:
+        correct = count = 0.0
+        for local in method.eval_dataset().as_numpy_iterator():
+            out = eval_step(state, parallel.global_batch(local, mesh))
+            correct += float(out["correct"])
+            count += float(out["count"])
+        return correct / max(count, 1.0)
+
+    teacher_accuracy = None
+    if method.teacher_model is not None:
+        teacher_accuracy = method.teacher_info.get("final_accuracy")
+        if teacher_accuracy is None:
+            teacher_accuracy = evaluate_variables(method.teacher_model.apply, method.teacher_vars,
+                                                  method.eval_dataset(), mesh)
+
+    # ----- loop -------------------------------------------------------------------------------
+    batches = method.train_batches(start_step)
+    log_every, eval_every = config.log_every, config.eval_every
+    ckpt_every = config.checkpoint_every
+    t0 = time.time()
+    t_log, step_log, t_first = t0, start_step, t0
+    images_per_step = config.batch_size
+    accuracy = evals[-1]["accuracy"] if evals else None
+    pending = None
+    step = start_step
+    with _Preemption() as preemption:
+        while step < num_steps:
+            local = next(batches)
+            state, metrics = train_step(state, method.teacher_vars,
+                                        parallel.global_batch(local, mesh), step_rng)
+            step += 1
+            pending = metrics
+            if step == start_step + 1:  # throughput excludes compilation
+                jax.block_until_ready(metrics)
+                t_first = time.time()
+            last = step == num_steps
+            stopping = (stop_after is not None and step - start_step >= stop_after)
+            preempted = (step % log_every == 0 or last) and preemption.any_process()
+            if step % log_every == 0 or last or stopping or preempted or step % ckpt_every == 0:
+                values = {k: float(v) for k, v in jax.device_get(pending).items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    ckpt.wait()
+                    raise FloatingPointError(
+                        f"non-finite {bad} at step {step} ({values}); the last good checkpoint "
+                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+                now = time.time()
+                ips = (step - step_log) * images_per_step / max(now - t_log, 1e-9)
+                eta = (num_steps - step) * (now - t_log) / max(step - step_log, 1)
+                t_log, step_log = now, step
+                values.update(images_per_second=ips, wall_seconds=previous_wall + now - t0,
+                              lr=float(method.schedule(step - 1)))
+                if step % eval_every == 0 or last:
+                    accuracy = run_eval(state)
+                    best = max(best, accuracy)
+                    values["accuracy"] = accuracy
+                logger.write(step, values)
+                if is_main:
+                    acc = f" acc {accuracy:.4f}" if "accuracy" in values else ""
+                    print(f"[{config.method}] step {step}/{num_steps} loss "
+                          f"{values['loss']:.4f}{acc} | {ips:.0f} img/s | ETA {eta:.0f}s",
+                          flush=True)
+            if step % ckpt_every == 0 or last or stopping or preempted:
+                ckpt.save(step, state, force=True)
+            if stopping or preempted:
+                ckpt.close()
+                if preempted and is_main:
+                    print(f"[kd_jax] SIGTERM: saved step {step} in {ckpt.directory}; exiting")
+                return {"stopped_at": step}
+    ckpt.close()
+
+    wall = previous_wall + time.time() - t0
+    if accuracy is None:
+        accuracy = run_eval(state)
+        best = max(best, accuracy)
+    results = {
+        "method": config.method,
+        "model": config.model.name,
+        "config": config_utils.to_json(config),
+        "final_accuracy": accuracy,
+        "best_accuracy": best,
+        "steps": num_steps,
+        "wall_seconds": wall,
+        "images_per_second": (num_steps - start_step - 1) * images_per_step / max(
+            time.time() - t_first, 1e-9),
+    }
+    if teacher_accuracy is not None:
+        results["teacher_accuracy"] = teacher_accuracy
+    results.update(method.results(state))
+    if is_main:
+        _write_json(results_path, results)
+        print(f"[kd_jax] done: final_accuracy={accuracy:.4f} best={best:.4f} "
+              f"wall={wall:.0f}s -> {results_path}")
+    return results

@@ -1,0 +1,163 @@
+"""The shared engine: one step on TFDS mock data, device-count invariance, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from kd_jax import config_utils, parallel, train
+from kd_jax.data import pipeline
+from kd_jax.methods import get_method
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(name, arg=None, **overrides):
+    c = config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def test_one_teacher_step_on_tfds_mock_data(tmp_path):
+    c = config("teacher_cifar10.py", "wrn16_1,smoke")
+    with tfds.testing.mock_data(num_examples=40):
+        results = train.train_and_evaluate(c, str(tmp_path))
+    assert results["steps"] == 2 and 0.0 <= results["final_accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("method", "config", "final_accuracy", "best_accuracy", "steps", "wall_seconds",
+                "images_per_second"):
+        assert key in saved, key
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and "accuracy" in lines[-1]
+    assert os.listdir(tmp_path / "tensorboard")
+    # A finished run is not trained again.
+    again = train.train_and_evaluate(c, str(tmp_path))
+    assert again["final_accuracy"] == results["final_accuracy"]
+
+
+def _three_steps(devices, seed=0):
+    """Three teacher steps of LeNet-5 (BatchNorm-free) and WRN-16-1 (BatchNorm) on a mesh."""
+    out = {}
+    for model in ("lenet5", "wrn16_1"):
+        c = config("teacher_mnist.py", "smoke", **{"model.name": model, "batch_size": 32,
+                                                   "eval_batch_size": 32})
+        mesh = parallel.make_mesh(devices)
+        method = get_method("teacher")(c, "/tmp/unused", mesh)
+        method.build_optimizer(10)
+        state = jax.jit(method.init_state, out_shardings=parallel.replicated(mesh))(
+            jax.random.PRNGKey(seed))
+        step = jax.jit(method.train_step, out_shardings=parallel.replicated(mesh))
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            batch = {"image": rng.normal(size=(32, 32, 32, 1)).astype(np.float32),
+                     "label": rng.integers(0, 10, 32)}
+            state, _ = step(state, None, parallel.global_batch(batch, mesh),
+                            jax.random.PRNGKey(1))
+        out[model] = jax.device_get((state.params, state.batch_stats))
+    return out
+
+
+def test_eight_devices_equal_one_device():
+    assert jax.device_count() == 8
+    one, eight = _three_steps(jax.devices()[:1]), _three_steps(jax.devices())
+    for model in one:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     one[model], eight[model])
+
+
+def test_killed_run_resumes_identically(tmp_path):
+    c = config("teacher_mnist.py", "smoke", num_steps=8, log_every=2, eval_every=8,
+               checkpoint_every=4, async_checkpoints=False)
+    full = train.train_and_evaluate(c, str(tmp_path / "full"))
+    stopped = train.train_and_evaluate(c, str(tmp_path / "resumed"), stop_after=3)
+    assert stopped == {"stopped_at": 3}
+    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    from kd_jax import checkpoint
+    a = checkpoint.load_variables(str(tmp_path / "full"))
+    b = checkpoint.load_variables(str(tmp_path / "resumed"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    assert resumed["final_accuracy"] == pytest.approx(full["final_accuracy"])
+
+
+def test_non_finite_loss_stops_with_step_named(tmp_path):
+    c = config("teacher_mnist.py", "smoke", num_steps=20, log_every=1, checkpoint_every=2,
+               async_checkpoints=False, **{"optimizer.lr": 1e12})
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_jax.main", "--config=configs/teacher_mnist.py:smoke",
+         f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+
+
+def test_unknown_config_argument_is_named():
+    with pytest.raises(ValueError, match="bogus"):
+        config("kd_mnist.py", "bogus")
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match=r"config.batch_size=12 .* 8"):
+        parallel.check_batch_size(12, parallel.make_mesh())
+
+
+def test_missing_tfds_dataset_names_it(tmp_path):
+    spec = config_utils.base_config().data.target
+    spec.name, spec.data_dir = "cifar100", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"cifar100.*tfds build"):
+        pipeline.open_source(spec, "test")
+
+
+def test_empty_pool_pattern_names_it(tmp_path):
+    spec = config_utils.base_config().data.transfer
+    spec.source, spec.pattern = "shards", str(tmp_path / "nothing-*.tfrecord")
+    with pytest.raises(ValueError, match="nothing-"):
+        pipeline.open_source(spec, "train")
+
+
+def test_missing_teacher_workdir_is_clear(tmp_path):
+    c = config("kd_mnist.py", "pool,smoke", **{"teacher.workdir": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="holds no finished teacher"):
+        train.train_and_evaluate(c, str(tmp_path / "kd"))
+
+
+def test_eval_padding_counts_each_example_once():
+    spec = config_utils.base_config().data.target
+    spec.source = "offline_mnist"
+    domain = pipeline.Domain(32, 1, "mnist")
+    ids = []
+    for p in range(3):  # three hosts, each padded to the same number of batches
+        ds, n = pipeline.open_source(spec, "test", p, 3)
+        batches = list(pipeline.eval_batches(ds, host_count=n, max_host_count=334, local_batch=64,
+                                             domain=domain).as_numpy_iterator())
+        assert len(batches) == 6
+        for b in batches:
+            ids += list(b["id"][b["mask"] > 0])
+    assert sorted(ids) == list(range(1000))
+
+
+def test_train_stream_is_a_function_of_the_step():
+    spec = config_utils.base_config().data.target
+    spec.source = "offline_mnist"
+    ds, n = pipeline.open_source(spec, "train")
+    kwargs = dict(local_batch=100, steps_per_epoch=n // 100, domain=pipeline.Domain(32, 1, "mnist"),
+                  augment="crop", seed=3, shuffle_buffer=1000)
+    full = pipeline.train_iterator(ds, **kwargs)
+    batches = [next(full) for _ in range(43)]
+    resumed = next(pipeline.train_iterator(ds, start_step=42, **kwargs))
+    np.testing.assert_array_equal(resumed["id"], batches[42]["id"])
+    np.testing.assert_array_equal(resumed["image"], batches[42]["image"])
+    assert not np.array_equal(batches[0]["id"], batches[40]["id"])  # epochs reshuffle

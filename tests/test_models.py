@@ -1,0 +1,325 @@
+"""The model zoo: parameter counts equal to the reference PyTorch definitions, the
+`(logits, features)` contract, BatchNorm behaviour, naming that a PyTorch converter relies on.
+
+Counts and shapes come from `jax.eval_shape`, so nothing large is materialised; real forward passes
+run only on small models. The counts were checked against PyTorch reference definitions (and
+logits parity after weight copying) by `tools_dev/torch_param_counts.py --parity`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax.models import create_model, list_models, model_input_shape
+from kd_jax.models.layers import conv2d
+from kd_jax.models.vit import VisionTransformer
+from kd_jax.models.wrn import WideResNet
+
+# (name, num_classes) → trainable parameters, as `sum(p.numel() for p in model.parameters())`.
+PARAM_COUNTS = {
+    ("lenet5", 10): 61_706,
+    ("lenet5_half", 10): 15_738,
+    ("resnet18_cifar", 10): 11_173_962,
+    ("resnet18_cifar", 100): 11_220_132,
+    ("resnet34_cifar", 10): 21_282_122,
+    ("resnet34_cifar", 100): 21_328_292,
+    ("wrn16_1", 10): 175_066,
+    ("wrn16_2", 10): 691_674,
+    ("wrn40_1", 10): 563_930,
+    ("wrn40_2", 10): 2_243_546,
+    ("wrn40_2", 100): 2_255_156,
+    ("vgg8", 10): 3_918_858,
+    ("vgg11", 10): 9_231_114,
+    ("vgg11", 100): 9_277_284,
+    ("resnet18", 1000): 11_689_512,
+    ("resnet34", 1000): 21_797_672,
+    ("resnet50", 1000): 25_557_032,
+    ("mobilenet_v2", 1000): 3_504_872,
+    ("vit_b16", 1000): 86_567_656,
+    ("vit_s16", 1000): 22_050_664,
+}
+
+# name → (num_classes, pre_logits width, expected stage taps)
+CONTRACT = {
+    "lenet5": (10, 84, {"stage1": (14, 14, 6), "stage2": (5, 5, 16), "stage3": (1, 1, 120)}),
+    "lenet5_half": (10, 42, {"stage1": (14, 14, 3), "stage2": (5, 5, 8), "stage3": (1, 1, 60)}),
+    "resnet18_cifar": (10, 512, {"stage1": (32, 32, 64), "stage2": (16, 16, 128),
+                                 "stage3": (8, 8, 256), "stage4": (4, 4, 512)}),
+    "resnet34_cifar": (100, 512, {"stage4": (4, 4, 512)}),
+    "wrn16_1": (10, 64, {"stage1": (32, 32, 16), "stage2": (16, 16, 32), "stage3": (8, 8, 64)}),
+    "wrn16_2": (10, 128, {"stage3": (8, 8, 128)}),
+    "wrn40_1": (10, 64, {"stage3": (8, 8, 64)}),
+    "wrn40_2": (10, 128, {"stage1": (32, 32, 32), "stage2": (16, 16, 64), "stage3": (8, 8, 128)}),
+    "vgg8": (10, 512, {"stage0": (32, 32, 64), "stage3": (4, 4, 512), "stage4": (4, 4, 512)}),
+    "vgg11": (100, 512, {"stage2": (8, 8, 256), "stage4": (4, 4, 512)}),
+    "resnet18": (1000, 512, {"stage1": (56, 56, 64), "stage4": (7, 7, 512)}),
+    "resnet34": (1000, 512, {"stage4": (7, 7, 512)}),
+    "resnet50": (1000, 2048, {"stage1": (56, 56, 256), "stage4": (7, 7, 2048)}),
+    "mobilenet_v2": (1000, 1280, {"stage1": (112, 112, 16), "stage2": (56, 56, 24),
+                                  "stage3": (28, 28, 32), "stage4": (14, 14, 96),
+                                  "stage5": (7, 7, 1280)}),
+    "vit_b16": (1000, 768, {}),
+    "vit_s16": (1000, 384, {}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(name: str, num_classes: int, batch: int = 2):
+    """(abstract variables, abstract (logits, features)) without materialising anything."""
+    model = create_model(name, num_classes)
+    x = jax.ShapeDtypeStruct((batch, *model_input_shape(name)), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    return variables, out
+
+
+def _count(tree) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(tree))
+
+
+def test_registry_lists_every_model():
+    assert set(list_models()) == {name for name, _ in PARAM_COUNTS} == set(CONTRACT)
+
+
+@pytest.mark.parametrize("name,num_classes", sorted(PARAM_COUNTS))
+def test_param_count_equals_pytorch_reference(name, num_classes):
+    variables, _ = _abstract(name, num_classes)
+    assert _count(variables["params"]) == PARAM_COUNTS[(name, num_classes)]
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_output_contract(name):
+    num_classes, dim, stages = CONTRACT[name]
+    variables, (logits, feats) = _abstract(name, num_classes)
+    assert logits.shape == (2, num_classes) and logits.dtype == jnp.float32
+    assert feats["pre_logits"].shape == (2, dim)
+    for tap, shape in stages.items():
+        assert feats[tap].shape == (2, *shape), tap
+    has_bn = not name.startswith(("lenet", "vit"))
+    assert ("batch_stats" in variables) == has_bn
+
+
+def test_input_shapes():
+    assert model_input_shape("lenet5") == (32, 32, 1)
+    assert model_input_shape("wrn40_2") == (32, 32, 3)
+    assert model_input_shape("resnet50") == (224, 224, 3)
+
+
+def test_unknown_model_raises_with_name_and_known_models():
+    with pytest.raises(ValueError, match="no_such_net") as err:
+        create_model("no_such_net", 10)
+    assert "resnet18_cifar" in str(err.value)
+    with pytest.raises(ValueError, match="no_such_net"):
+        model_input_shape("no_such_net")
+
+
+# ---- naming and layout a PyTorch converter relies on (issue 8) ------------------------------
+
+
+def _shapes(name, num_classes, collection="params"):
+    variables, _ = _abstract(name, num_classes)
+    flat = flax.traverse_util.flatten_dict(variables[collection], sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def test_pytorch_style_names_and_hwio_layout():
+    p = _shapes("resnet18_cifar", 10)
+    assert p["conv1/kernel"] == (3, 3, 3, 64)
+    assert p["layer2_0/shortcut_0/kernel"] == (1, 1, 64, 128)
+    assert p["layer2_0/shortcut_1/scale"] == (128,)
+    assert p["linear/kernel"] == (512, 10)
+    assert _shapes("resnet18_cifar", 10, "batch_stats")["layer1_0/bn1/mean"] == (64,)
+
+    p = _shapes("resnet50", 1000)
+    assert p["layer1_0/downsample_0/kernel"] == (1, 1, 64, 256)
+    assert p["layer2_0/conv2/kernel"] == (3, 3, 128, 128)  # v1.5: the 3×3 conv has the stride
+    assert p["fc/kernel"] == (2048, 1000)
+
+    p = _shapes("wrn40_2", 10)
+    assert p["block1/layer_0/convShortcut/kernel"] == (1, 1, 16, 32)
+    assert p["block3/layer_5/bn2/scale"] == (128,)
+    assert "block1/layer_1/convShortcut/kernel" not in p
+
+    p = _shapes("vgg11", 10)
+    assert p["block2_3/kernel"] == (3, 3, 256, 256) and p["block2_4/scale"] == (256,)
+    assert p["classifier/kernel"] == (512, 10)
+
+    p = _shapes("mobilenet_v2", 1000)
+    assert p["features_0_0/kernel"] == (3, 3, 3, 32)
+    assert p["features_1/conv_0_0/kernel"] == (3, 3, 1, 32)  # depthwise (kh, kw, 1, C)
+    assert p["features_1/conv_1/kernel"] == (1, 1, 32, 16)
+    assert p["features_2/conv_1_0/kernel"] == (3, 3, 1, 96)
+    assert p["features_18_0/kernel"] == (1, 1, 320, 1280)
+    assert p["classifier_1/kernel"] == (1280, 1000)
+
+    p = _shapes("vit_b16", 1000)
+    assert p["patch_embed/proj/kernel"] == (16, 16, 3, 768)
+    assert p["cls_token"] == (1, 1, 768) and p["pos_embed"] == (1, 197, 768)
+    assert p["blocks_11/attn/qkv/kernel"] == (768, 2304)
+    assert p["blocks_0/mlp/fc2/kernel"] == (3072, 768)
+    assert p["norm/scale"] == (768,) and p["head/kernel"] == (768, 1000)
+
+    p = _shapes("lenet5", 10)
+    assert p["conv3/kernel"] == (5, 5, 16, 120) and p["fc1/kernel"] == (120, 84)
+
+
+def test_strided_conv_padding_is_symmetric_like_pytorch():
+    # A 3×3 stride-2 conv with padding 1 on an even input: PyTorch pads 1 on both sides, Flax
+    # "SAME" would pad (0, 1). With an all-ones kernel on all-ones input each output counts the
+    # in-bounds taps of its window: symmetric padding gives [[4, 6], [6, 9]].
+    c = conv2d(1, 3, in_features=1, stride=2, padding=1)
+    y = c.apply({"params": {"kernel": jnp.ones((3, 3, 1, 1))}}, jnp.ones((1, 4, 4, 1)))
+    np.testing.assert_allclose(np.asarray(y[0, :, :, 0]), [[4.0, 6.0], [6.0, 9.0]])
+
+
+# ---- real forward passes on small models ---------------------------------------------------
+
+
+def _numpy_variables(abstract, seed=0):
+    """Concrete variables for an abstract tree, filled with NumPy (He-scaled normal kernels,
+    BN scale 1 / bias 0, running mean 0 / var 1). `model.init` would compile one threefry
+    program per parameter shape, which costs seconds per model on 2 CPU cores; the forward-pass
+    tests only need sensible weights. `test_init_matches_pytorch_default_ranges` runs a real
+    init."""
+    rng = np.random.RandomState(seed)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+    out = {}
+    for path, leaf in flat.items():
+        shape, leaf_name = tuple(leaf.shape), path[-1]
+        if leaf_name == "kernel":
+            fan_in = math.prod(shape[:-1])
+            value = rng.normal(0.0, math.sqrt(2.0 / fan_in), shape)
+        elif leaf_name in ("scale", "var"):
+            value = np.ones(shape)
+        elif leaf_name in ("bias", "mean"):
+            value = np.zeros(shape)
+        else:  # cls_token, pos_embed
+            value = rng.normal(0.0, 0.02, shape)
+        out[path] = jnp.asarray(value, leaf.dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _init(model, input_shape, batch=4, seed=0):
+    x = jnp.asarray(np.random.RandomState(seed + 1).randn(batch, *input_shape), jnp.float32)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    return _numpy_variables(abstract, seed), x
+
+
+def _tiny_wrn(**kwargs):
+    """WRN-10-1: one block per group, every layer type of the WRN family, cheap to compile."""
+    return WideResNet(depth=10, widen_factor=1, num_classes=10, **kwargs)
+
+
+def test_init_matches_pytorch_default_ranges():
+    # rbg keys: the default threefry init compiles for ~10 s even for LeNet on 2 CPU cores.
+    model = create_model("lenet5_half", 10)
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 1)))
+    p = variables["params"]
+    # PyTorch default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    for layer, fan_in in (("conv1", 25), ("conv2", 75), ("conv3", 200), ("fc1", 60), ("fc2", 42)):
+        bound = 1 / math.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            w = np.asarray(p[layer][leaf])
+            assert np.abs(w).max() <= bound + 1e-6, (layer, leaf)
+            if w.size >= 50:  # not all tiny: the scale is the PyTorch one, not smaller
+                assert np.abs(w).max() > 0.5 * bound, (layer, leaf)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet5_half"])
+def test_lenet_forward_and_jit_equals_eager(name):
+    model = create_model(name, 10)
+    variables, x = _init(model, (32, 32, 1))
+    logits, feats = model.apply(variables, x)
+    assert logits.shape == (4, 10) and np.all(np.isfinite(np.asarray(logits)))
+    assert feats["pre_logits"].shape == (4, 84 if name == "lenet5" else 42)
+    jitted, jfeats = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jfeats["stage2"]), np.asarray(feats["stage2"]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="32x32"):
+        model.apply(variables, jnp.zeros((1, 28, 28, 1)))
+
+
+def test_train_mode_updates_batch_stats_and_eval_is_deterministic():
+    model = _tiny_wrn()
+    variables, x = _init(model, (32, 32, 3), batch=8)
+    train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    (logits, _), updates = train(variables, x)
+    assert logits.shape == (8, 10)
+    old = flax.traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+    new = flax.traverse_util.flatten_dict(updates["batch_stats"], sep="/")
+    assert old.keys() == new.keys()
+    changed = [k for k in old if not np.array_equal(np.asarray(old[k]), np.asarray(new[k]))]
+    assert len(changed) == len(old)
+
+    # PyTorch's momentum 0.1: the stem conv output feeds block1/layer_0/bn1 directly, so its
+    # running mean after one step is 0.9 * 0 + 0.1 * (batch mean of the stem output).
+    _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
+                                                mutable=["intermediates"]))(variables, x)
+    stem_out = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
+    np.testing.assert_allclose(np.asarray(new["block1/layer_0/bn1/mean"]),
+                               0.1 * stem_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+    v2 = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    a, fa = evaluate(v2, x)
+    b, fb = evaluate(v2, x)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(fa["pre_logits"]), np.asarray(fb["pre_logits"]))
+    # Eval normalises with the running statistics, not the batch's.
+    assert not np.allclose(np.asarray(a), np.asarray(logits))
+
+
+def test_dropout_needs_rng_only_in_training():
+    model = _tiny_wrn(dropout_rate=0.3)
+    variables, x = _init(model, (32, 32, 3), batch=2)
+    train = jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                rngs={"dropout": k})[0][0])
+    a = train(variables, x, jax.random.key(1, impl="rbg"))
+    b = train(variables, x, jax.random.key(2, impl="rbg"))
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    out, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.shape == (2, 10)  # eval needs no rng
+    # MobileNetV2 keeps torchvision's dropout 0.2: training without a "dropout" rng fails early,
+    # naming the layer, instead of silently skipping it.
+    mnv2 = create_model("mobilenet_v2", 10)
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(lambda x: mnv2.init(jax.random.key(0), x), x)
+    with pytest.raises(Exception, match="classifier_0"):
+        jax.eval_shape(lambda v, x: mnv2.apply(v, x, train=True, mutable=["batch_stats"]), v, x)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = create_model("lenet5", 10, dtype=jnp.bfloat16)
+    variables, x = _init(model, (32, 32, 1))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    logits, feats = jax.jit(model.apply)(variables, x)
+    assert logits.dtype == jnp.float32
+    assert feats["pre_logits"].dtype == jnp.bfloat16
+    ref, _ = jax.jit(create_model("lenet5", 10).apply)(variables, x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.1, rtol=0.05)
+
+
+def test_small_vit_forward():
+    model = VisionTransformer(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=4)
+    variables, x = _init(model, (32, 32, 3), batch=2)
+    logits, feats = jax.jit(model.apply)(variables, x)
+    assert logits.shape == (2, 5) and np.all(np.isfinite(np.asarray(logits)))
+    assert feats["tokens"].shape == (2, 17, 32) and feats["pre_logits"].shape == (2, 32)
+    np.testing.assert_array_equal(np.asarray(feats["pre_logits"]),
+                                  np.asarray(feats["tokens"][:, 0]))
+    with pytest.raises(ValueError, match="img_size"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 64, 64, 3)))
+    headless = VisionTransformer(num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                                 num_heads=4)
+    v = jax.eval_shape(lambda x: headless.init(jax.random.key(0), x), x)
+    out, _ = jax.eval_shape(headless.apply, v, x)
+    assert out.shape == (2, 32) and "head" not in v["params"]
