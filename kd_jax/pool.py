@@ -66,3 +66,152 @@ def random_subset(workdir: str, spec, size: int, seed: int) -> Selection:
         os.makedirs(workdir, exist_ok=True)
         selection.save(path)
     return selection
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed teacher pass: one scorer for every selection rule (EIKD, DFND, ODSD's APS)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PoolScores:
+    """Per-item teacher statistics over a whole pool (O(M) scalars) plus, when asked for, a
+    bounded per-class candidate set with features (O(C·L·d), independent of the pool size)."""
+    ids: np.ndarray          # [M] int64
+    pred: np.ndarray         # [M] teacher argmax
+    confidence: np.ndarray   # [M] max_c p_T(c|x)
+    entropy: np.ndarray      # [M] H(p_T)
+    energy: np.ndarray       # [M] logsumexp(z_T)
+    margin: np.ndarray       # [M] p_1 - p_2
+    sources: np.ndarray      # [M] source tag (diagnostics only; no selection rule reads it)
+    cand_ids: np.ndarray     # [K] candidate ids (per-class top-L by confidence)
+    cand_class: np.ndarray   # [K] their teacher class
+    cand_feat: np.ndarray    # [K, d] L2-normalised teacher penultimate features (float16)
+    cand_logp: np.ndarray    # [K] log p_T(class|x)
+
+    _SCALARS = ("ids", "pred", "confidence", "entropy", "energy", "margin", "sources")
+
+    def score(self, kind: str) -> np.ndarray:
+        """Score per item, higher = more wanted (kd_jax.sampling's sign convention)."""
+        return {"confidence": self.confidence, "entropy": -self.entropy,
+                "energy": self.energy, "margin": self.margin}[kind]
+
+
+def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int):
+    import jax
+    import jax.numpy as jnp
+    from kd_jax import sampling
+
+    def stats(variables, images, ids, mask, heaps):
+        logits, feats = apply_fn(variables, images, train=False)
+        logits = logits.astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        p = jnp.exp(logp)
+        top2 = jax.lax.top_k(p, 2)[0]
+        out = {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "confidence": top2[:, 0],
+               "entropy": -jnp.sum(p * logp, -1), "energy": jax.nn.logsumexp(logits, -1),
+               "margin": top2[:, 0] - top2[:, 1]}
+        if heap_size:
+            f = feats["pre_logits"].astype(jnp.float32)
+            f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+            payload = {"feat": f.astype(jnp.float16), "logp": jnp.log(out["confidence"])}
+            heaps = sampling.merge_class_top_k(heaps, out["confidence"], out["pred"], ids,
+                                               payload=payload, mask=mask > 0)
+        return out, heaps
+
+    return stats
+
+
+def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_classes: int,
+               batch_size: int, heap_size: int = 0) -> PoolScores:
+    """One streamed teacher pass over this host's pool shards, resumable shard by shard.
+
+    Each host scores its own files on its *local* devices (scoring needs no cross-host
+    collective), writing `workdir/pool_scores/<shard>.npz` after every shard, so a killed pass
+    resumes at the first unscored shard. Then every host reads all shard files and merges them
+    into the same `PoolScores`. `heap_size` = L > 0 also keeps, per teacher class, the L most
+    confident items with their features (ODSD's candidates); memory stays O(C·L·d).
+    """
+    import jax
+    import jax.numpy as jnp
+    import tensorflow as tf
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from kd_jax import sampling
+    from kd_jax.data import pipeline, shards
+
+    pattern = pool_pattern(spec)
+    out_dir = os.path.join(workdir, "pool_scores")
+    os.makedirs(out_dir, exist_ok=True)
+    local_mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    local_batch = -(-batch_size // len(jax.local_devices())) * len(jax.local_devices())
+    put_batch = lambda x: jax.device_put(x, NamedSharding(local_mesh, P("data")))
+    variables = jax.device_put(jax.tree.map(np.asarray, teacher_vars),
+                               NamedSharding(local_mesh, P()))
+    d = teacher_model.apply(jax.tree.map(np.asarray, teacher_vars),
+                            np.zeros((1, domain.image_size, domain.image_size, domain.channels),
+                                     np.float32), train=False)[1]["pre_logits"].shape[-1]
+    spec_payload = {"feat": jax.ShapeDtypeStruct((d,), jnp.float16),
+                    "logp": jax.ShapeDtypeStruct((), jnp.float32)}
+    stats = jax.jit(_teacher_stats_fn(teacher_model.apply, heap_size, num_classes))
+
+    for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
+        done = os.path.join(out_dir, os.path.basename(path) + ".npz")
+        if os.path.exists(done):
+            continue
+        ds = shards.read_shards(path).map(
+            lambda e: {"image": pipeline.preprocess(e, domain, "none"), "id": e["id"],
+                       "source": e["source"], "mask": tf.constant(1.0)},
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.padded_batch(local_batch, padding_values={
+            "image": 0.0, "id": np.int64(-1), "source": "", "mask": 0.0})
+        heaps = sampling.init_class_top_k(num_classes, max(heap_size, 1), spec_payload) \
+            if heap_size else None
+        parts = []
+        for b in ds.as_numpy_iterator():
+            n = int(b["mask"].sum())
+            pad = local_batch - len(b["mask"])  # the last batch is short: pad to a fixed shape
+            arrays = {k: np.concatenate([b[k], np.zeros((pad,) + b[k].shape[1:], b[k].dtype)])
+                      for k in ("image", "id", "mask")}
+            out, heaps = stats(variables, put_batch(arrays["image"]), arrays["id"],
+                               arrays["mask"], heaps)
+            out = jax.device_get(out)
+            parts.append({"ids": b["id"][:n], "sources": b["source"][:n].astype(str),
+                          **{k: v[:n] for k, v in out.items()}})
+        record = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        if heap_size:
+            s, ids, cls, payload, valid = jax.device_get(sampling.flatten_class_top_k(heaps))
+            record.update(cand_ids=ids[valid].astype(np.int64), cand_class=cls[valid],
+                          cand_feat=payload["feat"][valid], cand_logp=payload["logp"][valid],
+                          cand_score=s[valid])
+        tmp = done + ".tmp.npz"
+        np.savez(tmp, **record)
+        os.replace(tmp, done)  # a shard counts as scored only once its file is complete
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("kd_jax_pool_scored")
+    return _merge_scored_shards(pattern, out_dir, num_classes, heap_size)
+
+
+def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores:
+    from kd_jax.data import shards
+    files = [os.path.join(out_dir, os.path.basename(p) + ".npz")
+             for p in shards.list_shard_files(pattern)]
+    loaded = [dict(np.load(f)) for f in files]
+    cat = lambda k, empty: (np.concatenate([z[k] for z in loaded if k in z])
+                            if any(k in z for z in loaded) else empty)
+    order = np.argsort(cat("ids", np.zeros(0, np.int64)), kind="stable")
+    scalars = {k: cat(k, np.zeros(0))[order] for k in PoolScores._SCALARS}
+    cand = {k: cat(k, np.zeros((0,))) for k in ("cand_ids", "cand_class", "cand_feat",
+                                                 "cand_logp", "cand_score")}
+    if heap_size and len(cand["cand_ids"]):  # per-shard heaps -> global per-class top-L
+        keep = []
+        for c in range(num_classes):
+            idx = np.flatnonzero(cand["cand_class"] == c)
+            rank = np.lexsort((cand["cand_ids"][idx], -cand["cand_score"][idx]))
+            keep.append(idx[rank[:heap_size]])
+        keep = np.sort(np.concatenate(keep))
+        cand = {k: v[keep] for k, v in cand.items()}
+    else:
+        cand = {"cand_ids": np.zeros(0, np.int64), "cand_class": np.zeros(0, np.int32),
+                "cand_feat": np.zeros((0, 1), np.float16), "cand_logp": np.zeros(0, np.float32)}
+    cand.pop("cand_score", None)
+    return PoolScores(**scalars, **cand)

@@ -142,7 +142,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ----- the update step: jit over the mesh, batch sharded, state donated -------------------
     train_step = jax.jit(method.train_step, donate_argnums=(0,),
                          out_shardings=(replicated, replicated))
-    eval_step = jax.jit(method.eval_step, out_shardings=replicated)
 
     logger = _Logger(workdir)
     history = logger.history()
@@ -150,13 +149,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     best = max([h["accuracy"] for h in evals], default=0.0)
     previous_wall = max([h.get("wall_seconds", 0.0) for h in history], default=0.0)
 
-    def run_eval(state) -> float:
-        correct = count = 0.0
-        for local in method.eval_dataset().as_numpy_iterator():
-            out = eval_step(state, parallel.global_batch(local, mesh))
-            correct += float(out["correct"])
-            count += float(out["count"])
-        return correct / max(count, 1.0)
+    def run_eval(state) -> dict:
+        out = method.evaluate(state)
+        if "accuracy" not in out:
+            raise KeyError(f"{type(method).__name__}.evaluate must return an 'accuracy' entry")
+        return out
 
     teacher_accuracy = None
     if method.teacher_model is not None:
@@ -173,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t_log, step_log, t_first = t0, start_step, t0
     images_per_step = config.batch_size
     accuracy = evals[-1]["accuracy"] if evals else None
+    eval_values = {}
     pending = None
     step = start_step
     with _Preemption() as preemption:
@@ -203,9 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 values.update(images_per_second=ips, wall_seconds=previous_wall + now - t0,
                               lr=float(method.schedule(step - 1)))
                 if step % eval_every == 0 or last:
-                    accuracy = run_eval(state)
+                    eval_values = run_eval(state)
+                    accuracy = eval_values["accuracy"]
                     best = max(best, accuracy)
-                    values["accuracy"] = accuracy
+                    values.update(eval_values)
                 logger.write(step, values)
                 if is_main:
                     acc = f" acc {accuracy:.4f}" if "accuracy" in values else ""
@@ -222,8 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
 
     wall = previous_wall + time.time() - t0
-    if accuracy is None:
-        accuracy = run_eval(state)
+    if accuracy is None or not eval_values:  # e.g. resumed after the last step was saved
+        eval_values = run_eval(state)
+        accuracy = eval_values["accuracy"]
         best = max(best, accuracy)
     results = {
         "method": config.method,
@@ -238,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     }
     if teacher_accuracy is not None:
         results["teacher_accuracy"] = teacher_accuracy
+    results.update({k: v for k, v in eval_values.items() if k != "accuracy"})
     results.update(method.results(state))
     if is_main:
         _write_json(results_path, results)

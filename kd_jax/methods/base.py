@@ -179,6 +179,18 @@ class Method:
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
         return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
+    def evaluate(self, state: TrainState) -> dict:
+        """Metrics on the target eval split; must include `accuracy` (the headline number)."""
+        if not hasattr(self, "_eval_step"):
+            self._eval_step = jax.jit(self.eval_step,
+                                      out_shardings=parallel.replicated(self.mesh))
+        correct = count = 0.0
+        for local in self.eval_dataset().as_numpy_iterator():
+            out = self._eval_step(state, parallel.global_batch(local, self.mesh))
+            correct += float(out["correct"])
+            count += float(out["count"])
+        return {"accuracy": correct / max(count, 1.0)}
+
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
         """-> (host-local raw dataset, host count) of the images the student trains on."""
