@@ -18,6 +18,7 @@ with every `.<digit>` folded into the preceding name (`layer1.0.conv1.weight` �
 LeNet, whose names are DAFL's `conv1..3, fc1, fc2`. Leaves: conv/linear `weight` → `kernel`
 (OIHW → HWIO, Linear weight.T), `bias` → `bias`, BN/LN `weight` → `scale`, BN `running_mean` /
 `running_var` → `batch_stats` `mean` / `var`; `num_batches_tracked` has no counterpart.
+`kd_jax.tools.convert_torch` implements this rule (PyTorch checkpoint → teacher workdir).
 """
 from __future__ import annotations
 

@@ -59,8 +59,12 @@ class LeNet5(nn.Module):
 
 
 def lenet5(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> LeNet5:
-    return LeNet5(num_classes=num_classes, widths=(6, 16, 120, 84), dtype=dtype, **kwargs)
+    """LeNet-5; `widths=` overrides (6, 16, 120, 84) (reduced test variants)."""
+    kwargs.setdefault("widths", (6, 16, 120, 84))
+    return LeNet5(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def lenet5_half(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> LeNet5:
-    return LeNet5(num_classes=num_classes, widths=(3, 8, 60, 42), dtype=dtype, **kwargs)
+    """LeNet-5-half; `widths=` overrides (3, 8, 60, 42)."""
+    kwargs.setdefault("widths", (3, 8, 60, 42))
+    return LeNet5(num_classes=num_classes, dtype=dtype, **kwargs)

@@ -93,18 +93,22 @@ class MobileNetV2(nn.Module):
     width_mult: float = 1.0
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
+    # torchvision's `inverted_residual_setting` (t, c, n, s) and an optional `last_channel`
+    # override of 1280·max(1, width_mult): reduced variants for tests.
+    inverted_residual_setting: Any = INVERTED_RESIDUAL_SETTING
+    last_channel: int | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         feats = {}
         x = jnp.asarray(x, self.dtype)
         inp = make_divisible(32 * self.width_mult)
-        last = make_divisible(1280 * max(1.0, self.width_mult))
+        last = self.last_channel or make_divisible(1280 * max(1.0, self.width_mult))
         x = _conv(inp, 3, in_features=x.shape[-1], stride=2, dtype=self.dtype,
                   name="features_0_0")(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
         idx = 1
-        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+        for t, c, n, s in self.inverted_residual_setting:
             out_c = make_divisible(c * self.width_mult)
             for i in range(n):
                 x = InvertedResidual(out_c, s if i == 0 else 1, t, dtype=self.dtype,

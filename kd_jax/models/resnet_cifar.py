@@ -50,15 +50,17 @@ class ResNetCifar(nn.Module):
     num_blocks: Sequence[int] = (2, 2, 2, 2)
     num_classes: int = 10
     dtype: Any = jnp.float32
+    widths: Sequence[int] = (64, 128, 256, 512)  # stage widths; the stem has widths[0]
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = conv2d(64, 3, in_features=x.shape[-1], padding=1, dtype=self.dtype, name="conv1")(x)
+        x = conv2d(self.widths[0], 3, in_features=x.shape[-1], padding=1, dtype=self.dtype,
+                   name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         for stage, (planes, n, stride) in enumerate(
-            zip((64, 128, 256, 512), self.num_blocks, (1, 2, 2, 2)), start=1
+            zip(self.widths, self.num_blocks, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
                 x = BasicBlock(planes, stride if i == 0 else 1, dtype=self.dtype,
@@ -72,8 +74,12 @@ class ResNetCifar(nn.Module):
 
 
 def resnet18_cifar(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> ResNetCifar:
-    return ResNetCifar(num_blocks=(2, 2, 2, 2), num_classes=num_classes, dtype=dtype, **kwargs)
+    """`num_blocks=` / `widths=` override (2, 2, 2, 2) / (64, 128, 256, 512)."""
+    kwargs.setdefault("num_blocks", (2, 2, 2, 2))
+    return ResNetCifar(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def resnet34_cifar(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> ResNetCifar:
-    return ResNetCifar(num_blocks=(3, 4, 6, 3), num_classes=num_classes, dtype=dtype, **kwargs)
+    """`num_blocks=` / `widths=` override (3, 4, 6, 3) / (64, 128, 256, 512)."""
+    kwargs.setdefault("num_blocks", (3, 4, 6, 3))
+    return ResNetCifar(num_classes=num_classes, dtype=dtype, **kwargs)

@@ -91,19 +91,20 @@ class ResNetImageNet(nn.Module):
     bottleneck: bool = False
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    widths: Sequence[int] = (64, 128, 256, 512)  # stage `planes`; the stem has widths[0]
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block = Bottleneck if self.bottleneck else BasicBlock
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = _conv(64, 7, in_features=x.shape[-1], stride=2, padding=3, dtype=self.dtype,
+        x = _conv(self.widths[0], 7, in_features=x.shape[-1], stride=2, padding=3, dtype=self.dtype,
                   name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = max_pool(x, 3, 2, padding=1)
         feats["stem"] = x
         for stage, (planes, n, stride) in enumerate(
-            zip((64, 128, 256, 512), self.layers, (1, 2, 2, 2)), start=1
+            zip(self.widths, self.layers, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
                 x = block(planes, stride if i == 0 else 1, dtype=self.dtype,
@@ -116,13 +117,19 @@ class ResNetImageNet(nn.Module):
         return logits.astype(jnp.float32), feats
 
 
+def _resnet(layers, bottleneck, num_classes, dtype, kwargs) -> ResNetImageNet:
+    # `layers=` / `widths=` in kwargs override the paper sizes (reduced test variants).
+    kwargs.setdefault("layers", layers)
+    return ResNetImageNet(bottleneck=bottleneck, num_classes=num_classes, dtype=dtype, **kwargs)
+
+
 def resnet18(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> ResNetImageNet:
-    return ResNetImageNet((2, 2, 2, 2), False, num_classes=num_classes, dtype=dtype, **kwargs)
+    return _resnet((2, 2, 2, 2), False, num_classes, dtype, kwargs)
 
 
 def resnet34(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> ResNetImageNet:
-    return ResNetImageNet((3, 4, 6, 3), False, num_classes=num_classes, dtype=dtype, **kwargs)
+    return _resnet((3, 4, 6, 3), False, num_classes, dtype, kwargs)
 
 
 def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> ResNetImageNet:
-    return ResNetImageNet((3, 4, 6, 3), True, num_classes=num_classes, dtype=dtype, **kwargs)
+    return _resnet((3, 4, 6, 3), True, num_classes, dtype, kwargs)

@@ -74,10 +74,12 @@ class VGG(nn.Module):
 
 
 def vgg8(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> VGG:
-    """VGG-8 with BN (RepDistiller `vgg8_bn`, cfg "S")."""
-    return VGG(cfg=CFGS["S"], num_classes=num_classes, dtype=dtype, **kwargs)
+    """VGG-8 with BN (RepDistiller `vgg8_bn`, cfg "S"; `cfg=` overrides it)."""
+    kwargs.setdefault("cfg", CFGS["S"])
+    return VGG(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def vgg11(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> VGG:
-    """VGG-11 with BN (RepDistiller `vgg11_bn`, cfg "A")."""
-    return VGG(cfg=CFGS["A"], num_classes=num_classes, dtype=dtype, **kwargs)
+    """VGG-11 with BN (RepDistiller `vgg11_bn`, cfg "A"; `cfg=` overrides it)."""
+    kwargs.setdefault("cfg", CFGS["A"])
+    return VGG(num_classes=num_classes, dtype=dtype, **kwargs)

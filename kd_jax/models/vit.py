@@ -136,12 +136,12 @@ class VisionTransformer(nn.Module):
 
 
 def vit_b16(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> VisionTransformer:
-    """ViT-B/16: 768 d, 12 layers, 12 heads, MLP 3072."""
-    return VisionTransformer(num_classes=num_classes, embed_dim=768, depth=12, num_heads=12,
-                             dtype=dtype, **kwargs)
+    """ViT-B/16: 768 d, 12 layers, 12 heads, MLP 3072 (keyword arguments override them)."""
+    kwargs = {"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs}
+    return VisionTransformer(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def vit_s16(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> VisionTransformer:
-    """ViT-S/16: 384 d, 12 layers, 6 heads, MLP 1536."""
-    return VisionTransformer(num_classes=num_classes, embed_dim=384, depth=12, num_heads=6,
-                             dtype=dtype, **kwargs)
+    """ViT-S/16: 384 d, 12 layers, 6 heads, MLP 1536 (keyword arguments override them)."""
+    kwargs = {"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs}
+    return VisionTransformer(num_classes=num_classes, dtype=dtype, **kwargs)

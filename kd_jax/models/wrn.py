@@ -87,6 +87,7 @@ class WideResNet(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    base_width: int = 16  # stem width; groups have base·k, 2·base·k, 4·base·k channels
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -96,9 +97,11 @@ class WideResNet(nn.Module):
         k = self.widen_factor
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = conv2d(16, 3, in_features=x.shape[-1], padding=1, kernel_init=kaiming_normal_fan_out,
+        b = self.base_width
+        x = conv2d(b, 3, in_features=x.shape[-1], padding=1, kernel_init=kaiming_normal_fan_out,
                    dtype=self.dtype, name="conv1")(x)
-        for g, (planes, stride) in enumerate(zip((16 * k, 32 * k, 64 * k), (1, 2, 2)), start=1):
+        for g, (planes, stride) in enumerate(zip((b * k, 2 * b * k, 4 * b * k), (1, 2, 2)),
+                                             start=1):
             x = NetworkBlock(n, planes, stride, self.dropout_rate, dtype=self.dtype,
                              name=f"block{g}")(x, train)
             feats[f"stage{g}"] = x
@@ -113,8 +116,11 @@ class WideResNet(nn.Module):
 def _wrn(depth: int, widen: int):
     def make(num_classes: int = 10, dtype: Any = jnp.float32, dropout_rate: float = 0.0,
              **kwargs) -> WideResNet:
-        return WideResNet(depth=depth, widen_factor=widen, num_classes=num_classes,
-                          dropout_rate=dropout_rate, dtype=dtype, **kwargs)
+        # `depth=` / `widen_factor=` / `base_width=` override the paper sizes (test variants).
+        kwargs.setdefault("depth", depth)
+        kwargs.setdefault("widen_factor", widen)
+        return WideResNet(num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype,
+                          **kwargs)
 
     make.__name__ = f"wrn{depth}_{widen}"
     make.__doc__ = f"WRN-{depth}-{widen} (CIFAR, 32×32×3)."

@@ -3,8 +3,9 @@
 For every registered model this builds the reference PyTorch module (written out below, following
 DAFL / CMI / Fast-Datafree / RepDistiller / torchvision / timm), then checks
   1. the trainable parameter count equals the Flax `params` count,
-  2. every state_dict entry maps, by the naming rule of `kd_jax.models`, onto a Flax leaf of the
-     converted shape and no leaf is left over,
+  2. every state_dict entry maps, by the naming rule of `kd_jax.models` (implemented once, torch-
+     free, in `kd_jax.tools.convert_torch`), onto a Flax leaf of the converted shape and no leaf
+     is left over,
   3. (with --parity) logits and pre_logits agree after copying the weights over, in eval mode
      with non-trivial BatchNorm statistics.
 
@@ -66,18 +67,18 @@ class CifarBasicBlock(tnn.Module):  # DAFL / CMI resnet.py
 
 
 class CifarResNet(tnn.Module):
-    def __init__(self, nb, num_classes=10):
+    def __init__(self, nb, num_classes=10, widths=(64, 128, 256, 512)):
         super().__init__()
-        self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(64)
-        inp = 64
-        for i, (p, n, s) in enumerate(zip((64, 128, 256, 512), nb, (1, 2, 2, 2)), 1):
+        self.conv1 = tnn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(widths[0])
+        inp = widths[0]
+        for i, (p, n, s) in enumerate(zip(widths, nb, (1, 2, 2, 2)), 1):
             blocks = []
             for j in range(n):
                 blocks.append(CifarBasicBlock(inp, p, s if j == 0 else 1))
                 inp = p
             setattr(self, f"layer{i}", tnn.Sequential(*blocks))
-        self.linear = tnn.Linear(512, num_classes)
+        self.linear = tnn.Linear(widths[-1], num_classes)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -117,11 +118,11 @@ class NetworkBlock(tnn.Module):
 
 
 class WideResNet(tnn.Module):
-    def __init__(self, depth, k, num_classes=10):
+    def __init__(self, depth, k, num_classes=10, base=16):
         super().__init__()
         n = (depth - 4) // 6
-        ch = [16, 16 * k, 32 * k, 64 * k]
-        self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        ch = [base, base * k, 2 * base * k, 4 * base * k]
+        self.conv1 = tnn.Conv2d(3, base, 3, 1, 1, bias=False)
         self.block1 = NetworkBlock(n, ch[0], ch[1], 1)
         self.block2 = NetworkBlock(n, ch[1], ch[2], 2)
         self.block3 = NetworkBlock(n, ch[2], ch[3], 2)
@@ -148,7 +149,7 @@ class VGG(tnn.Module):  # RepDistiller vgg.py, batch_norm=True
                 layers += [tnn.Conv2d(inp, w, 3, padding=1), tnn.BatchNorm2d(w), tnn.ReLU()]
                 inp = w
             setattr(self, f"block{b}", tnn.Sequential(*layers[:-1]))
-        self.classifier = tnn.Linear(512, num_classes)
+        self.classifier = tnn.Linear(inp, num_classes)
 
     def forward(self, x):
         h = x.shape[2]
@@ -207,19 +208,19 @@ class TVBottleneck(tnn.Module):
 
 
 class TVResNet(tnn.Module):
-    def __init__(self, block, layers, num_classes=1000):
+    def __init__(self, block, layers, num_classes=1000, widths=(64, 128, 256, 512)):
         super().__init__()
-        self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = tnn.BatchNorm2d(64)
+        self.conv1 = tnn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = tnn.BatchNorm2d(widths[0])
         self.maxpool = tnn.MaxPool2d(3, 2, 1)
-        inp = 64
-        for i, (p, n, s) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 2, 2)), 1):
+        inp = widths[0]
+        for i, (p, n, s) in enumerate(zip(widths, layers, (1, 2, 2, 2)), 1):
             blocks = []
             for j in range(n):
                 blocks.append(block(inp, p, s if j == 0 else 1))
                 inp = p * block.expansion
             setattr(self, f"layer{i}", tnn.Sequential(*blocks))
-        self.fc = tnn.Linear(512 * block.expansion, num_classes)
+        self.fc = tnn.Linear(widths[-1] * block.expansion, num_classes)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -248,19 +249,19 @@ class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
 
 
 class TVMobileNetV2(tnn.Module):
-    def __init__(self, num_classes=1000):
+    def __init__(self, num_classes=1000, setting=None, last_channel=1280):
         super().__init__()
-        setting = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                   (6, 160, 3, 2), (6, 320, 1, 1)]
+        setting = setting or [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
         feats = [_cna(3, 32, 3, 2)]
         inp = 32
         for t, c, n, s in setting:
             for i in range(n):
                 feats.append(TVInvertedResidual(inp, c, s if i == 0 else 1, t))
                 inp = c
-        feats.append(_cna(inp, 1280, 1))
+        feats.append(_cna(inp, last_channel, 1))
         self.features = tnn.Sequential(*feats)
-        self.classifier = tnn.Sequential(tnn.Dropout(0.2), tnn.Linear(1280, num_classes))
+        self.classifier = tnn.Sequential(tnn.Dropout(0.2), tnn.Linear(last_channel, num_classes))
 
     def forward(self, x):
         f = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
@@ -323,7 +324,7 @@ class ViT(tnn.Module):
         self.pos_embed = tnn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         self.blocks = tnn.ModuleList([ViTBlock(dim, heads) for _ in range(depth)])
         self.norm = tnn.LayerNorm(dim, eps=1e-6)
-        self.head = tnn.Linear(dim, num_classes)
+        self.head = tnn.Linear(dim, num_classes) if num_classes > 0 else tnn.Identity()
 
     def forward(self, x):
         x = self.patch_embed(x)
@@ -354,70 +355,21 @@ REFERENCES = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# The naming rule, and a minimal state_dict → Flax variables conversion (for the checks only)
+# The naming rule lives in kd_jax.tools.convert_torch (torch-free): one mapping for both.
 # ----------------------------------------------------------------------------------------------
 
 
-def flax_path(key: str) -> tuple[str, tuple[str, ...]]:
-    """state_dict key → (collection, Flax path) by the kd_jax.models naming rule."""
-    parts = key.split(".")
-    leaf = parts.pop()
-    mods: list[str] = []
-    for p in parts:
-        if p.isdigit() and mods:
-            mods[-1] += f"_{p}"
-        else:
-            mods.append(p)
-    if leaf == "running_mean":
-        return "batch_stats", (*mods, "mean")
-    if leaf == "running_var":
-        return "batch_stats", (*mods, "var")
-    if leaf == "weight":
-        return "params", (*mods, "WEIGHT")  # kernel or scale, resolved against the Flax tree
-    return "params", (*mods, leaf)
-
-
-def to_flax(t: np.ndarray, name: str) -> np.ndarray:
-    if name == "kernel" and t.ndim == 4:
-        return t.transpose(2, 3, 1, 0)  # OIHW → HWIO
-    if name == "kernel" and t.ndim == 2:
-        return t.T
-    return t
-
-
 def convert(sd: dict, variables: dict) -> tuple[dict, list[str]]:
-    import flax
+    """state_dict -> Flax variables of `variables`' tree by the converter's mapping; problems are
+    returned as lines (the converter's error message) instead of raised."""
+    from kd_jax.tools import convert_torch
 
-    flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-        flax.core.unfreeze(variables)).items()}
-    out, problems, used = {}, [], set()
-    for key, val in sd.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        col, path = flax_path(key)
-        arr = val.detach().cpu().numpy()
-        if path[-1] == "WEIGHT":
-            cands = [(col, *path[:-1], n) for n in ("kernel", "scale")]
-            found = [c for c in cands if c in flat]
-            if not found:
-                problems.append(f"{key}: no Flax leaf {cands}")
-                continue
-            fk = found[0]
-        else:
-            fk = (col, *path)
-            if fk not in flat:
-                problems.append(f"{key}: no Flax leaf {'/'.join(fk)}")
-                continue
-        arr = to_flax(arr, fk[-1])
-        if arr.shape != flat[fk].shape:
-            problems.append(f"{key}: torch→{arr.shape} vs flax {flat[fk].shape}")
-            continue
-        out[fk] = arr
-        used.add(fk)
-    for fk in flat:
-        if fk not in used:
-            problems.append(f"Flax leaf {'/'.join(fk)} has no state_dict entry")
-    return flax.traverse_util.unflatten_dict(out), problems
+    arrays = {k: v.detach().cpu().numpy() for k, v in sd.items()}
+    try:
+        conv = convert_torch.convert_tree(arrays, variables)
+    except convert_torch.ConversionError as e:
+        return {}, str(e).splitlines()
+    return conv, []
 
 
 # ----------------------------------------------------------------------------------------------
