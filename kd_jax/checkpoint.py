@@ -58,9 +58,17 @@ def load_variables(workdir: str, step: int | None = None) -> dict:
         raise FileNotFoundError(
             f"No checkpoints in {directory!r}: the teacher workdir must hold a finished "
             f"`teacher` run (or a converted teacher, see kd_jax.tools.convert_torch).")
-    with ocp.CheckpointManager(epath.Path(directory)) as manager:
+    with ocp.CheckpointManager(epath.Path(directory),
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory!r} holds no complete checkpoint.")
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        # Restore onto this process's first device, not the saved shardings: a teacher trained
+        # on one topology (1 GPU, 8 fake CPUs) is read on another (a pod, 2 processes), where
+        # the saved device ids do not exist and a target-less restore fails.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(step))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored = jax.device_get(restored)
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -136,6 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = ckpt.restore(state)
         if is_main:
             print(f"[kd_jax] resumed {workdir} at step {int(state.step)}")
+    else:  # a fresh run may start from another run's weights (e.g. NCD stage 1 -> stage 2)
+        state = method.warm_start(state)
     start_step = int(state.step)
     step_rng = parallel.replicate(step_rng, mesh)
 
@@ -228,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results = {
         "method": config.method,
         "model": config.model.name,
+        "num_classes": config.num_classes,
         "config": config_utils.to_json(config),
         "final_accuracy": accuracy,
         "best_accuracy": best,

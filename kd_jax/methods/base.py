@@ -100,7 +100,11 @@ class Method:
         if tcfg.model and arch != tcfg.model:
             raise ValueError(f"config.teacher.model={tcfg.model!r} but {workdir!r} holds a {arch!r}")
         self.teacher_info = info
-        self.teacher_model = models.create_model(arch, self.config.num_classes,
+        num_classes = info.get("num_classes", self.config.num_classes)
+        if num_classes != self.config.num_classes:
+            raise ValueError(f"the teacher in {workdir!r} has {num_classes} classes but "
+                             f"config.num_classes={self.config.num_classes}")
+        self.teacher_model = models.create_model(arch, num_classes,
                                                  dtype=_dtype(self.config))
         variables = checkpoint.load_variables(workdir)
         variables = {"params": variables["params"]["model"],
@@ -113,6 +117,12 @@ class Method:
         return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, feats)
 
     # ----- state -------------------------------------------------------------------------------
+    def warm_start(self, state: TrainState) -> TrainState:
+        """Called once on a fresh (not resumed) state, outside jit: a method may load weights of
+        another finished run into it (host arrays, so no large constants enter a compiled
+        init). Default: unchanged."""
+        return state
+
     def heads(self) -> dict:
         """Extra trainable modules beside the student ({name: (module, example input)})."""
         return {}
