@@ -192,26 +192,42 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
 
 
 def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores:
+    """Reads the shard results one file at a time: the per-item scalars are O(M), and the
+    candidates are reduced to the per-class top-L after each file, so memory holds at most
+    2·C·L feature rows however many shards (≈ pool size / shard size) there are."""
     from kd_jax.data import shards
     files = [os.path.join(out_dir, os.path.basename(p) + ".npz")
              for p in shards.list_shard_files(pattern)]
-    loaded = [dict(np.load(f)) for f in files]
-    cat = lambda k, empty: (np.concatenate([z[k] for z in loaded if k in z])
-                            if any(k in z for z in loaded) else empty)
-    order = np.argsort(cat("ids", np.zeros(0, np.int64)), kind="stable")
-    scalars = {k: cat(k, np.zeros(0))[order] for k in PoolScores._SCALARS}
-    cand = {k: cat(k, np.zeros((0,))) for k in ("cand_ids", "cand_class", "cand_feat",
-                                                 "cand_logp", "cand_score")}
-    if heap_size and len(cand["cand_ids"]):  # per-shard heaps -> global per-class top-L
-        keep = []
-        for c in range(num_classes):
-            idx = np.flatnonzero(cand["cand_class"] == c)
-            rank = np.lexsort((cand["cand_ids"][idx], -cand["cand_score"][idx]))
-            keep.append(idx[rank[:heap_size]])
-        keep = np.sort(np.concatenate(keep))
-        cand = {k: v[keep] for k, v in cand.items()}
-    else:
+    cand_keys = ("cand_ids", "cand_class", "cand_feat", "cand_logp", "cand_score")
+    parts = {k: [] for k in PoolScores._SCALARS}
+    cand = None
+    for f in files:
+        with np.load(f) as z:
+            for k in PoolScores._SCALARS:
+                if k in z.files:
+                    parts[k].append(z[k])
+            if heap_size and "cand_ids" in z.files:
+                new = {k: z[k] for k in cand_keys}
+                cand = new if cand is None else {k: np.concatenate([cand[k], new[k]])
+                                                 for k in cand_keys}
+                cand = _class_top(cand, num_classes, heap_size)
+    cat = lambda k: np.concatenate(parts[k]) if parts[k] else np.zeros(0)
+    order = np.argsort(cat("ids").astype(np.int64), kind="stable")
+    scalars = {k: cat(k)[order] for k in PoolScores._SCALARS}
+    if cand is None or not len(cand["cand_ids"]):
         cand = {"cand_ids": np.zeros(0, np.int64), "cand_class": np.zeros(0, np.int32),
                 "cand_feat": np.zeros((0, 1), np.float16), "cand_logp": np.zeros(0, np.float32)}
     cand.pop("cand_score", None)
     return PoolScores(**scalars, **cand)
+
+
+def _class_top(cand: dict, num_classes: int, heap_size: int) -> dict:
+    """Per teacher class, the `heap_size` best candidates by (score desc, id asc), in input
+    order (so merging file by file keeps the order a one-shot merge gives)."""
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(cand["cand_class"] == c)
+        rank = np.lexsort((cand["cand_ids"][idx], -cand["cand_score"][idx]))
+        keep.append(idx[rank[:heap_size]])
+    keep = np.sort(np.concatenate(keep))
+    return {k: v[keep] for k, v in cand.items()}
