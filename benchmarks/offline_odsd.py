@@ -1,0 +1,126 @@
+"""The offline ODSD table (issue 4): LeNet-5 -> LeNet-5-half on the bundled benchmark.
+
+    python benchmarks/offline_odsd.py [--seeds 0 1 2] [--steps 2000] [--out /tmp/kd/offline_odsd]
+
+Rows: the teacher · KD on the original train images (upper bound) · KD on the whole pool · KD on
+a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
+KD loss) · ODSD · ODSD without APS / LNR / L_TR / L_SR. Columns: student accuracy on the
+held-out MNIST-5k test split (mean ± std over seeds), the share of digits (related sources) in
+the transfer set, and wall time per run. Every run shares one teacher (trained once into
+<out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
+be rebuilt or extended cheaply. Writes benchmarks/results/offline_odsd.md and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+VARIANTS = {
+    "KD, original data (upper bound)": ("configs/kd_mnist.py:original", {}),
+    "KD, whole pool": ("configs/kd_mnist.py:pool", {}),
+    "KD, random pool subset (N)": ("configs/kd_mnist.py:random", {}),
+    "DFND-style global confidence top-N": ("configs/odsd_mnist.py:dfnd", {}),
+    "ODSD": ("configs/odsd_mnist.py", {}),
+    "ODSD w/o APS (random N)": ("configs/odsd_mnist.py:no_aps", {}),
+    "ODSD w/o LNR": ("configs/odsd_mnist.py:no_lnr", {}),
+    "ODSD w/o L_TR": ("configs/odsd_mnist.py:no_tr", {}),
+    "ODSD w/o L_SR": ("configs/odsd_mnist.py:no_sr", {}),
+}
+
+RUN_ORDER = ["ODSD", "KD, random pool subset (N)", "KD, whole pool",
+             "DFND-style global confidence top-N", "ODSD w/o APS (random N)", "ODSD w/o LNR",
+             "ODSD w/o L_TR", "ODSD w/o L_SR", "KD, original data (upper bound)"]
+
+
+@functools.lru_cache(maxsize=1)
+def _pool_related() -> np.ndarray:
+    """[M] bool: pool id -> digit source (the shards' ids are the pool positions)."""
+    from kd_jax.data import offline
+    pool = offline.build_offline_pool(seed=0)
+    return np.isin(pool["sources"].astype(str), offline.RELATED_SOURCES)
+
+
+def _related_share(result: dict, out: str, name: str):
+    """Digit share of the transfer set: ODSD runs report it; KD runs are computed here."""
+    if "selection_related_share" in result:
+        return result["selection_related_share"]
+    transfer = result["config"]["data"]["transfer"]
+    if transfer["source"] == "original":
+        return 1.0
+    related = _pool_related()
+    if transfer.get("subset") == "random":
+        seed = result["config"]["seed"]
+        path = os.path.join(out, name, f"seed{seed}", "selection.npz")
+        with np.load(path) as z:
+            return float(related[z["ids"]].mean())
+    return float(related.mean())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=0, help="override num_steps (0: config)")
+    parser.add_argument("--out", default="/tmp/kd/offline_odsd")
+    parser.add_argument("--teacher", default="", help="finished LeNet-5 teacher workdir")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these row names")
+    args = parser.parse_args(argv)
+
+    teacher = args.teacher or os.path.join(args.out, "teacher")
+    if not args.teacher:
+        harness.run("configs/teacher_mnist.py", teacher)
+    with open(os.path.join(teacher, "results.json")) as f:
+        teacher_acc = json.load(f)["final_accuracy"]
+
+    variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
+    if args.steps:
+        variants = {k: (cfg, {**ov, "num_steps": args.steps}) for k, (cfg, ov) in variants.items()}
+    done = {}
+    for name in sorted(variants, key=RUN_ORDER.index):  # most informative rows first
+        key = name.replace(" ", "_").replace(",", "").replace("/", "-").replace("(", "").replace(
+            ")", "")
+        result = harness.run_variants({key: variants[name]}, args.seeds, args.out, teacher)[key]
+        done[name] = [dict(r, related_share=_related_share(r, args.out, key)) for r in result]
+        table = {"teacher (LeNet-5)": [{"final_accuracy": teacher_acc}],
+                 **{k: done[k] for k in VARIANTS if k in done}}
+        _write(table, args, argv)  # after every row, so a partial table survives
+
+
+def _write(table, args, argv):
+    columns = {
+        "student acc. (%)": lambda rs: harness.mean_std([r.get("final_accuracy") for r in rs]),
+        "best acc. (%)": lambda rs: harness.mean_std([r.get("best_accuracy") for r in rs]),
+        "digit share of transfer set (%)": lambda rs: harness.mean_std(
+            [r.get("related_share") for r in rs], digits=1),
+        "wall time / run (s)": lambda rs: (f"{np.mean([r['wall_seconds'] for r in rs]):.0f}"
+                                           if "wall_seconds" in rs[0] else "—"),
+    }
+    lines = harness.markdown(table, columns).splitlines()
+    steps = args.steps or "config default"
+    text = "\n".join([
+        "# Offline ODSD benchmark: LeNet-5 -> LeNet-5-half",
+        "",
+        f"Bundled offline benchmark (kd_jax/data/offline.py): student accuracy on the held-out "
+        f"MNIST-5k test split (1,000 digits), mean ± std over seeds {args.seeds}; N = 4,000 "
+        f"(the original train-set size) from the 9,797-image pool (39 % digits); "
+        f"steps: {steps}. Command: `python benchmarks/offline_odsd.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        "",
+        *lines,
+        ""])
+    os.makedirs(os.path.join(harness.ROOT, "benchmarks", "results"), exist_ok=True)
+    path = os.path.join(harness.ROOT, "benchmarks", "results", "offline_odsd.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

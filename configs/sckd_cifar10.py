@@ -1,0 +1,34 @@
+"""SCKD (or UNO) on CIFAR-10, 5 known / 5 novel classes (UNO protocol), CIFAR ResNet-18.
+
+    python -m kd_jax.main --config=configs/sckd_cifar10.py --workdir=/tmp/kd/sckd_cifar10
+    python -m kd_jax.main --config=configs/sckd_cifar10.py:uno --workdir=/tmp/kd/uno_cifar10
+
+Stage 1 (`:pretrain`, supervised on classes 0–4, 200 epochs, SGD 0.1, warm-up 10 epochs, cosine,
+wd 1e-4, batch 256) is trained into <workdir>/pretrain first unless
+`--config.ncd.pretrain.workdir` names a finished run. Stage 2: batch 512, SGD 0.4, momentum 0.9,
+wd 1.5e-4, 200 epochs (10 warm-up, cosine to 1e-3), 4 heads + over-clustering, projector
+512 → 2048 → 128, SCKD ramp over the first 10 epochs. About 1.5 hours for both stages on one
+A100-class GPU (untimed here: no GPU in this environment). TFDS `cifar10` must be prepared
+(`tfds build cifar10`). `:smoke` shrinks everything to seconds (tests).
+"""
+from kd_jax import config_utils, ncd_config
+
+TRAIN_IMAGES = {"pretrain": 25000, "discover": 50000}
+
+
+def get_config(arg=None):
+    flags = config_utils.parse_arg(arg, ncd_config.ARGS, __file__)
+    c = config_utils.base_config()
+    config_utils.cifar_data(c, "cifar10")
+    ncd_config.add_ncd_keys(c, num_known=5, num_novel=5)
+    c.model.name = "resnet18_cifar"
+    stage = ncd_config.stage(c, flags, __file__)
+    if stage == "pretrain":
+        ncd_config.schedule(c, images=TRAIN_IMAGES[stage], batch=256, epochs=200, lr=0.1,
+                            weight_decay=1e-4, warmup_epochs=10, end_lr=1e-3)
+    else:
+        ncd_config.schedule(c, images=TRAIN_IMAGES[stage], batch=512, epochs=200, lr=0.4,
+                            weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3, ramp_epochs=10)
+    if "smoke" in flags:
+        ncd_config.smoke(c)
+    return c

@@ -1,0 +1,21 @@
+"""SCKD (or UNO) on Stanford Cars (98 known / 98 novel classes), DINO ViT-B/16, 224 px.
+
+    python -m kd_jax.tools.convert_torch --arch=vit_b16 --num_classes=0 --src=dino_vitbase16_pretrain.pth --out=/ckpt/dino_vitb16
+    python -m kd_jax.main --config=configs/sckd_scars.py --workdir=/tmp/kd/sckd_scars \
+        --config.ncd.pretrain.train.ncd.backbone_workdir=/ckpt/dino_vitb16
+
+TFDS `cars196` (train 8,144 / test 8,041). DINO weights via the teacher-import tool
+`python -m kd_jax.tools.convert_torch`, passed as stage 1's `ncd.backbone_workdir`. Known =
+labels 0–97, novel = 98–195 by default (semantic-shift-benchmark lists via
+`ncd.known_classes` / `ncd.novel_classes`). Protocol: `kd_jax.ncd_config.fine_grained`. About
+1 hour on one A100-class GPU (untimed here). `:uno`, `:pretrain`, `:smoke` as in sckd_cub.py.
+"""
+from kd_jax import config_utils, ncd_config
+
+
+def get_config(arg=None):
+    flags = config_utils.parse_arg(arg, ncd_config.ARGS, __file__)
+    c = config_utils.base_config()
+    c.data.target.source, c.data.target.name = "tfds", "cars196"
+    ncd_config.fine_grained(c, flags, __file__, num_known=98, num_novel=98, train_images=8144)
+    return c

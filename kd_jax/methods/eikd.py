@@ -1,0 +1,419 @@
+"""EIKD: explicit and implicit knowledge distillation via unlabeled data (Wang et al. 2023).
+
+Spec and the reconstruction choices: `../shared/papers/eikd.md`. In one run:
+
+1. Selection (`prepare`, §1): one streamed teacher pass over the open-world pool
+   (`kd_jax.pool.score_pool`, the scorer every method shares), a score per image
+   (`confidence` default; `entropy`, `energy`, `margin`), then either `balanced` selection
+   (quota ⌊N/C⌋ per teacher-predicted class, shortfall filled from the global ranking) or
+   DFND's `global` top-N. The selection is saved as `workdir/selection.npz` and reused on
+   resume; its per-class histogram and diagnostics go to `workdir/selection_report.json`.
+   An optional per-batch keep-fraction then trains on the best-scored part of each batch.
+2. Class dropping (§2): KD over each image's top-k teacher classes only (or the classes with
+   p_T >= ε), both networks masked (`apply_to = both`) or only the teacher truncated
+   (`apply_to = teacher`).
+3. Explicit features (§3): L2-normalised penultimate features, a bias-free projector on the
+   student side when the widths differ (trained with the student, unused at test time).
+4. Implicit relations (§4): RKD distance + angle (λ_D = 25, λ_A = 50) on the projected student
+   features vs the teacher's; similarity-preserving and relation-KL terms behind weights.
+
+Objective (§5): L = λ_KD·L_KD-drop + λ_F·L_feat + λ_D·L_D + λ_A·L_A
+(+ λ_SP·L_SP + λ_RKL·L_RKL), no hard-label term. DFND's optional noise-adaptation NLL is not implemented.
+
+Two stabilisers outside the spec, off by default: `grad_clip` (global gradient norm) and
+`aux_warmup_fraction` (linear ramp of the feature + relation weights). configs/eikd_mnist.py
+clips at 2 because its BatchNorm-free LeNet-5-half student diverges to NaN otherwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import losses, pool, sampling
+from kd_jax.data import pipeline
+from kd_jax.methods.base import Method
+
+SCORES = ("confidence", "entropy", "energy", "margin")
+MODES = ("balanced", "global")
+DROP_RULES = ("topk", "threshold", "none")
+APPLY_TO = ("both", "teacher")
+FEATURE_KINDS = ("l2sq", "cosine", "smooth_l1")
+PROJECTOR = ("auto", "always", "none")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.eikd`: every switch of the method, with the spec's defaults."""
+    return ml_collections.ConfigDict({
+        "selection": {
+            "size": 600000,         # N images kept from the pool (DFND: 600k of ImageNet)
+            "mode": "balanced",     # balanced (⌊N/C⌋ per teacher class + global fill) | global
+            "score": "confidence",  # confidence | entropy | energy | margin (higher = kept)
+            "keep_fraction": 1.0,   # per batch, train on the best-scored ⌈f·B⌉ rows only
+            "score_batch_size": 1024,  # batch of the teacher's scoring pass over the pool
+        },
+        "class_drop": {
+            "rule": "topk",         # topk | threshold | none (plain KD)
+            "k": 0,                 # 0 = ⌈C/2⌉
+            "threshold": 0.01,      # rule=threshold: keep classes with p_T >= ε (+ the argmax)
+            "apply_to": "both",     # both (mask both softmaxes) | teacher (truncate T only)
+        },
+        "feature": {
+            "tap": "pre_logits",    # features[...] key of both models
+            "normalize": True,      # L2-normalise rows before the distance
+            "kind": "l2sq",         # l2sq | cosine | smooth_l1
+            "projector": "auto",    # auto (when widths differ) | always | none
+        },
+        "relation": {
+            "after_projector": True,       # relations on projected student features
+            "relation_kl_temperature": 0.5,
+        },
+        "weights": {"kd": 1.0, "feature": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0,
+                    "sp": 0.0, "relation_kl": 0.0},
+        # Stabilisers (not in the spec; 0 = off): clip the global gradient norm, and ramp the
+        # feature + relation weights linearly from 0 over this fraction of the steps. A
+        # BatchNorm-free student (LeNet-5-half) diverges without them: at initialisation the
+        # λ_D = 25 / λ_A = 50 RKD gradients are ~50x the KD gradient (see configs/eikd_mnist.py).
+        "grad_clip": 0.0,
+        "aux_warmup_fraction": 0.0,
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces (unit-tested on their own)
+# ---------------------------------------------------------------------------------------------
+
+def _check_choice(value, allowed, key):
+    if value not in allowed:
+        raise ValueError(f"config.eikd.{key}={value!r}: use one of {list(allowed)}")
+
+
+def drop_mask(teacher_logits, rule: str = "topk", k: int = 0, threshold: float = 0.01):
+    """The kept classes K_i ([B, C] bool) of §2, or None for `rule = none` (plain KD).
+
+    k = 0 means ⌈C/2⌉; k is clipped to [1, C].
+    """
+    _check_choice(rule, DROP_RULES, "class_drop.rule")
+    if rule == "none":
+        return None
+    num_classes = teacher_logits.shape[-1]
+    if rule == "topk":
+        k = int(k) or int(math.ceil(num_classes / 2))
+        return losses.class_drop_mask(teacher_logits, k=min(max(k, 1), num_classes))
+    return losses.class_drop_mask(teacher_logits, threshold=float(threshold))
+
+
+def class_dropped_kd(student_logits, teacher_logits, temperature: float, rule: str = "topk",
+                     k: int = 0, threshold: float = 0.01, apply_to: str = "both", weights=None):
+    """L_KD-drop = τ² · mean_i KL(softmax_K(z_T,i/τ) ‖ softmax_K(z_S,i/τ)) (EIKD §2).
+
+    Returns (loss, mean |K_i|). k = C (or rule = none) is plain KD; k = 1 with `both` is 0.
+    """
+    _check_choice(apply_to, APPLY_TO, "class_drop.apply_to")
+    mask = drop_mask(teacher_logits, rule, k, threshold)
+    loss = losses.kd_loss(student_logits, teacher_logits, temperature=temperature,
+                          class_mask=mask, weights=weights, mask_student=apply_to == "both")
+    kept = (jnp.asarray(teacher_logits.shape[-1], jnp.float32) if mask is None
+            else jnp.mean(jnp.sum(mask, -1).astype(jnp.float32)))
+    return loss, kept
+
+
+def relation_terms(student_feats, teacher_feats, weights_cfg, relation_kl_temperature=0.5,
+                   weights=None) -> dict:
+    """The implicit-relation losses of §4 with a non-zero weight: {name: unweighted loss}.
+
+    RKD distance / angle (lenscloth/RKD conventions), SP and relation KL come straight from
+    `kd_jax.losses`; terms whose weight is 0 are not computed (RKD angle is O(B³)).
+    """
+    out = {}
+    if weights_cfg["rkd_distance"]:
+        out["rkd_distance"] = losses.rkd_distance_loss(student_feats, teacher_feats, weights)
+    if weights_cfg["rkd_angle"]:
+        out["rkd_angle"] = losses.rkd_angle_loss(student_feats, teacher_feats, weights)
+    if weights_cfg["sp"]:
+        out["sp"] = losses.similarity_preserving_loss(student_feats, teacher_feats, weights)
+    if weights_cfg["relation_kl"]:
+        out["relation_kl"] = losses.relation_kl_loss(
+            student_feats, teacher_feats, temperature=relation_kl_temperature, weights=weights)
+    return out
+
+
+def batch_keep_weights(scores, keep_fraction: float):
+    """0/1 row weights keeping the ⌈f·B⌉ best-scored rows of the (global) batch."""
+    b = scores.shape[0]
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"config.eikd.selection.keep_fraction={keep_fraction} must be in (0, 1]")
+    keep = max(1, int(math.ceil(keep_fraction * b)))
+    idx = sampling.select_top_k(scores, keep)
+    return jnp.zeros((b,), jnp.float32).at[idx].set(1.0)
+
+
+def batch_scores(teacher_logits, kind: str):
+    """Per-row selection score of a batch, same kinds and sign as `PoolScores.score`."""
+    return {"confidence": sampling.confidence_score, "entropy": sampling.entropy_score,
+            "energy": sampling.energy_score, "margin": sampling.margin_score}[kind](teacher_logits)
+
+
+def select_from_scores(pool_scores: pool.PoolScores, size: int, mode: str, score: str,
+                       num_classes: int) -> pool.Selection:
+    """§1: balanced (⌊N/C⌋ per teacher class, shortfall from the global ranking) or global
+    top-N of the pool, by `score` (higher = kept; ties by smaller id)."""
+    _check_choice(mode, MODES, "selection.mode")
+    _check_choice(score, SCORES, "selection.score")
+    m = len(pool_scores.ids)
+    if m == 0:
+        raise ValueError("the pool is empty: config.data.transfer names no images")
+    if size <= 0:
+        raise ValueError(f"config.eikd.selection.size={size} must be positive")
+    if size > m:
+        print(f"[eikd] config.eikd.selection.size={size} exceeds the pool ({m} images): "
+              f"keeping all of it")
+        size = m
+    s = np.asarray(pool_scores.score(score), np.float32)
+    ids = np.asarray(pool_scores.ids)
+    if ids.max(initial=0) >= np.iinfo(np.int32).max:
+        raise ValueError("pool ids must fit in int32 for selection")
+    if mode == "global":
+        idx = sampling.select_top_k(s, size, ids=ids.astype(np.int32))
+    else:
+        idx = sampling.select_class_balanced(s, np.asarray(pool_scores.pred, np.int32),
+                                             size // num_classes, num_classes,
+                                             ids=ids.astype(np.int32), total=size)
+    idx = np.asarray(jax.device_get(idx))
+    order = np.argsort(ids[idx], kind="stable")  # stored sorted by id
+    idx = idx[order]
+    return pool.Selection(ids=ids[idx].astype(np.int64),
+                          classes=np.asarray(pool_scores.pred)[idx].astype(np.int32),
+                          scores=s[idx])
+
+
+def class_histogram(classes, num_classes: int) -> list[int]:
+    return np.bincount(np.asarray(classes, np.int64), minlength=num_classes)[:num_classes].tolist()
+
+
+class Projector(nn.Module):
+    """Bias-free linear map of student features to the teacher's width (§3); a 1×1
+    convolution for spatial taps. Trained with the student, not used at test time."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        if x.ndim == 4:
+            return nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
+        return nn.Dense(self.features, use_bias=False, name="dense")(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+class EIKD(Method):
+    name = "eikd"
+
+    def __init__(self, config, workdir, mesh):
+        super().__init__(config, workdir, mesh)
+        e = config.eikd
+        _check_choice(e.feature.kind, FEATURE_KINDS, "feature.kind")
+        _check_choice(e.feature.projector, PROJECTOR, "feature.projector")
+        _check_choice(e.selection.score, SCORES, "selection.score")
+        self._heads = self._build_heads()
+
+    # ----- projector ---------------------------------------------------------------------------
+    def _tap_shapes(self):
+        size, ch = self.domain.image_size, self.domain.channels
+        x = jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32)
+        tap = self.config.eikd.feature.tap
+
+        def shape(model):
+            _, feats = jax.eval_shape(lambda x: model.init_with_output(
+                jax.random.PRNGKey(0), x, train=False)[0], x)
+            if tap not in feats:
+                raise KeyError(f"config.eikd.feature.tap={tap!r} is not a feature of "
+                               f"{type(model).__name__} (taps: {sorted(feats)})")
+            return feats[tap].shape
+
+        return shape(self.student), shape(self.teacher_model)
+
+    def _build_heads(self) -> dict:
+        e = self.config.eikd
+        mode = e.feature.projector
+        w = e.weights
+        uses_projection = w.feature or (e.relation.after_projector and any(
+            w[k] for k in ("rkd_distance", "rkd_angle", "sp", "relation_kl")))
+        if not uses_projection:  # e.g. the DFND row: plain KD, no projector to train
+            return {}
+        s_shape, t_shape = self._tap_shapes()
+        if len(s_shape) != len(t_shape) or s_shape[1:-1] != t_shape[1:-1]:
+            raise ValueError(f"config.eikd.feature.tap={self.config.eikd.feature.tap!r}: student "
+                             f"{s_shape[1:]} and teacher {t_shape[1:]} differ in rank or spatial "
+                             f"size; a projector only maps channels")
+        if mode == "none" or (mode == "auto" and s_shape[-1] == t_shape[-1]):
+            if s_shape[-1] != t_shape[-1] and w.feature:
+                raise ValueError(f"config.eikd.feature.projector='none' but the student "
+                                 f"({s_shape[-1]}) and teacher ({t_shape[-1]}) widths differ")
+            return {}
+        example = jnp.zeros((2,) + tuple(s_shape[1:]), jnp.float32)
+        return {"projector": (Projector(features=t_shape[-1]), example)}
+
+    def heads(self) -> dict:
+        return self._heads
+
+    def build_optimizer(self, num_steps: int) -> None:
+        super().build_optimizer(num_steps)
+        self._num_steps = num_steps
+        clip = float(self.config.eikd.get("grad_clip", 0.0))
+        if clip > 0:  # clip before weight decay and momentum (PyTorch clip_grad_norm_ order)
+            import optax
+            self.tx = optax.chain(optax.clip_by_global_norm(clip), self.tx)
+
+    def aux_scale(self, step):
+        """Ramp of the feature + relation weights: 0 -> 1 over `aux_warmup_fraction` of training."""
+        frac = float(self.config.eikd.get("aux_warmup_fraction", 0.0))
+        if frac <= 0:
+            return 1.0
+        warm = max(1.0, frac * getattr(self, "_num_steps", self.config.num_steps))
+        return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warm)
+
+    # ----- selection ---------------------------------------------------------------------------
+    def prepare(self):
+        transfer = self.config.data.transfer
+        if transfer.source not in ("shards", "offline_pool"):
+            raise ValueError(f"config.data.transfer.source={transfer.source!r}: EIKD selects "
+                             f"from an open-world pool (shards or offline_pool)")
+        sel_cfg = self.config.eikd.selection
+        path = os.path.join(self.workdir, "selection.npz")
+        report_path = os.path.join(self.workdir, "selection_report.json")
+        pool_scores = None
+        if os.path.exists(path):  # resume: the same images as before, never a re-selection
+            self.selection = pool.Selection.load(path)
+        else:
+            pool_scores = self._score_pool()
+            self.selection = select_from_scores(pool_scores, int(sel_cfg.size), sel_cfg.mode,
+                                                sel_cfg.score, self.config.num_classes)
+            if jax.process_index() == 0:
+                self.selection.save(path)
+        if not os.path.exists(report_path):
+            pool_scores = pool_scores or self._score_pool()  # cached per shard: cheap
+            self.report = self._selection_report(pool_scores)
+            if jax.process_index() == 0:
+                _write_json(report_path, self.report)
+        else:
+            with open(report_path) as f:
+                self.report = json.load(f)
+        if jax.process_index() == 0:
+            print(f"[eikd] selection: {len(self.selection.ids)} images ({sel_cfg.mode}, "
+                  f"{sel_cfg.score}); per class {self.report['selection_class_histogram']}",
+                  flush=True)
+
+    def _score_pool(self) -> pool.PoolScores:
+        return pool.score_pool(
+            self.workdir, self.config.data.transfer, teacher_model=self.teacher_model,
+            teacher_vars=self.teacher_vars, domain=self.domain,
+            num_classes=self.config.num_classes,
+            batch_size=int(self.config.eikd.selection.score_batch_size))
+
+    def _selection_report(self, pool_scores) -> dict:
+        """Per-class histogram of the selection (always) plus the shared diagnostics."""
+        c = self.config.num_classes
+        report = {"selection_size": int(len(self.selection.ids)),
+                  "pool_size": int(len(pool_scores.ids)),
+                  "selection_class_histogram": class_histogram(self.selection.classes, c),
+                  "pool_class_histogram": class_histogram(pool_scores.pred, c)}
+        related = None
+        if self.config.data.transfer.source == "offline_pool":
+            from kd_jax.data import offline
+            related = offline.RELATED_SOURCES
+        from kd_jax import diagnostics  # the shared report (also used by ODSD)
+        extra = diagnostics.selection_report(pool_scores, self.selection, c,
+                                             related_sources=related)
+        report.update({k: v for k, v in extra.items() if k not in report})
+        if jax.process_index() == 0:
+            sel_cfg = self.config.eikd.selection
+            try:
+                diagnostics.plot_selection(os.path.join(self.workdir, "sampling.png"),
+                                           pool_scores, self.selection, c,
+                                           title=f"EIKD selection ({sel_cfg.mode}, "
+                                                 f"{sel_cfg.score})")
+            except Exception as e:  # a figure must never stop a run
+                print(f"[eikd] sampling.png not written: {e}")
+        return report
+
+    def transfer_source(self):
+        transfer = self.config.data.transfer
+        return pipeline.open_source(transfer, transfer.get("split", "train"), jax.process_index(),
+                                    jax.process_count(), keep_ids=self.selection.ids)
+
+    # ----- the loss ----------------------------------------------------------------------------
+    def train_step(self, state, teacher_vars, batch, base_rng):
+        self._step = state.step  # traced; read by `loss` for the auxiliary-weight ramp
+        try:
+            return super().train_step(state, teacher_vars, batch, base_rng)
+        finally:
+            self._step = None
+
+    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+        e = self.config.eikd
+        step = getattr(self, "_step", None)
+        aux = self.aux_scale(step) if step is not None else 1.0
+        w = e.weights
+        tau = self.config.kd.temperature
+        t_logits, t_feats = self.teacher_apply(teacher_vars, batch["image"])
+        s_logits, s_feats, new_model_stats = self.student_apply(
+            params, batch_stats, batch["image"], True, rng=rng)
+        new_stats = {"model": new_model_stats}
+        metrics = {}
+
+        row_w = None
+        if e.selection.keep_fraction < 1.0:
+            row_w = batch_keep_weights(batch_scores(t_logits, e.selection.score),
+                                       float(e.selection.keep_fraction))
+
+        total = 0.0
+        kd, kept = class_dropped_kd(s_logits, t_logits, tau, e.class_drop.rule, e.class_drop.k,
+                                    e.class_drop.threshold, e.class_drop.apply_to, row_w)
+        total = total + w.kd * kd
+        metrics.update(kd=kd, kept_classes=kept)
+
+        tap = e.feature.tap
+        f_t = t_feats[tap]
+        f_s_raw = s_feats[tap]
+        f_s = f_s_raw
+        if "projector" in self._heads:
+            f_s = self.head_apply("projector", params, batch_stats, f_s_raw, True, new_stats)
+        if w.feature:
+            feat = losses.feature_loss(f_s, f_t, normalize=e.feature.normalize,
+                                       kind=e.feature.kind, weights=row_w)
+            total = total + aux * w.feature * feat
+            metrics["feature"] = feat
+        rel_s = f_s if e.relation.after_projector else f_s_raw
+        for name, value in relation_terms(rel_s, f_t, w, e.relation.relation_kl_temperature,
+                                          row_w).items():
+            total = total + aux * w[name] * value
+            metrics[name] = value
+        for name in self._heads:
+            new_stats.setdefault(name, batch_stats[name])
+        metrics["teacher_agreement"] = (s_logits.argmax(-1) == t_logits.argmax(-1)).mean()
+        return total, (new_stats, metrics)
+
+    def results(self, state) -> dict:
+        """The selection diagnostics (histograms, related share, ...) under `selection`."""
+        return {"selection": self.report}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()

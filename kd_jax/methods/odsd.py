@@ -1,0 +1,523 @@
+"""ODSD — Sampling to Distill (Wang et al., arXiv 2307.16601): KD from an open-world pool.
+
+Spec and the reconstruction choices: `../shared/papers/odsd.md`. Three parts, every switch a
+key of `config.odsd` (defaults as in the spec, see `default_config()`):
+
+* **APS** (adaptive prototype sampling, §1) in `prepare()`: one streamed teacher pass over the
+  pool (`kd_jax.pool.score_pool`, per-class top-L heaps with features, L = 3·n_c), prototypes
+  from the teacher head refined on the heaps, a per-class quantile gate on the teacher's
+  confidence, a within-class score α·rank01(cos) + (1−α)·rank01(log p_T) and a class-balanced
+  quota n_c = ⌈N/C⌉. The selection (ids, classes, scores) and its diagnostics are written to the
+  workdir (`selection.npz`, `selection_diagnostics.json`, `sampling.png`); a resumed run reuses
+  them.
+* **LNR** (low-noise representation, §2): per-sample top-p truncated teacher targets.
+* **DCRD** (§3): L_TR, the confidence-weighted KL between the teacher's and the (projected)
+  student's in-batch relation distributions (or `crd_nce` / `rkd`), and L_SR, NT-Xent over two
+  augmented views through a 2-layer MLP head. Both over the global batch.
+
+L = L_LN + λ_TR·L_TR + λ_SR·L_SR; no labels anywhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kd_jax import diagnostics, losses, pool, sampling
+from kd_jax.data import pipeline
+from kd_jax.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("aps", "random", "all")
+INITS = ("fc_weight", "confident_mean")
+GATES = ("quantile", "global", "none")
+LNR_RULES = ("top_p", "top_k", "threshold", "none")
+TR_KINDS = ("rel_kl", "crd_nce", "rkd")
+REL_SPACES = ("feature", "lnr_prob")
+SR_POSITIVES = ("instance", "pseudo_label")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """`config.odsd`: every switch of odsd.md with the spec's defaults."""
+    return ml_collections.ConfigDict({
+        "aps": ml_collections.ConfigDict({
+            "selection": "aps",       # aps | random (same N, "ODSD w/o APS") | all (whole pool)
+            "size": 0,                # N = |D|; 0 = the original train-set size (must be set)
+            "init": "fc_weight",      # prototype init: fc_weight | confident_mean (§1B)
+            "refine_rounds": 2,       # K rounds of prototype refinement on the heaps
+            "gate": "quantile",       # quantile | global | none (§1C)
+            "gate_quantile": 0.5,     # q of the per-class quantile gate
+            "gate_threshold": 0.9,    # γ of gate = global
+            "alpha": 0.5,             # α·rank01(cos) + (1-α)·rank01(log p_T) (§1D)
+            "balance": True,          # class-balanced quota n_c = ⌈N/C⌉ (False: global top-N)
+            "heap_factor": 3.0,       # L = heap_factor·n_c candidates kept per class
+            "score_batch_size": 512,  # teacher-pass batch per host
+        }),
+        "lnr": ml_collections.ConfigDict({
+            "rule": "top_p",          # top_p | top_k | threshold | none (= plain KD) (§2)
+            "rho": 0.9,
+            "k": 0,                   # top_k: k (0 = ⌈C/2⌉)
+            "threshold": 0.01,        # threshold rule: keep p_T >= threshold (+ argmax)
+            "k_max": 0,               # cap on |K_i| (0 = ⌈C/2⌉ for top_p, none otherwise)
+            "apply_to": "teacher",    # teacher | both (EIKD's class dropping)
+            "confidence_weight": False,  # w_i = c1_i / mean(c1)
+        }),
+        "tr": ml_collections.ConfigDict({
+            "kind": "rel_kl",         # rel_kl | crd_nce | rkd (§3a)
+            "weight": 1.0,            # λ_TR
+            "temperature": 0.5,       # τ_r
+            "nce_temperature": 0.1,   # τ_c of crd_nce
+            "rkd_distance": 25.0,
+            "rkd_angle": 50.0,
+            "rel_space": "feature",   # feature | lnr_prob
+            "confidence_weight": True,  # w_i = c1_i (denoising); False = uniform
+        }),
+        "sr": ml_collections.ConfigDict({
+            "weight": 0.1,            # λ_SR (0 switches the second view off)
+            "temperature": 0.5,       # τ_s
+            "positives": "instance",  # instance | pseudo_label (§3b)
+            "proj_dim": 128,
+        }),
+        "diagnostics": ml_collections.ConfigDict({
+            "plot": True,             # sampling.png in the workdir
+            "bn_images": 10000,       # images per set for the BN-statistics distance (0 = off)
+        }),
+    })
+
+
+def _check(value, allowed, key):
+    if value not in allowed:
+        raise ValueError(f"config.odsd.{key}={value!r}: use one of {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# APS: selection from the candidate heaps (pure; the streamed and the in-memory path share it)
+# ---------------------------------------------------------------------------------------------
+
+def per_class_quota(size: int, num_classes: int) -> int:
+    """n_c = ⌈N / C⌉."""
+    return int(math.ceil(size / num_classes))
+
+
+def heap_size(aps: ml_collections.ConfigDict, size: int, num_classes: int) -> int:
+    """Candidates kept per teacher class: L = heap_factor·n_c, or N without balancing (so that
+    the global top-N, which may hold more than L items of one class, is among the candidates)."""
+    if not aps.balance:
+        return int(size)
+    return int(math.ceil(aps.heap_factor * per_class_quota(size, num_classes)))
+
+
+def top_l_per_class(ids, classes, confidence, num_classes, heap_len):
+    """In-memory reference of the streamed heaps: per class the L most confident items
+    (confidence desc, id asc). Returns indices into the inputs, sorted."""
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(classes == c)
+        order = np.lexsort((ids[idx], -confidence[idx]))
+        keep.append(idx[order[:heap_len]])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, size: int,
+               aps: ml_collections.ConfigDict, gamma=None, head_weight=None) -> dict:
+    """ODSD §1 B–D on the per-class candidates. Deterministic and invariant to their order.
+
+    Args:
+      cand_ids [K] unique ints, cand_class [K] teacher argmax, cand_feat [K, d] L2-normalised
+      teacher features, cand_conf [K] p_T(ŷ|u).
+      gamma: [C] per-class gate thresholds (quantile gate over the whole of A_c, computed by
+        the caller from the pool's confidences); used when aps.gate == "quantile".
+      head_weight: [d, C] teacher head kernel (init = fc_weight).
+    Returns dict: ids [min(N, K)] (sorted), classes, scores (APS score), gated bool,
+    prototypes. With fewer than N candidates in all, the method tops the selection up with
+    `fill_from_pool`, so |D| = N whenever the pool holds N images.
+    """
+    _check(aps.init, INITS, "aps.init")
+    _check(aps.gate, GATES, "aps.gate")
+    cand_ids = np.asarray(cand_ids, np.int64)
+    cls = np.asarray(cand_class, np.int32)
+    conf = np.asarray(cand_conf, np.float32)
+    f = jnp.asarray(np.asarray(cand_feat, np.float32))
+    ids32 = jnp.asarray(cand_ids.astype(np.int32))
+    n_c = per_class_quota(size, num_classes)
+    logp = np.log(np.maximum(conf, np.float32(1e-30)))
+
+    # B. prototypes: teacher head rows (data-free) or the confident mean, refined K rounds.
+    if aps.init == "fc_weight" and head_weight is not None:
+        mu0 = jnp.asarray(np.asarray(head_weight, np.float32).T)
+    else:
+        if aps.init == "fc_weight":
+            log.warning("ODSD: no teacher head kernel of shape [d, C] found; prototypes start "
+                        "from the confident mean instead")
+        top = np.asarray(sampling.within_class_rank(jnp.asarray(logp), jnp.asarray(cls), ids32))
+        mu0 = sampling.class_prototypes(f, jnp.asarray(np.where(top < n_c, cls, -1)),
+                                        num_classes)
+    mu = sampling.refine_prototypes(f, jnp.asarray(cls), mu0, n_c, rounds=aps.refine_rounds,
+                                    ids=ids32)
+    cos = sampling.prototype_score(f, mu, jnp.asarray(cls))
+
+    # C. gate: ranked first inside each class's quota.
+    if aps.gate == "quantile":
+        if gamma is None:
+            raise ValueError("aps_select: gate='quantile' needs the per-class thresholds gamma")
+        passed = conf >= np.asarray(gamma, np.float32)[np.clip(cls, 0, num_classes - 1)]
+    elif aps.gate == "global":
+        passed = conf >= np.float32(aps.gate_threshold)
+    else:
+        passed = None
+
+    # D. score and quota (or, without balancing, one global ranking).
+    alpha = float(aps.alpha)
+    rank_classes = jnp.asarray(cls) if aps.balance else None
+    scores = (alpha * sampling.rank01(cos, rank_classes)
+              + (1.0 - alpha) * sampling.rank01(jnp.asarray(logp), rank_classes))
+    prio = None if passed is None else jnp.asarray(passed)
+    if aps.balance:
+        idx = sampling.select_class_balanced(scores, jnp.asarray(cls), n_c, num_classes,
+                                             ids=ids32, priority=prio, total=size)
+    else:
+        idx = sampling.select_class_balanced(scores, jnp.zeros_like(jnp.asarray(cls)), size, 1,
+                                             ids=ids32, priority=prio, total=size)
+    idx = np.asarray(idx)
+    idx = idx[np.argsort(cand_ids[idx], kind="stable")]
+    gated = np.ones(len(idx), bool) if passed is None else passed[idx]
+    return {"ids": cand_ids[idx], "classes": cls[idx], "scores": np.asarray(scores)[idx],
+            "gated": gated, "prototypes": np.asarray(mu)}
+
+
+def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
+    """Tops an APS selection up to N with the most confident pool images not yet selected
+    (confidence desc, id asc) — only when the per-class heaps hold fewer than N candidates in
+    all (a teacher that puts the pool into very few classes). They get score -1 (below every
+    APS score, which lies in [0, 1]). Returns (selection dict sorted by id, number filled)."""
+    need = size - len(out["ids"])
+    rest = np.flatnonzero(~np.isin(pool_ids, out["ids"]))
+    order = rest[np.lexsort((np.asarray(pool_ids)[rest], -np.asarray(pool_conf)[rest]))][:need]
+    merged = {
+        "ids": np.concatenate([out["ids"], np.asarray(pool_ids, np.int64)[order]]),
+        "classes": np.concatenate([out["classes"], np.asarray(pool_pred, np.int32)[order]]),
+        "scores": np.concatenate([np.asarray(out["scores"], np.float32),
+                                  np.full(len(order), -1.0, np.float32)]),
+        "gated": np.concatenate([out["gated"], np.zeros(len(order), bool)]),
+    }
+    perm = np.argsort(merged["ids"], kind="stable")
+    return dict({k: v[perm] for k, v in merged.items()}, prototypes=out["prototypes"]), len(order)
+
+
+def head_kernel(params, feature_dim: int, num_classes: int):
+    """The teacher's classifier kernel [d, C] (the last 2-D `kernel` of that shape), or None."""
+    found = []
+
+    def visit(tree):
+        if isinstance(tree, dict) or hasattr(tree, "items"):
+            for k, v in tree.items():
+                if k == "kernel" and getattr(v, "shape", None) == (feature_dim, num_classes):
+                    found.append(v)
+                elif hasattr(v, "items"):
+                    visit(v)
+
+    visit(params)
+    return np.asarray(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+class Projector(nn.Module):
+    """Bias-free linear P: student feature -> teacher feature space (L_TR; dropped at test)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        return nn.Dense(self.features, use_bias=False, name="proj")(x)
+
+
+class MLPHead(nn.Module):
+    """L_SR projection head d_S -> d_S -> 128 (SimCLR's 2-layer MLP)."""
+    hidden: int
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+        return nn.Dense(self.features, name="fc2")(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+class ODSD(Method):
+    name = "odsd"
+
+    def __init__(self, config, workdir, mesh):
+        super().__init__(config, workdir, mesh)
+        cfg = config.odsd
+        _check(cfg.aps.selection, SELECTIONS, "aps.selection")
+        _check(cfg.lnr.rule, LNR_RULES, "lnr.rule")
+        _check(cfg.lnr.apply_to, ("teacher", "both"), "lnr.apply_to")
+        _check(cfg.tr.kind, TR_KINDS, "tr.kind")
+        _check(cfg.tr.rel_space, REL_SPACES, "tr.rel_space")
+        _check(cfg.sr.positives, SR_POSITIVES, "sr.positives")
+        if config.data.transfer.source not in ("offline_pool", "shards"):
+            raise ValueError(f"config.data.transfer.source={config.data.transfer.source!r}: "
+                             f"ODSD samples from a pool (offline_pool or shards)")
+        self.views = 2 if cfg.sr.weight > 0 else 1
+        size, ch = self.domain.image_size, self.domain.channels
+        x = jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32)
+        s_vars = jax.eval_shape(lambda: self.student.init(jax.random.PRNGKey(0), jnp.zeros(
+            x.shape), train=False))
+        self.d_student = jax.eval_shape(
+            lambda v: self.student.apply(v, jnp.zeros(x.shape), train=False),
+            s_vars)[1]["pre_logits"].shape[-1]
+        self.d_teacher = jax.eval_shape(
+            lambda v: self.teacher_model.apply(v, jnp.zeros(x.shape), train=False),
+            self.teacher_vars)[1]["pre_logits"].shape[-1]
+        self.gamma = np.zeros((config.num_classes,), np.float32)  # SR pseudo-label gate
+        self._heads = self._make_heads()
+
+    # ----- heads -------------------------------------------------------------------------------
+    def _uses_projector(self) -> bool:
+        tr = self.config.odsd.tr
+        return (tr.weight > 0 and tr.kind in ("rel_kl", "crd_nce") and tr.rel_space == "feature"
+                and self.d_student != self.d_teacher)
+
+    def _make_heads(self) -> dict:
+        heads = {}
+        if self._uses_projector():
+            heads["projector"] = (Projector(self.d_teacher),
+                                  jnp.zeros((2, self.d_student), jnp.float32))
+        if self.config.odsd.sr.weight > 0:
+            heads["sr_head"] = (MLPHead(self.d_student, self.config.odsd.sr.proj_dim),
+                                jnp.zeros((2, self.d_student), jnp.float32))
+        return heads
+
+    def heads(self) -> dict:
+        return self._heads
+
+    # ----- APS ---------------------------------------------------------------------------------
+    def _size(self) -> int:
+        size = int(self.config.odsd.aps.size)
+        if size <= 0:
+            raise ValueError("config.odsd.aps.size (N, the number of pool images to sample) "
+                             "must be > 0")
+        return size
+
+    def prepare(self):
+        aps = self.config.odsd.aps
+        spec = self.config.data.transfer
+        self.keep_ids = None
+        self.diagnostics = {}
+        if aps.selection == "all":
+            return
+        path = os.path.join(self.workdir, "selection.npz")
+        diag_path = os.path.join(self.workdir, "selection_diagnostics.json")
+        if os.path.exists(path):  # a resumed run trains on exactly the same images
+            selection = pool.Selection.load(path)
+            self.keep_ids = selection.ids
+            if os.path.exists(os.path.join(self.workdir, "gate_thresholds.npy")):
+                self.gamma = np.load(os.path.join(self.workdir, "gate_thresholds.npy"))
+            if os.path.exists(diag_path):
+                with open(diag_path) as f:
+                    self.diagnostics = json.load(f)
+            return
+        size = self._size()
+        num_classes = self.config.num_classes
+        scores = pool.score_pool(
+            self.workdir, spec, teacher_model=self.teacher_model, teacher_vars=self.teacher_vars,
+            domain=self.domain, num_classes=num_classes, batch_size=aps.score_batch_size,
+            heap_size=heap_size(aps, size, num_classes) if aps.selection == "aps" else 0)
+        if aps.selection == "random":
+            selection = pool.random_subset(self.workdir, spec, size, seed=self.config.seed)
+            selection = pool.Selection(ids=selection.ids, classes=_lookup(
+                scores.ids, scores.pred, selection.ids).astype(np.int32))
+            gamma = np.zeros((num_classes,), np.float32)
+        else:
+            selection, gamma = self._aps(scores, size)
+        self.gamma = gamma
+        self.keep_ids = selection.ids
+        if jax.process_index() == 0:
+            os.makedirs(self.workdir, exist_ok=True)
+            np.save(os.path.join(self.workdir, "gate_thresholds.npy"), gamma)
+            self.diagnostics = self._diagnostics(scores, selection, spec)
+            tmp = diag_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.diagnostics, f, indent=2, sort_keys=True)
+            os.replace(tmp, diag_path)
+            selection.save(path)  # last: its presence means "selection and diagnostics done"
+
+    def _aps(self, scores: pool.PoolScores, size: int):
+        aps = self.config.odsd.aps
+        num_classes = self.config.num_classes
+        if len(scores.ids) < size:
+            raise ValueError(f"config.odsd.aps.size={size} exceeds the pool ({len(scores.ids)} "
+                             f"images)")
+        gamma, _ = sampling.quantile_gate(jnp.asarray(scores.confidence, jnp.float32),
+                                          jnp.asarray(scores.pred), num_classes,
+                                          q=aps.gate_quantile)
+        gamma = np.asarray(gamma, np.float32)
+        if aps.gate == "global":
+            gamma = np.full((num_classes,), aps.gate_threshold, np.float32)
+        elif aps.gate == "none":
+            gamma = np.zeros((num_classes,), np.float32)
+        cand_conf = _lookup(scores.ids, scores.confidence, scores.cand_ids)
+        params = jax.tree.map(np.asarray, self.teacher_vars["params"])
+        out = aps_select(scores.cand_ids, scores.cand_class, scores.cand_feat, cand_conf,
+                         num_classes=num_classes, size=size, aps=aps, gamma=gamma,
+                         head_weight=head_kernel(params, self.d_teacher, num_classes))
+        filled = 0
+        if len(out["ids"]) < size:  # the heaps ran dry: too few classes hold enough images
+            out, filled = fill_from_pool(out, scores.ids, scores.pred, scores.confidence, size)
+            if jax.process_index() == 0:
+                print(f"[odsd] APS: the per-class candidates held fewer than N={size} images; "
+                      f"{filled} filled by global teacher confidence", flush=True)
+        counts = np.bincount(out["classes"], minlength=num_classes)
+        short = {int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size,
+                                                                                    num_classes)}
+        if short and jax.process_index() == 0:
+            print(f"[odsd] APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
+                  f"(filled from other classes): {short}", flush=True)
+        ungated = int((~out["gated"]).sum())
+        if ungated and jax.process_index() == 0:
+            print(f"[odsd] APS: {ungated} selected images are below their class gate "
+                  f"(shortfall filled from A_c \\ G_c)", flush=True)
+        self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
+                           "selection_short_classes": {str(k): v for k, v in short.items()}}
+        return pool.Selection(ids=out["ids"], classes=out["classes"],
+                              scores=out["scores"].astype(np.float32)), gamma
+
+    def _diagnostics(self, scores, selection, spec) -> dict:
+        from kd_jax.data import offline
+        related = offline.RELATED_SOURCES if spec.source == "offline_pool" else None
+        report = diagnostics.selection_report(scores, selection, self.config.num_classes,
+                                              related_sources=related)
+        report.update(getattr(self, "_aps_extra", {}))
+        dcfg = self.config.odsd.diagnostics
+        if dcfg.plot:
+            diagnostics.plot_selection(os.path.join(self.workdir, "sampling.png"), scores,
+                                       selection, num_classes=self.config.num_classes,
+                                       title=f"ODSD selection ({self.config.odsd.aps.selection})")
+        if dcfg.bn_images and diagnostics.has_batch_norm(self.teacher_vars):
+            n = min(int(dcfg.bn_images), len(selection.ids))
+            rng = np.random.default_rng(self.config.seed)
+            chosen = np.sort(rng.choice(selection.ids, n, replace=False))
+            random_ids = np.sort(rng.choice(scores.ids, n, replace=False))
+            variables = jax.tree.map(np.asarray, self.teacher_vars)
+            report["selection_bn_distance"] = diagnostics.bn_statistics_distance(
+                self.teacher_model, variables, self._image_batches(spec, chosen))
+            report["random_bn_distance"] = diagnostics.bn_statistics_distance(
+                self.teacher_model, variables, self._image_batches(spec, random_ids))
+            report["bn_distance_images"] = n
+        else:
+            report["selection_bn_distance"] = None
+            report["random_bn_distance"] = None
+        return report
+
+    def _image_batches(self, spec, ids, batch: int = 256):
+        ds, _ = pipeline.open_source(spec, spec.get("split", "train"), keep_ids=ids)
+        domain = self.domain
+        ds = ds.map(lambda e: pipeline.preprocess(e, domain, "none")).batch(batch)
+        return ds.as_numpy_iterator()
+
+    # ----- data --------------------------------------------------------------------------------
+    def transfer_source(self):
+        spec = self.config.data.transfer
+        return pipeline.open_source(spec, spec.get("split", "train"), jax.process_index(),
+                                    jax.process_count(), keep_ids=self.keep_ids)
+
+    # ----- the loss ----------------------------------------------------------------------------
+    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+        cfg = self.config.odsd
+        tau = self.config.kd.temperature
+        x1 = batch["image"]
+        b = x1.shape[0]
+        t_logits, t_feats = self.teacher_apply(teacher_vars, x1)
+        x = jnp.concatenate([x1, batch["image2"]]) if self.views == 2 else x1
+        s_logits_all, s_feats_all, model_stats = self.student_apply(params, batch_stats, x, True,
+                                                                    rng=rng)
+        new_stats = {"model": model_stats}
+        s_logits = s_logits_all[:b]
+        f_s_all = s_feats_all["pre_logits"].astype(jnp.float32)
+        f_s = f_s_all[:b]
+        p_t = jax.nn.softmax(t_logits.astype(jnp.float32), -1)
+        conf = jnp.max(p_t, -1)
+        pred = jnp.argmax(t_logits, -1)
+        metrics = {"teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
+                   "teacher_confidence": jnp.mean(conf)}
+
+        # LNR (§2)
+        lnr = cfg.lnr
+        num_classes = t_logits.shape[-1]
+        targets, kept = losses.low_noise_targets(
+            t_logits, tau, rule=lnr.rule, rho=lnr.rho, k=lnr.k or None,
+            threshold=lnr.threshold, k_max=lnr.k_max or None)
+        w_ln = conf / jnp.mean(conf) if lnr.confidence_weight else None
+        if lnr.apply_to == "both":
+            l_ln = losses.kd_loss(s_logits, t_logits, tau, class_mask=kept, weights=w_ln,
+                                  mask_student=True)
+        else:
+            l_ln = losses.soft_target_cross_entropy(s_logits, targets, tau, weights=w_ln)
+        metrics.update(lnr=l_ln, lnr_kept_classes=jnp.mean(jnp.sum(kept, -1)))
+        total = l_ln
+
+        # L_TR (§3a): teacher structure -> student
+        tr = cfg.tr
+        if tr.weight > 0:
+            w_tr = conf if tr.confidence_weight else None
+            if tr.rel_space == "lnr_prob":
+                e_t = targets
+                e_s = jax.nn.softmax(s_logits / tau, -1)
+            else:
+                e_t = t_feats["pre_logits"].astype(jnp.float32)
+                e_s = f_s
+                if "projector" in self._heads:
+                    e_s = self.head_apply("projector", params, batch_stats, f_s, True, new_stats)
+            if tr.kind == "rel_kl":
+                l_tr = losses.relation_kl_loss(e_s, e_t, tr.temperature, weights=w_tr)
+            elif tr.kind == "crd_nce":
+                l_tr = losses.info_nce(e_s, jax.lax.stop_gradient(e_t), tr.nce_temperature,
+                                       weights=w_tr)
+            else:
+                l_tr = (tr.rkd_distance * losses.rkd_distance_loss(e_s, e_t, weights=w_tr)
+                        + tr.rkd_angle * losses.rkd_angle_loss(e_s, e_t, weights=w_tr))
+            metrics["tr"] = l_tr
+            total = total + tr.weight * l_tr
+
+        # L_SR (§3b): student self-relations over two views
+        sr = cfg.sr
+        if sr.weight > 0:
+            z = self.head_apply("sr_head", params, batch_stats, f_s_all, True, new_stats)
+            positives = None
+            if sr.positives == "pseudo_label":
+                gamma = jnp.asarray(self.gamma)
+                positives = jnp.where(conf >= gamma[pred], pred, -1)
+            l_sr = losses.nt_xent(z[:b], z[b:], sr.temperature, positives=positives)
+            metrics["sr"] = l_sr
+            total = total + sr.weight * l_sr
+        for name in self._heads:  # heads unused in this step keep their (empty) stats
+            new_stats.setdefault(name, batch_stats[name])
+        return total, (new_stats, metrics)
+
+    def results(self, state) -> dict:
+        return dict(self.diagnostics)
+
+
+def _lookup(sorted_ids, values, query_ids):
+    """values[i] for each query id, given `sorted_ids` (ascending) aligned with `values`."""
+    sorted_ids = np.asarray(sorted_ids)
+    pos = np.searchsorted(sorted_ids, query_ids)
+    if len(query_ids) and (pos.max() >= len(sorted_ids)
+                           or not np.array_equal(sorted_ids[pos], query_ids)):
+        raise KeyError("ODSD: a selected id is missing from the pool scores")
+    return np.asarray(values)[pos]

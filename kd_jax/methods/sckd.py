@@ -1,0 +1,697 @@
+"""Novel class discovery: the NCD protocol (two stages, UNO objective) and SCKD on top of it.
+
+Spec: `../shared/papers/sckd.md`. Three registered methods share this module:
+
+* `ncd_pretrain` (`NCDPretrain`, stage 1): supervised cross-entropy on the *known* classes,
+  through the same cosine-prototype known head (logits = cos / 0.1) that stage 2 starts from.
+* `uno` (`UNO`, stage 2, Fini et al. ICCV 2021): a known head of C_l normalised prototypes on
+  the backbone features, and H parallel novel heads (MLP projector -> C_u normalised
+  prototypes) plus H over-clustering heads (3·C_u prototypes). Two views per image; a labeled
+  sample's target is its one-hot label over [C_l + C_u], an unlabeled sample's is zeros over
+  the known classes and the Sinkhorn-Knopp assignment of the *other* view's novel logits
+  (computed over the unlabeled part of the global batch). Loss = (swapped-prediction CE of the
+  novel heads + that of the over-clustering heads) / 2, averaged over heads and views. The
+  "best head" is the one with the lowest running cluster loss.
+* `sckd` (`SCKD`, a subclass of `UNO`): L = L_UNO + w(t)·(λ_SMI·L_SMI + λ_SC·L_SC) over the
+  two disjoint spaces (known-prototype probabilities vs novel-prototype probabilities, or the
+  head embeddings), w(t) a linear ramp 0 -> 1. Switches: `sckd.smi`, `sckd.sc`,
+  `sckd.direction`, `sckd.space`. With λ = 0 the loss and its gradients equal UNO's exactly.
+
+Data (`config.ncd`): the classes of one labeled source are split into known (labeled) and novel
+(unlabeled) classes and relabeled to 0..C_l-1 (known) and C_l..C_l+C_u-1 (novel); each global
+batch mixes a labeled and an unlabeled stream. Stage 2 chains stage 1 the way KD configs chain
+their teacher: `ncd.pretrain.train` is trained into `<workdir>/pretrain` unless
+`ncd.pretrain.workdir` names a finished run.
+
+Evaluation (UNO protocol, Hungarian matching): task-aware (novel samples only, the best novel
+head; on the unlabeled train set and on the novel test images) and task-agnostic (the whole
+test set, argmax over the concatenated [known; best novel head] logits; all / known / novel).
+The headline `accuracy` is the task-aware novel accuracy on the unlabeled train set (the
+number UNO's tables lead with); `confusion.png` in the workdir shows the matched task-agnostic
+confusion matrix on the test set.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+
+from kd_jax import checkpoint, losses, metrics, parallel
+from kd_jax.data import pipeline
+from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+def _l2n(x, axis=-1):
+    # F.normalize semantics (x / max(|x|, 1e-12)); a zero row stays zero.
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+class Prototypes(nn.Module):
+    """K L2-normalised prototypes; returns cosine similarities <x^, w^_k> in [-1, 1].
+
+    UNO renormalises the prototype weights in place before every step; normalising inside the
+    forward gives the same logits (the gradient then also flows through the normalisation).
+    """
+    num_prototypes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        w = self.param("kernel", nn.initializers.lecun_normal(),
+                       (x.shape[-1], self.num_prototypes))
+        return _l2n(x.astype(jnp.float32)) @ _l2n(w, axis=0)
+
+
+class Projector(nn.Module):
+    """UNO's MLP: Linear -> BatchNorm -> ReLU -> Linear (PyTorch BN defaults)."""
+    hidden_dim: int
+    output_dim: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         name="bn")(x)
+        return nn.Dense(self.output_dim, name="fc2")(nn.relu(x))
+
+
+class MultiHead(nn.Module):
+    """H independent (projector -> normalised embedding -> prototypes) heads.
+
+    Returns (logits [H, B, K] cosine similarities, embeddings [H, B, output_dim] L2-normalised).
+    """
+    num_heads: int
+    num_prototypes: int
+    hidden_dim: int
+    output_dim: int
+
+    @nn.compact
+    def __call__(self, feats, train: bool = False):
+        logits, embeds = [], []
+        for h in range(self.num_heads):
+            z = _l2n(Projector(self.hidden_dim, self.output_dim, name=f"proj_{h}")(feats, train))
+            logits.append(Prototypes(self.num_prototypes, name=f"proto_{h}")(z))
+            embeds.append(z)
+        return jnp.stack(logits), jnp.stack(embeds)
+
+
+class DiscoveryHeads(nn.Module):
+    """The novel heads and the over-clustering heads of UNO (separate projectors each)."""
+    num_heads: int
+    num_novel: int
+    overcluster_factor: int
+    hidden_dim: int
+    output_dim: int
+
+    @nn.compact
+    def __call__(self, feats, train: bool = False):
+        novel = MultiHead(self.num_heads, self.num_novel, self.hidden_dim, self.output_dim,
+                          name="novel")(feats, train)
+        if self.overcluster_factor <= 0:
+            return novel, None
+        over = MultiHead(self.num_heads, self.num_novel * self.overcluster_factor,
+                         self.hidden_dim, self.output_dim, name="over")(feats, train)
+        return novel, over
+
+
+# ---------------------------------------------------------------------------------------------
+# Class splits
+# ---------------------------------------------------------------------------------------------
+
+def _read_classes_file(path: str, spec) -> list[int]:
+    """One class per line: an integer label, or a class name resolved through the TFDS label
+    feature (e.g. ImageNet WordNet ids `n01558993`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.ncd.classes_file={path!r} does not exist")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if all(n.lstrip("-").isdigit() for n in names):
+        return [int(n) for n in names]
+    if spec.source != "tfds":
+        raise ValueError(f"config.ncd.classes_file={path!r} holds class names; names are only "
+                         f"resolved for TFDS sources (use integer labels for {spec.source!r})")
+    import tensorflow_datasets as tfds
+    feature = tfds.builder(spec.name, data_dir=spec.get("data_dir") or None).info.features[
+        spec.get("label_key", "label")]
+    out = []
+    for n in names:
+        try:
+            out.append(int(feature.str2int(n)))
+        except Exception as e:
+            raise ValueError(f"config.ncd.classes_file={path!r}: {n!r} is not a class of "
+                             f"{spec.name!r}") from e
+    return out
+
+
+def class_split(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(known, novel) original label ids from `config.ncd`.
+
+    Precedence: explicit `known_classes` + `novel_classes`; else an ordered class list
+    (`classes` or `classes_file`; empty = a `subset_seed`-ed choice from `total_classes`
+    labels when `subset_seed >= 0`, else 0..num_known+num_novel-1) whose first `num_known`
+    entries are known and the next `num_novel` novel.
+    """
+    n = config.ncd
+    if n.known_classes or n.novel_classes:
+        known, novel = tuple(int(c) for c in n.known_classes), tuple(
+            int(c) for c in n.novel_classes)
+        if not known or not novel:
+            raise ValueError("config.ncd.known_classes and config.ncd.novel_classes must be "
+                             "given together")
+    else:
+        total = n.num_known + n.num_novel
+        if n.get("classes_file"):
+            order = _read_classes_file(n.classes_file, config.data.target)
+        elif n.classes:
+            order = [int(c) for c in n.classes]
+        elif n.get("subset_seed", -1) >= 0:
+            order = np.random.RandomState(n.subset_seed).choice(
+                n.total_classes, total, replace=False).tolist()
+        else:
+            order = list(range(total))
+        if len(order) < total:
+            raise ValueError(f"config.ncd: {len(order)} classes listed but num_known + "
+                             f"num_novel = {total}")
+        known, novel = tuple(order[:n.num_known]), tuple(order[n.num_known:total])
+    if set(known) & set(novel):
+        raise ValueError(f"config.ncd: classes {sorted(set(known) & set(novel))} are both "
+                         f"known and novel")
+    if len(set(known)) != len(known) or len(set(novel)) != len(novel):
+        raise ValueError("config.ncd: repeated class in the known or novel list")
+    return known, novel
+
+
+SPLIT_KEYS = ("known_classes", "novel_classes", "classes", "classes_file", "subset_seed",
+              "total_classes", "num_known", "num_novel")
+
+
+def _remap(ds, known, novel):
+    """Original labels -> 0..C_l-1 (known, in list order) and C_l.. (novel)."""
+    table = np.full(max(known + novel) + 1, -1, np.int64)
+    table[list(known)] = np.arange(len(known))
+    table[list(novel)] = len(known) + np.arange(len(novel))
+    table = tf.constant(table)
+
+    @tf.autograph.experimental.do_not_convert  # plain graph code; no source re-parsing
+    def remap(e):
+        return {**e, "label": tf.gather(table, e["label"])}
+
+    return ds.map(remap)
+
+
+@tf.autograph.experimental.do_not_convert
+def _unlabeled(e):
+    return {**e, "label": tf.constant(-1, tf.int64)}
+
+
+def _hide_labels(ds):
+    return ds.map(_unlabeled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing of both stages
+# ---------------------------------------------------------------------------------------------
+
+class _NCDBase(Method):
+    uses_teacher = False
+
+    def __init__(self, config, workdir, mesh):
+        super().__init__(config, workdir, mesh)
+        self.known, self.novel = class_split(config)
+        self.num_known, self.num_novel = len(self.known), len(self.novel)
+        size, ch = self.domain.image_size, self.domain.channels
+        shapes = jax.eval_shape(lambda x: self.student.init_with_output(
+            jax.random.PRNGKey(0), x, train=False)[0],
+            jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32))
+        self.feature_dim = int(shapes[1]["pre_logits"].shape[-1])
+        self._heads = self.make_heads()
+
+    def make_heads(self) -> dict:
+        return {"known": Prototypes(self.num_known)}
+
+    def heads(self) -> dict:
+        x = jnp.zeros((2, self.feature_dim), jnp.float32)
+        return {name: (module, x) for name, module in self._heads.items()}
+
+    # ----- data --------------------------------------------------------------------------------
+    def _source(self, split: str, classes, hide_labels=False):
+        target = self.config.data.target
+        ds, n = pipeline.open_source(target, split, jax.process_index(), jax.process_count(),
+                                     classes=tuple(classes))
+        if n == 0:
+            raise ValueError(f"config.data.target ({target.source} {target.get('name', '')!r} "
+                             f"split {split!r}) holds no image of classes {list(classes)[:10]}…")
+        ds = _remap(ds, self.known, self.novel)
+        return (_hide_labels(ds) if hide_labels else ds), n
+
+    def _eval_stream(self, split: str, classes, limit: int = 0):
+        ds, count = self._source(split, classes)
+        if limit:  # a quick eval on the first examples of each host's share
+            count = min(count, -(-limit // jax.process_count()))
+        counts = parallel.allgather_ints(count)
+        return pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
+                                     local_batch=self.local_eval_batch, domain=self.domain)
+
+    def results(self, state):
+        return {"known_classes": list(self.known), "novel_classes": list(self.novel)}
+
+    # ----- optimizer: optionally train only part of the backbone --------------------------------
+    def build_optimizer(self, num_steps: int) -> None:
+        """As the base, but `ncd.trainable` (top-level backbone module names, e.g. ViT's
+        `blocks_11`, `norm`) freezes every other backbone parameter (heads always train)."""
+        self.schedule = make_schedule(self.config.optimizer, num_steps)
+        tx = make_optimizer(self.config.optimizer, self.schedule)
+        trainable = tuple(self.config.ncd.get("trainable", ()))
+        if trainable:
+            def label(path, _):
+                keys = [getattr(p, "key", str(p)) for p in path]
+                if keys[0] != "model" or (len(keys) > 1 and keys[1] in trainable):
+                    return "train"
+                return "freeze"
+            tx = optax.multi_transform(
+                {"train": tx, "freeze": optax.set_to_zero()},
+                lambda params: jax.tree_util.tree_map_with_path(label, params))
+        self.tx = tx
+
+    # ----- warm start from a finished run -------------------------------------------------------
+    def warm_start_source(self) -> str | None:
+        return None
+
+    def warm_start(self, state: TrainState) -> TrainState:
+        """Copies the trainable modules saved in `warm_start_source()` into a fresh state.
+
+        Sub-trees present in both are loaded (shapes must match); parameters only in the fresh
+        state (e.g. the discovery heads, or a classifier a self-supervised checkpoint lacks)
+        keep their initialisation.
+        """
+        src = self.warm_start_source()
+        if not src:
+            return state
+        saved = checkpoint.load_variables(src)
+        kept = []
+
+        def merge(init, loaded, path):
+            if isinstance(init, dict):
+                if not isinstance(loaded, dict):
+                    raise ValueError(f"{src}: {path} is a leaf there but a module here")
+                out = {}
+                for k, v in init.items():
+                    if k in loaded:
+                        out[k] = merge(v, loaded[k], f"{path}/{k}")
+                    else:
+                        kept.append(f"{path}/{k}")
+                        out[k] = v
+                return out
+            loaded = np.asarray(loaded)
+            if tuple(loaded.shape) != tuple(init.shape):
+                raise ValueError(f"{src}: {path} has shape {loaded.shape}, this config builds "
+                                 f"{tuple(init.shape)} (check config.model / config.ncd)")
+            return jax.device_put(loaded.astype(init.dtype), init.sharding)
+
+        params = merge(dict(state.params), dict(saved["params"]), "params")
+        stats = merge(dict(state.batch_stats), dict(saved.get("batch_stats") or {}),
+                      "batch_stats")
+        if jax.process_index() == 0:
+            print(f"[{self.name}] warm start from {src}; kept the initialisation of "
+                  f"{[k for k in kept if not k.startswith('batch_stats')]}", flush=True)
+        opt_state = jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params)
+        return TrainState(step=state.step, params=params, batch_stats=stats,
+                          opt_state=opt_state)
+
+    # ----- forward pieces ----------------------------------------------------------------------
+    def _module_apply(self, name, params, stats, x, train):
+        """Applies head `name`; returns (output, its new batch_stats)."""
+        variables = {"params": params[name]}
+        if stats.get(name):
+            variables["batch_stats"] = stats[name]
+            if train:
+                out, upd = self._heads[name].apply(variables, x, train=True,
+                                                   mutable=["batch_stats"])
+                return out, upd["batch_stats"]
+        return self._heads[name].apply(variables, x, train=train), stats.get(name, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------
+
+class NCDPretrain(_NCDBase):
+    """Supervised stage 1 on the labeled (known-class) training images.
+
+    CE of the known head's cosine logits / `ncd.temperature` (UNO's `pretrain.py`). The
+    backbone may start from `ncd.backbone_workdir` (e.g. DINO weights converted with
+    `python -m kd_jax.tools.convert_torch`). Eval: accuracy on the known-class test images.
+    """
+    name = "ncd_pretrain"
+
+    def warm_start_source(self):
+        return self.config.ncd.get("backbone_workdir") or None
+
+    def transfer_source(self):
+        return self._source(self.config.data.target.train_split, self.known)
+
+    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+        _, feats, model_stats = self.student_apply(params, batch_stats, batch["image"], True,
+                                                   rng=rng)
+        logits, known_stats = self._module_apply("known", params, batch_stats,
+                                                 feats["pre_logits"], True)
+        t = self.config.ncd.temperature
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits / t, batch["label"]).mean()
+        acc = (logits.argmax(-1) == batch["label"]).mean()
+        stats = dict(batch_stats, model=model_stats, known=known_stats)
+        return ce, (stats, {"ce": ce, "train_accuracy": acc})
+
+    def eval_step(self, state, batch):
+        _, feats, _ = self.student_apply(state.params, state.batch_stats, batch["image"], False)
+        logits, _ = self._module_apply("known", state.params, state.batch_stats,
+                                       feats["pre_logits"], False)
+        correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+        return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+    def eval_dataset(self):
+        target = self.config.data.target
+        return self._eval_stream(target.eval_split, self.known,
+                                 target.get("max_eval_examples", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: UNO
+# ---------------------------------------------------------------------------------------------
+
+class UNO(_NCDBase):
+    """UNO discovery (stage 2); see the module docstring."""
+    name = "uno"
+    views = 2
+
+    def make_heads(self):
+        n = self.config.ncd
+        return {"known": Prototypes(self.num_known),
+                "discovery": DiscoveryHeads(n.num_heads, self.num_novel,
+                                            n.overcluster_factor, n.hidden_dim, n.proj_dim)}
+
+    # ----- stage chaining ------------------------------------------------------------------------
+    def pretrain_workdir(self) -> str:
+        return self.config.ncd.pretrain.workdir or os.path.join(self.workdir, "pretrain")
+
+    def prepare(self):
+        """Trains stage 1 into <workdir>/pretrain first unless `ncd.pretrain.workdir` is set."""
+        pre = self.config.ncd.pretrain
+        if not pre.get("enabled", True):
+            return
+        workdir = self.pretrain_workdir()
+        done = os.path.join(workdir, "results.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                known = json.load(f).get("known_classes")
+            if known is not None and tuple(known) != self.known:
+                raise ValueError(f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
+                                 f"classes {known}, this run's are {list(self.known)}")
+            return
+        if pre.workdir or not pre.get("train"):
+            raise FileNotFoundError(
+                f"config.ncd.pretrain.workdir={workdir!r} holds no finished ncd_pretrain run "
+                f"(results.json missing); train one with this config's `pretrain` argument")
+        from kd_jax import train  # stage 1 runs first, in its own workdir
+        train.train_and_evaluate(self.stage1_config(), workdir)
+
+    def stage1_config(self):
+        """`ncd.pretrain.train` with this run's dataset and class split (so a command-line
+        override of either reaches both stages and they cannot disagree)."""
+        cfg = self.config.ncd.pretrain.train.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.data.target = self.config.data.target.copy_and_resolve_references()
+            for key in SPLIT_KEYS:
+                cfg.ncd[key] = self.config.ncd[key]
+        return cfg
+
+    def warm_start_source(self):
+        return self.pretrain_workdir() if self.config.ncd.pretrain.get("enabled", True) else None
+
+    def init_state(self, rng):
+        state = super().init_state(rng)
+        # The running per-head cluster loss (best-head choice) rides in batch_stats: it is
+        # carried by every step, replicated and checkpointed, and never differentiated.
+        stats = dict(state.batch_stats,
+                     head_loss={"ema": jnp.zeros((self.config.ncd.num_heads,), jnp.float32)})
+        return TrainState(step=state.step, params=state.params, batch_stats=stats,
+                          opt_state=state.opt_state)
+
+    # ----- data: labeled + unlabeled streams in every batch ------------------------------------
+    def transfer_source(self):
+        split = self.config.data.target.train_split
+        return self._source(split, self.known), self._source(split, self.novel, True)
+
+    def train_batches(self, start_step: int) -> Iterator[dict]:
+        (lab, n_lab), (unl, n_unl) = self.transfer_source()
+        frac = self.config.ncd.labeled_fraction
+        if frac <= 0:  # UNO concatenates both sets: the batch mirrors their sizes
+            counts_l = parallel.allgather_ints(n_lab).sum()
+            counts_u = parallel.allgather_ints(n_unl).sum()
+            frac = counts_l / (counts_l + counts_u)
+        b_lab = int(round(self.local_batch * frac))
+        b_lab = min(max(b_lab, 1), self.local_batch - 1)
+        b_unl = self.local_batch - b_lab
+        self.transfer_size = int(parallel.allgather_ints(n_lab + n_unl).sum())
+        data = self.config.data
+        common = dict(domain=self.domain, augment=data.augment, start_step=start_step,
+                      views=2, shuffle_buffer=data.get("shuffle_buffer", 16384),
+                      cache=data.get("cache", False))
+        streams = []
+        for ds, n, b, salt in ((lab, n_lab, b_lab, 0), (unl, n_unl, b_unl, 1)):
+            per_epoch = int(parallel.allgather_ints(n).min()) // b
+            if per_epoch < 1:
+                raise ValueError(f"config.batch_size={self.config.batch_size}: a host holds "
+                                 f"{n} {'labeled' if salt == 0 else 'unlabeled'} images, fewer "
+                                 f"than its share of a batch ({b})")
+            # Different seeds so the two streams do not shuffle/augment in lock-step.
+            streams.append(pipeline.train_iterator(ds, local_batch=b, steps_per_epoch=per_epoch,
+                                                   seed=self.config.seed * 2 + salt, **common))
+        lab_it, unl_it = streams
+        while True:
+            a, b = next(lab_it), next(unl_it)
+            yield {k: np.concatenate([a[k], b[k]]) for k in ("image", "image2", "label")}
+
+    # ----- the step ----------------------------------------------------------------------------
+    def train_step(self, state, teacher_vars, batch, base_rng):
+        # The loss needs the step (the SCKD ramp); it travels in the batch dict.
+        return super().train_step(state, teacher_vars, {**batch, "step": state.step}, base_rng)
+
+    def _forward(self, params, batch_stats, images, train, rng=None):
+        """One view -> (dict of head outputs, new batch_stats)."""
+        _, feats, model_stats = self.student_apply(params, batch_stats, images, train, rng=rng)
+        f = feats["pre_logits"]
+        known, known_stats = self._module_apply("known", params, batch_stats, f, train)
+        ((novel, novel_z), over), disc_stats = self._module_apply("discovery", params,
+                                                                   batch_stats, f, train)
+        out = {"feats": f, "known": known, "novel": novel, "novel_z": novel_z,
+               "over": over[0] if over is not None else None}
+        stats = dict(batch_stats, model=model_stats, known=known_stats, discovery=disc_stats)
+        return out, stats
+
+    def _targets(self, known_logits_h, novel_logits, labels, labeled):
+        """[H, B, C_l + K] targets of one view: one-hot labels for labeled rows; zeros over the
+        known classes and Sinkhorn-Knopp over this view's novel logits for unlabeled rows."""
+        n = self.config.ncd
+        h, b, k = novel_logits.shape
+        onehot = jax.nn.one_hot(jnp.where(labeled, labels, 0), self.num_known)
+        onehot = onehot * labeled[:, None]
+        sk = jax.vmap(lambda l: losses.sinkhorn_knopp(
+            l, n_iters=n.sk_iters, epsilon=n.sk_epsilon, weights=(~labeled).astype(jnp.float32))
+        )(novel_logits)
+        return jnp.concatenate([jnp.broadcast_to(onehot, (h, b, self.num_known)),
+                                jnp.where(labeled[None, :, None], 0.0, sk)], axis=-1)
+
+    def uno_loss(self, outs, labels):
+        """-> (scalar UNO loss, per-head cluster loss [H], metrics)."""
+        t = self.config.ncd.temperature
+        labeled = labels >= 0
+        h = self.config.ncd.num_heads
+
+        def swapped(key):
+            logits, targets = [], []
+            for o in outs:
+                kh = jnp.broadcast_to(o["known"], (h, *o["known"].shape))
+                logits.append(jnp.concatenate([kh, o[key]], axis=-1))
+                targets.append(self._targets(kh, o[key], labels, labeled))
+            # View 1 predicts the targets made from view 2 and vice versa; per head.
+            return jax.vmap(lambda l1, l2, t1, t2: losses.swapped_prediction_loss(
+                l1, l2, t1, t2, temperature=t))(logits[0], logits[1], targets[0], targets[1])
+
+        cluster = swapped("novel")
+        if outs[0]["over"] is not None:
+            over = swapped("over")
+            loss = 0.5 * (cluster.mean() + over.mean())
+        else:
+            over, loss = jnp.zeros_like(cluster), cluster.mean()
+        return loss, cluster, {"loss_cluster": cluster.mean(), "loss_overcluster": over.mean()}
+
+    def extra_loss(self, outs, step):
+        """Terms added to the UNO objective (SCKD); UNO adds none."""
+        return 0.0, {}
+
+    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+        rng1, rng2 = jax.random.split(rng)
+        out1, stats = self._forward(params, batch_stats, batch["image"], True, rng1)
+        out2, stats = self._forward(params, stats, batch["image2"], True, rng2)
+        outs = (out1, out2)
+        loss, per_head, m = self.uno_loss(outs, batch["label"])
+        extra, m_extra = self.extra_loss(outs, batch.get("step", 0))
+        loss = loss + extra
+        decay = self.config.ncd.head_loss_decay
+        ema = batch_stats["head_loss"]["ema"]
+        # The first step seeds the running loss; then an exponential moving average.
+        first = jnp.all(ema == 0)
+        ema = jnp.where(first, per_head, decay * ema + (1 - decay) * per_head)
+        stats = dict(stats, head_loss={"ema": jax.lax.stop_gradient(ema)})
+        labeled = batch["label"] >= 0
+        known_acc = jnp.sum((out1["known"].argmax(-1) == batch["label"]) * labeled) / jnp.maximum(
+            labeled.sum(), 1)
+        m = dict(m, **m_extra, best_head=jnp.argmin(ema), known_train_accuracy=known_acc,
+                 labeled_fraction=labeled.mean())
+        return loss, (stats, m)
+
+    # ----- evaluation --------------------------------------------------------------------------
+    def eval_step(self, state, batch):
+        out, _ = self._forward(state.params, state.batch_stats, batch["image"], False)
+        return {"known": out["known"], "novel": out["novel"], "label": batch["label"],
+                "mask": batch["mask"]}
+
+    def _predict(self, state, batches):
+        """Concatenated host numpy outputs of `eval_step` over padded batches (mask > 0 kept)."""
+        if not hasattr(self, "_eval_fn"):
+            self._eval_fn = jax.jit(self.eval_step, out_shardings=parallel.replicated(self.mesh))
+        parts = []
+        for local in batches.as_numpy_iterator():
+            parts.append(parallel.to_host(self._eval_fn(state, parallel.global_batch(local,
+                                                                                     self.mesh))))
+        out = {k: np.concatenate([p[k] for p in parts], axis=1 if k == "novel" else 0)
+               for k in parts[0]}
+        keep = out.pop("mask") > 0
+        return {k: (v[:, keep] if k == "novel" else v[keep]) for k, v in out.items()}
+
+    def evaluate(self, state):
+        target, n = self.config.data.target, self.config.ncd
+        best = int(np.argmin(np.asarray(jax.device_get(state.batch_stats["head_loss"]["ema"]))))
+        train_novel = self._predict(state, self._eval_stream(
+            target.train_split, self.novel, n.get("max_train_eval_examples", 0)))
+        test = self._predict(state, self._eval_stream(
+            target.eval_split, self.known + self.novel, target.get("max_eval_examples", 0)))
+        is_novel = test["label"] >= self.num_known
+        res = {"best_head": best}
+        heads_train = [metrics.cluster_accuracy(train_novel["label"], p.argmax(-1))[0]
+                       for p in train_novel["novel"]]
+        heads_test = [metrics.task_aware_accuracy(test["label"], p.argmax(-1), is_novel)
+                      for p in test["novel"]]
+        res["novel_train_accuracy"] = heads_train[best]
+        res["novel_test_accuracy"] = heads_test[best]
+        res["novel_train_accuracy_heads"] = heads_train
+        res["novel_test_accuracy_heads"] = heads_test
+        # Task-agnostic: one Hungarian mapping over the whole test set, argmax over [known;novel].
+        pred = np.concatenate([test["known"], test["novel"][best]], axis=-1).argmax(-1)
+        agn = metrics.task_agnostic_accuracy(test["label"], pred, range(self.num_known))
+        res.update(all_accuracy=agn["all"], known_accuracy=agn["known"],
+                   novel_accuracy=agn["novel"])
+        res["accuracy"] = res["novel_train_accuracy"]
+        if jax.process_index() == 0:
+            _save_confusion(os.path.join(self.workdir, "confusion.png"), test["label"], pred,
+                            agn["mapping"], self.num_known, self.num_novel)
+        return res
+
+    def results(self, state):
+        return dict(super().results(state), pretrain_workdir=self.warm_start_source() or "")
+
+
+def _save_confusion(path, y_true, y_pred, mapping, num_known, num_novel):
+    """The task-agnostic confusion matrix on the test set after Hungarian matching."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = num_known + num_novel
+    mapped = np.array([mapping.get(int(p), -1) for p in y_pred])
+    conf = np.zeros((c, c), np.int64)
+    ok = mapped >= 0
+    np.add.at(conf, (y_true[ok], mapped[ok]), 1)
+    size = min(12.0, 3.0 + 0.25 * c)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(conf, cmap="Blues")
+    ax.axhline(num_known - 0.5, color="red", lw=0.8)
+    ax.axvline(num_known - 0.5, color="red", lw=0.8)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if conf[i, j]:
+                    ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted (matched) class; known | novel")
+    ax.set_ylabel("true class; known | novel")
+    ax.set_title(f"task-agnostic test confusion ({int(ok.sum())}/{len(y_true)} matched)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SCKD
+# ---------------------------------------------------------------------------------------------
+
+class SCKD(UNO):
+    """UNO + λ_SMI·L_SMI + λ_SC·L_SC over the known and novel spaces (sckd.md §2-3).
+
+    For each view and each novel head h: r^K = softmax(known logits / τ) over the C_l known
+    prototypes and r^N = softmax(novel logits_h / τ) over the C_u novel prototypes
+    (`sckd.space = probs`), or the L2-normalised embeddings each head's prototypes score
+    (`embeddings`: backbone features for the known head, projector output for head h). The
+    terms are over the whole global batch (labeled and unlabeled) and averaged over views and
+    heads; both weights follow a linear ramp 0 -> 1 over `sckd.ramp_steps`.
+    """
+    name = "sckd"
+
+    def __init__(self, config, workdir, mesh):
+        super().__init__(config, workdir, mesh)
+        s = config.sckd
+        for key, value, allowed in (("smi", s.smi, ("infonce", "none")),
+                                    ("sc", s.sc, ("rel_kl", "none")),
+                                    ("direction", s.direction, ("both", "known_to_novel")),
+                                    ("space", s.space, ("probs", "embeddings"))):
+            if value not in allowed:
+                raise ValueError(f"config.sckd.{key}={value!r}: use one of {allowed}")
+
+    def spaces(self, out):
+        """-> (r^K [B, C_l or D], r^N [H, B, C_u or D']) of one view."""
+        s = self.config.sckd
+        if s.space == "embeddings":
+            return _l2n(out["feats"].astype(jnp.float32)), out["novel_z"]
+        tau = s.space_temperature
+        return jax.nn.softmax(out["known"] / tau, -1), jax.nn.softmax(out["novel"] / tau, -1)
+
+    def extra_loss(self, outs, step):
+        s = self.config.sckd
+        ramp = (jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / s.ramp_steps)
+                if s.ramp_steps > 0 else jnp.asarray(1.0))
+        smi = sc = jnp.asarray(0.0)
+        # A term switched off or weighted 0 is not computed: then the graph, loss and gradients
+        # are UNO's bit for bit (a weight-0 term would still reorder float sums).
+        use_smi, use_sc = s.smi == "infonce" and s.lambda_smi, s.sc == "rel_kl" and s.lambda_sc
+        for out in outs:
+            r_k, r_n = self.spaces(out)
+            if use_smi:
+                smi += jax.vmap(lambda rn: losses.spatial_mutual_information(
+                    r_k, rn, temperature=s.smi_temperature))(r_n).mean() / len(outs)
+            if use_sc:
+                sc += jax.vmap(lambda rn: losses.self_cooperation_loss(
+                    r_k, rn, temperature=s.sc_temperature, direction=s.direction))(r_n).mean() / len(outs)
+        extra = ramp * (s.lambda_smi * smi + s.lambda_sc * sc)
+        return extra, {"smi": smi, "sc": sc, "ramp": ramp}
