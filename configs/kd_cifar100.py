@@ -1,40 +1,11 @@
-"""Hinton KD on CIFAR100: transfer set = original images (no labels), an open-world pool of
-TFRecord shards (ImageNet-32 in the papers), or a random pool subset.
+"""configs/kd_cifar10.py on CIFAR-100: same arguments, schedule and runtime.
 
-    python -m kd_jax.main --config=configs/kd_cifar100.py:r34_r18,pool \
-        --config.teacher.workdir=gs://.../teacher_cifar100 \
-        --config.data.transfer.pattern='gs://.../imagenet32/pool-*.tfrecord' --workdir=gs://.../kd
-
-Pairs: r34_r18, vgg11_r18, wrn40_2_wrn16_1, wrn40_2_wrn40_1, wrn40_2_wrn16_2.
-Transfer: original | pool | random (50k images, the CIFAR train-set size). 80k iterations of
-batch 256 with steps at 40 % / 80 % (DFND's schedule): about 2 h on a v4-8 for ResNet-34 -> 18.
-`,smoke` runs a few steps (tests, mock data / tiny shards).
+    python -m kd_jax.main --config=configs/kd_cifar100.py:r34_r18,pool --config.teacher.workdir=gs://.../teacher_cifar100 --config.data.transfer.pattern='gs://.../imagenet32/pool-*.tfrecord' --workdir=gs://.../kd
 """
 from kd_jax import config_utils
 
 
 def get_config(arg="r34_r18,pool"):
-    flags = set(filter(None, (arg or "").split(",")))
-    teacher, student = config_utils.cifar_pair(flags, __file__)
-    config_utils.parse_arg(arg, tuple(config_utils.CIFAR_PAIRS) + ("original", "pool", "random",
-                                                                    "smoke"), __file__)
-    c = config_utils.base_config()
-    c.method = "kd"
-    c.model.name, c.teacher.model = student, teacher
+    c = config_utils.sibling(__file__, "kd_cifar10.py", arg)
     config_utils.cifar_data(c, "cifar100")
-    if "original" in flags:
-        c.data.transfer.source = "original"
-    else:
-        c.data.transfer.source = "shards"
-        c.data.transfer.subset = "random" if "random" in flags else "all"
-        c.data.transfer.subset_size = 50000 if "random" in flags else 0
-    c.batch_size = 256
-    c.num_steps = 80000
-    c.optimizer.schedule, c.optimizer.decay_at = "step", (0.4, 0.8)
-    c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
-    if "smoke" in flags:
-        c.batch_size, c.eval_batch_size, c.num_steps = 16, 16, 2
-        c.data.transfer.subset_size = min(c.data.transfer.subset_size, 16)
-        c.data.target.max_eval_examples = 32
-        c.log_every = c.eval_every = c.checkpoint_every = 2
     return c
