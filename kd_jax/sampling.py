@@ -14,6 +14,7 @@ Pure `jax.numpy`; selections have static output sizes and work under `jit`. Stre
 selection (`merge_top_k`, `merge_class_top_k`) keeps O(k) state so a pool of any size is
 selected in one pass and per-host states merge with `merge_top_k_states`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -31,412 +32,445 @@ EMPTY_ID = int(jnp.iinfo(jnp.int32).max)
 # Scores
 # ----------------------------------------------------------------------------------------
 
+
 def confidence_score(logits, temperature=1.0):
-  """max_c softmax(z / T)_c ([..., C] -> [...]). EIKD/DFND confidence."""
-  return jnp.max(jax.nn.softmax(cm.as_float(logits) / temperature, axis=-1), axis=-1)
+    """max_c softmax(z / T)_c ([..., C] -> [...]). EIKD/DFND confidence."""
+    return jnp.max(jax.nn.softmax(cm.as_float(logits) / temperature, axis=-1), axis=-1)
 
 
 def entropy_score(logits, temperature=1.0):
-  """Negative entropy sum_c p_c log p_c of p = softmax(z / T) (0 for one-hot, -log C uniform)."""
-  log_p = jax.nn.log_softmax(cm.as_float(logits) / temperature, axis=-1)
-  return jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    """Negative entropy sum_c p_c log p_c of p = softmax(z / T) (0 for one-hot, -log C uniform)."""
+    log_p = jax.nn.log_softmax(cm.as_float(logits) / temperature, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
 def energy_score(logits, temperature=1.0):
-  """T * logsumexp(z / T) = -E(x) (Liu et al. 2020, energy-based OOD: higher = in-distribution)."""
-  return temperature * jax.nn.logsumexp(cm.as_float(logits) / temperature, axis=-1)
+    """T * logsumexp(z / T) = -E(x) (Liu et al. 2020, energy-based OOD: higher = in-distribution)."""
+    return temperature * jax.nn.logsumexp(cm.as_float(logits) / temperature, axis=-1)
 
 
 def margin_score(logits, temperature=1.0):
-  """p_(1) - p_(2): gap between the two largest probabilities of softmax(z / T) (C >= 2)."""
-  p = jax.nn.softmax(cm.as_float(logits) / temperature, axis=-1)
-  top2, _ = jax.lax.top_k(p, 2)
-  return top2[..., 0] - top2[..., 1]
+    """p_(1) - p_(2): gap between the two largest probabilities of softmax(z / T) (C >= 2)."""
+    p = jax.nn.softmax(cm.as_float(logits) / temperature, axis=-1)
+    top2, _ = jax.lax.top_k(p, 2)
+    return top2[..., 0] - top2[..., 1]
 
 
 def disagreement_score(teacher_logits, student_logits, temperature=1.0):
-  """KL(p_T || p_S) per item, p = softmax(z / T) (ODSD §1F refresh: prefer the unlearned)."""
-  log_q = jax.nn.log_softmax(cm.as_float(student_logits) / temperature, axis=-1)
-  p = jax.nn.softmax(cm.as_float(teacher_logits) / temperature, axis=-1)
-  return cm.kl_rows(log_q, p)
+    """KL(p_T || p_S) per item, p = softmax(z / T) (ODSD §1F refresh: prefer the unlearned)."""
+    log_q = jax.nn.log_softmax(cm.as_float(student_logits) / temperature, axis=-1)
+    p = jax.nn.softmax(cm.as_float(teacher_logits) / temperature, axis=-1)
+    return cm.kl_rows(log_q, p)
 
 
 def class_prototypes(features, labels, num_classes, weights=None, normalize_features=True):
-  """Normalised class means mu_c = normalize(sum_{i: y_i = c} w_i f^_i)  ([N, D] -> [C, D]).
+    """Normalised class means mu_c = normalize(sum_{i: y_i = c} w_i f^_i)  ([N, D] -> [C, D]).
 
-  f^ = f / ||f|| when `normalize_features` (ODSD §1B: mean of normalised teacher features).
-  Labels outside [0, C) and rows with weight <= 0 are ignored; a class with no member gets a
-  zero prototype (cosine 0 to everything).
-  """
-  f = cm.flatten_rows(features)
-  if normalize_features:
-    f = cm.l2_normalize(f)
-  w, _ = cm.row_weights(weights, f.shape[0], f.dtype)
-  sums = jnp.zeros((num_classes, f.shape[1]), f.dtype).at[jnp.asarray(labels)].add(
-      w[:, None] * f, mode="drop")
-  return cm.l2_normalize(sums)
+    f^ = f / ||f|| when `normalize_features` (ODSD §1B: mean of normalised teacher features).
+    Labels outside [0, C) and rows with weight <= 0 are ignored; a class with no member gets a
+    zero prototype (cosine 0 to everything).
+    """
+    f = cm.flatten_rows(features)
+    if normalize_features:
+        f = cm.l2_normalize(f)
+    w, _ = cm.row_weights(weights, f.shape[0], f.dtype)
+    sums = (
+        jnp.zeros((num_classes, f.shape[1]), f.dtype)
+        .at[jnp.asarray(labels)]
+        .add(w[:, None] * f, mode="drop")
+    )
+    return cm.l2_normalize(sums)
 
 
 def prototype_similarities(features, prototypes):
-  """Cosine similarities [N, C] between features [N, D] and prototypes [C, D]."""
-  f = cm.l2_normalize(cm.flatten_rows(features))
-  mu = cm.l2_normalize(cm.as_float(prototypes))
-  return cm.gram(f, mu)
+    """Cosine similarities [N, C] between features [N, D] and prototypes [C, D]."""
+    f = cm.l2_normalize(cm.flatten_rows(features))
+    mu = cm.l2_normalize(cm.as_float(prototypes))
+    return cm.gram(f, mu)
 
 
 def prototype_score(features, prototypes, classes=None):
-  """Cosine to a prototype ([N]).
+    """Cosine to a prototype ([N]).
 
-  classes given ([N] int, e.g. the teacher's argmax y^): cos(f_i, mu_{classes_i}) — the APS
-  score of ODSD §1D. classes=None: the cosine to the *nearest* prototype, max_c cos(f_i, mu_c).
-  """
-  sims = prototype_similarities(features, prototypes)
-  if classes is None:
-    return jnp.max(sims, axis=-1)
-  return jnp.take_along_axis(sims, jnp.asarray(classes)[:, None], axis=-1)[:, 0]
+    classes given ([N] int, e.g. the teacher's argmax y^): cos(f_i, mu_{classes_i}) — the APS
+    score of ODSD §1D. classes=None: the cosine to the *nearest* prototype, max_c cos(f_i, mu_c).
+    """
+    sims = prototype_similarities(features, prototypes)
+    if classes is None:
+        return jnp.max(sims, axis=-1)
+    return jnp.take_along_axis(sims, jnp.asarray(classes)[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------
 # Ranking helpers
 # ----------------------------------------------------------------------------------------
 
+
 def _clean(scores):
-  s = cm.as_float(scores)
-  return jnp.where(jnp.isnan(s), -jnp.inf, s) + 0.0
+    s = cm.as_float(scores)
+    return jnp.where(jnp.isnan(s), -jnp.inf, s) + 0.0
 
 
 def _default_ids(n, ids):
-  return jnp.arange(n, dtype=jnp.int32) if ids is None else jnp.asarray(ids)
+    return jnp.arange(n, dtype=jnp.int32) if ids is None else jnp.asarray(ids)
 
 
 def _starts(keys_sorted_equal_prev):
-  """For a sorted array, index of the first element of each element's run."""
-  pos = jnp.arange(keys_sorted_equal_prev.shape[0])
-  return jax.lax.cummax(jnp.where(keys_sorted_equal_prev, 0, pos), axis=0)
+    """For a sorted array, index of the first element of each element's run."""
+    pos = jnp.arange(keys_sorted_equal_prev.shape[0])
+    return jax.lax.cummax(jnp.where(keys_sorted_equal_prev, 0, pos), axis=0)
 
 
 def _ends(keys_sorted_equal_next):
-  pos = jnp.arange(keys_sorted_equal_next.shape[0])
-  n = keys_sorted_equal_next.shape[0]
-  return jax.lax.cummin(jnp.where(keys_sorted_equal_next, n - 1, pos), axis=0, reverse=True)
+    pos = jnp.arange(keys_sorted_equal_next.shape[0])
+    n = keys_sorted_equal_next.shape[0]
+    return jax.lax.cummin(jnp.where(keys_sorted_equal_next, n - 1, pos), axis=0, reverse=True)
 
 
 def _same_as_prev(*cols):
-  eq = jnp.ones(cols[0].shape[0], bool)
-  for c in cols:
-    eq = eq & jnp.concatenate([jnp.zeros((1,), bool), c[1:] == c[:-1]])
-  return eq
+    eq = jnp.ones(cols[0].shape[0], bool)
+    for c in cols:
+        eq = eq & jnp.concatenate([jnp.zeros((1,), bool), c[1:] == c[:-1]])
+    return eq
 
 
 def _same_as_next(*cols):
-  eq = jnp.ones(cols[0].shape[0], bool)
-  for c in cols:
-    eq = eq & jnp.concatenate([c[1:] == c[:-1], jnp.zeros((1,), bool)])
-  return eq
+    eq = jnp.ones(cols[0].shape[0], bool)
+    for c in cols:
+        eq = eq & jnp.concatenate([c[1:] == c[:-1], jnp.zeros((1,), bool)])
+    return eq
 
 
 def _unsort(perm, values):
-  return jnp.zeros_like(values).at[perm].set(values)
+    return jnp.zeros_like(values).at[perm].set(values)
 
 
 def within_class_rank(scores, classes, ids=None):
-  """Ordinal rank of each item inside its class, 0 = best (score desc, id asc). [N] int."""
-  s = _clean(scores)
-  n = s.shape[0]
-  ids = _default_ids(n, ids)
-  cls = jnp.asarray(classes)
-  cls_s, _, _, perm = jax.lax.sort((cls, -s, ids, jnp.arange(n)), num_keys=3)
-  rank_sorted = jnp.arange(n) - _starts(_same_as_prev(cls_s))
-  return _unsort(perm, rank_sorted)
+    """Ordinal rank of each item inside its class, 0 = best (score desc, id asc). [N] int."""
+    s = _clean(scores)
+    n = s.shape[0]
+    ids = _default_ids(n, ids)
+    cls = jnp.asarray(classes)
+    cls_s, _, _, perm = jax.lax.sort((cls, -s, ids, jnp.arange(n)), num_keys=3)
+    rank_sorted = jnp.arange(n) - _starts(_same_as_prev(cls_s))
+    return _unsort(perm, rank_sorted)
 
 
 def rank01(scores, classes=None):
-  """Within-class percentile in [0, 1] (ODSD §1D rank01); higher score -> closer to 1.
+    """Within-class percentile in [0, 1] (ODSD §1D rank01); higher score -> closer to 1.
 
-  rank01_i = (#{j in c(i): s_j < s_i} + (#{j in c(i): s_j = s_i} - 1) / 2) / (n_c - 1)
-  (mid-rank for ties, so it is permutation invariant without ids); a class with one member
-  gives 1.0. classes=None ranks the whole array as one class.
-  """
-  s = _clean(scores)
-  n = s.shape[0]
-  cls = jnp.zeros((n,), jnp.int32) if classes is None else jnp.asarray(classes)
-  cls_s, s_s, perm = jax.lax.sort((cls, s, jnp.arange(n)), num_keys=2)
-  cls_start = _starts(_same_as_prev(cls_s))
-  cls_end = _ends(_same_as_next(cls_s))
-  tie_start = _starts(_same_as_prev(cls_s, s_s))
-  tie_end = _ends(_same_as_next(cls_s, s_s))
-  n_c = (cls_end - cls_start + 1).astype(s.dtype)
-  mid = (tie_start - cls_start).astype(s.dtype) + 0.5 * (tie_end - tie_start).astype(s.dtype)
-  r = jnp.where(n_c > 1, mid / jnp.maximum(n_c - 1, 1), 1.0)
-  return _unsort(perm, r)
+    rank01_i = (#{j in c(i): s_j < s_i} + (#{j in c(i): s_j = s_i} - 1) / 2) / (n_c - 1)
+    (mid-rank for ties, so it is permutation invariant without ids); a class with one member
+    gives 1.0. classes=None ranks the whole array as one class.
+    """
+    s = _clean(scores)
+    n = s.shape[0]
+    cls = jnp.zeros((n,), jnp.int32) if classes is None else jnp.asarray(classes)
+    cls_s, s_s, perm = jax.lax.sort((cls, s, jnp.arange(n)), num_keys=2)
+    cls_start = _starts(_same_as_prev(cls_s))
+    cls_end = _ends(_same_as_next(cls_s))
+    tie_start = _starts(_same_as_prev(cls_s, s_s))
+    tie_end = _ends(_same_as_next(cls_s, s_s))
+    n_c = (cls_end - cls_start + 1).astype(s.dtype)
+    mid = (tie_start - cls_start).astype(s.dtype) + 0.5 * (tie_end - tie_start).astype(s.dtype)
+    r = jnp.where(n_c > 1, mid / jnp.maximum(n_c - 1, 1), 1.0)
+    return _unsort(perm, r)
 
 
 # ----------------------------------------------------------------------------------------
 # In-memory selection
 # ----------------------------------------------------------------------------------------
 
+
 def select_top_k(scores, k, ids=None):
-  """Indices [min(k, N)] of the k best items, best first (score desc, id asc)."""
-  s = _clean(scores)
-  n = s.shape[0]
-  ids = _default_ids(n, ids)
-  _, _, perm = jax.lax.sort((-s, ids, jnp.arange(n)), num_keys=2)
-  return perm[:min(int(k), n)]
+    """Indices [min(k, N)] of the k best items, best first (score desc, id asc)."""
+    s = _clean(scores)
+    n = s.shape[0]
+    ids = _default_ids(n, ids)
+    _, _, perm = jax.lax.sort((-s, ids, jnp.arange(n)), num_keys=2)
+    return perm[: min(int(k), n)]
 
 
-def select_class_balanced(scores, classes, per_class, num_classes, ids=None, priority=None,
-                          total=None):
-  """Class-balanced selection with the shortfall filled from the global ranking (EIKD §1).
+def select_class_balanced(
+    scores, classes, per_class, num_classes, ids=None, priority=None, total=None
+):
+    """Class-balanced selection with the shortfall filled from the global ranking (EIKD §1).
 
-  1. Quota: in each class c in [0, C) the `per_class` best items (order: priority first, then
-     score desc, id asc).
-  2. Fill: if some classes hold fewer than `per_class` items, the remaining slots go to the
-     best not-yet-selected items of the global ranking (same order; items with a class
-     outside [0, C) are only eligible here).
-  Returns M = min(N, total or per_class * C) unique indices: the quota picks (priority first,
-  then by score) followed by the fill. With unique `ids`, permuting the input selects the same
-  ids. `priority` ([N] bool, e.g. ODSD's quantile gate G_c) ranks gated items before ungated
-  ones, so "top of G_c first, shortfall from A_c minus G_c" is one call. If `total` is smaller
-  than per_class * C, the lowest quota picks are dropped.
-  """
-  s = _clean(scores)
-  n = s.shape[0]
-  ids = _default_ids(n, ids)
-  cls = jnp.asarray(classes)
-  in_range = (cls >= 0) & (cls < num_classes)
-  if priority is None:
-    not_prio = jnp.zeros((n,), jnp.int32)
-  else:
-    not_prio = (~jnp.asarray(priority, bool)).astype(jnp.int32)
-  cls_key = jnp.where(in_range, cls, num_classes)
-  cls_s, _, _, _, perm = jax.lax.sort((cls_key, not_prio, -s, ids, jnp.arange(n)), num_keys=4)
-  rank_sorted = jnp.arange(n) - _starts(_same_as_prev(cls_s))
-  quota_sorted = (cls_s < num_classes) & (rank_sorted < per_class)
-  quota = _unsort(perm, quota_sorted)
-  _, _, _, _, order = jax.lax.sort(
-      ((~quota).astype(jnp.int32), not_prio, -s, ids, jnp.arange(n)), num_keys=4)
-  m = per_class * num_classes if total is None else total
-  return order[:min(int(m), n)]
+    1. Quota: in each class c in [0, C) the `per_class` best items (order: priority first, then
+       score desc, id asc).
+    2. Fill: if some classes hold fewer than `per_class` items, the remaining slots go to the
+       best not-yet-selected items of the global ranking (same order; items with a class
+       outside [0, C) are only eligible here).
+    Returns M = min(N, total or per_class * C) unique indices: the quota picks (priority first,
+    then by score) followed by the fill. With unique `ids`, permuting the input selects the same
+    ids. `priority` ([N] bool, e.g. ODSD's quantile gate G_c) ranks gated items before ungated
+    ones, so "top of G_c first, shortfall from A_c minus G_c" is one call. If `total` is smaller
+    than per_class * C, the lowest quota picks are dropped.
+    """
+    s = _clean(scores)
+    n = s.shape[0]
+    ids = _default_ids(n, ids)
+    cls = jnp.asarray(classes)
+    in_range = (cls >= 0) & (cls < num_classes)
+    if priority is None:
+        not_prio = jnp.zeros((n,), jnp.int32)
+    else:
+        not_prio = (~jnp.asarray(priority, bool)).astype(jnp.int32)
+    cls_key = jnp.where(in_range, cls, num_classes)
+    cls_s, _, _, _, perm = jax.lax.sort((cls_key, not_prio, -s, ids, jnp.arange(n)), num_keys=4)
+    rank_sorted = jnp.arange(n) - _starts(_same_as_prev(cls_s))
+    quota_sorted = (cls_s < num_classes) & (rank_sorted < per_class)
+    quota = _unsort(perm, quota_sorted)
+    _, _, _, _, order = jax.lax.sort(
+        ((~quota).astype(jnp.int32), not_prio, -s, ids, jnp.arange(n)), num_keys=4
+    )
+    m = per_class * num_classes if total is None else total
+    return order[: min(int(m), n)]
 
 
 # ----------------------------------------------------------------------------------------
 # Streaming selection
 # ----------------------------------------------------------------------------------------
 
-class TopKState(NamedTuple):
-  """The k best items seen so far, best first. Empty slots: score -inf, id EMPTY_ID, zero payload.
 
-  scores [k] float32, ids [k] int32, payload: pytree of [k, ...] arrays (or None).
-  """
-  scores: jax.Array
-  ids: jax.Array
-  payload: Any = None
+class TopKState(NamedTuple):
+    """The k best items seen so far, best first. Empty slots: score -inf, id EMPTY_ID, zero payload.
+
+    scores [k] float32, ids [k] int32, payload: pytree of [k, ...] arrays (or None).
+    """
+
+    scores: jax.Array
+    ids: jax.Array
+    payload: Any = None
 
 
 class ClassTopKState(NamedTuple):
-  """Per-class k best items: scores [C, k], ids [C, k], payload pytree of [C, k, ...] (or None)."""
-  scores: jax.Array
-  ids: jax.Array
-  payload: Any = None
+    """Per-class k best items: scores [C, k], ids [C, k], payload pytree of [C, k, ...] (or None)."""
+
+    scores: jax.Array
+    ids: jax.Array
+    payload: Any = None
 
 
 def _zeros_payload(lead, payload_spec):
-  if payload_spec is None:
-    return None
-  return jax.tree.map(lambda x: jnp.zeros(tuple(lead) + tuple(x.shape), x.dtype), payload_spec)
+    if payload_spec is None:
+        return None
+    return jax.tree.map(lambda x: jnp.zeros(tuple(lead) + tuple(x.shape), x.dtype), payload_spec)
 
 
 def init_top_k(k, payload_spec=None):
-  """Empty `TopKState` for k items.
+    """Empty `TopKState` for k items.
 
-  payload_spec: optional pytree of per-item `jax.ShapeDtypeStruct`s (or example arrays),
-  e.g. {"cls": jax.ShapeDtypeStruct((), jnp.int32), "feat": jax.ShapeDtypeStruct((512,),
-  jnp.float16)}, carried along with each kept item.
-  """
-  return TopKState(jnp.full((k,), -jnp.inf, jnp.float32), jnp.full((k,), EMPTY_ID, jnp.int32),
-                   _zeros_payload((k,), payload_spec))
+    payload_spec: optional pytree of per-item `jax.ShapeDtypeStruct`s (or example arrays),
+    e.g. {"cls": jax.ShapeDtypeStruct((), jnp.int32), "feat": jax.ShapeDtypeStruct((512,),
+    jnp.float16)}, carried along with each kept item.
+    """
+    return TopKState(
+        jnp.full((k,), -jnp.inf, jnp.float32),
+        jnp.full((k,), EMPTY_ID, jnp.int32),
+        _zeros_payload((k,), payload_spec),
+    )
 
 
 def _chunk_arrays(scores, ids, mask):
-  s = _clean(scores).astype(jnp.float32)
-  ids = jnp.asarray(ids, jnp.int32)
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    s = jnp.where(mask, s, -jnp.inf)
-    ids = jnp.where(mask, ids, EMPTY_ID)
-  return s, ids
+    s = _clean(scores).astype(jnp.float32)
+    ids = jnp.asarray(ids, jnp.int32)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        s = jnp.where(mask, s, -jnp.inf)
+        ids = jnp.where(mask, ids, EMPTY_ID)
+    return s, ids
 
 
 def _zero_empty(payload, keep):
-  if payload is None:
-    return None
-  def z(x):
-    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, 0)
-  return jax.tree.map(z, payload)
+    if payload is None:
+        return None
+
+    def z(x):
+        return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim)), x, 0)
+
+    return jax.tree.map(z, payload)
 
 
 def merge_top_k(state, scores, ids, payload=None, mask=None):
-  """Fold a chunk ([n] scores, [n] unique int ids, payload pytree of [n, ...]) into `state`.
+    """Fold a chunk ([n] scores, [n] unique int ids, payload pytree of [n, ...]) into `state`.
 
-  Keeps the k best of state U chunk by (score desc, id asc); `mask` [n] drops padded items.
-  Order-independent: folding chunks in any order (or merging per-host states) gives the
-  result of one full sort. Memory O(k + n). jit-able (shapes are static).
-  """
-  s, ids = _chunk_arrays(scores, ids, mask)
-  k = state.scores.shape[0]
-  all_s = jnp.concatenate([state.scores, s])
-  all_id = jnp.concatenate([state.ids, ids])
-  _, _, perm = jax.lax.sort((-all_s, all_id, jnp.arange(all_s.shape[0])), num_keys=2)
-  idx = perm[:k]
-  new_ids = all_id[idx]
-  new_payload = None
-  if state.payload is not None:
-    new_payload = jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)])[idx],
-                               state.payload, payload)
-    new_payload = _zero_empty(new_payload, new_ids != EMPTY_ID)
-  return TopKState(all_s[idx], new_ids, new_payload)
+    Keeps the k best of state U chunk by (score desc, id asc); `mask` [n] drops padded items.
+    Order-independent: folding chunks in any order (or merging per-host states) gives the
+    result of one full sort. Memory O(k + n). jit-able (shapes are static).
+    """
+    s, ids = _chunk_arrays(scores, ids, mask)
+    k = state.scores.shape[0]
+    all_s = jnp.concatenate([state.scores, s])
+    all_id = jnp.concatenate([state.ids, ids])
+    _, _, perm = jax.lax.sort((-all_s, all_id, jnp.arange(all_s.shape[0])), num_keys=2)
+    idx = perm[:k]
+    new_ids = all_id[idx]
+    new_payload = None
+    if state.payload is not None:
+        new_payload = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, b.astype(a.dtype)])[idx], state.payload, payload
+        )
+        new_payload = _zero_empty(new_payload, new_ids != EMPTY_ID)
+    return TopKState(all_s[idx], new_ids, new_payload)
 
 
 def merge_top_k_states(a, b):
-  """Merge two `TopKState`s (e.g. from two hosts): the k best of their union."""
-  return merge_top_k(a, b.scores, b.ids, b.payload)
+    """Merge two `TopKState`s (e.g. from two hosts): the k best of their union."""
+    return merge_top_k(a, b.scores, b.ids, b.payload)
 
 
 def init_class_top_k(num_classes, k, payload_spec=None):
-  """Empty `ClassTopKState`: k slots for each of C classes."""
-  return ClassTopKState(jnp.full((num_classes, k), -jnp.inf, jnp.float32),
-                        jnp.full((num_classes, k), EMPTY_ID, jnp.int32),
-                        _zeros_payload((num_classes, k), payload_spec))
+    """Empty `ClassTopKState`: k slots for each of C classes."""
+    return ClassTopKState(
+        jnp.full((num_classes, k), -jnp.inf, jnp.float32),
+        jnp.full((num_classes, k), EMPTY_ID, jnp.int32),
+        _zeros_payload((num_classes, k), payload_spec),
+    )
 
 
 def merge_class_top_k(state, scores, classes, ids, payload=None, mask=None):
-  """Fold a chunk into per-class heaps: each class keeps its k best (score desc, id asc).
+    """Fold a chunk into per-class heaps: each class keeps its k best (score desc, id asc).
 
-  Items whose class is outside [0, C) or whose `mask` is False are dropped. Memory
-  O(C * (k + n)) per call — keep chunks moderate. Order-independent like `merge_top_k`.
-  """
-  s, ids = _chunk_arrays(scores, ids, mask)
-  num_classes, k = state.scores.shape
-  n = s.shape[0]
-  member = jnp.asarray(classes)[None, :] == jnp.arange(num_classes)[:, None]  # [C, n]
-  cand_s = jnp.concatenate([state.scores, jnp.where(member, s[None], -jnp.inf)], axis=1)
-  cand_id = jnp.concatenate([state.ids, jnp.where(member, ids[None], EMPTY_ID)], axis=1)
-  iota = jnp.broadcast_to(jnp.arange(k + n), cand_s.shape)
-  _, _, perm = jax.lax.sort((-cand_s, cand_id, iota), dimension=1, num_keys=2)
-  idx = perm[:, :k]                                                            # [C, k]
-  new_s = jnp.take_along_axis(cand_s, idx, axis=1)
-  new_ids = jnp.take_along_axis(cand_id, idx, axis=1)
-  new_payload = None
-  if state.payload is not None:
-    row = jnp.arange(num_classes)[:, None]
-    flat_idx = jnp.where(idx < k, row * k + idx, num_classes * k + idx - k)
+    Items whose class is outside [0, C) or whose `mask` is False are dropped. Memory
+    O(C * (k + n)) per call — keep chunks moderate. Order-independent like `merge_top_k`.
+    """
+    s, ids = _chunk_arrays(scores, ids, mask)
+    num_classes, k = state.scores.shape
+    n = s.shape[0]
+    member = jnp.asarray(classes)[None, :] == jnp.arange(num_classes)[:, None]  # [C, n]
+    cand_s = jnp.concatenate([state.scores, jnp.where(member, s[None], -jnp.inf)], axis=1)
+    cand_id = jnp.concatenate([state.ids, jnp.where(member, ids[None], EMPTY_ID)], axis=1)
+    iota = jnp.broadcast_to(jnp.arange(k + n), cand_s.shape)
+    _, _, perm = jax.lax.sort((-cand_s, cand_id, iota), dimension=1, num_keys=2)
+    idx = perm[:, :k]  # [C, k]
+    new_s = jnp.take_along_axis(cand_s, idx, axis=1)
+    new_ids = jnp.take_along_axis(cand_id, idx, axis=1)
+    new_payload = None
+    if state.payload is not None:
+        row = jnp.arange(num_classes)[:, None]
+        flat_idx = jnp.where(idx < k, row * k + idx, num_classes * k + idx - k)
 
-    def gather(a, b):
-      pool = jnp.concatenate([a.reshape((num_classes * k,) + a.shape[2:]), b.astype(a.dtype)])
-      return pool[flat_idx]
+        def gather(a, b):
+            pool = jnp.concatenate([a.reshape((num_classes * k,) + a.shape[2:]), b.astype(a.dtype)])
+            return pool[flat_idx]
 
-    new_payload = _zero_empty(jax.tree.map(gather, state.payload, payload),
-                              new_ids != EMPTY_ID)
-  return ClassTopKState(new_s, new_ids, new_payload)
+        new_payload = _zero_empty(jax.tree.map(gather, state.payload, payload), new_ids != EMPTY_ID)
+    return ClassTopKState(new_s, new_ids, new_payload)
 
 
 def merge_class_top_k_states(a, b):
-  """Merge two `ClassTopKState`s class by class."""
-  num_classes, k = b.scores.shape
-  classes = jnp.repeat(jnp.arange(num_classes), k)
-  payload = None if b.payload is None else jax.tree.map(
-      lambda x: x.reshape((num_classes * k,) + x.shape[2:]), b.payload)
-  return merge_class_top_k(a, b.scores.reshape(-1), classes, b.ids.reshape(-1), payload,
-                           mask=b.ids.reshape(-1) != EMPTY_ID)
+    """Merge two `ClassTopKState`s class by class."""
+    num_classes, k = b.scores.shape
+    classes = jnp.repeat(jnp.arange(num_classes), k)
+    payload = (
+        None
+        if b.payload is None
+        else jax.tree.map(lambda x: x.reshape((num_classes * k,) + x.shape[2:]), b.payload)
+    )
+    return merge_class_top_k(
+        a,
+        b.scores.reshape(-1),
+        classes,
+        b.ids.reshape(-1),
+        payload,
+        mask=b.ids.reshape(-1) != EMPTY_ID,
+    )
 
 
 def flatten_class_top_k(state):
-  """Per-class heaps -> flat candidate arrays for in-memory selection.
+    """Per-class heaps -> flat candidate arrays for in-memory selection.
 
-  Returns (scores [C*k], ids [C*k], classes [C*k], payload pytree of [C*k, ...], valid [C*k]);
-  empty slots have valid = False (give them to selections as `mask`/weights or drop them).
-  """
-  num_classes, k = state.scores.shape
-  classes = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), k)
-  payload = None if state.payload is None else jax.tree.map(
-      lambda x: x.reshape((num_classes * k,) + x.shape[2:]), state.payload)
-  ids = state.ids.reshape(-1)
-  return state.scores.reshape(-1), ids, classes, payload, ids != EMPTY_ID
+    Returns (scores [C*k], ids [C*k], classes [C*k], payload pytree of [C*k, ...], valid [C*k]);
+    empty slots have valid = False (give them to selections as `mask`/weights or drop them).
+    """
+    num_classes, k = state.scores.shape
+    classes = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), k)
+    payload = (
+        None
+        if state.payload is None
+        else jax.tree.map(lambda x: x.reshape((num_classes * k,) + x.shape[2:]), state.payload)
+    )
+    ids = state.ids.reshape(-1)
+    return state.scores.reshape(-1), ids, classes, payload, ids != EMPTY_ID
 
 
 # ----------------------------------------------------------------------------------------
 # APS (ODSD §1) pure pieces, on the candidates held in memory
 # ----------------------------------------------------------------------------------------
 
-def refine_prototypes(features_normed, pred_classes, init_prototypes, top_n, rounds=2,
-                      weights=None, ids=None):
-  """ODSD §1B prototype refinement.
 
-  Repeat `rounds` times: for each class c, rank A_c = {u : y^(u) = c} by <f^_u, mu_c>
-  (desc, ties by id), and set mu_c = normalize(mean of the top-n_c f^_u). A class with no
-  member keeps its previous prototype.
+def refine_prototypes(
+    features_normed, pred_classes, init_prototypes, top_n, rounds=2, weights=None, ids=None
+):
+    """ODSD §1B prototype refinement.
 
-  Args:
-    features_normed: [N, D] L2-normalised teacher features f^.
-    pred_classes: [N] int teacher argmax y^ (values outside [0, C) are ignored).
-    init_prototypes: [C, D] (e.g. normalised teacher head rows W_T[c] / ||W_T[c]||).
-    top_n: int or [C] int array n_c.
-    weights: optional [N]; rows with weight <= 0 are ignored (padded candidates).
-  Returns: [C, D] unit prototypes.
-  """
-  f = cm.flatten_rows(features_normed)
-  n = f.shape[0]
-  mu = cm.l2_normalize(cm.as_float(init_prototypes))
-  num_classes = mu.shape[0]
-  cls = jnp.asarray(pred_classes)
-  _, valid = cm.row_weights(weights, n, f.dtype)
-  ok = valid & (cls >= 0) & (cls < num_classes)
-  safe_cls = jnp.clip(cls, 0, num_classes - 1)
-  group = jnp.where(ok, cls, num_classes)
-  top_n_item = jnp.broadcast_to(jnp.asarray(top_n), (num_classes,))[safe_cls]
-  for _ in range(rounds):
-    cos = jnp.sum(f * mu[safe_cls], axis=-1)
-    sel = ok & (within_class_rank(cos, group, ids) < top_n_item)
-    sums = jnp.zeros_like(mu).at[safe_cls].add(jnp.where(sel[:, None], f, 0.0))
-    counts = jnp.zeros((num_classes,), jnp.int32).at[safe_cls].add(sel.astype(jnp.int32))
-    mu = jnp.where((counts > 0)[:, None], cm.l2_normalize(sums), mu)
-  return mu
+    Repeat `rounds` times: for each class c, rank A_c = {u : y^(u) = c} by <f^_u, mu_c>
+    (desc, ties by id), and set mu_c = normalize(mean of the top-n_c f^_u). A class with no
+    member keeps its previous prototype.
+
+    Args:
+      features_normed: [N, D] L2-normalised teacher features f^.
+      pred_classes: [N] int teacher argmax y^ (values outside [0, C) are ignored).
+      init_prototypes: [C, D] (e.g. normalised teacher head rows W_T[c] / ||W_T[c]||).
+      top_n: int or [C] int array n_c.
+      weights: optional [N]; rows with weight <= 0 are ignored (padded candidates).
+    Returns: [C, D] unit prototypes.
+    """
+    f = cm.flatten_rows(features_normed)
+    n = f.shape[0]
+    mu = cm.l2_normalize(cm.as_float(init_prototypes))
+    num_classes = mu.shape[0]
+    cls = jnp.asarray(pred_classes)
+    _, valid = cm.row_weights(weights, n, f.dtype)
+    ok = valid & (cls >= 0) & (cls < num_classes)
+    safe_cls = jnp.clip(cls, 0, num_classes - 1)
+    group = jnp.where(ok, cls, num_classes)
+    top_n_item = jnp.broadcast_to(jnp.asarray(top_n), (num_classes,))[safe_cls]
+    for _ in range(rounds):
+        cos = jnp.sum(f * mu[safe_cls], axis=-1)
+        sel = ok & (within_class_rank(cos, group, ids) < top_n_item)
+        sums = jnp.zeros_like(mu).at[safe_cls].add(jnp.where(sel[:, None], f, 0.0))
+        counts = jnp.zeros((num_classes,), jnp.int32).at[safe_cls].add(sel.astype(jnp.int32))
+        mu = jnp.where((counts > 0)[:, None], cm.l2_normalize(sums), mu)
+    return mu
 
 
 def quantile_gate(probs_of_pred, pred_classes, num_classes, q=0.5, weights=None):
-  """ODSD §1C adaptive gate: gamma_c = q-quantile of p_T(c|u) over A_c = {u : y^(u) = c}.
+    """ODSD §1C adaptive gate: gamma_c = q-quantile of p_T(c|u) over A_c = {u : y^(u) = c}.
 
-  Quantile by linear interpolation between order statistics (NumPy's default "linear").
-  Returns (gamma [C] — +inf for a class with no member; passed [N] bool: p >= gamma_{y^}).
-  Rows with weight <= 0 or a class outside [0, C) neither count nor pass.
-  """
-  p = cm.as_float(probs_of_pred)
-  n = p.shape[0]
-  cls = jnp.asarray(pred_classes)
-  _, valid = cm.row_weights(weights, n, p.dtype)
-  ok = valid & (cls >= 0) & (cls < num_classes)
-  key = jnp.where(ok, cls, num_classes)
-  _, p_sorted = jax.lax.sort((key, p), num_keys=2)
-  counts = jnp.zeros((num_classes,), jnp.int32).at[key].add(1, mode="drop")
-  starts = jnp.cumsum(counts) - counts
-  pos = q * jnp.maximum(counts - 1, 0).astype(p.dtype)
-  lo = jnp.floor(pos).astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, jnp.maximum(counts - 1, 0))
-  frac = pos - lo.astype(p.dtype)
-  v_lo = p_sorted[jnp.clip(starts + lo, 0, n - 1)]
-  v_hi = p_sorted[jnp.clip(starts + hi, 0, n - 1)]
-  gamma = jnp.where(counts > 0, v_lo + (v_hi - v_lo) * frac, jnp.inf)
-  passed = ok & (p >= gamma[jnp.clip(cls, 0, num_classes - 1)])
-  return gamma, passed
+    Quantile by linear interpolation between order statistics (NumPy's default "linear").
+    Returns (gamma [C] — +inf for a class with no member; passed [N] bool: p >= gamma_{y^}).
+    Rows with weight <= 0 or a class outside [0, C) neither count nor pass.
+    """
+    p = cm.as_float(probs_of_pred)
+    n = p.shape[0]
+    cls = jnp.asarray(pred_classes)
+    _, valid = cm.row_weights(weights, n, p.dtype)
+    ok = valid & (cls >= 0) & (cls < num_classes)
+    key = jnp.where(ok, cls, num_classes)
+    _, p_sorted = jax.lax.sort((key, p), num_keys=2)
+    counts = jnp.zeros((num_classes,), jnp.int32).at[key].add(1, mode="drop")
+    starts = jnp.cumsum(counts) - counts
+    pos = q * jnp.maximum(counts - 1, 0).astype(p.dtype)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(counts - 1, 0))
+    frac = pos - lo.astype(p.dtype)
+    v_lo = p_sorted[jnp.clip(starts + lo, 0, n - 1)]
+    v_hi = p_sorted[jnp.clip(starts + hi, 0, n - 1)]
+    gamma = jnp.where(counts > 0, v_lo + (v_hi - v_lo) * frac, jnp.inf)
+    passed = ok & (p >= gamma[jnp.clip(cls, 0, num_classes - 1)])
+    return gamma, passed
 
 
 def aps_scores(cos_to_proto, log_probs, pred_classes, alpha=0.5):
-  """ODSD §1D within-class score: alpha * rank01(cos) + (1 - alpha) * rank01(log p_T(y^|u)).
+    """ODSD §1D within-class score: alpha * rank01(cos) + (1 - alpha) * rank01(log p_T(y^|u)).
 
-  Both ranks are within the predicted class y^ (`rank01`), so the score is in [0, 1].
-  alpha = 1 is prototype-only, alpha = 0 confidence-only (DFND's ranking).
-  Select with `select_class_balanced(scores, pred_classes, per_class, C, ids=...,
-  priority=gate_passed)`.
-  """
-  return (alpha * rank01(cos_to_proto, pred_classes)
-          + (1.0 - alpha) * rank01(log_probs, pred_classes))
+    Both ranks are within the predicted class y^ (`rank01`), so the score is in [0, 1].
+    alpha = 1 is prototype-only, alpha = 0 confidence-only (DFND's ranking).
+    Select with `select_class_balanced(scores, pred_classes, per_class, C, ids=...,
+    priority=gate_passed)`.
+    """
+    return alpha * rank01(cos_to_proto, pred_classes) + (1.0 - alpha) * rank01(
+        log_probs, pred_classes
+    )
