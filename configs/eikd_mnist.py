@@ -26,14 +26,7 @@ from kd_jax.methods import eikd
 def get_config(arg=None):
     flags = config_utils.parse_arg(
         arg, ("dfnd", "global", "no_drop", "no_feat", "no_rel", "smoke"), __file__)
-    c = config_utils.base_config()
-    c.method = "eikd"
-    c.model.name = "lenet5_half"
-    c.teacher.model = "lenet5"
-    c.teacher.train = config_utils.sibling(__file__, "teacher_mnist.py",
-                                           "smoke" if "smoke" in flags else None)
-    c.data = c.teacher.train.data.copy_and_resolve_references()
-    c.data.transfer.source = "offline_pool"
+    c = config_utils.offline_student(__file__, "eikd", smoke="smoke" in flags)
     c.eikd = eikd.default_config()
     c.eikd.selection.size = 4000
     c.eikd.selection.score_batch_size = 512

@@ -14,17 +14,10 @@ from kd_jax import config_utils
 
 def get_config(arg="pool"):
     flags = config_utils.parse_arg(arg, ("original", "pool", "random", "smoke"), __file__)
-    c = config_utils.base_config()
-    c.method = "kd"
-    c.model.name = "lenet5_half"
-    c.teacher.model = "lenet5"
-    c.teacher.train = config_utils.sibling(__file__, "teacher_mnist.py",
-                                           "smoke" if "smoke" in flags else None)
-    c.data = c.teacher.train.data.copy_and_resolve_references()
+    c = config_utils.offline_student(__file__, "kd", smoke="smoke" in flags)
     if "original" in flags:
         c.data.transfer.source = "original"
     else:
-        c.data.transfer.source = "offline_pool"
         c.data.transfer.subset = "random" if "random" in flags else "all"
         c.data.transfer.subset_size = 4000 if "random" in flags else 0
     c.batch_size = 128

@@ -26,14 +26,7 @@ from kd_jax.methods import odsd
 def get_config(arg=None):
     flags = config_utils.parse_arg(
         arg, ("smoke", "no_aps", "no_lnr", "no_tr", "no_sr", "dfnd", "all"), __file__)
-    c = config_utils.base_config()
-    c.method = "odsd"
-    c.model.name = "lenet5_half"
-    c.teacher.model = "lenet5"
-    c.teacher.train = config_utils.sibling(__file__, "teacher_mnist.py",
-                                           "smoke" if "smoke" in flags else None)
-    c.data = c.teacher.train.data.copy_and_resolve_references()
-    c.data.transfer.source = "offline_pool"
+    c = config_utils.offline_student(__file__, "odsd", smoke="smoke" in flags)
     c.odsd = odsd.default_config()
     c.odsd.aps.size = 4000  # N = the original train-set size (400 per class)
     c.batch_size = 128

@@ -118,3 +118,18 @@ def cifar_pair(flags: set, config_file: str) -> tuple[str, str]:
     if len(chosen) > 1:
         raise ValueError(f"{config_file}: pick one pair of {sorted(CIFAR_PAIRS)}")
     return CIFAR_PAIRS[chosen[0] if chosen else "r34_r18"]
+
+
+def offline_student(config_file: str, method: str, smoke: bool) -> ml_collections.ConfigDict:
+    """The offline benchmark's student setup shared by kd/odsd/eikd_mnist.py: LeNet-5 ->
+    LeNet-5-half, the teacher config chained from teacher_mnist.py (trained into
+    <workdir>/teacher unless teacher.workdir is given), the teacher's data domain, and the
+    bundled open-world pool as transfer set."""
+    c = base_config()
+    c.method = method
+    c.model.name = "lenet5_half"
+    c.teacher.model = "lenet5"
+    c.teacher.train = sibling(config_file, "teacher_mnist.py", "smoke" if smoke else None)
+    c.data = c.teacher.train.data.copy_and_resolve_references()
+    c.data.transfer.source = "offline_pool"
+    return c

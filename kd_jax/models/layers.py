@@ -62,6 +62,22 @@ def normal_init(stddev: float) -> Initializer:
 # --------------------------------------------------------------------------------------------
 
 
+def _resolve_inits(kernel_init, bias_init, fan_in: int):
+    """Named initializers ("torch", "zeros") -> callables; the torch bias bound needs fan_in."""
+    if isinstance(kernel_init, str):
+        if kernel_init != "torch":
+            raise ValueError(f"unknown kernel_init {kernel_init!r}")
+        kernel_init = torch_default_kernel_init
+    if isinstance(bias_init, str):
+        if bias_init == "torch":
+            bias_init = torch_default_bias_init(fan_in)
+        elif bias_init == "zeros":
+            bias_init = nn.initializers.zeros
+        else:
+            raise ValueError(f"unknown bias_init {bias_init!r}")
+    return kernel_init, bias_init
+
+
 def conv2d(
     features: int,
     kernel_size: int,
@@ -82,17 +98,7 @@ def conv2d(
     `in_features` for the bias bound); pass an initializer to override.
     """
     fan_in = (in_features // groups) * kernel_size * kernel_size
-    if isinstance(kernel_init, str):
-        if kernel_init != "torch":
-            raise ValueError(f"unknown kernel_init {kernel_init!r}")
-        kernel_init = torch_default_kernel_init
-    if isinstance(bias_init, str):
-        if bias_init == "torch":
-            bias_init = torch_default_bias_init(fan_in)
-        elif bias_init == "zeros":
-            bias_init = nn.initializers.zeros
-        else:
-            raise ValueError(f"unknown bias_init {bias_init!r}")
+    kernel_init, bias_init = _resolve_inits(kernel_init, bias_init, fan_in)
     return nn.Conv(
         features=features,
         kernel_size=(kernel_size, kernel_size),
@@ -119,17 +125,7 @@ def linear(
     name: str | None = None,
 ) -> nn.Dense:
     """An `nn.Dense` equal to `torch.nn.Linear(in_features, features)` (kernel = weight.T)."""
-    if isinstance(kernel_init, str):
-        if kernel_init != "torch":
-            raise ValueError(f"unknown kernel_init {kernel_init!r}")
-        kernel_init = torch_default_kernel_init
-    if isinstance(bias_init, str):
-        if bias_init == "torch":
-            bias_init = torch_default_bias_init(in_features)
-        elif bias_init == "zeros":
-            bias_init = nn.initializers.zeros
-        else:
-            raise ValueError(f"unknown bias_init {bias_init!r}")
+    kernel_init, bias_init = _resolve_inits(kernel_init, bias_init, in_features)
     return nn.Dense(
         features=features,
         use_bias=use_bias,
