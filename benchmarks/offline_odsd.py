@@ -4,7 +4,8 @@
 
 Rows: the teacher · KD on the original train images (upper bound) · KD on the whole pool · KD on
 a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
-KD loss) · ODSD · ODSD without APS / LNR / L_TR / L_SR. Columns: student accuracy on the
+KD loss) · ODSD · ODSD with the adaptive refresh (§1F) · ODSD's losses on the whole pool · ODSD
+without APS / LNR / L_TR / L_SR. Columns: student accuracy on the
 held-out MNIST-5k test split (mean ± std over seeds), the share of digits (related sources) in
 the transfer set, and wall time per run. Every run shares one teacher (trained once into
 <out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
@@ -29,6 +30,8 @@ VARIANTS = {
     "KD, random pool subset (N)": ("configs/kd_mnist.py:random", {}),
     "DFND-style global confidence top-N": ("configs/odsd_mnist.py:dfnd", {}),
     "ODSD": ("configs/odsd_mnist.py", {}),
+    "ODSD + adaptive refresh (§1F, every 2 epochs)": ("configs/odsd_mnist.py:refresh", {}),
+    "ODSD losses on the whole pool (no sampling)": ("configs/odsd_mnist.py:all", {}),
     "ODSD w/o APS (random N)": ("configs/odsd_mnist.py:no_aps", {}),
     "ODSD w/o LNR": ("configs/odsd_mnist.py:no_lnr", {}),
     "ODSD w/o L_TR": ("configs/odsd_mnist.py:no_tr", {}),
@@ -36,8 +39,10 @@ VARIANTS = {
 }
 
 RUN_ORDER = ["ODSD", "KD, random pool subset (N)", "KD, whole pool",
-             "DFND-style global confidence top-N", "ODSD w/o APS (random N)", "ODSD w/o LNR",
-             "ODSD w/o L_TR", "ODSD w/o L_SR", "KD, original data (upper bound)"]
+             "DFND-style global confidence top-N", "ODSD w/o APS (random N)",
+             "ODSD losses on the whole pool (no sampling)", "ODSD w/o LNR", "ODSD w/o L_TR",
+             "ODSD w/o L_SR", "ODSD + adaptive refresh (§1F, every 2 epochs)",
+             "KD, original data (upper bound)"]
 
 
 @functools.lru_cache(maxsize=1)

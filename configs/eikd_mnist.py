@@ -47,9 +47,6 @@ def get_config(arg=None):
     c.optimizer.lr = 0.05
     c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 500
     if "smoke" in flags:  # 80 steps: the clipped relation terms need ~50 to get going
-        # The 40-step smoke teacher is at chance (19 %); 200 steps give a usable one in seconds.
-        c.teacher.train.num_steps = 200
-        c.teacher.train.eval_every = c.teacher.train.checkpoint_every = 200
         c.eikd.selection.size = 500
         c.batch_size, c.num_steps = 64, 80
         c.log_every, c.eval_every, c.checkpoint_every = 20, 80, 40

@@ -25,7 +25,7 @@ from kd_jax.methods import odsd
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(
-        arg, ("smoke", "no_aps", "no_lnr", "no_tr", "no_sr", "dfnd", "all"), __file__)
+        arg, ("smoke", "no_aps", "no_lnr", "no_tr", "no_sr", "dfnd", "all", "refresh"), __file__)
     c = config_utils.offline_student(__file__, "odsd", smoke="smoke" in flags)
     c.odsd = odsd.default_config()
     c.odsd.aps.size = 4000  # N = the original train-set size (400 per class)
@@ -40,6 +40,8 @@ def get_config(arg=None):
         c.odsd.aps.selection = "random"
     if "all" in flags:
         c.odsd.aps.selection = "all"
+    if "refresh" in flags:
+        c.odsd.aps.refresh_epochs = 2
     if "no_lnr" in flags:
         c.odsd.lnr.rule = "none"
     if "no_tr" in flags:
@@ -51,9 +53,6 @@ def get_config(arg=None):
         c.odsd.lnr.rule, c.odsd.tr.weight, c.odsd.sr.weight = "none", 0.0, 0.0
         c.optimizer.lr = 0.05  # a KD baseline: the same optimiser as configs/kd_mnist.py
     if "smoke" in flags:
-        # teacher_mnist:smoke's 40 steps leave LeNet-5 at ~19 % (measured): give it 300.
-        c.teacher.train.num_steps = 300
-        c.teacher.train.eval_every = c.teacher.train.checkpoint_every = 300
         c.batch_size, c.num_steps = 64, 150
         c.odsd.aps.size = 1000
         c.log_every, c.eval_every, c.checkpoint_every = 50, 150, 150

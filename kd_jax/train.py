@@ -177,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step = start_step
     with _Preemption() as preemption:
         while step < num_steps:
+            if method.update_transfer_set(state, step):
+                batches = method.train_batches(step)
             local = next(batches)
             state, metrics = train_step(state, method.teacher_vars,
                                         parallel.global_batch(local, mesh), step_rng)

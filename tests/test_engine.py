@@ -1,47 +1,16 @@
-"""The shared engine: one step on TFDS mock data, device-count invariance, resume, bad input."""
+"""The shared engine: device-count invariance, resume, teacher chaining, bad input."""
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+from helpers import ROOT, config
 
 from kd_jax import config_utils, parallel, train
 from kd_jax.data import pipeline
 from kd_jax.methods import get_method
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def config(name, arg=None, **overrides):
-    c = config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def test_one_teacher_step_on_tfds_mock_data(tmp_path):
-    c = config("teacher_cifar10.py", "wrn16_1,smoke")
-    with tfds.testing.mock_data(num_examples=40):
-        results = train.train_and_evaluate(c, str(tmp_path))
-    assert results["steps"] == 2 and 0.0 <= results["final_accuracy"] <= 1.0
-    saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("method", "config", "final_accuracy", "best_accuracy", "steps", "wall_seconds",
-                "images_per_second"):
-        assert key in saved, key
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 2 and "accuracy" in lines[-1]
-    assert os.listdir(tmp_path / "tensorboard")
-    # A finished run is not trained again.
-    again = train.train_and_evaluate(c, str(tmp_path))
-    assert again["final_accuracy"] == results["final_accuracy"]
 
 
 def _three_steps(devices, seed=0):
@@ -132,6 +101,19 @@ def test_missing_teacher_workdir_is_clear(tmp_path):
     c = config("kd_mnist.py", "pool,smoke", **{"teacher.workdir": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="holds no finished teacher"):
         train.train_and_evaluate(c, str(tmp_path / "kd"))
+
+
+def test_student_config_trains_its_teacher_first(tmp_path):
+    """Without teacher.workdir a KD config trains its chained teacher into <workdir>/teacher."""
+    c = config("kd_mnist.py", "random,smoke", num_steps=4, log_every=2, eval_every=4,
+               checkpoint_every=4, **{"teacher.train.num_steps": 4,
+                                      "teacher.train.eval_every": 4,
+                                      "teacher.train.checkpoint_every": 4,
+                                      "data.target.max_eval_examples": 64})
+    results = train.train_and_evaluate(c, str(tmp_path))
+    teacher = json.loads((tmp_path / "teacher" / "results.json").read_text())
+    assert teacher["steps"] == 4 and teacher["method"] == "teacher"
+    assert results["steps"] == 4 and results["teacher_accuracy"] == teacher["final_accuracy"]
 
 
 def test_eval_padding_counts_each_example_once():

@@ -1,31 +1,15 @@
-"""NCD / SCKD: metrics, λ = 0 equals UNO, SCKD term invariants, an end-to-end MNIST run and
-one step of every dataset config on mock data."""
+"""NCD / SCKD: metrics, λ = 0 equals UNO, SCKD term invariants, an end-to-end MNIST run (the
+dataset configs' one-step mock runs are in test_dataset_configs.py)."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+from helpers import config
 
-from kd_jax import config_utils, losses, metrics, parallel, train
-from kd_jax.methods import get_method
-from kd_jax.methods import sckd
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def config(name, arg=None, **overrides):
-    c = config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
-
+from kd_jax import losses, metrics, parallel, train
+from kd_jax.methods import get_method, sckd
 
 # ----- Hungarian clustering accuracy ----------------------------------------------------------
 
@@ -138,40 +122,3 @@ def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
 # count and library versions while still failing for a run that learns nothing.
 SMOKE_NOVEL_ACCURACY = 0.30
 SMOKE_KNOWN_ACCURACY = 0.65
-
-
-# ----- every dataset config: pipeline on mock data, one step ----------------------------------
-
-def _folder(root, num_classes=100, per_class=1):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("trainval", "test"):
-        for k in range(num_classes):
-            d = root / split / f"variant_{k:03d}"
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(d / f"{i}.jpg")
-    return str(root)
-
-
-@pytest.mark.parametrize("name,arg,examples", [
-    ("sckd_cifar10.py", "smoke", 64),
-    ("sckd_cifar100.py", "50_50,uno,smoke", 64),
-    ("sckd_imagenet100.py", "smoke", 400),
-    ("sckd_cub.py", "smoke", 64),
-    ("sckd_scars.py", "uno,smoke", 64),
-    ("sckd_aircraft.py", "smoke", 0),
-])
-def test_dataset_config_runs_one_step_on_mock_data(tmp_path, name, arg, examples):
-    c = config(name, arg, num_steps=1, eval_every=1, checkpoint_every=1)
-    # Discovery only (stage chaining is covered end to end on MNIST).
-    c.ncd.pretrain.enabled = False
-    if name == "sckd_aircraft.py":
-        c.data.target.path = _folder(tmp_path / "aircraft", per_class=1)
-        results = train.train_and_evaluate(c, str(tmp_path / "run"))
-    else:
-        with tfds.testing.mock_data(num_examples=examples):
-            results = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert results["steps"] == 1
-    assert 0.0 <= results["novel_train_accuracy"] <= 1.0
-    assert len(results["known_classes"]) == c.ncd.num_known

@@ -209,6 +209,12 @@ class Method:
     def prepare(self) -> None:
         """One-off work before training (e.g. pool selection); results live in the workdir."""
 
+    def update_transfer_set(self, state, step: int) -> bool:
+        """Called before every step: a method may change the images it trains on (ODSD's
+        adaptive refresh) and returns True, and the loop then rebuilds `train_batches(step)`."""
+        del state, step
+        return False
+
     def num_steps(self) -> int:
         return int(self.config.num_steps)
 

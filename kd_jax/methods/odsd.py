@@ -9,7 +9,9 @@ key of `config.odsd` (defaults as in the spec, see `default_config()`):
   confidence, a within-class score α·rank01(cos) + (1−α)·rank01(log p_T) and a class-balanced
   quota n_c = ⌈N/C⌉. The selection (ids, classes, scores) and its diagnostics are written to the
   workdir (`selection.npz`, `selection_diagnostics.json`, `sampling.png`); a resumed run reuses
-  them.
+  them. Optional adaptive refresh (§1F, `aps.refresh_epochs`): every R epochs the candidates are
+  re-ranked with the current student's disagreement KL(p_T ‖ p_S) and the loop switches to the
+  new selection (`selection_step<k>.npz`; a resumed run picks the one in force at its step).
 * **LNR** (low-noise representation, §2): per-sample top-p truncated teacher targets.
 * **DCRD** (§3): L_TR, the confidence-weighted KL between the teacher's and the (projected)
   student's in-batch relation distributions (or `crd_nce` / `rkd`), and L_SR, NT-Xent over two
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import diagnostics, losses, pool, sampling
+from kd_jax import diagnostics, losses, parallel, pool, sampling
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
@@ -60,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
             "balance": True,          # class-balanced quota n_c = ⌈N/C⌉ (False: global top-N)
             "heap_factor": 3.0,       # L = heap_factor·n_c candidates kept per class
             "score_batch_size": 512,  # teacher-pass batch per host
+            # §1F adaptive refresh: every R epochs over D, re-rank the candidates (the per-class
+            # heaps, L = heap_factor·n_c) by APS score + η·rank01(KL(p_T ‖ p_S)), preferring
+            # what the student has not learned yet. 0 = off (the spec's default).
+            "refresh_epochs": 0,
+            "refresh_eta": 0.5,
         }),
         "lnr": ml_collections.ConfigDict({
             "rule": "top_p",          # top_p | top_k | threshold | none (= plain KD) (§2)
@@ -188,9 +195,12 @@ def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, 
                                              ids=ids32, priority=prio, total=size)
     idx = np.asarray(idx)
     idx = idx[np.argsort(cand_ids[idx], kind="stable")]
-    gated = np.ones(len(idx), bool) if passed is None else passed[idx]
+    all_passed = np.ones(len(cand_ids), bool) if passed is None else np.asarray(passed)
     return {"ids": cand_ids[idx], "classes": cls[idx], "scores": np.asarray(scores)[idx],
-            "gated": gated, "prototypes": np.asarray(mu)}
+            "gated": all_passed[idx], "prototypes": np.asarray(mu),
+            # every candidate's score and gate: the adaptive refresh (§1F) re-ranks them
+            "candidates": {"ids": cand_ids, "classes": cls, "scores": np.asarray(scores),
+                           "passed": all_passed}}
 
 
 def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
@@ -209,7 +219,8 @@ def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
         "gated": np.concatenate([out["gated"], np.zeros(len(order), bool)]),
     }
     perm = np.argsort(merged["ids"], kind="stable")
-    return dict({k: v[perm] for k, v in merged.items()}, prototypes=out["prototypes"]), len(order)
+    return dict({k: v[perm] for k, v in merged.items()}, prototypes=out["prototypes"],
+                candidates=out.get("candidates")), len(order)
 
 
 def head_kernel(params, feature_dim: int, num_classes: int):
@@ -392,6 +403,9 @@ class ODSD(Method):
         if ungated and jax.process_index() == 0:
             print(f"[odsd] APS: {ungated} selected images are below their class gate "
                   f"(shortfall filled from A_c \\ G_c)", flush=True)
+        self._candidates = out.get("candidates")  # every host holds them (§1F refresh)
+        if jax.process_index() == 0 and self._candidates is not None:
+            _save_npz(os.path.join(self.workdir, "aps_candidates.npz"), self._candidates)
         self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
                            "selection_short_classes": {str(k): v for k, v in short.items()}}
         return pool.Selection(ids=out["ids"], classes=out["classes"],
@@ -429,6 +443,109 @@ class ODSD(Method):
         domain = self.domain
         ds = ds.map(lambda e: pipeline.preprocess(e, domain, "none")).batch(batch)
         return ds.as_numpy_iterator()
+
+    # ----- §1F adaptive refresh ------------------------------------------------------------------
+    def _refresh_every(self) -> int:
+        """Steps between refreshes: R epochs over D (0 = off)."""
+        aps = self.config.odsd.aps
+        if not aps.refresh_epochs or aps.selection != "aps":
+            return 0
+        return int(aps.refresh_epochs) * max(1, -(-self._size() // self.config.batch_size))
+
+    def _refresh_path(self, step: int) -> str:
+        return os.path.join(self.workdir, f"selection_step{step:08d}.npz")
+
+    def train_batches(self, start_step: int):
+        every = self._refresh_every()
+        if every:  # a resumed run continues on the selection in force at start_step
+            latest = start_step // every * every
+            while latest > 0 and not os.path.exists(self._refresh_path(latest)):
+                latest -= every
+            if latest > 0:
+                self.keep_ids = pool.Selection.load(self._refresh_path(latest)).ids
+        return super().train_batches(start_step)
+
+    def update_transfer_set(self, state, step: int) -> bool:
+        every = self._refresh_every()
+        if not every or step == 0 or step % every or step >= self.num_steps():
+            return False
+        path = self._refresh_path(step)
+        if os.path.exists(path):  # resumed exactly here: the refresh was already computed
+            selection = pool.Selection.load(path)
+        else:
+            selection, report = self._refreshed_selection(state)
+            if jax.process_index() == 0:
+                selection.save(path)
+                print(f"[odsd] step {step}: APS refresh kept {report['kept']}/{report['size']} "
+                      f"images, mean KL(p_T||p_S) on candidates {report['mean_kl']:.4f}",
+                      flush=True)
+        self.keep_ids = selection.ids
+        return True
+
+    def _refreshed_selection(self, state):
+        """Re-ranks the saved APS candidates with the current student (same quota and gate
+        priority as the first selection); every host computes the same selection."""
+        aps = self.config.odsd.aps
+        cand = getattr(self, "_candidates", None)
+        if cand is None:  # a resumed run: the candidates saved with the first selection
+            path = os.path.join(self.workdir, "aps_candidates.npz")
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"config.odsd.aps.refresh_epochs={aps.refresh_epochs} needs the APS "
+                    f"candidates {path}, written with the first selection; this workdir's "
+                    f"selection was made without them: start a new workdir")
+            cand = self._candidates = dict(np.load(path))
+        spec = self.config.data.transfer
+        ds, count = pipeline.open_source(spec, spec.get("split", "train"), jax.process_index(),
+                                         jax.process_count(), keep_ids=cand["ids"])
+        if count is None:
+            count = int(ds.reduce(0, lambda n, _: n + 1))
+        counts = parallel.allgather_ints(count)
+        batches = pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
+                                        local_batch=self.local_eval_batch, domain=self.domain)
+        if not hasattr(self, "_kl_step"):
+            self._kl_step = jax.jit(self._disagreement,
+                                    out_shardings=parallel.replicated(self.mesh))
+        ids, kls = [], []
+        for local in batches.as_numpy_iterator():
+            out = jax.device_get(self._kl_step(state, self.teacher_vars,
+                                               parallel.global_batch(local, self.mesh)))
+            real = out["mask"] > 0
+            ids.append(out["id"][real])
+            kls.append(out["kl"][real])
+        ids, kls = np.concatenate(ids), np.concatenate(kls)
+        order = np.argsort(ids)
+        kl = _lookup(ids[order], kls[order], cand["ids"]).astype(np.float32)
+        cls = jnp.asarray(cand["classes"])
+        score = jnp.asarray(cand["scores"]) + aps.refresh_eta * sampling.rank01(
+            jnp.asarray(kl), cls)
+        size, num_classes = self._size(), self.config.num_classes
+        idx = np.asarray(sampling.select_class_balanced(
+            score, cls, per_class_quota(size, num_classes), num_classes,
+            ids=jnp.asarray(cand["ids"].astype(np.int32)), priority=jnp.asarray(cand["passed"]),
+            total=size))
+        idx = idx[np.argsort(cand["ids"][idx], kind="stable")]
+        selection = pool.Selection(ids=cand["ids"][idx], classes=cand["classes"][idx],
+                                   scores=np.asarray(score)[idx].astype(np.float32))
+        if len(selection.ids) < len(self.keep_ids):  # heaps smaller than N: keep the fill-up
+            extra = np.setdiff1d(self.keep_ids, cand["ids"])
+            ids = np.concatenate([selection.ids, extra])
+            classes = np.concatenate([selection.classes, np.full(len(extra), -1, np.int32)])
+            order = np.argsort(ids, kind="stable")
+            selection = pool.Selection(ids=ids[order], classes=classes[order])
+        report = {"kept": int(np.isin(selection.ids, self.keep_ids).sum()),
+                  "size": len(selection.ids), "mean_kl": float(kl.mean())}
+        return selection, report
+
+    def _disagreement(self, state, teacher_vars, batch):
+        """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student), with ids and mask."""
+        t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
+        s_logits, _, _ = self.student_apply(state.params, state.batch_stats, batch["image"],
+                                            False)
+        logp_t = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
+        logp_s = jax.nn.log_softmax(s_logits.astype(jnp.float32), -1)
+        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)
+        return {"kl": kl, "id": batch["id"], "mask": batch["mask"]}
 
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
@@ -511,6 +628,12 @@ class ODSD(Method):
 
     def results(self, state) -> dict:
         return dict(self.diagnostics)
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _lookup(sorted_ids, values, query_ids):
