@@ -7,16 +7,19 @@ unless `--config.teacher.workdir` names a finished teacher run. Then APS samples
 (the size of the original train split) from the bundled 9,797-image open-world pool (printed and
 handwritten digits, letters, photo crops), and the student learns from them with LNR + L_TR +
 L_SR. The student is evaluated on the held-out MNIST-5k test split (1,000 digits).
-Runtime: budget 10 minutes on 2 CPU cores including the teacher; NOT yet timed on an idle
-machine. Measured on a shared 2-core machine at load average ~17: the pool pass + selection ~3
-minutes, 400 training steps 466 s, so the default 2,000 steps there would take far longer.
+Runtime: meant to fit 10 minutes on 2 CPU cores, but does not yet: on the shared build machine
+the loop ran at 226-283 images/s (the two-view tf.data pipeline is the limit; the jitted step
+alone: 570 images/s), so 2,000 steps take ~15-19 minutes; 400 steps (the offline table's
+budget) ~4 minutes of training.
 Outputs in the workdir: results.json (accuracy, selection diagnostics), sampling.png,
 selection.npz, metrics.jsonl, TensorBoard events.
 
 Arguments (comma-separated): `smoke` (a short run for tests: 300-step teacher, N = 1,000,
 150 student steps of 64), or one ablation of the offline table: `no_aps` (random subset of N),
 `no_lnr` (plain KD targets), `no_tr` (λ_TR = 0), `no_sr` (λ_SR = 0), `dfnd` (DFND's global
-confidence top-N: α = 0, gate none, no balancing, KD loss only), `all` (the whole pool).
+confidence top-N: α = 0, gate none, no balancing, KD loss only), `all` (the whole pool); or
+`refresh`: the adaptive refresh of §1F every 2 epochs over D (re-ranks the APS candidates by
+the student's disagreement with the teacher).
 Every other switch is `--config.odsd.<part>.<key>` (see kd_jax/methods/odsd.py).
 """
 from kd_jax import config_utils
