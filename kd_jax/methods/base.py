@@ -12,7 +12,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from kd_jax import checkpoint, models, parallel

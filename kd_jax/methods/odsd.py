@@ -575,7 +575,6 @@ class ODSD(Method):
 
         # LNR (§2)
         lnr = cfg.lnr
-        num_classes = t_logits.shape[-1]
         targets, kept = losses.low_noise_targets(
             t_logits, tau, rule=lnr.rule, rho=lnr.rho, k=lnr.k or None,
             threshold=lnr.threshold, k_max=lnr.k_max or None)
