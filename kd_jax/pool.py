@@ -19,15 +19,19 @@ class Selection:
     scores: np.ndarray | None = None     # [N] selection score (higher = more wanted)
 
     def save(self, path: str) -> None:
-        arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a selection
+        save_npz(path, {k: v for k, v in dataclasses.asdict(self).items() if v is not None})
 
     @classmethod
     def load(cls, path: str) -> "Selection":
         with np.load(path) as z:
             return cls(**{k: z[k] for k in z.files})
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """np.savez, atomically: a killed run never leaves half a file under `path`."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def pool_pattern(spec) -> str:
@@ -183,9 +187,7 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
             record.update(cand_ids=ids[valid].astype(np.int64), cand_class=cls[valid],
                           cand_feat=payload["feat"][valid], cand_logp=payload["logp"][valid],
                           cand_score=s[valid])
-        tmp = done + ".tmp.npz"
-        np.savez(tmp, **record)
-        os.replace(tmp, done)  # a shard counts as scored only once its file is complete
+        save_npz(done, record)  # a shard counts as scored only once its file is complete
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("kd_jax_pool_scored")
     return _merge_scored_shards(pattern, out_dir, num_classes, heap_size)

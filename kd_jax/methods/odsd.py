@@ -405,7 +405,7 @@ class ODSD(Method):
                   f"(shortfall filled from A_c \\ G_c)", flush=True)
         self._candidates = out.get("candidates")  # every host holds them (§1F refresh)
         if jax.process_index() == 0 and self._candidates is not None:
-            _save_npz(os.path.join(self.workdir, "aps_candidates.npz"), self._candidates)
+            pool.save_npz(os.path.join(self.workdir, "aps_candidates.npz"), self._candidates)
         self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
                            "selection_short_classes": {str(k): v for k, v in short.items()}}
         return pool.Selection(ids=out["ids"], classes=out["classes"],
@@ -627,12 +627,6 @@ class ODSD(Method):
 
     def results(self, state) -> dict:
         return dict(self.diagnostics)
-
-
-def _save_npz(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _lookup(sorted_ids, values, query_ids):
