@@ -46,6 +46,12 @@ def require(config: ml_collections.ConfigDict, *keys: str) -> None:
             raise ValueError(f"config.{key} must be set")
 
 
+def check_choice(value, allowed, key: str) -> None:
+    """Fails naming the config key (e.g. "odsd.aps.gate") when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"config.{key}={value!r}: use one of {list(allowed)}")
+
+
 def to_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 

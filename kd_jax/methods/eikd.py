@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from kd_jax import losses, pool, sampling
+from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
@@ -89,17 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
 # Pure pieces (unit-tested on their own)
 # ---------------------------------------------------------------------------------------------
 
-def _check_choice(value, allowed, key):
-    if value not in allowed:
-        raise ValueError(f"config.eikd.{key}={value!r}: use one of {list(allowed)}")
-
-
 def drop_mask(teacher_logits, rule: str = "topk", k: int = 0, threshold: float = 0.01):
     """The kept classes K_i ([B, C] bool) of §2, or None for `rule = none` (plain KD).
 
     k = 0 means ⌈C/2⌉; k is clipped to [1, C].
     """
-    _check_choice(rule, DROP_RULES, "class_drop.rule")
+    check_choice(rule, DROP_RULES, "eikd.class_drop.rule")
     if rule == "none":
         return None
     num_classes = teacher_logits.shape[-1]
@@ -115,7 +111,7 @@ def class_dropped_kd(student_logits, teacher_logits, temperature: float, rule: s
 
     Returns (loss, mean |K_i|). k = C (or rule = none) is plain KD; k = 1 with `both` is 0.
     """
-    _check_choice(apply_to, APPLY_TO, "class_drop.apply_to")
+    check_choice(apply_to, APPLY_TO, "eikd.class_drop.apply_to")
     mask = drop_mask(teacher_logits, rule, k, threshold)
     loss = losses.kd_loss(student_logits, teacher_logits, temperature=temperature,
                           class_mask=mask, weights=weights, mask_student=apply_to == "both")
@@ -164,8 +160,8 @@ def select_from_scores(pool_scores: pool.PoolScores, size: int, mode: str, score
                        num_classes: int) -> pool.Selection:
     """§1: balanced (⌊N/C⌋ per teacher class, shortfall from the global ranking) or global
     top-N of the pool, by `score` (higher = kept; ties by smaller id)."""
-    _check_choice(mode, MODES, "selection.mode")
-    _check_choice(score, SCORES, "selection.score")
+    check_choice(mode, MODES, "eikd.selection.mode")
+    check_choice(score, SCORES, "eikd.selection.score")
     m = len(pool_scores.ids)
     if m == 0:
         raise ValueError("the pool is empty: config.data.transfer names no images")
@@ -220,9 +216,9 @@ class EIKD(Method):
     def __init__(self, config, workdir, mesh):
         super().__init__(config, workdir, mesh)
         e = config.eikd
-        _check_choice(e.feature.kind, FEATURE_KINDS, "feature.kind")
-        _check_choice(e.feature.projector, PROJECTOR, "feature.projector")
-        _check_choice(e.selection.score, SCORES, "selection.score")
+        check_choice(e.feature.kind, FEATURE_KINDS, "eikd.feature.kind")
+        check_choice(e.feature.projector, PROJECTOR, "eikd.feature.projector")
+        check_choice(e.selection.score, SCORES, "eikd.selection.score")
         self._heads = self._build_heads()
 
     # ----- projector ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from kd_jax import diagnostics, losses, parallel, pool, sampling
+from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
@@ -100,11 +101,6 @@ def default_config() -> ml_collections.ConfigDict:
     })
 
 
-def _check(value, allowed, key):
-    if value not in allowed:
-        raise ValueError(f"config.odsd.{key}={value!r}: use one of {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------
 # APS: selection from the candidate heaps (pure; the streamed and the in-memory path share it)
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +143,8 @@ def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, 
     prototypes. With fewer than N candidates in all, the method tops the selection up with
     `fill_from_pool`, so |D| = N whenever the pool holds N images.
     """
-    _check(aps.init, INITS, "aps.init")
-    _check(aps.gate, GATES, "aps.gate")
+    check_choice(aps.init, INITS, "odsd.aps.init")
+    check_choice(aps.gate, GATES, "odsd.aps.gate")
     cand_ids = np.asarray(cand_ids, np.int64)
     cls = np.asarray(cand_class, np.int32)
     conf = np.asarray(cand_conf, np.float32)
@@ -275,12 +271,12 @@ class ODSD(Method):
     def __init__(self, config, workdir, mesh):
         super().__init__(config, workdir, mesh)
         cfg = config.odsd
-        _check(cfg.aps.selection, SELECTIONS, "aps.selection")
-        _check(cfg.lnr.rule, LNR_RULES, "lnr.rule")
-        _check(cfg.lnr.apply_to, ("teacher", "both"), "lnr.apply_to")
-        _check(cfg.tr.kind, TR_KINDS, "tr.kind")
-        _check(cfg.tr.rel_space, REL_SPACES, "tr.rel_space")
-        _check(cfg.sr.positives, SR_POSITIVES, "sr.positives")
+        check_choice(cfg.aps.selection, SELECTIONS, "odsd.aps.selection")
+        check_choice(cfg.lnr.rule, LNR_RULES, "odsd.lnr.rule")
+        check_choice(cfg.lnr.apply_to, ("teacher", "both"), "odsd.lnr.apply_to")
+        check_choice(cfg.tr.kind, TR_KINDS, "odsd.tr.kind")
+        check_choice(cfg.tr.rel_space, REL_SPACES, "odsd.tr.rel_space")
+        check_choice(cfg.sr.positives, SR_POSITIVES, "odsd.sr.positives")
         if config.data.transfer.source not in ("offline_pool", "shards"):
             raise ValueError(f"config.data.transfer.source={config.data.transfer.source!r}: "
                              f"ODSD samples from a pool (offline_pool or shards)")

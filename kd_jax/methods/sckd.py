@@ -44,9 +44,9 @@ import optax
 import tensorflow as tf
 
 from kd_jax import checkpoint, losses, metrics, parallel
+from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
-
 
 # ---------------------------------------------------------------------------------------------
 # Heads
@@ -666,8 +666,7 @@ class SCKD(UNO):
                                     ("sc", s.sc, ("rel_kl", "none")),
                                     ("direction", s.direction, ("both", "known_to_novel")),
                                     ("space", s.space, ("probs", "embeddings"))):
-            if value not in allowed:
-                raise ValueError(f"config.sckd.{key}={value!r}: use one of {allowed}")
+            check_choice(value, allowed, f"sckd.{key}")
 
     def spaces(self, out):
         """-> (r^K [B, C_l or D], r^N [H, B, C_u or D']) of one view."""
