@@ -40,8 +40,10 @@ HEADERS = ("task-aware novel (train)", "task-aware novel (test)", "task-agnostic
 
 
 def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
-    """sklearn KMeans (C_u clusters) on the pretrained `pre_logits` of the novel images, fit on
-    the unlabeled train part; Hungarian accuracy on it and on the novel test images."""
+    """sklearn KMeans (C_u clusters) on the novel images' pretrained `pre_logits` and on their
+    known-space probabilities r^K (the relation structure L_SC's known -> novel direction
+    teaches), fit on the unlabeled train part; Hungarian accuracy on it and on the novel test
+    images. -> {"features": {...}, "known_space": {...}}."""
     import jax
     import numpy as np
     from sklearn.cluster import KMeans
@@ -49,7 +51,7 @@ def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
     from kd_jax import checkpoint, config_utils, metrics, parallel
     from kd_jax.methods import get_method
 
-    cache = os.path.join(pretrain_workdir, f"kmeans_seed{seed}.json")
+    cache = os.path.join(pretrain_workdir, f"kmeans_spaces_seed{seed}.json")
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
@@ -59,21 +61,32 @@ def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
     saved = checkpoint.load_variables(pretrain_workdir)
     variables = {"params": saved["params"]["model"],
                  "batch_stats": saved["batch_stats"].get("model", {})}
-    forward = jax.jit(lambda v, x: method.student.apply(v, x, train=False)[1]["pre_logits"])
+    tau = c.sckd.space_temperature
+
+    @jax.jit
+    def forward(x):
+        f = method.student.apply(variables, x, train=False)[1]["pre_logits"]
+        cos = method._heads["known"].apply({"params": saved["params"]["known"]}, f)
+        return f, jax.nn.softmax(cos / tau, -1)  # features, known space r^K (sckd.md §2)
 
     def features(split):
-        feats, labels = [], []
+        feats, r_known, labels = [], [], []
         for b in method._eval_stream(split, method.novel).as_numpy_iterator():
             keep = b["mask"] > 0
-            feats.append(np.asarray(forward(variables, b["image"]))[keep])
+            f, r = forward(b["image"])
+            feats.append(np.asarray(f)[keep])
+            r_known.append(np.asarray(r)[keep])
             labels.append(b["label"][keep])
-        return np.concatenate(feats), np.concatenate(labels)
+        return np.concatenate(feats), np.concatenate(r_known), np.concatenate(labels)
 
-    x_train, y_train = features(c.data.target.train_split)
-    x_test, y_test = features(c.data.target.eval_split)
-    km = KMeans(n_clusters=method.num_novel, n_init=10, random_state=seed).fit(x_train)
-    out = {"novel_train_accuracy": metrics.cluster_accuracy(y_train, km.labels_)[0],
-           "novel_test_accuracy": metrics.cluster_accuracy(y_test, km.predict(x_test))[0]}
+    (x_train, r_train, y_train), (x_test, r_test, y_test) = (
+        features(c.data.target.train_split), features(c.data.target.eval_split))
+    out = {}
+    for key, train, test in (("features", x_train, x_test), ("known_space", r_train, r_test)):
+        km = KMeans(n_clusters=method.num_novel, n_init=10, random_state=seed).fit(train)
+        out[key] = {
+            "novel_train_accuracy": metrics.cluster_accuracy(y_train, km.labels_)[0],
+            "novel_test_accuracy": metrics.cluster_accuracy(y_test, km.predict(test))[0]}
     with open(cache, "w") as f:
         json.dump(out, f)
     return out
@@ -90,13 +103,16 @@ def main():
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = dict(kv.split("=", 1) for kv in args.set)
-    table = {"k-means (pretrained features)": []}
+    table = {"k-means (pretrained features)": [],
+             "k-means (pretrained known space r^K)": []}
     for name in args.variants.split(","):
         table[name] = []
     for seed in seeds:
         pre = os.path.join(args.out, "pretrain", f"seed{seed}")
         harness.run(f"{CONFIG}:pretrain", pre, {"seed": seed})
-        table["k-means (pretrained features)"].append(kmeans_baseline(pre, seed))
+        km = kmeans_baseline(pre, seed)
+        table["k-means (pretrained features)"].append(km["features"])
+        table["k-means (pretrained known space r^K)"].append(km["known_space"])
         for name in args.variants.split(","):
             arg, overrides = VARIANTS[name]
             workdir = os.path.join(args.out, name.replace(" ", "_").replace("/", ""),

@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({
         "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
         "schedule": "cosine", "warmup_steps": 0, "end_lr": 0.0,
-        "decay_at": (0.4, 0.8), "decay_factor": 0.1})
+        "decay_at": (0.4, 0.8), "decay_factor": 0.1,
+        "grad_clip": 0.0})             # clip the global gradient norm (0 = off)
     c.kd = ml_collections.ConfigDict({"temperature": 4.0})
     c.label_smoothing = 0.0
     c.log_every = 50

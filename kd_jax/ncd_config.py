@@ -40,8 +40,13 @@ def add_ncd_keys(c: ml_collections.ConfigDict, num_known: int, num_novel: int) -
     c.sckd = ml_collections.ConfigDict({
         "smi": "infonce",           # infonce | none
         "sc": "rel_kl",             # rel_kl | none
-        "direction": "both",        # both | known_to_novel
+        "direction": "both",        # both | known_to_novel | novel_to_known | reliable
+                                    # (reliable: known -> novel among the labeled rows,
+                                    # novel -> known among the unlabeled rows)
         "space": "probs",           # probs | embeddings
+        # all (the spec: the whole global batch) | unlabeled (outside the spec: the relations
+        # only among the unlabeled samples, where the novel space has a training signal)
+        "samples": "all",
         "lambda_smi": 1.0, "lambda_sc": 1.0,
         "ramp_steps": 0,            # linear 0 -> 1 ramp of both weights (0 = no ramp)
         "space_temperature": 0.1,   # τ of r = softmax(logits / τ)

@@ -143,3 +143,27 @@ def test_train_stream_is_a_function_of_the_step():
     np.testing.assert_array_equal(resumed["id"], batches[42]["id"])
     np.testing.assert_array_equal(resumed["image"], batches[42]["image"])
     assert not np.array_equal(batches[0]["id"], batches[40]["id"])  # epochs reshuffle
+
+
+def test_grad_clip_bounds_the_update_and_zero_is_off():
+    """optimizer.grad_clip rescales the global gradient norm before weight decay / momentum."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from kd_jax.methods.base import make_optimizer
+    opt = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
+                                     "grad_clip": 2.0})
+    params = {"w": jnp.ones(3), "b": jnp.ones(4)}
+    grads = {"w": jnp.full(3, 3.0), "b": jnp.full(4, 4.0)}  # global norm sqrt(27 + 64)
+    norm = float(np.sqrt(27.0 + 64.0))
+    tx = make_optimizer(opt, 0.1)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    for k in grads:
+        np.testing.assert_allclose(upd[k], -0.1 * np.asarray(grads[k]) * 2.0 / norm, rtol=1e-6)
+    opt.grad_clip = 0.0
+    tx = make_optimizer(opt, 0.1)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(upd["b"], -0.1 * np.asarray(grads["b"]), rtol=1e-6)
+    opt.grad_clip = -1.0
+    with pytest.raises(ValueError, match="grad_clip"):
+        make_optimizer(opt, 0.1)

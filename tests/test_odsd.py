@@ -180,6 +180,28 @@ def test_lnr_rho_one_equals_kd_and_keeps_argmax():
         assert int(kept.sum(-1).max()) <= C // 2
 
 
+def test_lnr_uniform_tail_against_float64_reference():
+    """tail=uniform: p_tau kept on K_i, the dropped mass spread evenly outside; KD when ρ = 1."""
+    rng = np.random.default_rng(1)
+    zt = rng.normal(0, 3, (32, C))
+    tau = 4.0
+    t, kept = losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, rho=0.9, tail="uniform")
+    _, kept_drop = losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, rho=0.9)
+    kept = np.asarray(kept)
+    np.testing.assert_array_equal(kept, np.asarray(kept_drop))  # same K_i, only the tail differs
+    assert 0 < kept.sum(-1).min() and kept.sum(-1).max() < C  # some rows do drop classes
+    p = np.exp(zt / tau - (zt / tau).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = (p * ~kept).sum(-1, keepdims=True) / np.maximum((~kept).sum(-1, keepdims=True), 1)
+    np.testing.assert_allclose(np.asarray(t), np.where(kept, p, out), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(t).sum(-1), 1.0, rtol=1e-5)
+    t1, _ = losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, rho=1.0, k_max=C,
+                                     tail="uniform")
+    np.testing.assert_allclose(np.asarray(t1), p, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="tail"):
+        losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, tail="flat")
+
+
 # ----- DCRD ---------------------------------------------------------------------------------
 
 def test_dcrd_zero_for_teacher_features_and_permutation_invariant():

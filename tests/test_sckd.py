@@ -79,6 +79,29 @@ def test_sckd_with_zero_weights_equals_uno():
     assert on_loss > uno_loss + 1e-3
 
 
+def test_sckd_unlabeled_samples_equal_terms_on_the_unlabeled_rows():
+    """`sckd.samples = unlabeled` (labeled rows weighted 0) = the terms on the unlabeled rows."""
+    rng = np.random.default_rng(3)
+    b, h = 12, 2
+    labels = jnp.asarray(np.where(rng.uniform(size=b) < 0.5, rng.integers(0, 5, b), -1))
+    outs = [{"known": jnp.asarray(rng.normal(size=(b, 5)), jnp.float32),
+             "novel": jnp.asarray(rng.normal(size=(h, b, 5)), jnp.float32)} for _ in range(2)]
+    keep = np.flatnonzero(np.asarray(labels) < 0)
+    sub = [{"known": o["known"][keep], "novel": o["novel"][:, keep]} for o in outs]
+
+    def terms(samples, outs, labels):
+        c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False,
+                                                 "sckd.samples": samples,
+                                                 "sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0})
+        m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
+        _, mets = m.extra_loss(outs, 100, labels)
+        return np.asarray([float(mets["smi"]), float(mets["sc"])])
+
+    np.testing.assert_allclose(terms("unlabeled", outs, labels),
+                               terms("all", sub, labels[keep]), rtol=1e-5)
+    assert not np.allclose(terms("unlabeled", outs, labels), terms("all", outs, labels))
+
+
 def test_smi_and_sc_invariants():
     rng = np.random.default_rng(0)
     for b in (2, 3, 17):
@@ -93,6 +116,12 @@ def test_smi_and_sc_invariants():
         assert float(losses.self_cooperation_loss(rk, rk)) == pytest.approx(0.0, abs=1e-6)
         assert float(losses.self_cooperation_loss(rk, rk, direction="known_to_novel")) == \
             pytest.approx(0.0, abs=1e-6)
+        # The two one-way terms are mirror images and add up to `both`.
+        k2n = float(losses.self_cooperation_loss(rk, rn, direction="known_to_novel"))
+        n2k = float(losses.self_cooperation_loss(rk, rn, direction="novel_to_known"))
+        assert n2k == pytest.approx(
+            float(losses.self_cooperation_loss(rn, rk, direction="known_to_novel")), rel=1e-6)
+        assert float(losses.self_cooperation_loss(rk, rn)) == pytest.approx(k2n + n2k, rel=1e-6)
     # Identical rows (a degenerate batch) stay finite, with finite gradients.
     same = jnp.ones((4, 5)) / 5
     g = jax.grad(lambda x: losses.spatial_mutual_information(x, x) +

@@ -102,7 +102,8 @@ def class_drop_mask(teacher_logits, k=None, threshold=None):
 
 
 def low_noise_targets(
-    teacher_logits, temperature, rule="top_p", rho=0.9, k=None, threshold=None, k_max=None
+    teacher_logits, temperature, rule="top_p", rho=0.9, k=None, threshold=None, k_max=None,
+    tail="drop",
 ):
     """ODSD §2 low-noise representation: per-sample truncated, renormalised teacher targets.
 
@@ -116,7 +117,13 @@ def low_noise_targets(
     For top_k / threshold / none, k_max (if given) also caps |K_i|. K_i always holds the
     argmax (ties by smaller class index).
 
-    Target: t_i(c) = softmax over K_i of z_T,i / tau, exactly 0 outside K_i.
+    Target (tail="drop", the spec): t_i(c) = softmax over K_i of z_T,i / tau, exactly 0 outside
+    K_i. With |K_i| = 1 that is a one-hot target at temperature tau, which the student's
+    softmax(z_S / tau) reaches only with unbounded logit gaps (large tau^2-scaled gradients).
+    tail="uniform" (an option outside the spec) keeps p_tau = softmax(z_T / tau) on K_i as is and
+    spreads the remaining mass evenly over the classes outside K_i: the tail's *shape* (the
+    domain-shift noise) is removed, its mass (the teacher's softened confidence) kept, so the
+    targets are as bounded as KD's. Both equal KD's targets when K_i holds every class.
 
     Args:
       teacher_logits: [B, C] (stop-gradient).
@@ -150,7 +157,15 @@ def low_noise_targets(
         raise ValueError(f"unknown rule {rule!r}")
     if k_max is not None and rule != "top_p":
         kept = kept & (ranks < k_max)
-    targets = jax.nn.softmax(jnp.where(kept, z / temperature, cm.NEG), axis=-1)
+    if tail == "drop":
+        targets = jax.nn.softmax(jnp.where(kept, z / temperature, cm.NEG), axis=-1)
+    elif tail == "uniform":
+        p_tau = jax.nn.softmax(z / temperature, axis=-1)
+        mass_out = jnp.sum(jnp.where(kept, 0.0, p_tau), axis=-1, keepdims=True)
+        n_out = jnp.sum(~kept, axis=-1, keepdims=True)
+        targets = jnp.where(kept, p_tau, mass_out / jnp.maximum(n_out, 1))
+    else:
+        raise ValueError(f"unknown tail {tail!r}: use drop or uniform")
     return targets, kept
 
 

@@ -128,15 +128,19 @@ def self_cooperation_loss(r_known, r_novel, temperature=0.1, direction="both", w
       P_i(j) = softmax_{j != i}(S_ij / tau_r),  S = `relation_matrix` of each space
       both:            L_SC = mean_i [ KL(sg(P^K_i) || P^N_i) + KL(sg(P^N_i) || P^K_i) ]
       known_to_novel:  L_SC = mean_i KL(sg(P^K_i) || P^N_i)
+      novel_to_known:  L_SC = mean_i KL(sg(P^N_i) || P^K_i)
 
     Each KL is `relation_kl_loss` with the stop-gradient side as the teacher; 0 when the two
     relation matrices are equal. Weighted mean over anchors (excluded rows also leave every
     softmax).
     """
-    k2n = rel.relation_kl_loss(r_novel, jax.lax.stop_gradient(r_known), temperature, weights)
-    if direction == "known_to_novel":
-        return k2n
-    if direction != "both":
+    if direction not in ("both", "known_to_novel", "novel_to_known"):
         raise ValueError(f"unknown direction {direction!r}")
-    n2k = rel.relation_kl_loss(r_known, jax.lax.stop_gradient(r_novel), temperature, weights)
-    return k2n + n2k
+    total = 0.0
+    if direction in ("both", "known_to_novel"):
+        total += rel.relation_kl_loss(r_novel, jax.lax.stop_gradient(r_known), temperature,
+                                      weights)
+    if direction in ("both", "novel_to_known"):
+        total += rel.relation_kl_loss(r_known, jax.lax.stop_gradient(r_novel), temperature,
+                                      weights)
+    return total

@@ -49,14 +49,20 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int):
 
 def make_optimizer(opt: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
     """SGD with PyTorch's coupled weight decay (decay added to the gradient before momentum),
-    or AdamW."""
+    or AdamW; `grad_clip` > 0 first clips the global gradient norm (PyTorch's
+    `clip_grad_norm_` order: before weight decay and momentum)."""
     if opt.name == "sgd":
-        return optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                           optax.sgd(schedule, momentum=opt.momentum or None,
-                                     nesterov=opt.get("nesterov", False)))
-    if opt.name == "adamw":
-        return optax.adamw(schedule, weight_decay=opt.weight_decay)
-    raise ValueError(f"config.optimizer.name={opt.name!r}: use sgd or adamw")
+        tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                         optax.sgd(schedule, momentum=opt.momentum or None,
+                                   nesterov=opt.get("nesterov", False)))
+    elif opt.name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+    else:
+        raise ValueError(f"config.optimizer.name={opt.name!r}: use sgd or adamw")
+    clip = float(opt.get("grad_clip", 0.0))
+    if clip < 0:
+        raise ValueError(f"config.optimizer.grad_clip={clip}: use 0 (off) or a positive norm")
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
 class Method:

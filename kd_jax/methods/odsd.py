@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
             "k_max": 0,               # cap on |K_i| (0 = ⌈C/2⌉ for top_p, none otherwise)
             "apply_to": "teacher",    # teacher | both (EIKD's class dropping)
             "confidence_weight": False,  # w_i = c1_i / mean(c1)
+            # drop (the spec: 0 outside K_i) | uniform (outside the spec: the tail's mass at τ
+            # spread evenly over the dropped classes, bounded like KD; see low_noise_targets)
+            "tail": "drop",
         }),
         "tr": ml_collections.ConfigDict({
             "kind": "rel_kl",         # rel_kl | crd_nce | rkd (§3a)
@@ -274,6 +277,7 @@ class ODSD(Method):
         check_choice(cfg.aps.selection, SELECTIONS, "odsd.aps.selection")
         check_choice(cfg.lnr.rule, LNR_RULES, "odsd.lnr.rule")
         check_choice(cfg.lnr.apply_to, ("teacher", "both"), "odsd.lnr.apply_to")
+        check_choice(cfg.lnr.tail, ("drop", "uniform"), "odsd.lnr.tail")
         check_choice(cfg.tr.kind, TR_KINDS, "odsd.tr.kind")
         check_choice(cfg.tr.rel_space, REL_SPACES, "odsd.tr.rel_space")
         check_choice(cfg.sr.positives, SR_POSITIVES, "odsd.sr.positives")
@@ -573,7 +577,7 @@ class ODSD(Method):
         lnr = cfg.lnr
         targets, kept = losses.low_noise_targets(
             t_logits, tau, rule=lnr.rule, rho=lnr.rho, k=lnr.k or None,
-            threshold=lnr.threshold, k_max=lnr.k_max or None)
+            threshold=lnr.threshold, k_max=lnr.k_max or None, tail=lnr.tail)
         w_ln = conf / jnp.mean(conf) if lnr.confidence_weight else None
         if lnr.apply_to == "both":
             l_ln = losses.kd_loss(s_logits, t_logits, tau, class_mask=kept, weights=w_ln,

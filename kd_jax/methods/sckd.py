@@ -536,7 +536,7 @@ class UNO(_NCDBase):
             over, loss = jnp.zeros_like(cluster), cluster.mean()
         return loss, cluster, {"loss_cluster": cluster.mean(), "loss_overcluster": over.mean()}
 
-    def extra_loss(self, outs, step):
+    def extra_loss(self, outs, step, labels):
         """Terms added to the UNO objective (SCKD); UNO adds none."""
         return 0.0, {}
 
@@ -546,7 +546,7 @@ class UNO(_NCDBase):
         out2, stats = self._forward(params, stats, batch["image2"], True, rng2)
         outs = (out1, out2)
         loss, per_head, m = self.uno_loss(outs, batch["label"])
-        extra, m_extra = self.extra_loss(outs, batch.get("step", 0))
+        extra, m_extra = self.extra_loss(outs, batch.get("step", 0), batch["label"])
         loss = loss + extra
         decay = self.config.ncd.head_loss_decay
         ema = batch_stats["head_loss"]["ema"]
@@ -664,8 +664,10 @@ class SCKD(UNO):
         s = config.sckd
         for key, value, allowed in (("smi", s.smi, ("infonce", "none")),
                                     ("sc", s.sc, ("rel_kl", "none")),
-                                    ("direction", s.direction, ("both", "known_to_novel")),
-                                    ("space", s.space, ("probs", "embeddings"))):
+                                    ("direction", s.direction, ("both", "known_to_novel",
+                                                                "novel_to_known", "reliable")),
+                                    ("space", s.space, ("probs", "embeddings")),
+                                    ("samples", s.samples, ("all", "unlabeled"))):
             check_choice(value, allowed, f"sckd.{key}")
 
     def spaces(self, out):
@@ -676,8 +678,10 @@ class SCKD(UNO):
         tau = s.space_temperature
         return jax.nn.softmax(out["known"] / tau, -1), jax.nn.softmax(out["novel"] / tau, -1)
 
-    def extra_loss(self, outs, step):
+    def extra_loss(self, outs, step, labels):
         s = self.config.sckd
+        # `samples = unlabeled`: labeled rows leave every anchor set and softmax (weight 0).
+        w = (labels < 0).astype(jnp.float32) if s.samples == "unlabeled" else None
         ramp = (jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / s.ramp_steps)
                 if s.ramp_steps > 0 else jnp.asarray(1.0))
         smi = sc = jnp.asarray(0.0)
@@ -688,9 +692,19 @@ class SCKD(UNO):
             r_k, r_n = self.spaces(out)
             if use_smi:
                 smi += jax.vmap(lambda rn: losses.spatial_mutual_information(
-                    r_k, rn, temperature=s.smi_temperature))(r_n).mean() / len(outs)
-            if use_sc:
+                    r_k, rn, temperature=s.smi_temperature, weights=w))(r_n).mean() / len(outs)
+            if use_sc and s.direction == "reliable":
+                # Each space teaches where it has a training signal: the known space its
+                # relations among the labeled rows, the novel space among the unlabeled rows.
+                lab = (labels >= 0).astype(jnp.float32)
                 sc += jax.vmap(lambda rn: losses.self_cooperation_loss(
-                    r_k, rn, temperature=s.sc_temperature, direction=s.direction))(r_n).mean() / len(outs)
+                    r_k, rn, temperature=s.sc_temperature, direction="known_to_novel",
+                    weights=lab) + losses.self_cooperation_loss(
+                    r_k, rn, temperature=s.sc_temperature, direction="novel_to_known",
+                    weights=1.0 - lab))(r_n).mean() / len(outs)
+            elif use_sc:
+                sc += jax.vmap(lambda rn: losses.self_cooperation_loss(
+                    r_k, rn, temperature=s.sc_temperature, direction=s.direction,
+                    weights=w))(r_n).mean() / len(outs)
         extra = ramp * (s.lambda_smi * smi + s.lambda_sc * sc)
         return extra, {"smi": smi, "sc": sc, "ramp": ramp}
