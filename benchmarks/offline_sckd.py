@@ -29,9 +29,12 @@ VARIANTS = {
     "SCKD": ("", {}),
     "SCKD w/o L_SMI": ("", {"sckd.smi": "none"}),
     "SCKD w/o L_SC": ("", {"sckd.sc": "none"}),
-    # Diagnostics: the spec's default weights, and one-way self-cooperation only.
+    # Diagnostics: the spec's L_SC direction (every row, both ways), the spec's weights, and
+    # one-way self-cooperation only.
+    "SCKD, spec L_SC direction (both ways on every row)": ("", {"sckd.direction": "both"}),
     "SCKD λ=1": ("", {"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}),
     "SCKD L_SC known→novel only": ("", {"sckd.smi": "none", "sckd.direction": "known_to_novel"}),
+    "SCKD L_SC novel→known only": ("", {"sckd.smi": "none", "sckd.direction": "novel_to_known"}),
 }
 COLUMNS = ("novel_train_accuracy", "novel_test_accuracy", "all_accuracy", "known_accuracy",
            "novel_accuracy")
@@ -96,10 +99,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="/tmp/kd/offline_sckd")
-    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:4]))
+    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:5]))
     parser.add_argument("--set", action="append", default=[],
                         help="extra --config overrides for every discovery run, key=value")
-    # Defaults to the four table rows; add the diagnostics with --variants.
+    # Defaults to the four table rows and the spec-direction diagnostic; add the others with
+    # --variants.
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = dict(kv.split("=", 1) for kv in args.set)

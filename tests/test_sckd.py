@@ -79,27 +79,43 @@ def test_sckd_with_zero_weights_equals_uno():
     assert on_loss > uno_loss + 1e-3
 
 
-def test_sckd_unlabeled_samples_equal_terms_on_the_unlabeled_rows():
-    """`sckd.samples = unlabeled` (labeled rows weighted 0) = the terms on the unlabeled rows."""
+def _sckd_terms(outs, labels, **overrides):
+    """(L_SMI, L_SC) of SCKD.extra_loss on given head outputs, λ = 1, past the ramp."""
+    c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False,
+                                             "sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0,
+                                             **overrides})
+    m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
+    _, mets = m.extra_loss(outs, 100, labels)
+    return np.asarray([float(mets["smi"]), float(mets["sc"])])
+
+
+def _rows(outs, keep):
+    return [{"known": o["known"][keep], "novel": o["novel"][:, keep]} for o in outs]
+
+
+def test_sckd_row_restrictions_equal_the_terms_on_those_rows():
+    """`samples = unlabeled` = the terms on the unlabeled rows alone; `direction = reliable` =
+    known -> novel on the labeled rows + novel -> known on the unlabeled rows."""
     rng = np.random.default_rng(3)
     b, h = 12, 2
-    labels = jnp.asarray(np.where(rng.uniform(size=b) < 0.5, rng.integers(0, 5, b), -1))
+    labels = jnp.asarray(np.where(np.arange(b) % 2 == 0, rng.integers(0, 5, b), -1))
     outs = [{"known": jnp.asarray(rng.normal(size=(b, 5)), jnp.float32),
              "novel": jnp.asarray(rng.normal(size=(h, b, 5)), jnp.float32)} for _ in range(2)]
-    keep = np.flatnonzero(np.asarray(labels) < 0)
-    sub = [{"known": o["known"][keep], "novel": o["novel"][:, keep]} for o in outs]
-
-    def terms(samples, outs, labels):
-        c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False,
-                                                 "sckd.samples": samples,
-                                                 "sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0})
-        m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
-        _, mets = m.extra_loss(outs, 100, labels)
-        return np.asarray([float(mets["smi"]), float(mets["sc"])])
-
-    np.testing.assert_allclose(terms("unlabeled", outs, labels),
-                               terms("all", sub, labels[keep]), rtol=1e-5)
-    assert not np.allclose(terms("unlabeled", outs, labels), terms("all", outs, labels))
+    unl, lab = np.flatnonzero(np.asarray(labels) < 0), np.flatnonzero(np.asarray(labels) >= 0)
+    both = {"sckd.direction": "both"}
+    np.testing.assert_allclose(
+        _sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
+        _sckd_terms(_rows(outs, unl), labels[unl], **both), rtol=1e-5)
+    assert not np.allclose(_sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
+                           _sckd_terms(outs, labels, **both))
+    k2n = _sckd_terms(_rows(outs, lab), labels[lab], **{"sckd.direction": "known_to_novel"})
+    n2k = _sckd_terms(_rows(outs, unl), labels[unl], **{"sckd.direction": "novel_to_known"})
+    reliable = _sckd_terms(outs, labels, **{"sckd.direction": "reliable"})
+    np.testing.assert_allclose(reliable[1], k2n[1] + n2k[1], rtol=1e-5)
+    # One labeled row (no partner to relate to) or none: finite, that side contributes 0.
+    for one in (labels.at[2:].set(-1), jnp.full((b,), -1)):
+        v = _sckd_terms(outs, one, **{"sckd.direction": "reliable"})
+        assert np.all(np.isfinite(v)), v
 
 
 def test_smi_and_sc_invariants():
