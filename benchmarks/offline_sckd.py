@@ -31,7 +31,7 @@ VARIANTS = {
     "SCKD w/o L_SC": ("", {"sckd.sc": "none"}),
     # Diagnostics: the spec's L_SC direction (every row, both ways), the spec's weights, and
     # one-way self-cooperation only.
-    "SCKD, spec L_SC direction (both ways on every row)": ("", {"sckd.direction": "both"}),
+    "SCKD with the spec's L_SC (both ways on every row)": ("", {"sckd.direction": "both"}),
     "SCKD λ=1": ("", {"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}),
     "SCKD L_SC known→novel only": ("", {"sckd.smi": "none", "sckd.direction": "known_to_novel"}),
     "SCKD L_SC novel→known only": ("", {"sckd.smi": "none", "sckd.direction": "novel_to_known"}),

@@ -15,7 +15,11 @@ Spec: `../shared/papers/sckd.md`. Three registered methods share this module:
 * `sckd` (`SCKD`, a subclass of `UNO`): L = L_UNO + w(t)·(λ_SMI·L_SMI + λ_SC·L_SC) over the
   two disjoint spaces (known-prototype probabilities vs novel-prototype probabilities, or the
   head embeddings), w(t) a linear ramp 0 -> 1. Switches: `sckd.smi`, `sckd.sc`,
-  `sckd.direction`, `sckd.space`. With λ = 0 the loss and its gradients equal UNO's exactly.
+  `sckd.direction`, `sckd.space`, `sckd.samples`. With λ = 0 the loss and its gradients equal
+  UNO's exactly. One measured deviation from the spec: L_SC's default direction is `reliable`
+  (the known space teaches its relations among the labeled rows, the novel space among the
+  unlabeled rows); the spec's `both` (every row, both ways) lets the known space, a poor
+  clustering of the novel images, pull the novel head towards it (see kd_jax/ncd_config.py).
 
 Data (`config.ncd`): the classes of one labeled source are split into known (labeled) and novel
 (unlabeled) classes and relabeled to 0..C_l-1 (known) and C_l..C_l+C_u-1 (novel); each global
@@ -654,8 +658,10 @@ class SCKD(UNO):
     prototypes and r^N = softmax(novel logits_h / τ) over the C_u novel prototypes
     (`sckd.space = probs`), or the L2-normalised embeddings each head's prototypes score
     (`embeddings`: backbone features for the known head, projector output for head h). The
-    terms are over the whole global batch (labeled and unlabeled) and averaged over views and
-    heads; both weights follow a linear ramp 0 -> 1 over `sckd.ramp_steps`.
+    terms are over the whole global batch (labeled and unlabeled; `samples = unlabeled`
+    restricts them to the unlabeled rows, `direction = reliable` routes L_SC's two directions
+    to the labeled / unlabeled rows) and averaged over views and heads; both weights follow a
+    linear ramp 0 -> 1 over `sckd.ramp_steps`.
     """
     name = "sckd"
 
