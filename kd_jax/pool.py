@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 
@@ -158,6 +159,7 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
                     "logp": jax.ShapeDtypeStruct((), jnp.float32)}
     stats = jax.jit(_teacher_stats_fn(teacher_model.apply, heap_size, num_classes))
 
+    t0, scored = time.perf_counter(), 0
     for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
         done = os.path.join(out_dir, os.path.basename(path) + ".npz")
         if os.path.exists(done):
@@ -188,6 +190,11 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
                           cand_feat=payload["feat"][valid], cand_logp=payload["logp"][valid],
                           cand_score=s[valid])
         save_npz(done, record)  # a shard counts as scored only once its file is complete
+        scored += len(record.get("ids", ()))
+    if scored:
+        seconds = time.perf_counter() - t0
+        print(f"[pool] process {jax.process_index()}: scored {scored} images in {seconds:.1f}s "
+              f"({scored / seconds:.0f} images/s, teacher pass + scores + heaps)", flush=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("kd_jax_pool_scored")
     return _merge_scored_shards(pattern, out_dir, num_classes, heap_size)
