@@ -60,10 +60,10 @@ VARIANTS = {
 if os.path.exists(os.path.join(harness.ROOT, "configs", "odsd_mnist.py")):
     VARIANTS["ODSD"] = ("configs/odsd_mnist.py", {})
 # Run the headline comparison first, so a cut-short session still has it.
-RUN_ORDER = ["EIKD", "KD, random subset (N = 4,000)", "KD, whole pool",
-             "DFND: global confidence top-N + KD", "KD, original images (upper bound)",
-             "EIKD − class dropping", "EIKD − relation terms", "EIKD − feature term",
-             "EIKD, global instead of balanced", "ODSD"]
+RUN_ORDER = ["EIKD", "KD, random subset (N = 4,000)", "ODSD", "KD, whole pool",
+             "DFND: global confidence top-N + KD", "EIKD − class dropping",
+             "EIKD − relation terms", "EIKD − feature term", "EIKD, global instead of balanced",
+             "KD, original images (upper bound)"]
 only = set(filter(None, args.only.split(",")))
 
 
