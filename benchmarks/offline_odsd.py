@@ -5,9 +5,9 @@
 Rows: the teacher · KD on the original train images (upper bound) · KD on the whole pool · KD on
 a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
 KD loss) · ODSD · ODSD with the adaptive refresh (§1F) · ODSD's losses on the whole pool · ODSD
-without APS / LNR / L_TR / L_SR. Columns: student accuracy on the
-held-out MNIST-5k test split (mean ± std over seeds), the share of digits (related sources) in
-the transfer set, and wall time per run. Every run shares one teacher (trained once into
+without APS / LNR / L_TR / L_SR · APS with plain KD (all three loss terms off). Columns:
+student accuracy on the held-out MNIST-5k test split (mean ± std over seeds), the share of
+digits (related sources) in the transfer set, and wall time per run. Every run shares one teacher (trained once into
 <out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
 be rebuilt or extended cheaply. Writes benchmarks/results/offline_odsd.md and prints it.
 """
@@ -36,13 +36,14 @@ VARIANTS = {
     "ODSD w/o LNR": ("configs/odsd_mnist.py:no_lnr", {}),
     "ODSD w/o L_TR": ("configs/odsd_mnist.py:no_tr", {}),
     "ODSD w/o L_SR": ("configs/odsd_mnist.py:no_sr", {}),
+    "APS + plain KD (no LNR, L_TR, L_SR)": ("configs/odsd_mnist.py:no_lnr,no_tr,no_sr", {}),
 }
 
 RUN_ORDER = ["ODSD", "KD, random pool subset (N)", "KD, whole pool",
              "DFND-style global confidence top-N", "ODSD w/o APS (random N)",
              "ODSD losses on the whole pool (no sampling)", "ODSD w/o LNR", "ODSD w/o L_TR",
              "ODSD w/o L_SR", "ODSD + adaptive refresh (§1F, every 2 epochs)",
-             "KD, original data (upper bound)"]
+             "APS + plain KD (no LNR, L_TR, L_SR)", "KD, original data (upper bound)"]
 
 
 @functools.lru_cache(maxsize=1)
