@@ -121,9 +121,10 @@ def low_noise_targets(
     K_i. With |K_i| = 1 that is a one-hot target at temperature tau, which the student's
     softmax(z_S / tau) reaches only with unbounded logit gaps (large tau^2-scaled gradients).
     tail="uniform" (an option outside the spec) keeps p_tau = softmax(z_T / tau) on K_i as is and
-    spreads the remaining mass evenly over the classes outside K_i: the tail's *shape* (the
-    domain-shift noise) is removed, its mass (the teacher's softened confidence) kept, so the
-    targets are as bounded as KD's. Both equal KD's targets when K_i holds every class.
+    spreads the remaining mass evenly over the classes outside K_i: the tail's *shape* (what
+    the spec takes for domain-shift noise) is removed, its mass (the teacher's softened
+    confidence) kept, so the targets are as bounded as KD's. Both equal KD's targets when K_i
+    holds every class.
 
     Args:
       teacher_logits: [B, C] (stop-gradient).
