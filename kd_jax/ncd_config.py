@@ -49,7 +49,8 @@ def add_ncd_keys(c: ml_collections.ConfigDict, num_known: int, num_novel: int) -
         "direction": "reliable",    # reliable | both | known_to_novel | novel_to_known
         "space": "probs",           # probs | embeddings
         # all (the spec: the whole global batch) | unlabeled (outside the spec: the relations
-        # only among the unlabeled samples, where the novel space has a training signal)
+        # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
+        # direction=reliable, which picks its own rows.
         "samples": "all",
         "lambda_smi": 1.0, "lambda_sc": 1.0,
         "ramp_steps": 0,            # linear 0 -> 1 ramp of both weights (0 = no ramp)
