@@ -5,11 +5,12 @@
 
 The teacher scores the 9,797-image pool once, EIKD keeps N = 4,000 images (the size of the
 original train set and of KD's random subset) balanced over the teacher's classes, then trains
-2,000 steps of batch 128 with KD-with-class-dropping + feature + RKD terms (same optimizer and
-schedule as configs/kd_mnist.py, so the two compare; plus a global gradient-norm clip at 2, see
-below). Expected about 4-5 minutes on 2 idle CPU cores (an EIKD step costs about 1.5-2x a KD
-step: measured 3.2 vs 1.8 s/step side by side on a heavily shared machine) + 1 minute for the
-teacher when `teacher.workdir` is empty (it is then trained into <workdir>/teacher).
+2,000 steps of batch 128 with KD-with-class-dropping + feature + RKD terms (the lr and cosine
+schedule of configs/kd_mnist.py; instead of its 100-step warmup and clip at 5, a gradient-norm
+clip at 2 from step 0, see below). Not yet timed on idle cores: a 400-step run took 365 s with
+one other job beside it (the exact RKD angle term dominates), so expect well over 10 minutes;
++2 minutes for the teacher when `teacher.workdir` is empty (it is then trained into
+<workdir>/teacher).
 
 Arguments (comma-separated, for the offline table's baselines and ablations):
   dfnd      DFND: global confidence top-N, plain KD (no class dropping / feature / relation)

@@ -2,7 +2,7 @@
 
     python -m kd_jax.main --config=configs/odsd_mnist.py --workdir=/tmp/kd/odsd_mnist
 
-The LeNet-5 teacher is trained first into <workdir>/teacher (about 1 minute on 2 CPU cores)
+The LeNet-5 teacher is trained first into <workdir>/teacher (124 s on 2 idle CPU cores)
 unless `--config.teacher.workdir` names a finished teacher run. Then APS samples N = 4,000 images
 (the size of the original train split) from the bundled 9,797-image open-world pool (printed and
 handwritten digits, letters, photo crops), and the student learns from them with LNR + L_TR +
