@@ -688,6 +688,13 @@ class SCKD(UNO):
         s = self.config.sckd
         # `samples = unlabeled`: labeled rows leave every anchor set and softmax (weight 0).
         w = (labels < 0).astype(jnp.float32) if s.samples == "unlabeled" else None
+        if s.direction == "reliable":
+            # Each space teaches where it has a training signal: the known space its relations
+            # among the labeled rows, the novel space among the unlabeled rows.
+            lab = (labels >= 0).astype(jnp.float32)
+            sc_parts = (("known_to_novel", lab), ("novel_to_known", 1.0 - lab))
+        else:
+            sc_parts = ((s.direction, w),)
         ramp = (jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / s.ramp_steps)
                 if s.ramp_steps > 0 else jnp.asarray(1.0))
         smi = sc = jnp.asarray(0.0)
@@ -699,18 +706,9 @@ class SCKD(UNO):
             if use_smi:
                 smi += jax.vmap(lambda rn: losses.spatial_mutual_information(
                     r_k, rn, temperature=s.smi_temperature, weights=w))(r_n).mean() / len(outs)
-            if use_sc and s.direction == "reliable":
-                # Each space teaches where it has a training signal: the known space its
-                # relations among the labeled rows, the novel space among the unlabeled rows.
-                lab = (labels >= 0).astype(jnp.float32)
-                sc += jax.vmap(lambda rn: losses.self_cooperation_loss(
-                    r_k, rn, temperature=s.sc_temperature, direction="known_to_novel",
-                    weights=lab) + losses.self_cooperation_loss(
-                    r_k, rn, temperature=s.sc_temperature, direction="novel_to_known",
-                    weights=1.0 - lab))(r_n).mean() / len(outs)
-            elif use_sc:
-                sc += jax.vmap(lambda rn: losses.self_cooperation_loss(
-                    r_k, rn, temperature=s.sc_temperature, direction=s.direction,
-                    weights=w))(r_n).mean() / len(outs)
+            if use_sc:
+                sc += jax.vmap(lambda rn: sum(losses.self_cooperation_loss(
+                    r_k, rn, temperature=s.sc_temperature, direction=d, weights=wd)
+                    for d, wd in sc_parts))(r_n).mean() / len(outs)
         extra = ramp * (s.lambda_smi * smi + s.lambda_sc * sc)
         return extra, {"smi": smi, "sc": sc, "ramp": ramp}
