@@ -35,8 +35,9 @@ parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--batch", type=int, default=128)
 parser.add_argument("--evals", type=int, default=20, help="evaluations per run (curve points)")
-parser.add_argument("--only", default="", help="comma-separated variant names to run (others "
-                    "are tabulated only if already finished)")
+parser.add_argument("--only", nargs="*", default=None,
+                    help="variant names to run, each one argument (names contain commas); others "
+                    "are tabulated only if already finished")
 args = parser.parse_args()
 seeds = [int(s) for s in args.seeds.split(",")]
 if args.steps % args.evals or (args.steps // args.evals) * args.evals != args.steps or \
@@ -67,7 +68,10 @@ RUN_ORDER = ["EIKD", "KD, random subset (N = 4,000)", "ODSD", "KD, whole pool",
              "DFND: global confidence top-N + KD", "EIKD − class dropping",
              "EIKD − relation terms", "EIKD − feature term", "EIKD, global instead of balanced",
              "KD, original images (upper bound)"]
-only = set(filter(None, args.only.split(",")))
+only = set(args.only or ())
+unknown = only - set(VARIANTS)
+if unknown:
+    raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
 
 
 def workdir(name, seed):

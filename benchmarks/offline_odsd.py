@@ -1,6 +1,12 @@
-"""The offline ODSD table (issue 4): LeNet-5 -> LeNet-5-half on the bundled benchmark.
+"""The offline ODSD table (issue 4): LeNet-5 -> LeNet-5-half (or WRN-10-1 -> WRN-10-1-half) on the
+bundled benchmark.
 
     python benchmarks/offline_odsd.py [--seeds 0 1 2] [--steps 2000] [--out /tmp/kd/offline_odsd]
+    python benchmarks/offline_odsd.py --pair wrn --out /tmp/kd/offline_odsd_wrn ...
+
+`--pair wrn` swaps the models only (teacher WRN-10-1, student the same at half width, 32×32×1); data,
+selection sizes and optimiser stay those of the configs, so the two tables differ in the
+architecture alone.
 
 Rows: the teacher · KD on the original train images (upper bound) · KD on the whole pool · KD on
 a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
@@ -23,6 +29,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+
+# --pair: (teacher, student, title) -> model overrides of every run; the configs' models are lenet.
+PAIRS = {
+    "lenet": ("lenet5", "lenet5_half", "LeNet-5 -> LeNet-5-half"),
+    "wrn": ("wrn10_1", "wrn10_1_half", "WRN-10-1 -> WRN-10-1-half"),
+}
 
 VARIANTS = {
     "KD, original data (upper bound)": ("configs/kd_mnist.py:original", {}),
@@ -75,17 +87,27 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=0, help="override num_steps (0: config)")
     parser.add_argument("--out", default="/tmp/kd/offline_odsd")
-    parser.add_argument("--teacher", default="", help="finished LeNet-5 teacher workdir")
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="lenet",
+                        help="teacher -> student models (results go to their own --out)")
+    parser.add_argument("--teacher", default="",
+                        help="finished teacher workdir of the --pair's teacher model")
     parser.add_argument("--only", nargs="*", default=None, help="run only these row names")
     args = parser.parse_args(argv)
 
+    teacher_model, student_model, _ = PAIRS[args.pair]
     teacher = args.teacher or os.path.join(args.out, "teacher")
     if not args.teacher:
-        harness.run("configs/teacher_mnist.py", teacher)
+        harness.run("configs/teacher_mnist.py", teacher, {"model.name": teacher_model})
     with open(os.path.join(teacher, "results.json")) as f:
-        teacher_acc = json.load(f)["final_accuracy"]
+        result = json.load(f)
+    if result["config"]["model"]["name"] != teacher_model:
+        raise SystemExit(f"--teacher {teacher} is a {result['config']['model']['name']}, but "
+                         f"--pair {args.pair} needs a {teacher_model}")
+    teacher_acc = result["final_accuracy"]
 
     variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
+    models = {"model.name": student_model, "teacher.model": teacher_model}
+    variants = {k: (cfg, {**ov, **models}) for k, (cfg, ov) in variants.items()}
     if args.steps:
         variants = {k: (cfg, {**ov, "num_steps": args.steps}) for k, (cfg, ov) in variants.items()}
     done = {}
@@ -94,7 +116,7 @@ def main(argv=None):
             ")", "")
         result = harness.run_variants({key: variants[name]}, args.seeds, args.out, teacher)[key]
         done[name] = [dict(r, related_share=_related_share(r, args.out, key)) for r in result]
-        table = {"teacher (LeNet-5)": [{"final_accuracy": teacher_acc}],
+        table = {f"teacher ({teacher_model})": [{"final_accuracy": teacher_acc}],
                  **{k: done[k] for k in VARIANTS if k in done}}
         _write(table, args, argv)  # after every row, so a partial table survives
 
@@ -111,7 +133,7 @@ def _write(table, args, argv):
     lines = harness.markdown(table, columns).splitlines()
     steps = args.steps or "config default"
     text = "\n".join([
-        "# Offline ODSD benchmark: LeNet-5 -> LeNet-5-half",
+        f"# Offline ODSD benchmark: {PAIRS[args.pair][2]}",
         "",
         f"Bundled offline benchmark (kd_jax/data/offline.py): student accuracy on the held-out "
         f"MNIST-5k test split (1,000 digits), mean ± std over seeds {args.seeds}; N = 4,000 "
@@ -122,7 +144,8 @@ def _write(table, args, argv):
         *lines,
         ""])
     os.makedirs(os.path.join(harness.ROOT, "benchmarks", "results"), exist_ok=True)
-    path = os.path.join(harness.ROOT, "benchmarks", "results", "offline_odsd.md")
+    name = "offline_odsd.md" if args.pair == "lenet" else f"offline_odsd_{args.pair}.md"
+    path = os.path.join(harness.ROOT, "benchmarks", "results", name)
     with open(path, "w") as f:
         f.write(text)
     print(text)

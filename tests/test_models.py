@@ -29,6 +29,8 @@ PARAM_COUNTS = {
     ("resnet18_cifar", 100): 11_220_132,
     ("resnet34_cifar", 10): 21_282_122,
     ("resnet34_cifar", 100): 21_328_292,
+    ("wrn10_1", 10): 77_562,  # 1-channel input; hand-counted (conv1 144 + groups 4,672 /
+    ("wrn10_1_half", 10): 19_714,  # 14,432 / 57,536 + bn 128 + fc 650)
     ("wrn16_1", 10): 175_066,
     ("wrn16_2", 10): 691_674,
     ("wrn40_1", 10): 563_930,
@@ -52,6 +54,8 @@ CONTRACT = {
     "resnet18_cifar": (10, 512, {"stage1": (32, 32, 64), "stage2": (16, 16, 128),
                                  "stage3": (8, 8, 256), "stage4": (4, 4, 512)}),
     "resnet34_cifar": (100, 512, {"stage4": (4, 4, 512)}),
+    "wrn10_1": (10, 64, {"stage1": (32, 32, 16), "stage2": (16, 16, 32), "stage3": (8, 8, 64)}),
+    "wrn10_1_half": (10, 32, {"stage1": (32, 32, 8), "stage2": (16, 16, 16), "stage3": (8, 8, 32)}),
     "wrn16_1": (10, 64, {"stage1": (32, 32, 16), "stage2": (16, 16, 32), "stage3": (8, 8, 64)}),
     "wrn16_2": (10, 128, {"stage3": (8, 8, 128)}),
     "wrn40_1": (10, 64, {"stage3": (8, 8, 64)}),
@@ -323,3 +327,47 @@ def test_small_vit_forward():
     v = jax.eval_shape(lambda x: headless.init(jax.random.key(0), x), x)
     out, _ = jax.eval_shape(headless.apply, v, x)
     assert out.shape == (2, 32) and "head" not in v["params"]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad", [
+    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1),    # 3x3, same size
+    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1),    # strided, odd sizes: the last column is not reached
+    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0),    # 1x1 strided shortcut
+    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0),  # LeNet-style 5x5 valid
+])
+def test_matmul_weight_gradient_equals_xla_convolution(shape, kernel, stride, pad, monkeypatch):
+    """The im2col weight gradient (XLA:CPU speed-up) is the same convolution: equal forward, and
+    input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager."""
+    from kd_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(1,)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(x, w):  # a non-trivial output gradient
+        y = layers.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=dn)
+        return jnp.sum(jnp.sin(y) * probe), y
+
+    results = {}
+    for mode in ("native", "matmul"):
+        monkeypatch.setenv("KD_JAX_CONV_GRAD", mode)
+        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        (gx, gw), y = grad(x, w)
+        (jx, jw), _ = jax.jit(grad)(x, w)
+        np.testing.assert_allclose(jx, gx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jw, gw, rtol=1e-5, atol=1e-5)
+        results[mode] = (y, gx, gw)
+    for a, b in zip(results["native"], results["matmul"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(results["matmul"][2]))) > 1e-2  # the test has teeth
+
+
+def test_conv_gradient_mode_is_checked(monkeypatch):
+    from kd_jax.models import layers
+    monkeypatch.setenv("KD_JAX_CONV_GRAD", "fast")
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(ValueError, match="KD_JAX_CONV_GRAD"):
+        layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)

@@ -113,20 +113,25 @@ class WideResNet(nn.Module):
         return logits.astype(jnp.float32), feats
 
 
-def _wrn(depth: int, widen: int):
+def _wrn(depth: int, widen: int, base_width: int = 16, suffix: str = ""):
     def make(num_classes: int = 10, dtype: Any = jnp.float32, dropout_rate: float = 0.0,
              **kwargs) -> WideResNet:
         # `depth=` / `widen_factor=` / `base_width=` override the paper sizes (test variants).
         kwargs.setdefault("depth", depth)
         kwargs.setdefault("widen_factor", widen)
+        kwargs.setdefault("base_width", base_width)
         return WideResNet(num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype,
                           **kwargs)
 
-    make.__name__ = f"wrn{depth}_{widen}"
-    make.__doc__ = f"WRN-{depth}-{widen} (CIFAR, 32×32×3)."
+    make.__name__ = f"wrn{depth}_{widen}{suffix}"
+    make.__doc__ = f"WRN-{depth}-{widen}{suffix.replace('_', '-')} (stem width {base_width})."
     return make
 
 
+# The offline benchmark's small ResNet pair (MNIST at 32×32×1 on 2 CPU cores): one block per
+# group; the student halves every width, as LeNet-5-half does LeNet-5's.
+wrn10_1 = _wrn(10, 1)
+wrn10_1_half = _wrn(10, 1, base_width=8, suffix="_half")
 wrn16_1 = _wrn(16, 1)
 wrn16_2 = _wrn(16, 2)
 wrn40_1 = _wrn(40, 1)
