@@ -12,7 +12,9 @@ Every measurement runs in a fresh subprocess (one framework's thread pool never 
 the other's, and XLA flags only take effect at start-up). Each prints images/s and the share of
 the step spent in the teacher forward (timed alone). kd_jax variants:
 
-  baseline   default XLA:CPU flags, float32, state donated
+  baseline   default XLA:CPU flags, float32, state donated (kd_jax's matmul weight gradient for
+             big convolutions on, see kd_jax/models/layers.py)
+  native_grad  XLA's own convolution weight gradient everywhere (KD_JAX_CONV_GRAD=native)
   onednn     --xla_cpu_use_onednn=true (oneDNN convolutions/matmuls, what PyTorch uses)
   xnnpack    --xla_cpu_use_xnnpack=true
   fastmath   --xla_cpu_enable_fast_math=true
@@ -39,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 VARIANTS = {
     "baseline": ({}, {}),
+    "native_grad": ({"KD_JAX_CONV_GRAD": "native"}, {}),
     "onednn": ({"XLA_FLAGS": "--xla_cpu_use_onednn=true"}, {}),
     "xnnpack": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}, {}),
     "fastmath": ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
@@ -55,7 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--variants", default="baseline,onednn,xnnpack,bf16,no_donate,separate",
+    p.add_argument("--variants", default="baseline,native_grad,onednn,bf16,separate",
                    help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch measurement")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
@@ -221,8 +224,8 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False) -> dic
 def measure(kind, args, env_extra=None, opts=None) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
                CUDA_VISIBLE_DEVICES="")
-    if env_extra and "XLA_FLAGS" in env_extra:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + env_extra["XLA_FLAGS"]).strip()
+    for key, value in (env_extra or {}).items():
+        env[key] = (env.get(key, "") + " " + value).strip() if key == "XLA_FLAGS" else value
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={kind}",
            f"--child_opts={json.dumps(opts or {})}", f"--batch={args.batch}",
            f"--steps={args.steps}"]
