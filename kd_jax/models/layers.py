@@ -63,9 +63,9 @@ def normal_init(stddev: float) -> Initializer:
 # Convolution with a matmul weight-gradient (XLA:CPU)
 # --------------------------------------------------------------------------------------------
 # XLA:CPU computes a convolution's *weight* gradient (the batch-and-space reduction) far slower
-# than its forward pass or input gradient: 1.5 s of a 1.7 s backward for a 64->64 3x3 conv on
-# 32x32x64 at batch 64 on 2 cores (benchmarks/vs_pytorch.py, README "Performance"). The same
-# gradient as one matmul of the im2col patches with the output gradient is 4x faster there.
+# than its forward pass or input gradient: ~1.8 s of a 1.8 s backward for a 64->64 3x3 conv on
+# 32x32x64 at batch 64 on 2 cores. The same gradient as one matmul of the im2col patches with
+# the output gradient is 3-4x faster there (benchmarks/conv_grad.py, per layer shape).
 # `conv_general_dilated` below keeps XLA's forward and input gradient and swaps in the matmul
 # weight gradient on the CPU for layers big enough to profit (measured: a win from
 # H_out*W_out*C_in >= 16,384, a loss below). GPU/TPU keep XLA's convolution untouched.
