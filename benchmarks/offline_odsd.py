@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -139,7 +140,7 @@ def _write(table, args, argv):
         f"MNIST-5k test split (1,000 digits), mean ± std over seeds {args.seeds}; N = 4,000 "
         f"(the original train-set size) from the 9,797-image pool (39 % digits); "
         f"steps: {steps}. Command: `python benchmarks/offline_odsd.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"{shlex.join(argv if argv is not None else sys.argv[1:])}`.",
         "",
         *lines,
         ""])

@@ -15,7 +15,7 @@ Module names mirror the PyTorch state_dict (`block1.layer.0.bn1.weight` →
 bn1, fc`.
 
 Parameter counts (10 classes): WRN-16-1 175,066; WRN-16-2 691,674; WRN-40-1 563,930;
-WRN-40-2 2,243,546.
+WRN-40-2 2,243,546; on 1-channel 32×32 input WRN-10-1 77,562 and WRN-10-1-half 19,714.
 """
 from __future__ import annotations
 
