@@ -12,9 +12,9 @@ Every measurement runs in a fresh subprocess (one framework's thread pool never 
 the other's, and XLA flags only take effect at start-up). Each prints images/s and the share of
 the step spent in the teacher forward (timed alone). kd_jax variants:
 
-  baseline   default XLA:CPU flags, float32, state donated (kd_jax's matmul weight gradient for
-             big convolutions on, see kd_jax/models/layers.py)
-  native_grad  XLA's own convolution weight gradient everywhere (KD_JAX_CONV_GRAD=native)
+  baseline   default XLA:CPU flags, float32, state donated (kd_jax's chunked im2col
+             convolutions on, see kd_jax/models/layers.py)
+  native_conv  XLA's own convolutions everywhere (KD_JAX_CONV=native)
   onednn     --xla_cpu_use_onednn=true (oneDNN convolutions/matmuls, what PyTorch uses)
   xnnpack    --xla_cpu_use_xnnpack=true
   fastmath   --xla_cpu_enable_fast_math=true
@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 VARIANTS = {
     "baseline": ({}, {}),
-    "native_grad": ({"KD_JAX_CONV_GRAD": "native"}, {}),
+    "native_conv": ({"KD_JAX_CONV": "native"}, {}),
     "onednn": ({"XLA_FLAGS": "--xla_cpu_use_onednn=true"}, {}),
     "xnnpack": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}, {}),
     "fastmath": ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--variants", default="baseline,native_grad,onednn,bf16,separate",
+    p.add_argument("--variants", default="baseline,native_conv,onednn,bf16,separate",
                    help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch measurement")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")

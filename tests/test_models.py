@@ -330,14 +330,16 @@ def test_small_vit_forward():
 
 
 @pytest.mark.parametrize("shape,kernel,stride,pad", [
-    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1),    # 3x3, same size
-    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1),    # strided, odd sizes: the last column is not reached
-    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0),    # 1x1 strided shortcut
-    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0),  # LeNet-style 5x5 valid
+    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1),     # 3x3, same size, batch 3: chunks of one image
+    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1),     # strided, odd sizes: the last column is not reached
+    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0),     # 1x1 strided shortcut
+    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0),   # LeNet-style 5x5 valid
+    ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1),  # deep: the automatic rule takes the im2col forward
 ])
-def test_matmul_weight_gradient_equals_xla_convolution(shape, kernel, stride, pad, monkeypatch):
-    """The im2col weight gradient (XLA:CPU speed-up) is the same convolution: equal forward, and
-    input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager."""
+def test_im2col_convolution_equals_xla_convolution(shape, kernel, stride, pad, monkeypatch):
+    """The chunked im2col convolution (XLA:CPU speed-up) is the same convolution: forward and
+    input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager, with the
+    im2col forward forced and with the automatic per-layer choice."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -351,23 +353,77 @@ def test_matmul_weight_gradient_equals_xla_convolution(shape, kernel, stride, pa
         return jnp.sum(jnp.sin(y) * probe), y
 
     results = {}
-    for mode in ("native", "matmul"):
-        monkeypatch.setenv("KD_JAX_CONV_GRAD", mode)
+    for mode in ("native", "im2col", "auto"):
+        monkeypatch.setenv("KD_JAX_CONV", mode)
         grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
         (gx, gw), y = grad(x, w)
         (jx, jw), _ = jax.jit(grad)(x, w)
+        # the chunked loop is in the program exactly when the im2col convolution is taken
+        assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
         np.testing.assert_allclose(jx, gx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(jw, gw, rtol=1e-5, atol=1e-5)
         results[mode] = (y, gx, gw)
-    for a, b in zip(results["native"], results["matmul"]):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
-    assert float(jnp.max(jnp.abs(results["matmul"][2]))) > 1e-2  # the test has teeth
+    for mode in ("im2col", "auto"):
+        for a, b in zip(results["native"], results[mode]):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(results["im2col"][2]))) > 1e-2  # the test has teeth
 
 
-def test_conv_gradient_mode_is_checked(monkeypatch):
+def test_im2col_convolution_on_a_sharded_batch(monkeypatch):
+    """With the batch sharded over the 8 test devices (chunks cut per device block, the weight
+    gradient summed across blocks) the convolution and its gradients equal XLA's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
     from kd_jax.models import layers
-    monkeypatch.setenv("KD_JAX_CONV_GRAD", "fast")
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(32, 6, 6, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+    def grads():  # a new function per mode: the mode is read while tracing
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(layers.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))), (0, 1)))
+
+    monkeypatch.setenv("KD_JAX_CONV", "native")
+    want = grads()(x, w)
+    monkeypatch.setenv("KD_JAX_CONV", "im2col")
+    assert layers._chunking(32, (6, 6), 144, 4)[0] == 8  # one block per device
+    im2col = grads()
+    assert "while" in str(im2col.lower(xs, w).as_text())  # the chunked loop is what runs
+    got = im2col(xs, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert got[0].sharding.spec == P("data")
+
+
+def test_im2col_weight_gradient_against_float64(monkeypatch):
+    """The weight gradient is a reduction over B*H*W = 32,768 rows: against a float64 NumPy
+    reference the chunked im2col one is at least as accurate as XLA's own."""
+    from kd_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 32, 32, 1)).astype(np.float32)
+    w = (0.3 * rng.normal(size=(3, 3, 1, 16))).astype(np.float32)
+    g = rng.normal(size=(32, 32, 32, 16)).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 32, j:j + 32], g.astype(np.float64))
+                     for i in range(3) for j in range(3)]).reshape(w.shape)
+    err = {}
+    for mode in ("native", "im2col"):
+        monkeypatch.setenv("KD_JAX_CONV", mode)
+        dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(
+            jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) * g)))(w)
+        err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)))
+    assert err["im2col"] <= max(err["native"], 1e-6 * np.abs(want).max()), err
+
+
+def test_conv_mode_is_checked(monkeypatch):
+    from kd_jax.models import layers
+    monkeypatch.setenv("KD_JAX_CONV", "fast")
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with pytest.raises(ValueError, match="KD_JAX_CONV_GRAD"):
+    with pytest.raises(ValueError, match="KD_JAX_CONV"):
         layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)

@@ -60,18 +60,24 @@ def normal_init(stddev: float) -> Initializer:
 
 
 # --------------------------------------------------------------------------------------------
-# Convolution with a matmul weight-gradient (XLA:CPU)
+# Convolution on XLA:CPU as chunked im2col matmuls
 # --------------------------------------------------------------------------------------------
-# XLA:CPU computes a convolution's *weight* gradient (the batch-and-space reduction) far slower
-# than its forward pass or input gradient: ~1.8 s of a 1.8 s backward for a 64->64 3x3 conv on
-# 32x32x64 at batch 64 on 2 cores. The same gradient as one matmul of the im2col patches with
-# the output gradient is 3-4x faster there (benchmarks/conv_grad.py, per layer shape).
-# `conv_general_dilated` below keeps XLA's forward and input gradient and swaps in the matmul
-# weight gradient on the CPU for layers big enough to profit (measured: a win from
-# H_out*W_out*C_in >= 16,384, a loss below). GPU/TPU keep XLA's convolution untouched.
-# KD_JAX_CONV_GRAD=native|matmul|auto (default auto) overrides the choice, for benchmarking.
-_MATMUL_GRAD_MIN_WORK = 16_384
+# XLA:CPU's convolutions trail PyTorch's oneDNN, worst in training: forward + input and weight
+# gradient of a 64->64 3x3 conv on 32x32x64 at batch 64 take 2.1 s on 2 cores (nearly all of it
+# the weight gradient), PyTorch 0.18 s. A convolution is a matmul of its im2col patches with the
+# kernel, but the patches are kh*kw times the input (150 MB there) and this machine moves memory
+# at a few GB/s, so materialising them costs more than the matmul. Done a few images at a time
+# (a `lax.scan` over the batch) the patches of one chunk stay in the L3 cache: the same layer
+# trains in 0.28 s, its forward 82 -> 69 ms. `python benchmarks/conv_layers.py` prints the table
+# for every layer shape of the benchmark models (README, "Performance").
+# `conv_general_dilated` below therefore runs, on the CPU, every plain convolution's backward
+# pass (input and weight gradient) and the forward of deep enough layers (kh*kw*C_in >= 256;
+# shallower ones stay faster in XLA) as chunked im2col matmuls. GPU/TPU keep XLA's convolution.
+# KD_JAX_CONV=auto|native|im2col (default auto) overrides the choice, for benchmarks and tests.
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_CHUNK_BYTES = 4 << 20           # patches per chunk (2 and 8 MiB measured no better)
+_MIN_CHUNK_ROWS = 512            # output pixels per matmul, so a big kernel is read rarely
+_IM2COL_FORWARD_MIN_DEPTH = 256  # kh*kw*C_in from which the chunked forward beats XLA's
 
 
 def _native_conv(x, w, strides, padding, precision):
@@ -79,59 +85,117 @@ def _native_conv(x, w, strides, padding, precision):
                                         precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_grad(x, w, strides, padding, precision):
-    return _native_conv(x, w, strides, padding, precision)
+def _out_hw(x_shape, w_shape, strides, padding):
+    return tuple((n + sum(p) - k) // s + 1
+                 for n, p, k, s in zip(x_shape[1:3], padding, w_shape[:2], strides))
 
 
-def _conv_matmul_grad_fwd(x, w, strides, padding, precision):
-    return _native_conv(x, w, strides, padding, precision), (x, w)
-
-
-def _conv_matmul_grad_bwd(strides, padding, precision, residuals, g):
-    x, w = residuals
-    kh, kw, c, o = w.shape
-    (sh, sw), (b, ho, wo, _) = strides, g.shape
+def _patches(x, kernel_hw, strides, padding, out_hw):
+    """(B, H, W, C) -> (B*H_out*W_out, kh*kw*C) im2col rows, columns in HWIO order (i, j, c)."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+    b, c = x.shape[0], x.shape[-1]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    # im2col: column (i, j, c) of a patch row is xp[n, i + sh*y, j + sw*x, c] (HWIO order).
     cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                           (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
-    patches = (cols[0] if len(cols) == 1 else jnp.concatenate(cols, -1)).reshape(-1, kh * kw * c)
-    dw = jnp.dot(patches.T, g.reshape(-1, o), precision=precision).reshape(w.shape)
-    _, input_vjp = jax.vjp(lambda x: _native_conv(x, w, strides, padding, precision), x)
-    return input_vjp(g)[0], dw.astype(w.dtype)
+    return (cols[0] if len(cols) == 1 else jnp.concatenate(cols, -1)).reshape(-1, kh * kw * c)
 
 
-_conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
+def _chunking(batch, out_hw, depth, itemsize):
+    """(groups, n): the batch is cut into `groups` contiguous blocks (one per device, so a batch
+    sharded over the devices is chunked where it lies) of chunks of n images."""
+    groups = jax.device_count()
+    if batch % groups:
+        groups = 1
+    rows = out_hw[0] * out_hw[1]
+    n = max(_CHUNK_BYTES // (rows * depth * itemsize), -(-_MIN_CHUNK_ROWS // rows), 1)
+    n = min(n, batch // groups)
+    while (batch // groups) % n:
+        n -= 1
+    return groups, n
+
+
+def _to_chunks(a, groups, n):  # (B, ...) -> (steps, groups, n, ...)
+    return jnp.moveaxis(a.reshape(groups, a.shape[0] // (groups * n), n, *a.shape[1:]), 1, 0)
+
+
+def _from_chunks(a):  # (steps, groups, n, ...) -> (B, ...)
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(-1, *a.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_im2col(x, w, strides, padding, precision, im2col_forward):
+    if not im2col_forward:
+        return _native_conv(x, w, strides, padding, precision)
+    out_hw = _out_hw(x.shape, w.shape, strides, padding)
+    groups, n = _chunking(x.shape[0], out_hw, w.shape[0] * w.shape[1] * w.shape[2],
+                          x.dtype.itemsize)
+    w_mat = w.reshape(-1, w.shape[-1])
+
+    def chunk(xc):
+        rows = _patches(xc.reshape(-1, *x.shape[1:]), w.shape[:2], strides, padding, out_hw)
+        y = jnp.dot(rows, w_mat, precision=precision)
+        return y.reshape(groups, n, *out_hw, w.shape[-1])
+
+    return _from_chunks(jax.lax.map(chunk, _to_chunks(x, groups, n)))
+
+
+def _conv_im2col_fwd(x, w, strides, padding, precision, im2col_forward):
+    return _conv_im2col(x, w, strides, padding, precision, im2col_forward), (x, w)
+
+
+def _conv_im2col_bwd(strides, padding, precision, im2col_forward, residuals, g):
+    del im2col_forward  # both forwards have this backward
+    x, w = residuals
+    out_hw, depth = g.shape[1:3], w.shape[0] * w.shape[1] * w.shape[2]
+    groups, n = _chunking(x.shape[0], out_hw, depth, x.dtype.itemsize)
+    w_mat = w.reshape(depth, -1)
+
+    def chunk(dw, xg):
+        xc, gc = xg
+        rows, rows_vjp = jax.vjp(
+            lambda xc: _patches(xc.reshape(-1, *x.shape[1:]), w.shape[:2], strides, padding,
+                                out_hw), xc)
+        g_rows = gc.reshape(-1, w.shape[-1])
+        # dW per device block (summed once at the end, not once per chunk across devices)
+        dw = dw + jnp.einsum("gmk,gmo->gko", rows.reshape(groups, -1, depth),
+                             g_rows.reshape(groups, -1, w.shape[-1]), precision=precision,
+                             preferred_element_type=jnp.float32)
+        dx = rows_vjp(jnp.dot(g_rows, w_mat.T, precision=precision).astype(rows.dtype))[0]
+        return dw, dx
+
+    dw0 = jnp.zeros((groups, depth, w.shape[-1]), jnp.float32)
+    dw, dx = jax.lax.scan(chunk, dw0, (_to_chunks(x, groups, n), _to_chunks(g, groups, n)))
+    return _from_chunks(dx).astype(x.dtype), dw.sum(0).reshape(w.shape).astype(w.dtype)
+
+
+_conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None):
-    """`jax.lax.conv_general_dilated` (what `nn.Conv` calls) with the matmul weight gradient
-    where it is faster (see above); identical forward, gradients equal up to float rounding."""
+    """`jax.lax.conv_general_dilated` (what `nn.Conv` calls), computed as chunked im2col matmuls
+    on the CPU where that is faster (see above); the same convolution up to float rounding."""
     native = functools.partial(
         jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation,
         rhs_dilation, dimension_numbers, feature_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
-    mode = os.environ.get("KD_JAX_CONV_GRAD", "auto")
-    if mode not in ("auto", "native", "matmul"):
-        raise ValueError(f"KD_JAX_CONV_GRAD={mode!r}: expected auto, native or matmul")
+    mode = os.environ.get("KD_JAX_CONV", "auto")
+    if mode not in ("auto", "native", "im2col"):
+        raise ValueError(f"KD_JAX_CONV={mode!r}: expected auto, native or im2col")
     plain = (feature_group_count == 1 and preferred_element_type is None
              and not isinstance(padding, str) and lhs.ndim == 4
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not plain or mode == "native":
+    if not plain or mode == "native" or (mode == "auto" and jax.default_backend() != "cpu"):
         return native()
-    if mode == "auto":
-        if jax.default_backend() != "cpu":
-            return native()
-        out_hw = [(n + sum(p) - k) // s + 1 for n, p, k, s in
-                  zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides)]
-        if out_hw[0] * out_hw[1] * lhs.shape[-1] < _MATMUL_GRAD_MIN_WORK:
-            return native()
-    return _conv_matmul_grad(lhs, rhs, tuple(window_strides),
-                             tuple(tuple(p) for p in padding), precision)
+    if lhs.shape[0] == 0 or min(_out_hw(lhs.shape, rhs.shape, window_strides, padding)) <= 0:
+        return native()  # an empty output: nothing to chunk (XLA returns the empty array)
+    depth = rhs.shape[0] * rhs.shape[1] * rhs.shape[2]
+    im2col_forward = mode == "im2col" or depth >= _IM2COL_FORWARD_MIN_DEPTH
+    return _conv_im2col(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
+                        precision, im2col_forward)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Per-layer cost of a convolution on this machine: XLA's own vs kd_jax's chunked im2col
+convolution (kd_jax/models/layers.py), and PyTorch's when torch is installed. The table behind
+the layer rule there.
+
+    python benchmarks/conv_layers.py [--steps 5] [--no_torch]
+
+For each layer shape of the benchmark models (LeNet-5, WRN-10-1 and its half, CIFAR ResNet-18/34):
+ms for the forward pass and for a training pass (forward + input and kernel gradient of
+sum(conv(x, w)²)), with XLA's convolution (`KD_JAX_CONV=native`), with the im2col convolution
+forced (`im2col`), and with the automatic choice kd_jax makes (`auto`: im2col backward, im2col
+forward from kh·kw·C_in >= 256). PyTorch (NCHW, its default oneDNN path) runs in a subprocess
+so that the two thread pools never compete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (batch, input H = W, C_in, C_out, kernel, stride)
+SHAPES = [(128, 32, 1, 6, 5, 1), (128, 14, 6, 16, 5, 1), (128, 32, 8, 8, 3, 1),
+          (128, 32, 16, 16, 3, 1), (128, 32, 8, 16, 3, 2), (128, 16, 16, 16, 3, 1),
+          (128, 16, 32, 32, 3, 1), (128, 8, 64, 64, 3, 1), (64, 32, 3, 64, 3, 1),
+          (64, 32, 64, 64, 3, 1), (64, 32, 64, 128, 3, 2), (64, 32, 64, 128, 1, 2),
+          (64, 16, 128, 128, 3, 1), (64, 16, 128, 256, 3, 2), (64, 8, 256, 256, 3, 1),
+          (64, 8, 256, 512, 3, 2), (64, 4, 512, 512, 3, 1)]
+
+
+def _padding(k):
+    return 1 if k == 3 else 0
+
+
+def _timed(f, steps):
+    f()
+    t = time.perf_counter()
+    for _ in range(steps):
+        f()
+    return 1e3 * (time.perf_counter() - t) / steps
+
+
+def torch_times(steps):
+    """{shape: (forward ms, training ms)} of torch.nn.Conv2d, printed as JSON lines."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    for b, h, c, o, k, s in SHAPES:
+        conv = torch.nn.Conv2d(c, o, k, s, _padding(k), bias=False)
+        x = torch.randn(b, c, h, h)
+        with torch.no_grad():
+            fwd = _timed(lambda: conv(x), steps)
+        xg = x.clone().requires_grad_(True)
+
+        def train():
+            conv.zero_grad()
+            xg.grad = None
+            (conv(xg) ** 2).sum().backward()
+
+        print(json.dumps([b, h, c, o, k, s, fwd, _timed(train, steps)]), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch columns")
+    p.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.torch_child:
+        return torch_times(args.steps)
+    torch = {}
+    if not args.no_torch:
+        run = subprocess.run([sys.executable, __file__, "--torch_child", "--steps",
+                              str(args.steps)], capture_output=True, text=True)
+        if run.returncode:
+            print(f"(PyTorch columns skipped: {run.stderr.strip().splitlines()[-1]})")
+        for line in run.stdout.splitlines():
+            *shape, fwd, train = json.loads(line)
+            torch[tuple(shape)] = (fwd, train)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kd_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    print(f"backend {jax.default_backend()}, {os.cpu_count()} cores, load "
+          f"{os.getloadavg()[0]:.1f}; ms per call\n\n| batch | input | C_in→C_out | k, stride | "
+          f"forward XLA | forward im2col | forward auto | train XLA | train im2col | train auto "
+          f"| train PyTorch | auto / XLA (train) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+          f"---|", flush=True)
+    for b, h, c, o, k, s in SHAPES:
+        x = jnp.asarray(rng.normal(size=(b, h, h, c)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
+        pad = ((_padding(k),) * 2,) * 2
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+        row = {}
+        for mode in ("native", "im2col", "auto"):
+            os.environ["KD_JAX_CONV"] = mode  # read while tracing: new functions, new traces
+
+            def conv(x, w):
+                return layers.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn)
+
+            fwd = jax.jit(conv)
+            train = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1)))
+            row[mode] = (_timed(lambda: jax.block_until_ready(fwd(x, w)), args.steps),
+                         _timed(lambda: jax.block_until_ready(train(x, w)), args.steps))
+        os.environ.pop("KD_JAX_CONV")
+        pt = torch.get((b, h, c, o, k, s))
+        print(f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {row['native'][0]:.1f} | "
+              f"{row['im2col'][0]:.1f} | {row['auto'][0]:.1f} | {row['native'][1]:.1f} | "
+              f"{row['im2col'][1]:.1f} | {row['auto'][1]:.1f} | "
+              f"{f'{pt[1]:.1f}' if pt else '–'} | {row['native'][1] / row['auto'][1]:.2f}× |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
