@@ -7,8 +7,8 @@ unless `--config.teacher.workdir` names a finished teacher run. Then APS samples
 (the size of the original train split) from the bundled 9,797-image open-world pool (printed and
 handwritten digits, letters, photo crops), and the student learns from them with LNR + L_TR +
 L_SR. The student is evaluated on the held-out MNIST-5k test split (1,000 digits).
-Runtime: 1,000 steps of batch 128 (91.8 % on seed 0). On 2 idle CPU cores 302 s in all (teacher
-124 s, pool pass 12 s, ODSD 125 s); 17 minutes on the same machine shared with four other jobs.
+Runtime: 1,000 steps of batch 128 (91.9 % on seed 0). On 2 idle CPU cores 296 s in all (teacher
+119 s, pool pass 15 s, ODSD 116 s); 17 minutes on the same machine shared with four other jobs.
 The offline table runs 400 steps (`--config.num_steps=400`).
 Outputs in the workdir: results.json (accuracy, selection diagnostics), sampling.png,
 selection.npz, metrics.jsonl, TensorBoard events.
