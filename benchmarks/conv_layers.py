@@ -1,15 +1,17 @@
-"""Per-layer cost of a convolution on this machine: XLA's own vs kd_jax's chunked im2col
-convolution (kd_jax/models/layers.py), and PyTorch's when torch is installed. The table behind
-the layer rule there.
+"""Per-layer cost of a convolution on this machine: XLA's own vs kd_jax's chunked im2col and
+Winograd convolutions (kd_jax/models/layers.py), and PyTorch's when torch is installed. The table
+behind the per-layer rule there.
 
-    python benchmarks/conv_layers.py [--steps 5] [--no_torch]
+    python benchmarks/conv_layers.py [--steps 7] [--no_torch]
 
 For each layer shape of the benchmark models (LeNet-5, WRN-10-1 and its half, CIFAR ResNet-18/34):
 ms for the forward pass and for a training pass (forward + input and kernel gradient of
-sum(conv(x, w)²)), with XLA's convolution (`KD_JAX_CONV=native`), with the im2col convolution
-forced (`im2col`), and with the automatic choice kd_jax makes (`auto`: im2col backward, im2col
-forward from kh·kw·C_in >= 256). PyTorch (NCHW, its default oneDNN path) runs in a subprocess
-so that the two thread pools never compete.
+sum(conv(x, w)²)) with XLA's convolution (`KD_JAX_CONV=native`), the im2col convolution forced
+(`im2col`), Winograd F(2x2, 3x3) forced where the shape allows it (`winograd`: 3x3, stride 1,
+pad 1, even sizes), and the automatic choice kd_jax makes (`auto`, with the method it took).
+Every call of every mode is timed in turn, `--steps` rounds, and the median is printed (this
+machine's neighbours move single timings by 10-30 %). PyTorch (NCHW, its default oneDNN path)
+runs in a subprocess so that the two thread pools never compete.
 """
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ def _padding(k):
 
 def _timed(f, steps):
     f()
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         f()
-    return 1e3 * (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[(steps - 1) // 2]
 
 
 def torch_times(steps):
@@ -64,7 +68,7 @@ def torch_times(steps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=7, help="timed rounds (median)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch columns")
     p.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -87,19 +91,23 @@ def main(argv=None):
     from kd_jax.models import layers
 
     rng = np.random.default_rng(0)
+    modes = ("native", "im2col", "winograd", "auto")
     print(f"backend {jax.default_backend()}, {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f}; ms per call\n\n| batch | input | C_in→C_out | k, stride | "
-          f"forward XLA | forward im2col | forward auto | train XLA | train im2col | train auto "
-          f"| train PyTorch | auto / XLA (train) |\n|---|---|---|---|---|---|---|---|---|---|---|"
-          f"---|", flush=True)
+          f"{os.getloadavg()[0]:.1f}; ms per call, median of {args.steps}\n\n"
+          f"| batch | input | C_in→C_out | k, stride | auto takes | forward XLA | im2col | "
+          f"winograd | auto | PyTorch | train XLA | im2col | winograd | auto | PyTorch | "
+          f"auto / XLA (train) |\n|{'---|' * 16}", flush=True)
     for b, h, c, o, k, s in SHAPES:
         x = jnp.asarray(rng.normal(size=(b, h, h, c)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
         pad = ((_padding(k),) * 2,) * 2
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        winograd_fits = layers.winograd_fits(x.shape, w.shape, (s, s), pad)
 
-        row = {}
-        for mode in ("native", "im2col", "auto"):
+        calls = {}
+        for mode in modes:
+            if mode == "winograd" and not winograd_fits:
+                continue
             os.environ["KD_JAX_CONV"] = mode  # read while tracing: new functions, new traces
 
             def conv(x, w):
@@ -107,15 +115,28 @@ def main(argv=None):
 
             fwd = jax.jit(conv)
             train = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1)))
-            row[mode] = (_timed(lambda: jax.block_until_ready(fwd(x, w)), args.steps),
-                         _timed(lambda: jax.block_until_ready(train(x, w)), args.steps))
+            jax.block_until_ready((fwd(x, w), train(x, w)))  # traced now, under this mode
+            calls[mode, "fwd"] = lambda fwd=fwd: jax.block_until_ready(fwd(x, w))
+            calls[mode, "train"] = lambda train=train: jax.block_until_ready(train(x, w))
+        os.environ["KD_JAX_CONV"] = "auto"
+        takes = layers.conv_method(x.shape, w.shape, (s, s), pad)
         os.environ.pop("KD_JAX_CONV")
+        times = {key: [] for key in calls}
+        for _ in range(args.steps):  # round-robin: drift in the machine hits every mode alike
+            for key, call in calls.items():
+                t = time.perf_counter()
+                call()
+                times[key].append(1e3 * (time.perf_counter() - t))
+        ms = {key: sorted(v)[(len(v) - 1) // 2] for key, v in times.items()}
         pt = torch.get((b, h, c, o, k, s))
-        print(f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {row['native'][0]:.1f} | "
-              f"{row['im2col'][0]:.1f} | {row['auto'][0]:.1f} | {row['native'][1]:.1f} | "
-              f"{row['im2col'][1]:.1f} | {row['auto'][1]:.1f} | "
-              f"{f'{pt[1]:.1f}' if pt else '–'} | {row['native'][1] / row['auto'][1]:.2f}× |",
-              flush=True)
+
+        def cells(kind):
+            return " | ".join(f"{ms[m, kind]:.1f}" if (m, kind) in ms else "–" for m in modes)
+
+        print(f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {takes} | {cells('fwd')} | "
+              f"{f'{pt[0]:.1f}' if pt else '–'} | {cells('train')} | "
+              f"{f'{pt[1]:.1f}' if pt else '–'} | "
+              f"{ms['native', 'train'] / ms['auto', 'train']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ Every measurement runs in a fresh subprocess (one framework's thread pool never 
 the other's, and XLA flags only take effect at start-up). Each prints images/s and the share of
 the step spent in the teacher forward (timed alone). kd_jax variants:
 
-  baseline   default XLA:CPU flags, float32, state donated (kd_jax's chunked im2col
-             convolutions on, see kd_jax/models/layers.py)
+  baseline   default XLA:CPU flags, float32, state donated (kd_jax's chunked im2col and
+             Winograd convolutions on, see kd_jax/models/layers.py)
   native_conv  XLA's own convolutions everywhere (KD_JAX_CONV=native)
+  im2col     chunked im2col convolutions everywhere, no Winograd (KD_JAX_CONV=im2col)
   onednn     --xla_cpu_use_onednn=true (oneDNN convolutions/matmuls, what PyTorch uses)
   xnnpack    --xla_cpu_use_xnnpack=true
   fastmath   --xla_cpu_enable_fast_math=true
@@ -42,6 +43,7 @@ sys.path.insert(0, ROOT)
 VARIANTS = {
     "baseline": ({}, {}),
     "native_conv": ({"KD_JAX_CONV": "native"}, {}),
+    "im2col": ({"KD_JAX_CONV": "im2col"}, {}),
     "onednn": ({"XLA_FLAGS": "--xla_cpu_use_onednn=true"}, {}),
     "xnnpack": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}, {}),
     "fastmath": ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
@@ -60,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--variants", default="baseline,native_conv,onednn,bf16,separate",
                    help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure everything this many times, interleaved (PyTorch, the variants, "
+                        "PyTorch, ...); the table gives the median and the range")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch measurement")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -69,8 +74,8 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    if args.batch < 3 or args.steps < 1:
-        p.error("--batch must be >= 3 (RKD angles need triplets) and --steps >= 1")
+    if args.batch < 3 or args.steps < 1 or args.repeats < 1:
+        p.error("--batch must be >= 3 (RKD angles need triplets), --steps and --repeats >= 1")
     return args
 
 
@@ -253,23 +258,33 @@ def main(argv=None):
     print(f"ResNet-34 → ResNet-18 KD+RKD step, batch {args.batch}, {args.steps} timed steps, "
           f"{os.cpu_count()} CPU cores, load average {load:.1f}; measuring: "
           f"{'' if args.no_torch else 'pytorch, '}kd_jax {args.variants}", flush=True)
+    runs = {}  # name -> one result per repeat
+    for rep in range(args.repeats):
+        todo = ([] if args.no_torch else [("pytorch eager", "torch", None, None)]) + [
+            (f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants]
+        for name, kind, env_extra, opts in todo:
+            r = measure(kind, args, env_extra, opts)
+            runs.setdefault(name, []).append(r)
+            print(f"  [{rep + 1}/{args.repeats}] {name}: {r}", flush=True)
     results = {}
-    if not args.no_torch:
-        results["pytorch eager"] = measure("torch", args)
-        print(f"  pytorch eager: {results['pytorch eager']}", flush=True)
-    for v in args.variants:
-        env_extra, opts = VARIANTS[v]
-        results[f"kd_jax {v}"] = measure("jax", args, env_extra, opts)
-        print(f"  kd_jax {v}: {results[f'kd_jax {v}']}", flush=True)
+    for name, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            results[name] = rs[-1]
+            continue
+        ips = sorted(r["images_per_s"] for r in ok)
+        median = ok[[r["images_per_s"] for r in ok].index(ips[(len(ips) - 1) // 2])]
+        results[name] = dict(median, range=(ips[0], ips[-1]), runs=len(ok))
     torch_ips = results.get("pytorch eager", {}).get("images_per_s")
-    print(f"\n| implementation | images/s | step (ms) | teacher fwd share | kd_jax / PyTorch |\n"
-          f"|---|---|---|---|---|")
+    print(f"\n| implementation | images/s{' (median, range)' if args.repeats > 1 else ''} | "
+          f"step (ms) | teacher fwd share | kd_jax / PyTorch |\n|---|---|---|---|---|")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | |")
             continue
         ratio = f"{r['images_per_s'] / torch_ips:.2f}×" if torch_ips and "kd_jax" in name else ""
-        print(f"| {name} | {r['images_per_s']:.1f} | {r['step_ms']:.0f} | "
+        spread = f" ({r['range'][0]:.1f}–{r['range'][1]:.1f})" if r["runs"] > 1 else ""
+        print(f"| {name} | {r['images_per_s']:.1f}{spread} | {r['step_ms']:.0f} | "
               f"{100 * r['teacher_share']:.0f} % | {ratio} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers on a shared machine are "
           f"disturbed; rerun on an idle one)")

@@ -329,17 +329,20 @@ def test_small_vit_forward():
     assert out.shape == (2, 32) and "head" not in v["params"]
 
 
-@pytest.mark.parametrize("shape,kernel,stride,pad", [
-    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1),     # 3x3, same size, batch 3: chunks of one image
-    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1),     # strided, odd sizes: the last column is not reached
-    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0),     # 1x1 strided shortcut
-    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0),   # LeNet-style 5x5 valid
-    ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1),  # deep: the automatic rule takes the im2col forward
+@pytest.mark.parametrize("shape,kernel,stride,pad,auto", [
+    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # odd size: no Winograd; chunks of 1
+    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1, "im2col-backward"),  # strided, last column not reached
+    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0, "im2col-backward"),  # 1x1 strided shortcut
+    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0, "im2col-backward"),  # LeNet-style 5x5 valid
+    ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1, "im2col"),        # deep: the im2col forward
+    ((3, 8, 6, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # Winograd fits, too thin for auto
+    ((4, 8, 8, 32), (3, 3, 32, 40), 1, 1, "winograd"),      # Winograd under the automatic rule
 ])
-def test_im2col_convolution_equals_xla_convolution(shape, kernel, stride, pad, monkeypatch):
-    """The chunked im2col convolution (XLA:CPU speed-up) is the same convolution: forward and
-    input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager, with the
-    im2col forward forced and with the automatic per-layer choice."""
+def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto,
+                                                    monkeypatch):
+    """The chunked im2col and Winograd convolutions (XLA:CPU speed-ups) are the same convolution:
+    forward and input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager,
+    with each method forced and with the automatic per-layer choice (which takes `auto`)."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -352,26 +355,32 @@ def test_im2col_convolution_equals_xla_convolution(shape, kernel, stride, pad, m
                                         dimension_numbers=dn)
         return jnp.sum(jnp.sin(y) * probe), y
 
+    fits = layers.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
     results = {}
-    for mode in ("native", "im2col", "auto"):
+    for mode in ("native", "im2col", "winograd", "auto"):
         monkeypatch.setenv("KD_JAX_CONV", mode)
+        method = layers.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2)
+        assert method == {"native": "native", "im2col": "im2col", "auto": auto,
+                          "winograd": "winograd" if fits else "im2col"}[mode]
         grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
         (gx, gw), y = grad(x, w)
         (jx, jw), _ = jax.jit(grad)(x, w)
-        # the chunked loop is in the program exactly when the im2col convolution is taken
+        # the chunked loop is in the program exactly when a chunked convolution is taken
         assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
         np.testing.assert_allclose(jx, gx, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(jw, gw, rtol=1e-5, atol=1e-5)
         results[mode] = (y, gx, gw)
-    for mode in ("im2col", "auto"):
-        for a, b in zip(results["native"], results[mode]):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    for mode in ("im2col", "winograd", "auto"):
+        for a, b in zip(results["native"], results[mode]):  # float32 rounding of sums of ~300
+            scale = float(jnp.max(jnp.abs(a)))             # terms: relative to the output scale
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=max(1e-4, 1e-5 * scale))
     assert float(jnp.max(jnp.abs(results["im2col"][2]))) > 1e-2  # the test has teeth
 
 
-def test_im2col_convolution_on_a_sharded_batch(monkeypatch):
+def test_chunked_convolutions_on_a_sharded_batch(monkeypatch):
     """With the batch sharded over the 8 test devices (chunks cut per device block, the weight
-    gradient summed across blocks) the convolution and its gradients equal XLA's."""
+    gradient summed across blocks) the im2col and Winograd convolutions and their gradients
+    equal XLA's."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from kd_jax.models import layers
@@ -389,14 +398,16 @@ def test_im2col_convolution_on_a_sharded_batch(monkeypatch):
 
     monkeypatch.setenv("KD_JAX_CONV", "native")
     want = grads()(x, w)
-    monkeypatch.setenv("KD_JAX_CONV", "im2col")
     assert layers._chunking(32, (6, 6), 144, 4)[0] == 8  # one block per device
-    im2col = grads()
-    assert "while" in str(im2col.lower(xs, w).as_text())  # the chunked loop is what runs
-    got = im2col(xs, w)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert got[0].sharding.spec == P("data")
+    for mode in ("im2col", "winograd"):
+        monkeypatch.setenv("KD_JAX_CONV", mode)
+        assert layers.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1))) == mode
+        chunked = grads()
+        assert "while" in str(chunked.lower(xs, w).as_text())  # the chunked loop is what runs
+        got = chunked(xs, w)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        assert got[0].sharding.spec == P("data")
 
 
 def test_im2col_weight_gradient_against_float64(monkeypatch):
@@ -418,6 +429,72 @@ def test_im2col_weight_gradient_against_float64(monkeypatch):
             jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) * g)))(w)
         err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)))
     assert err["im2col"] <= max(err["native"], 1e-6 * np.abs(want).max()), err
+
+
+def test_winograd_convolution_against_float64(monkeypatch):
+    """Forward, input and weight gradient of the Winograd convolution against a float64 NumPy
+    reference: at least as accurate as XLA's own float32 convolution (the transforms add up to
+    16 terms, but the matmuls are 9x shorter and the weight gradient is summed per chunk).
+    Measured: 3.1e-7 / 2.5e-7 / 4.6e-7 of the output scale vs XLA's 6.7e-7 / 7.7e-7 / 1.7e-6."""
+    from kd_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 16, 16, 32)).astype(np.float32)
+    w = (rng.normal(size=(3, 3, 32, 48)) / np.sqrt(9 * 32)).astype(np.float32)
+    g = rng.normal(size=(16, 16, 16, 48)).astype(np.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifts = [(i, j) for i in range(3) for j in range(3)]
+    want_y = sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + 16, j:j + 16], w64[i, j])
+                 for i, j in shifts)
+    want_dw = np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 16, j:j + 16], g64)
+                        for i, j in shifts]).reshape(w.shape)
+    gp = np.pad(g64, ((0, 0), (1, 1), (1, 1), (0, 0)))  # dx: g correlated with the flipped kernel
+    want_dx = sum(np.einsum("bhwo,co->bhwc", gp[:, 2 - i:18 - i, 2 - j:18 - j], w64[i, j])
+                  for i, j in shifts)
+    err = {}
+    for mode in ("native", "winograd"):
+        monkeypatch.setenv("KD_JAX_CONV", mode)
+        y, vjp = jax.vjp(lambda x, w: layers.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn), jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g))
+        err[mode] = [float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.abs(want).max())
+                     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw))]
+    for name, native, winograd in zip(("forward", "dx", "dW"), err["native"], err["winograd"]):
+        assert native < 1e-5, (name, err)  # the reference is right
+        assert winograd <= native, (name, err)
+
+
+def test_winograd_transforms_are_transposes():
+    """The backward pass's hand-written tile transforms are the exact transposes of the forward
+    ones (overlapping input tiles added back in place; output tiles spread to 4x4)."""
+    from kd_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float32)
+    v = layers._winograd_tiles(x)
+    assert v.shape == (16, 2 * 3 * 4, 3)
+    dv = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+    (want,) = jax.linear_transpose(layers._winograd_tiles, x)(dv)
+    np.testing.assert_allclose(layers._winograd_tiles_transpose(dv, x.shape), want, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=(2, 6, 8, 5)), jnp.float32)
+    out = functools.partial(layers._winograd_output, shape=g.shape)
+    (want,) = jax.linear_transpose(out, jnp.zeros((16, 2 * 3 * 4, 5)))(g)
+    np.testing.assert_allclose(layers._winograd_grad_tiles(g), want, atol=1e-5)
+
+
+def test_conv_method_rule_on_resnet_layers(monkeypatch):
+    """The automatic rule on a CIFAR ResNet at 32 px: Winograd for the 3x3 stride-1 layers from
+    32 channels and 8x8 maps, im2col (deep) or XLA's forward (shallow) elsewhere."""
+    from kd_jax.models import layers
+    monkeypatch.setenv("KD_JAX_CONV", "auto")
+    same = ((1, 1), (1, 1))
+    assert layers.conv_method((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == "im2col-backward"
+    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == "winograd"
+    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == "im2col"
+    assert layers.conv_method((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == "winograd"
+    assert layers.conv_method((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == "im2col"
+    assert layers.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
+    assert layers.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "native"
 
 
 def test_conv_mode_is_checked(monkeypatch):
