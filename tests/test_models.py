@@ -495,6 +495,8 @@ def test_conv_method_rule_on_resnet_layers(monkeypatch):
     assert layers.conv_method((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == "im2col"
     assert layers.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
     assert layers.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "native"
+    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same,
+                              jnp.bfloat16) == "im2col"  # no Winograd transforms in bfloat16
 
 
 def test_conv_mode_is_checked(monkeypatch):

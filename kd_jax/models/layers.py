@@ -218,7 +218,7 @@ def _winograd_tiles_transpose(dv, shape):
 
 
 def _winograd_forward(x, w, precision):
-    """3x3 stride-1 pad-1 convolution (see `_winograd_eligible`), chunked over the batch like the
+    """3x3 stride-1 pad-1 convolution (see `winograd_fits`), chunked over the batch like the
     im2col convolution (one block of chunks per device)."""
     b, h, wd, c = x.shape
     groups, n = _chunking(b, (h, wd), 4 * c, x.dtype.itemsize, _WINOGRAD_CHUNK_BYTES)
@@ -322,17 +322,19 @@ def _conv_mode() -> str:
     return mode
 
 
-def conv_method(x_shape, w_shape, strides, padding) -> str:
+def conv_method(x_shape, w_shape, strides, padding, dtype=jnp.float32) -> str:
     """How `conv_general_dilated` computes a plain NHWC/HWIO convolution here: "native" (XLA's
     convolution), "im2col-backward" (XLA's forward, chunked im2col gradients), "im2col" or
     "winograd" (forward and gradients). KD_JAX_CONV=native|im2col|winograd forces one, where the
-    shape allows; auto (the default) is the rule measured in benchmarks/conv_layers.py."""
+    shape allows; auto (the default) is the rule measured in benchmarks/conv_layers.py. Winograd
+    is float32/64 only: its transforms in bfloat16 would round each of their sums."""
     mode = _conv_mode()
     if mode == "native" or (mode == "auto" and jax.default_backend() != "cpu"):
         return "native"
     if x_shape[0] == 0 or min(_out_hw(x_shape, w_shape, strides, padding)) <= 0:
         return "native"  # an empty output: nothing to chunk (XLA returns the empty array)
-    fits = winograd_fits(x_shape, w_shape, strides, padding)
+    fits = (winograd_fits(x_shape, w_shape, strides, padding)
+            and jnp.dtype(dtype) in (jnp.float32, jnp.float64))
     if mode == "winograd" and fits:
         return "winograd"
     if mode != "auto":
@@ -362,7 +364,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if not plain:
         return native()
     strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
-    method = conv_method(lhs.shape, rhs.shape, strides, padding)
+    method = conv_method(lhs.shape, rhs.shape, strides, padding, jnp.result_type(lhs, rhs))
     if method == "native":
         return native()
     return _conv_chunked(lhs, rhs, strides, padding, precision, method)
