@@ -2,6 +2,7 @@
 
     python benchmarks/vs_pytorch.py                      # torch, then kd_jax variants
     python benchmarks/vs_pytorch.py --batch=64 --steps=10 --variants=baseline,onednn
+    python benchmarks/vs_pytorch.py --variants=baseline --repeats=3   # interleaved, medians
 
 One step: frozen teacher forward (eval-mode BN) + student forward/backward (train-mode BN) +
 loss = KD(T=4) + 25·RKD-distance + 50·RKD-angle on the pooled features + SGD (momentum 0.9,

@@ -336,7 +336,7 @@ def test_small_vit_forward():
     ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0, "im2col-backward"),  # LeNet-style 5x5 valid
     ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1, "im2col"),        # deep: the im2col forward
     ((3, 8, 6, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # Winograd fits, too thin for auto
-    ((4, 8, 8, 32), (3, 3, 32, 40), 1, 1, "winograd"),      # Winograd under the automatic rule
+    ((2, 8, 8, 64), (3, 3, 64, 72), 1, 1, "winograd"),      # Winograd under the automatic rule
 ])
 def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto,
                                                     monkeypatch):
@@ -367,8 +367,9 @@ def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, 
         (jx, jw), _ = jax.jit(grad)(x, w)
         # the chunked loop is in the program exactly when a chunked convolution is taken
         assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
-        np.testing.assert_allclose(jx, gx, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(jw, gw, rtol=1e-5, atol=1e-5)
+        for got, want in ((jx, gx), (jw, gw)):  # jit fuses differently: rounding-level only
+            atol = max(1e-5, 1e-6 * float(jnp.max(jnp.abs(want))))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
         results[mode] = (y, gx, gw)
     for mode in ("im2col", "winograd", "auto"):
         for a, b in zip(results["native"], results[mode]):  # float32 rounding of sums of ~300
@@ -484,7 +485,7 @@ def test_winograd_transforms_are_transposes():
 
 def test_conv_method_rule_on_resnet_layers(monkeypatch):
     """The automatic rule on a CIFAR ResNet at 32 px: Winograd for the 3x3 stride-1 layers from
-    32 channels and 8x8 maps, im2col (deep) or XLA's forward (shallow) elsewhere."""
+    64 channels and 8x8 maps, im2col (deep) or XLA's forward (shallow) elsewhere."""
     from kd_jax.models import layers
     monkeypatch.setenv("KD_JAX_CONV", "auto")
     same = ((1, 1), (1, 1))
@@ -494,6 +495,7 @@ def test_conv_method_rule_on_resnet_layers(monkeypatch):
     assert layers.conv_method((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == "winograd"
     assert layers.conv_method((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == "im2col"
     assert layers.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
+    assert layers.conv_method((64, 16, 16, 32), (3, 3, 32, 32), (1, 1), same) == "im2col"
     assert layers.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "native"
     assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same,
                               jnp.bfloat16) == "im2col"  # no Winograd transforms in bfloat16

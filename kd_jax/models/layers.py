@@ -130,11 +130,12 @@ def _from_chunks(a):  # (steps, groups, n, ...) -> (B, ...)
 # matmuls of depth C_in (one per tile position) where im2col takes one of depth 9 C_in for 4x as
 # many rows: 2.25x fewer multiplies, in the forward and in both gradients. The transforms only
 # add, subtract and halve; tests check the result against float64 next to XLA's.
-# Measured per 3x3 layer, batch 64 (forward, ms): 64ch@32² 84 -> 58, 128ch@16² 48 -> 37,
-# 256ch@8² 47 -> 37; on 4x4 maps (4 tiles per image) the transforms cost more than they save.
+# Measured per 3x3 layer, batch 64, im2col -> Winograd (ms, forward / training pass): 64ch@32²
+# 69 -> 67 / 228 -> 227, 128ch@16² 51 -> 36 / 173 -> 151, 256ch@8² 45 -> 29 / 130 -> 118; on
+# 4x4 maps (4 tiles per image) the transforms cost more than they save.
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _WINOGRAD_MIN_HW = 64           # output pixels per image (8x8) from which Winograd wins
-_WINOGRAD_MIN_CHANNELS = 32     # thinner layers (C_in or C_out): no gain, the stem 3->64 loses
+_WINOGRAD_MIN_CHANNELS = 64     # C_in and C_out; 32->32 at 16²: training 35 -> 60 ms, stem: worse
 _WINOGRAD_CHUNK_BYTES = 8 << 20  # transformed input tiles per chunk (4 and 16 MiB: slower)
 
 
