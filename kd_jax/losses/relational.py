@@ -117,8 +117,9 @@ def rkd_angle_loss(student, teacher, weights=None, chunk_size=None, method="exac
       approximate: ~1e-6 relative error on well-spread features, larger for near-duplicate rows;
       a pair closer than ~0.3 % of the (centred) norms counts as identical (e_ij = 0).
     Memory (both): never holds an N x N x N x D nor an N x N x N tensor; anchors are processed
-    `chunk_size` at a time with `jax.lax.map` under `jax.checkpoint`, so forward and backward
-    peak memory is O(chunk * N * max(N, D)) (a few hundred MiB at N = 1024, D = 512).
+    `chunk_size` at a time with `jax.lax.map` under `jax.checkpoint` (a single chunk: directly),
+    so forward and backward peak memory is O(chunk * N * max(N, D)) (a few hundred MiB at
+    N = 1024, D = 512).
 
     Args: student [B, D_S], teacher [B, D_T]; weights [B]; chunk_size anchors per step (auto).
     Returns a scalar. Paper weight lambda_A = 50 (applied by the caller).
@@ -179,8 +180,8 @@ def rkd_angle_loss(student, teacher, weights=None, chunk_size=None, method="exac
         h = jnp.where((wa > 0)[:, None, None] & pairs[None], h, 0.0)
         return jnp.einsum("jik,ik,j->", h, ww, wa, precision=cm.HIGHEST)
 
-    if n_chunks == 1:  # all anchors fit in one chunk: no loop, and no recomputation for the
-        total = chunk_sum((anchors[0], w_anchor[0]))  # backward (2x faster at N = 64)
+    if n_chunks == 1:  # all anchors fit one chunk: no loop and no recomputation in the backward
+        total = chunk_sum((anchors[0], w_anchor[0]))  # (value + grad at N=64, D=512: 89 -> 67 ms)
     else:
         total = jnp.sum(jax.lax.map(jax.checkpoint(chunk_sum), (anchors, w_anchor)))
     return cm.safe_div(total, jnp.sum(w) ** 3)
