@@ -85,8 +85,9 @@ def flops_of(compiled) -> float | None:
 
 def flops_of_native(fn, *args) -> float | None:
     """XLA's FLOP count of `fn`, compiled with XLA's own convolutions (KD_JAX_CONV=native): the
-    cost analysis counts a loop body once, so the CPU's chunked im2col convolutions (a loop over
-    the batch) would be undercounted. The arithmetic is the same."""
+    cost analysis counts a loop body once, so the CPU's chunked im2col / Winograd convolutions (a
+    loop over the batch) would be undercounted. These are the direct convolutions' FLOPs
+    (Winograd layers do 2.25x fewer multiplies)."""
     import jax
     before = os.environ.get("KD_JAX_CONV")
     os.environ["KD_JAX_CONV"] = "native"  # read while tracing: a new function, a new trace

@@ -37,8 +37,9 @@ def _three_steps(devices, seed=0):
 
 def test_eight_devices_equal_one_device(monkeypatch):
     # XLA's own convolution: this checks the engine's sharding, to float32 rounding. The CPU's
-    # im2col convolution rounds differently (no worse: test_models checks it against float64
-    # and on a sharded batch), and 3 steps of this net on noise grow any rounding ~10x a step.
+    # chunked im2col / Winograd convolutions round differently (no worse: test_models checks
+    # them against float64 and on a sharded batch), and 3 steps of this net on noise grow any
+    # rounding ~10x a step.
     monkeypatch.setenv("KD_JAX_CONV", "native")
     assert jax.device_count() == 8
     one, eight = _three_steps(jax.devices()[:1]), _three_steps(jax.devices())

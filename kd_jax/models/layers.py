@@ -261,14 +261,7 @@ def _winograd_backward(x, w, g, precision):
     return _from_chunks(dx), u_vjp(du.sum(0).astype(u.dtype))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_chunked(x, w, strides, padding, precision, method):
-    """The convolution by `method` (see `conv_method`): "winograd" (forward and both gradients),
-    "im2col" (likewise), or "im2col-backward" (XLA's forward, both gradients by im2col)."""
-    if method == "im2col-backward":
-        return _native_conv(x, w, strides, padding, precision)
-    if method == "winograd":
-        return _winograd_forward(x, w, precision)
+def _im2col_forward(x, w, strides, padding, precision):
     out_hw = _out_hw(x.shape, w.shape, strides, padding)
     groups, n = _chunking(x.shape[0], out_hw, w.shape[0] * w.shape[1] * w.shape[2],
                           x.dtype.itemsize)
@@ -282,15 +275,8 @@ def _conv_chunked(x, w, strides, padding, precision, method):
     return _from_chunks(jax.lax.map(chunk, _to_chunks(x, groups, n)))
 
 
-def _conv_chunked_fwd(x, w, strides, padding, precision, method):
-    return _conv_chunked(x, w, strides, padding, precision, method), (x, w)
-
-
-def _conv_chunked_bwd(strides, padding, precision, method, residuals, g):
-    x, w = residuals
-    if method == "winograd":
-        dx, dw = _winograd_backward(x, w, g, precision)
-        return dx.astype(x.dtype), dw.astype(w.dtype)
+def _im2col_backward(x, w, g, strides, padding, precision):
+    """(dx, dW): dW = patches^T g per chunk, dx = col2im(g W^T) (the vjp of the patches)."""
     out_hw, depth = g.shape[1:3], w.shape[0] * w.shape[1] * w.shape[2]
     groups, n = _chunking(x.shape[0], out_hw, depth, x.dtype.itemsize)
     w_mat = w.reshape(depth, -1)
@@ -310,7 +296,31 @@ def _conv_chunked_bwd(strides, padding, precision, method, residuals, g):
 
     dw0 = jnp.zeros((groups, depth, w.shape[-1]), jnp.float32)
     dw, dx = jax.lax.scan(chunk, dw0, (_to_chunks(x, groups, n), _to_chunks(g, groups, n)))
-    return _from_chunks(dx).astype(x.dtype), dw.sum(0).reshape(w.shape).astype(w.dtype)
+    return _from_chunks(dx), dw.sum(0).reshape(w.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_chunked(x, w, strides, padding, precision, method):
+    """The convolution by `method` (see `conv_method`): "winograd" (forward and both gradients),
+    "im2col" (likewise), or "im2col-backward" (XLA's forward, both gradients by im2col)."""
+    if method == "im2col-backward":
+        return _native_conv(x, w, strides, padding, precision)
+    if method == "winograd":
+        return _winograd_forward(x, w, precision)
+    return _im2col_forward(x, w, strides, padding, precision)
+
+
+def _conv_chunked_fwd(x, w, strides, padding, precision, method):
+    return _conv_chunked(x, w, strides, padding, precision, method), (x, w)
+
+
+def _conv_chunked_bwd(strides, padding, precision, method, residuals, g):
+    x, w = residuals
+    if method == "winograd":
+        dx, dw = _winograd_backward(x, w, g, precision)
+    else:
+        dx, dw = _im2col_backward(x, w, g, strides, padding, precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _conv_chunked.defvjp(_conv_chunked_fwd, _conv_chunked_bwd)
@@ -361,8 +371,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and not isinstance(padding, str) and lhs.ndim == 4
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    _conv_mode()  # a bad KD_JAX_CONV fails whatever the convolution
     if not plain:
+        _conv_mode()  # a bad KD_JAX_CONV fails whatever the convolution
         return native()
     strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
     method = conv_method(lhs.shape, rhs.shape, strides, padding, jnp.result_type(lhs, rhs))
