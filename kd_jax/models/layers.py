@@ -116,6 +116,12 @@ def _chunking(batch, out_hw, depth, itemsize, chunk_bytes=None):
     return groups, n
 
 
+def _accumulation_dtype(dtype):
+    """The weight gradient's running sum over chunks: float32 for bfloat16/float32 inputs, float64
+    for float64 ones (a float32 sum would cut a float64 gradient to ~1e-7)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _to_chunks(a, groups, n):  # (B, ...) -> (steps, groups, n, ...)
     return jnp.moveaxis(a.reshape(groups, a.shape[0] // (groups * n), n, *a.shape[1:]), 1, 0)
 
@@ -251,12 +257,12 @@ def _winograd_backward(x, w, g, precision):
         # dU per device block (summed once at the end, not once per chunk across devices)
         du = du + jnp.einsum("kgtc,kgto->gkco", v.reshape(16, groups, -1, c),
                              mg.reshape(16, groups, -1, o), precision=precision,
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=du.dtype)
         dx = _winograd_tiles_transpose(
             jnp.einsum("kto,kco->ktc", mg, u, precision=precision).astype(v.dtype), xc.shape)
         return du, dx.reshape(groups, n, h, wd, c)
 
-    du0 = jnp.zeros((groups, 16, c, o), jnp.float32)
+    du0 = jnp.zeros((groups, 16, c, o), _accumulation_dtype(x.dtype))
     du, dx = jax.lax.scan(chunk, du0, (_to_chunks(x, groups, n), _to_chunks(g, groups, n)))
     return _from_chunks(dx), u_vjp(du.sum(0).astype(u.dtype))[0]
 
@@ -290,11 +296,11 @@ def _im2col_backward(x, w, g, strides, padding, precision):
         # dW per device block (summed once at the end, not once per chunk across devices)
         dw = dw + jnp.einsum("gmk,gmo->gko", rows.reshape(groups, -1, depth),
                              g_rows.reshape(groups, -1, w.shape[-1]), precision=precision,
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=dw.dtype)
         dx = rows_vjp(jnp.dot(g_rows, w_mat.T, precision=precision).astype(rows.dtype))[0]
         return dw, dx
 
-    dw0 = jnp.zeros((groups, depth, w.shape[-1]), jnp.float32)
+    dw0 = jnp.zeros((groups, depth, w.shape[-1]), _accumulation_dtype(x.dtype))
     dw, dx = jax.lax.scan(chunk, dw0, (_to_chunks(x, groups, n), _to_chunks(g, groups, n)))
     return _from_chunks(dx), dw.sum(0).reshape(w.shape)
 
