@@ -69,6 +69,35 @@ def test_non_finite_loss_stops_with_step_named(tmp_path):
         train.train_and_evaluate(c, str(tmp_path))
 
 
+def test_train_steps_trace_without_tensorflow():
+    """Every method's train step builds and traces with TensorFlow unimportable (an accelerator
+    host may have JAX but no TF: `benchmarks/step_throughput.py` runs there on synthetic data);
+    only the input pipelines import TF, at first use."""
+    code = """
+import sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # import raises
+sys.path.insert(0, "benchmarks")
+import jax, numpy as np
+import step_throughput
+from kd_jax import parallel
+mesh = parallel.make_mesh()
+for name in step_throughput.METHODS:
+    method, c = step_throughput.build_method(name, "lenet", 16, "float32", mesh)
+    method.build_optimizer(10)
+    state = jax.eval_shape(method.init_state, jax.random.PRNGKey(0))
+    batch = {"image": np.zeros((16, 32, 32, 1), np.float32), "label": np.zeros(16, np.int64),
+             "id": np.arange(16)}
+    if getattr(method, "views", 1) == 2:
+        batch["image2"] = batch["image"]
+    jax.eval_shape(method.train_step, state, method.teacher_vars, batch, jax.random.PRNGKey(1))
+    print(name, "traced")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("traced") == 4, proc.stdout
+
+
 def test_unknown_config_key_is_named(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kd_jax.main", "--config=configs/teacher_mnist.py:smoke",

@@ -17,10 +17,23 @@ import os
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
 
-# tf.data runs on the host CPU only; keep TF away from accelerators.
-tf.config.set_visible_devices([], "GPU")
+
+class _LazyTensorFlow:
+    """`tensorflow`, imported at its first use: the train steps and their benchmarks run without
+    it (an accelerator host may have JAX but no TF), the input pipelines need it."""
+    _module = None
+
+    def __getattr__(self, name):
+        if _LazyTensorFlow._module is None:
+            import tensorflow
+            # tf.data runs on the host CPU only; keep TF away from accelerators.
+            tensorflow.config.set_visible_devices([], "GPU")
+            _LazyTensorFlow._module = tensorflow
+        return getattr(_LazyTensorFlow._module, name)
+
+
+tf = _LazyTensorFlow()
 
 NORMALIZATION = {
     # (mean, std) per channel, in [0, 1] units. CIFAR values are the Fast-Datafree/CMI ones,

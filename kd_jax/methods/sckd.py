@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 
 from kd_jax import checkpoint, losses, metrics, parallel
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
+from kd_jax.data.pipeline import tf  # imported at first use
 from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +214,12 @@ def _remap(ds, known, novel):
     return ds.map(remap)
 
 
-@tf.autograph.experimental.do_not_convert
 def _unlabeled(e):
     return {**e, "label": tf.constant(-1, tf.int64)}
 
 
 def _hide_labels(ds):
-    return ds.map(_unlabeled)
+    return ds.map(tf.autograph.experimental.do_not_convert(_unlabeled))
 
 
 # ---------------------------------------------------------------------------------------------
