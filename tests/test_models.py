@@ -346,7 +346,9 @@ def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, 
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+    # outputs of order 1, as with a trained net's init: sin(y) of |y| ~ 25 would turn each
+    # method's forward rounding into gradient differences (one of 41,472 was over on jax 0.12)
+    w = jnp.asarray(rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3])), jnp.float32)
     probe = jnp.asarray(rng.normal(size=(1,)), jnp.float32)
     dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
 
