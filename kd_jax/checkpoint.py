@@ -1,22 +1,38 @@
 """The one checkpoint wrapper every method uses: Orbax, async, atomic, resumable.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save keeps its previous checkpoint. A run always resumes from the latest complete step of its
+mid-save keeps its previous checkpoint. On a `gs://` workdir Orbax renames nothing: it writes the
+step in place and commits it with a marker object written last (GCS object writes are atomic),
+which is why a pod's workdir should be a gs:// URL, not a gcsfuse mount (where Orbax sees a
+local path and renames, which gcsfuse carries out as a non-atomic copy of every object). A run always resumes from the latest complete step of its
 workdir. Teachers are never saved with the student: a KD run reads them from the teacher's own
 workdir (`load_variables`).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kd_jax import fileio
+
 
 def _dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return fileio.join(fileio.absolute(workdir), "checkpoints")
+
+
+def _manager(directory: str, **kwargs) -> ocp.CheckpointManager:
+    try:
+        return ocp.CheckpointManager(epath.Path(directory), **kwargs)
+    except ImportError as e:  # Orbax asks the bucket whether it has a hierarchical namespace
+        if "google.cloud" not in str(e):
+            raise
+        raise ImportError(
+            f"checkpoints in {directory!r}: Orbax reads gs:// checkpoint directories through "
+            f"the google-cloud-storage package, which is not installed: "
+            f"`pip install google-cloud-storage` ({e})") from e
 
 
 class Checkpointer:
@@ -24,8 +40,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
         self.directory = _dir(workdir)
-        self._manager = ocp.CheckpointManager(
-            epath.Path(self.directory),
+        self._manager = _manager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
 
@@ -54,12 +70,11 @@ class Checkpointer:
 def load_variables(workdir: str, step: int | None = None) -> dict:
     """Reads `{'params', 'batch_stats'}` of a finished run (a teacher) as host numpy arrays."""
     directory = _dir(workdir)
-    if not os.path.isdir(directory):
+    if not fileio.isdir(directory):
         raise FileNotFoundError(
             f"No checkpoints in {directory!r}: the teacher workdir must hold a finished "
             f"`teacher` run (or a converted teacher, see kd_jax.tools.convert_torch).")
-    with ocp.CheckpointManager(epath.Path(directory),
-                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    with _manager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory!r} holds no complete checkpoint.")

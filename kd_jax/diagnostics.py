@@ -15,10 +15,11 @@ array of selected ids. Source tags are read only here, never by a selection rule
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from kd_jax import fileio
 
 
 def _selected_mask(pool_scores, selection) -> np.ndarray:
@@ -138,10 +139,7 @@ def plot_selection(path: str, pool_scores, selection, num_classes: int | None = 
         axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    fileio.save_figure_atomic(path, fig)
     return path
 
 

@@ -7,10 +7,11 @@ resumes, so a restarted job trains on exactly the same images.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
+
+from kd_jax import fileio
 
 
 @dataclasses.dataclass
@@ -20,19 +21,13 @@ class Selection:
     scores: np.ndarray | None = None     # [N] selection score (higher = more wanted)
 
     def save(self, path: str) -> None:
-        save_npz(path, {k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        """Atomically (a killed run never leaves half a file under `path`), local or gs://."""
+        fileio.save_npz_atomic(path, {k: v for k, v in dataclasses.asdict(self).items()
+                                      if v is not None})
 
     @classmethod
     def load(cls, path: str) -> "Selection":
-        with np.load(path) as z:
-            return cls(**{k: z[k] for k in z.files})
-
-
-def save_npz(path: str, arrays: dict) -> None:
-    """np.savez, atomically: a killed run never leaves half a file under `path`."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+        return cls(**fileio.load_npz(path))
 
 
 def pool_pattern(spec) -> str:
@@ -56,8 +51,8 @@ def all_ids(spec) -> np.ndarray:
 
 def random_subset(workdir: str, spec, size: int, seed: int) -> Selection:
     """N pool images drawn uniformly without replacement (the "random unlabeled data" baseline)."""
-    path = os.path.join(workdir, "selection.npz")
-    if os.path.exists(path):
+    path = fileio.join(workdir, "selection.npz")
+    if fileio.exists(path):
         return Selection.load(path)
     ids = all_ids(spec)
     if not 0 < size <= len(ids):
@@ -68,7 +63,6 @@ def random_subset(workdir: str, spec, size: int, seed: int) -> Selection:
     selection = Selection(ids=chosen)
     import jax
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         selection.save(path)
     return selection
 
@@ -145,8 +139,7 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
     from kd_jax.data import pipeline, shards
 
     pattern = pool_pattern(spec)
-    out_dir = os.path.join(workdir, "pool_scores")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fileio.join(workdir, "pool_scores")
     local_mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     local_batch = -(-batch_size // len(jax.local_devices())) * len(jax.local_devices())
     put_batch = lambda x: jax.device_put(x, NamedSharding(local_mesh, P("data")))
@@ -161,8 +154,8 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
 
     t0, scored = time.perf_counter(), 0
     for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
-        done = os.path.join(out_dir, os.path.basename(path) + ".npz")
-        if os.path.exists(done):
+        done = fileio.join(out_dir, fileio.basename(path) + ".npz")
+        if fileio.exists(done):
             continue
         ds = shards.read_shards(path).map(
             lambda e: {"image": pipeline.preprocess(e, domain, "none"), "id": e["id"],
@@ -189,7 +182,7 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
             record.update(cand_ids=ids[valid].astype(np.int64), cand_class=cls[valid],
                           cand_feat=payload["feat"][valid], cand_logp=payload["logp"][valid],
                           cand_score=s[valid])
-        save_npz(done, record)  # a shard counts as scored only once its file is complete
+        fileio.save_npz_atomic(done, record)  # a shard counts as scored only once its file is complete
         scored += len(record.get("ids", ()))
     if scored:
         seconds = time.perf_counter() - t0
@@ -205,21 +198,21 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
     candidates are reduced to the per-class top-L after each file, so memory holds at most
     2·C·L feature rows however many shards (≈ pool size / shard size) there are."""
     from kd_jax.data import shards
-    files = [os.path.join(out_dir, os.path.basename(p) + ".npz")
+    files = [fileio.join(out_dir, fileio.basename(p) + ".npz")
              for p in shards.list_shard_files(pattern)]
     cand_keys = ("cand_ids", "cand_class", "cand_feat", "cand_logp", "cand_score")
     parts = {k: [] for k in PoolScores._SCALARS}
     cand = None
     for f in files:
-        with np.load(f) as z:
-            for k in PoolScores._SCALARS:
-                if k in z.files:
-                    parts[k].append(z[k])
-            if heap_size and "cand_ids" in z.files:
-                new = {k: z[k] for k in cand_keys}
-                cand = new if cand is None else {k: np.concatenate([cand[k], new[k]])
-                                                 for k in cand_keys}
-                cand = _class_top(cand, num_classes, heap_size)
+        z = fileio.load_npz(f)
+        for k in PoolScores._SCALARS:
+            if k in z:
+                parts[k].append(z[k])
+        if heap_size and "cand_ids" in z:
+            new = {k: z[k] for k in cand_keys}
+            cand = new if cand is None else {k: np.concatenate([cand[k], new[k]])
+                                             for k in cand_keys}
+            cand = _class_top(cand, num_classes, heap_size)
     cat = lambda k: np.concatenate(parts[k]) if parts[k] else np.zeros(0)
     order = np.argsort(cat("ids").astype(np.int64), kind="stable")
     scalars = {k: cat(k)[order] for k in PoolScores._SCALARS}

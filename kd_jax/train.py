@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 
@@ -16,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_utils, methods, parallel
+from kd_jax import checkpoint, config_utils, fileio, methods, parallel
 from kd_jax.methods.base import evaluate_variables
 
 
@@ -48,28 +47,35 @@ class _Preemption:
 
 
 class _Logger:
-    """metrics.jsonl (one JSON object per line) + TensorBoard events, written by process 0."""
+    """metrics.jsonl (one JSON object per line) + TensorBoard events, written by process 0.
+
+    On a remote workdir (gs://) metrics.jsonl is rewritten whole rather than appended to (see
+    `fileio.LineLog`); `flush()` writes what is pending, before each checkpoint and at the end.
+    """
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.log = fileio.LineLog(fileio.join(workdir, "metrics.jsonl"))
+        self.path = self.log.path
         self._tb = None
         if self.enabled:
-            import tensorflow as tf
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            import tensorflow as tf  # takes gs:// logdirs natively
+            self._tb = tf.summary.create_file_writer(fileio.join(workdir, "tensorboard"))
 
     def history(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        out = []
+        for line in self.log.read_lines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # the last line of a run killed mid-write
+                continue
+        return out
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.log.append(json.dumps(record))
         import tensorflow as tf
         with self._tb.as_default(step=int(step)):
             for k, v in record.items():
@@ -77,17 +83,14 @@ class _Logger:
                     tf.summary.scalar(k, v)
         self._tb.flush()
 
+    def flush(self) -> None:
+        if self.enabled:
+            self.log.flush()
+
 
 def _py(v):
     v = np.asarray(v)
     return v.item() if v.size == 1 else v.tolist()
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -98,18 +101,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_after` ends this invocation after that many steps with a checkpoint, as a preemption
     would (tests use it to check that a resumed run equals an uninterrupted one).
     """
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = fileio.absolute(workdir)  # a gs:// workdir stays one (no gcsfuse needed)
+    fileio.makedirs(workdir)
 
     # ----- mesh -------------------------------------------------------------------------------
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
 
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            done = json.load(f)
+    results_path = fileio.join(workdir, "results.json")
+    if fileio.exists(results_path):
+        done = fileio.read_json(results_path)
         if done.get("steps") == config.num_steps:
             if is_main:
                 print(f"[kd_jax] {workdir} already finished ({config.method}); "
@@ -121,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     method.prepare()
     num_steps = method.num_steps()
     if is_main:
-        _write_json(os.path.join(workdir, "config.json"), config_utils.to_json(config))
+        fileio.write_json_atomic(fileio.join(workdir, "config.json"), config_utils.to_json(config))
 
     # ----- state: init or resume --------------------------------------------------------------
     rng = jax.random.PRNGKey(config.seed)
@@ -193,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 values = {k: float(v) for k, v in jax.device_get(pending).items()}
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 if bad:
+                    logger.flush()
                     ckpt.wait()
                     raise FloatingPointError(
                         f"non-finite {bad} at step {step} ({values}); the last good checkpoint "
@@ -215,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           f"{values['loss']:.4f}{acc} | {ips:.0f} img/s | ETA {eta:.0f}s",
                           flush=True)
             if step % ckpt_every == 0 or last or stopping or preempted:
+                logger.flush()  # a resumed run reads the metrics up to its checkpoint
                 ckpt.save(step, state, force=True)
             if stopping or preempted:
                 ckpt.close()
@@ -222,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     print(f"[kd_jax] SIGTERM: saved step {step} in {ckpt.directory}; exiting")
                 return {"stopped_at": step}
     ckpt.close()
+    logger.flush()
 
     wall = previous_wall + time.time() - t0
     if accuracy is None or not eval_values:  # e.g. resumed after the last step was saved
@@ -245,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results.update({k: v for k, v in eval_values.items() if k != "accuracy"})
     results.update(method.results(state))
     if is_main:
-        _write_json(results_path, results)
+        fileio.write_json_atomic(results_path, results)
         print(f"[kd_jax] done: final_accuracy={accuracy:.4f} best={best:.4f} "
               f"wall={wall:.0f}s -> {results_path}")
     return results

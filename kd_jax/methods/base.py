@@ -4,8 +4,6 @@ only its paper: its transfer data and its `loss`.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Iterator
 
 import flax
@@ -14,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kd_jax import checkpoint, models, parallel
+from kd_jax import checkpoint, fileio, models, parallel
 from kd_jax.data import pipeline
 
 
@@ -86,12 +84,12 @@ class Method:
 
     # ----- teacher -----------------------------------------------------------------------------
     def teacher_workdir(self) -> str:
-        return self.config.teacher.workdir or os.path.join(self.workdir, "teacher")
+        return self.config.teacher.workdir or fileio.join(self.workdir, "teacher")
 
     def _load_teacher(self):
         tcfg = self.config.teacher
         workdir = self.teacher_workdir()
-        if not os.path.exists(os.path.join(workdir, "results.json")):
+        if not fileio.exists(fileio.join(workdir, "results.json")):
             if tcfg.get("train") is None or self.config.teacher.workdir:
                 raise FileNotFoundError(
                     f"config.teacher.workdir={workdir!r} holds no finished teacher run "
@@ -99,8 +97,7 @@ class Method:
                     f"PyTorch teacher with `python -m kd_jax.tools.convert_torch`.")
             from kd_jax import train  # a teacher is trained first, in its own workdir
             train.train_and_evaluate(tcfg.train, workdir)
-        with open(os.path.join(workdir, "results.json")) as f:
-            info = json.load(f)
+        info = fileio.read_json(fileio.join(workdir, "results.json"))
         arch = info.get("model", tcfg.model)
         if tcfg.model and arch != tcfg.model:
             raise ValueError(f"config.teacher.model={tcfg.model!r} but {workdir!r} holds a {arch!r}")

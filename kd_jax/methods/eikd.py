@@ -27,9 +27,7 @@ otherwise.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -37,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import losses, pool, sampling
+from kd_jax import fileio, losses, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
@@ -280,10 +278,10 @@ class EIKD(Method):
             raise ValueError(f"config.data.transfer.source={transfer.source!r}: EIKD selects "
                              f"from an open-world pool (shards or offline_pool)")
         sel_cfg = self.config.eikd.selection
-        path = os.path.join(self.workdir, "selection.npz")
-        report_path = os.path.join(self.workdir, "selection_report.json")
+        path = fileio.join(self.workdir, "selection.npz")
+        report_path = fileio.join(self.workdir, "selection_report.json")
         pool_scores = None
-        if os.path.exists(path):  # resume: the same images as before, never a re-selection
+        if fileio.exists(path):  # resume: the same images as before, never a re-selection
             self.selection = pool.Selection.load(path)
         else:
             pool_scores = self._score_pool()
@@ -291,14 +289,13 @@ class EIKD(Method):
                                                 sel_cfg.score, self.config.num_classes)
             if jax.process_index() == 0:
                 self.selection.save(path)
-        if not os.path.exists(report_path):
+        if not fileio.exists(report_path):
             pool_scores = pool_scores or self._score_pool()  # cached per shard: cheap
             self.report = self._selection_report(pool_scores)
             if jax.process_index() == 0:
-                _write_json(report_path, self.report)
+                fileio.write_json_atomic(report_path, self.report, default=_json_default)
         else:
-            with open(report_path) as f:
-                self.report = json.load(f)
+            self.report = fileio.read_json(report_path)
         if jax.process_index() == 0:
             print(f"[eikd] selection: {len(self.selection.ids)} images ({sel_cfg.mode}, "
                   f"{sel_cfg.score}); per class {self.report['selection_class_histogram']}",
@@ -329,7 +326,7 @@ class EIKD(Method):
         if jax.process_index() == 0:
             sel_cfg = self.config.eikd.selection
             try:
-                diagnostics.plot_selection(os.path.join(self.workdir, "sampling.png"),
+                diagnostics.plot_selection(fileio.join(self.workdir, "sampling.png"),
                                            pool_scores, self.selection, c,
                                            title=f"EIKD selection ({sel_cfg.mode}, "
                                                  f"{sel_cfg.score})")
@@ -397,13 +394,6 @@ class EIKD(Method):
     def results(self, state) -> dict:
         """The selection diagnostics (histograms, related share, ...) under `selection`."""
         return {"selection": self.report}
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
 
 
 def _json_default(v):

@@ -21,10 +21,8 @@ L = L_LN + λ_TR·L_TR + λ_SR·L_SR; no labels anywhere.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -32,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import diagnostics, losses, parallel, pool, sampling
+from kd_jax import diagnostics, fileio, losses, parallel, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
@@ -332,16 +330,16 @@ class ODSD(Method):
         self.diagnostics = {}
         if aps.selection == "all":
             return
-        path = os.path.join(self.workdir, "selection.npz")
-        diag_path = os.path.join(self.workdir, "selection_diagnostics.json")
-        if os.path.exists(path):  # a resumed run trains on exactly the same images
+        path = fileio.join(self.workdir, "selection.npz")
+        diag_path = fileio.join(self.workdir, "selection_diagnostics.json")
+        gamma_path = fileio.join(self.workdir, "gate_thresholds.npy")
+        if fileio.exists(path):  # a resumed run trains on exactly the same images
             selection = pool.Selection.load(path)
             self.keep_ids = selection.ids
-            if os.path.exists(os.path.join(self.workdir, "gate_thresholds.npy")):
-                self.gamma = np.load(os.path.join(self.workdir, "gate_thresholds.npy"))
-            if os.path.exists(diag_path):
-                with open(diag_path) as f:
-                    self.diagnostics = json.load(f)
+            if fileio.exists(gamma_path):
+                self.gamma = fileio.load_npy(gamma_path)
+            if fileio.exists(diag_path):
+                self.diagnostics = fileio.read_json(diag_path)
             return
         size = self._size()
         num_classes = self.config.num_classes
@@ -359,13 +357,9 @@ class ODSD(Method):
         self.gamma = gamma
         self.keep_ids = selection.ids
         if jax.process_index() == 0:
-            os.makedirs(self.workdir, exist_ok=True)
-            np.save(os.path.join(self.workdir, "gate_thresholds.npy"), gamma)
+            fileio.save_npy_atomic(gamma_path, gamma)
             self.diagnostics = self._diagnostics(scores, selection, spec)
-            tmp = diag_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.diagnostics, f, indent=2, sort_keys=True)
-            os.replace(tmp, diag_path)
+            fileio.write_json_atomic(diag_path, self.diagnostics)
             selection.save(path)  # last: its presence means "selection and diagnostics done"
 
     def _aps(self, scores: pool.PoolScores, size: int):
@@ -405,7 +399,8 @@ class ODSD(Method):
                   f"(shortfall filled from A_c \\ G_c)", flush=True)
         self._candidates = out.get("candidates")  # every host holds them (§1F refresh)
         if jax.process_index() == 0 and self._candidates is not None:
-            pool.save_npz(os.path.join(self.workdir, "aps_candidates.npz"), self._candidates)
+            fileio.save_npz_atomic(fileio.join(self.workdir, "aps_candidates.npz"),
+                                   self._candidates)
         self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
                            "selection_short_classes": {str(k): v for k, v in short.items()}}
         return pool.Selection(ids=out["ids"], classes=out["classes"],
@@ -419,7 +414,7 @@ class ODSD(Method):
         report.update(getattr(self, "_aps_extra", {}))
         dcfg = self.config.odsd.diagnostics
         if dcfg.plot:
-            diagnostics.plot_selection(os.path.join(self.workdir, "sampling.png"), scores,
+            diagnostics.plot_selection(fileio.join(self.workdir, "sampling.png"), scores,
                                        selection, num_classes=self.config.num_classes,
                                        title=f"ODSD selection ({self.config.odsd.aps.selection})")
         if dcfg.bn_images and diagnostics.has_batch_norm(self.teacher_vars):
@@ -453,13 +448,13 @@ class ODSD(Method):
         return int(aps.refresh_epochs) * max(1, -(-self._size() // self.config.batch_size))
 
     def _refresh_path(self, step: int) -> str:
-        return os.path.join(self.workdir, f"selection_step{step:08d}.npz")
+        return fileio.join(self.workdir, f"selection_step{step:08d}.npz")
 
     def train_batches(self, start_step: int):
         every = self._refresh_every()
         if every:  # a resumed run continues on the selection in force at start_step
             latest = start_step // every * every
-            while latest > 0 and not os.path.exists(self._refresh_path(latest)):
+            while latest > 0 and not fileio.exists(self._refresh_path(latest)):
                 latest -= every
             if latest > 0:
                 self.keep_ids = pool.Selection.load(self._refresh_path(latest)).ids
@@ -470,7 +465,7 @@ class ODSD(Method):
         if not every or step == 0 or step % every or step >= self.num_steps():
             return False
         path = self._refresh_path(step)
-        if os.path.exists(path):  # resumed exactly here: the refresh was already computed
+        if fileio.exists(path):  # resumed exactly here: the refresh was already computed
             selection = pool.Selection.load(path)
         else:
             selection, report = self._refreshed_selection(state)
@@ -488,13 +483,13 @@ class ODSD(Method):
         aps = self.config.odsd.aps
         cand = getattr(self, "_candidates", None)
         if cand is None:  # a resumed run: the candidates saved with the first selection
-            path = os.path.join(self.workdir, "aps_candidates.npz")
-            if not os.path.exists(path):
+            path = fileio.join(self.workdir, "aps_candidates.npz")
+            if not fileio.exists(path):
                 raise FileNotFoundError(
                     f"config.odsd.aps.refresh_epochs={aps.refresh_epochs} needs the APS "
                     f"candidates {path}, written with the first selection; this workdir's "
                     f"selection was made without them: start a new workdir")
-            cand = self._candidates = dict(np.load(path))
+            cand = self._candidates = fileio.load_npz(path)
         spec = self.config.data.transfer
         ds, count = pipeline.open_source(spec, spec.get("split", "train"), jax.process_index(),
                                          jax.process_count(), keep_ids=cand["ids"])

@@ -36,8 +36,6 @@ confusion matrix on the test set.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterator
 
 import flax.linen as nn
@@ -46,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax import checkpoint, losses, metrics, parallel
+from kd_jax import checkpoint, fileio, losses, metrics, parallel
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.data.pipeline import tf  # imported at first use
@@ -136,10 +134,10 @@ class DiscoveryHeads(nn.Module):
 def _read_classes_file(path: str, spec) -> list[int]:
     """One class per line: an integer label, or a class name resolved through the TFDS label
     feature (e.g. ImageNet WordNet ids `n01558993`)."""
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"config.ncd.classes_file={path!r} does not exist")
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    names = [line.strip() for line in fileio.read_text(path).splitlines()
+             if line.strip() and not line.startswith("#")]
     if all(n.lstrip("-").isdigit() for n in names):
         return [int(n) for n in names]
     if spec.source != "tfds":
@@ -405,7 +403,7 @@ class UNO(_NCDBase):
 
     # ----- stage chaining ------------------------------------------------------------------------
     def pretrain_workdir(self) -> str:
-        return self.config.ncd.pretrain.workdir or os.path.join(self.workdir, "pretrain")
+        return self.config.ncd.pretrain.workdir or fileio.join(self.workdir, "pretrain")
 
     def prepare(self):
         """Trains stage 1 into <workdir>/pretrain first unless `ncd.pretrain.workdir` is set."""
@@ -413,10 +411,9 @@ class UNO(_NCDBase):
         if not pre.get("enabled", True):
             return
         workdir = self.pretrain_workdir()
-        done = os.path.join(workdir, "results.json")
-        if os.path.exists(done):
-            with open(done) as f:
-                known = json.load(f).get("known_classes")
+        done = fileio.join(workdir, "results.json")
+        if fileio.exists(done):
+            known = fileio.read_json(done).get("known_classes")
             if known is not None and tuple(known) != self.known:
                 raise ValueError(f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
                                  f"classes {known}, this run's are {list(self.known)}")
@@ -607,7 +604,7 @@ class UNO(_NCDBase):
                    novel_accuracy=agn["novel"])
         res["accuracy"] = res["novel_train_accuracy"]
         if jax.process_index() == 0:
-            _save_confusion(os.path.join(self.workdir, "confusion.png"), test["label"], pred,
+            _save_confusion(fileio.join(self.workdir, "confusion.png"), test["label"], pred,
                             agn["mapping"], self.num_known, self.num_novel)
         return res
 
@@ -640,10 +637,10 @@ def _save_confusion(path, y_true, y_pred, mapping, num_known, num_novel):
     ax.set_ylabel("true class; known | novel")
     ax.set_title(f"task-agnostic test confusion ({int(ok.sum())}/{len(y_true)} matched)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fileio.save_figure_atomic(path, fig, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
