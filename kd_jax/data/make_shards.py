@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kd_jax import fileio
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F", "P-gray")
@@ -278,7 +280,7 @@ def describe(manifest: dict, out: str) -> str:
             lines.append(f"  classes: {', '.join(f'{i}={c}' for i, c in enumerate(names))}")
     else:
         lines.append("  labels: none (stored as -1)")
-    lines.append(f"  manifest: {os.path.join(out, manifest['prefix'] + '.json')}")
+    lines.append(f"  manifest: {fileio.join(out, manifest['prefix'] + '.json')}")
     return "\n".join(lines)
 
 
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m kd_jax.data.make_shards",
         description="Write an image folder or an .npz as TFRecord shards plus a JSON manifest.")
     p.add_argument("--src", required=True, help="image folder (recursive) or .npz file")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--num_shards", type=int, default=8, help="number of shard files (default 8)")
     p.add_argument("--prefix", default="pool", help="file-name prefix (default pool)")
     p.add_argument("--image_size", default=None, help="resize to H (square) or HxW")

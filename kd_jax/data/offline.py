@@ -49,6 +49,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from kd_jax import fileio
+
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 0
@@ -430,9 +432,14 @@ def related_fraction(sources: Sequence[str]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def cache_root(cache_dir: Optional[str] = None) -> str:
-    """``cache_dir``, else ``$KD_JAX_CACHE``, else ``~/.cache/kd_jax``."""
-    return os.path.expanduser(cache_dir or os.environ.get("KD_JAX_CACHE")
-                              or os.path.join("~", ".cache", "kd_jax"))
+    """``cache_dir``, else ``$KD_JAX_CACHE``, else ``~/.cache/kd_jax``: a local directory (each
+    host builds its own copy; the folder is published with a directory rename, which is atomic
+    on a local disk only)."""
+    root = cache_dir or os.environ.get("KD_JAX_CACHE") or os.path.join("~", ".cache", "kd_jax")
+    if fileio.is_remote(root):
+        raise ValueError(f"the offline data cache {root!r} must be a local directory (each host "
+                         f"builds its own in seconds); workdirs and shard pools may be gs://")
+    return os.path.expanduser(root)
 
 
 def _pool_key(seed: int, counts: Mapping[str, int], num_shards: int) -> str:
@@ -562,8 +569,7 @@ def save_pool_preview(path: str, pool: Optional[dict] = None, *, per_source: int
                           interpolation="nearest")
             if c == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    fileio.save_figure_atomic(path, fig)
     return path
 
 

@@ -11,12 +11,12 @@ so every process runs the same number of steps and each example counts exactly o
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
-import os
 from typing import Iterator
 
 import numpy as np
+
+from kd_jax import fileio
 
 
 class _LazyTensorFlow:
@@ -96,7 +96,7 @@ def open_source(spec, split: str, process_index: int = 0, process_count: int = 1
         ds, n = _npz_source(spec.path if "{split}" not in spec.path else spec.path.format(split=split),
                             process_index, process_count)
     elif kind == "folder":
-        ds, n = _folder_source(os.path.join(spec.path, split), process_index, process_count)
+        ds, n = _folder_source(fileio.join(spec.path, split), process_index, process_count)
     elif kind in ("shards", "offline_pool"):
         pattern = spec.get("pattern", "")
         if kind == "offline_pool":
@@ -137,24 +137,24 @@ def _array_source(images, labels, process_index, process_count):
 
 
 def _npz_source(path, process_index, process_count):
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"config.data npz file {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as z:
-        if "images" not in z:
-            raise KeyError(f"{path!r} has no 'images' array (keys: {sorted(z.keys())})")
-        images, labels = z["images"], (z["labels"] if "labels" in z else None)
+    z = fileio.load_npz(path)
+    if "images" not in z:
+        raise KeyError(f"{path!r} has no 'images' array (keys: {sorted(z.keys())})")
+    images, labels = z["images"], z.get("labels")
     return _array_source(images, labels, process_index, process_count)
 
 
 def _folder_source(root, process_index, process_count):
-    if not os.path.isdir(root):
+    if not fileio.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist (expected "
                                 f"<path>/<split>/<class>/<image files>)")
-    class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    class_names = [d for d in fileio.listdir(root) if fileio.isdir(fileio.join(root, d))]
     files, labels = [], []
     for label, name in enumerate(class_names):
         for ext in ("png", "jpg", "jpeg", "JPEG", "PNG", "bmp"):
-            found = sorted(glob.glob(os.path.join(root, name, f"*.{ext}")))
+            found = fileio.glob(fileio.join(root, name, f"*.{ext}"))
             files += found
             labels += [label] * len(found)
     if not files:

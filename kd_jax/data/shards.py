@@ -18,7 +18,10 @@ input order and per-process file shares stay balanced even when the input is gro
 
 Writing is atomic per file: every shard is written under a hidden ``.partial`` name, all are
 renamed into place once all are complete, and the manifest is written last, so a killed writer
-never leaves a half shard under a shard name.
+never leaves a half shard under a shard name. ``out_dir`` may be local or ``gs://``: every file
+operation goes through :mod:`kd_jax.fileio` (on GCS a shard's "rename" is a server-side copy of
+that one object, which appears whole; the manifest is one object write, never renamed), and the
+TFRecord reader and writer are TensorFlow's, which take ``gs://`` paths natively.
 
 Reading (:func:`read_shards`) is the usual multi-host recipe: list the files (sorted) → shard
 *by file* across processes (process ``i`` takes files ``i, i+P, ...``) → interleave → parse →
@@ -50,6 +53,8 @@ from typing import (Any, Callable, Iterator, Mapping, Optional, Protocol, Sequen
 import numpy as np
 import tensorflow as tf
 
+from kd_jax import fileio
+
 try:  # tf.data runs on the host CPU only; JAX owns the accelerators.
     tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # TF already initialised elsewhere: leave it as it is.
@@ -78,50 +83,41 @@ def shard_name(prefix: str, index: int, num_shards: int) -> str:
 
 def shard_pattern(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> str:
     """The glob matching every shard written with ``prefix`` into ``out_dir``."""
-    return os.path.join(os.fspath(out_dir), f"{prefix}-*-of-*.tfrecord")
+    return fileio.join(out_dir, f"{prefix}-*-of-*.tfrecord")
 
 
 def manifest_path(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> str:
     """``{out_dir}/{prefix}.json``."""
-    return os.path.join(os.fspath(out_dir), f"{prefix}.json")
+    return fileio.join(out_dir, f"{prefix}.json")
 
 
 def read_manifest(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> dict:
     """Loads the manifest written by :func:`write_shards`; FileNotFoundError naming the path."""
     path = manifest_path(out_dir, prefix)
-    if not tf.io.gfile.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"No shard manifest at {path!r}")
-    with tf.io.gfile.GFile(path, "r") as f:
-        return json.load(f)
+    return fileio.read_json(path)
 
 
 def _partial_name(path: str) -> str:
     # Hidden and ending in ".partial" (neither ".tfrecord" nor ".json"): no shard glob matches.
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.partial")
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = _partial_name(path)
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    head, tail = fileio.dirname(path), fileio.basename(path)
+    return fileio.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.partial")
 
 
 def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list]]]:
     """{shard path: (record count, image_shape)} from the manifests beside ``files``."""
     known = {}
-    for d in sorted({os.path.dirname(f) for f in files}):
-        for m in tf.io.gfile.glob(os.path.join(d, "*.json")):
+    for d in sorted({fileio.dirname(f) for f in files}):
+        for m in fileio.glob(fileio.join(d, "*.json")):
             try:
-                with tf.io.gfile.GFile(m, "r") as fh:
-                    man = json.load(fh)
+                man = fileio.read_json(m)
             except (ValueError, OSError, tf.errors.OpError):
                 continue
             if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
                 continue
             for name, c in zip(man.get("shards", []), man.get("shard_counts", [])):
-                known[os.path.join(d, name)] = (int(c), man.get("image_shape"))
+                known[fileio.join(d, name)] = (int(c), man.get("image_shape"))
     return known
 
 
@@ -199,7 +195,7 @@ def write_shards(
     """Writes images (+ ids, labels, source tags) as TFRecord shards and a JSON manifest.
 
     Args:
-      out_dir: directory to write into (created if missing; local or any ``tf.io.gfile`` path).
+      out_dir: directory to write into (created if missing; local or ``gs://``).
       images: uint8 array ``[N,H,W]`` / ``[N,H,W,C]`` (C in 1..4), or a sequence of uint8 images
         ``[H,W(,C)]`` supporting ``len`` and indexing (sizes may differ; items are fetched one at
         a time, so a lazy sequence keeps memory flat).
@@ -259,18 +255,18 @@ def write_shards(
         num_shards = n
 
     out_dir = os.fspath(out_dir)
-    tf.io.gfile.makedirs(out_dir)
-    existing = sorted(tf.io.gfile.glob(shard_pattern(out_dir, prefix)))
+    fileio.makedirs(out_dir)
+    existing = fileio.glob(shard_pattern(out_dir, prefix))
     if existing and not overwrite:
         raise FileExistsError(
             f"{out_dir!r} already holds {len(existing)} shard(s) with prefix {prefix!r} (e.g. "
-            f"{os.path.basename(existing[0])}); pass overwrite=True (--overwrite) or another "
+            f"{fileio.basename(existing[0])}); pass overwrite=True (--overwrite) or another "
             f"prefix")
-    if overwrite and tf.io.gfile.exists(manifest_path(out_dir, prefix)):
-        tf.io.gfile.remove(manifest_path(out_dir, prefix))
+    if overwrite and fileio.exists(manifest_path(out_dir, prefix)):
+        fileio.remove(manifest_path(out_dir, prefix))
 
     names = [shard_name(prefix, i, num_shards) for i in range(num_shards)]
-    finals = [os.path.join(out_dir, name) for name in names]
+    finals = [fileio.join(out_dir, name) for name in names]
     tmps = [_partial_name(f) for f in finals]
     shard_counts, shapes = [], set()
     try:  # every shard under a temporary name first; renamed only once all are complete
@@ -286,14 +282,14 @@ def write_shards(
             shard_counts.append(count)
     except BaseException:
         for tmp in tmps:
-            if tf.io.gfile.exists(tmp):
-                tf.io.gfile.remove(tmp)
+            if fileio.exists(tmp):
+                fileio.remove(tmp)
         raise
     for tmp, final in zip(tmps, finals):
-        tf.io.gfile.rename(tmp, final, overwrite=True)
+        fileio.replace_file(tmp, final)
     for stale in existing:  # shards of an earlier write with another shard count
-        if os.path.basename(stale) not in names:
-            tf.io.gfile.remove(stale)
+        if fileio.basename(stale) not in names:
+            fileio.remove(stale)
 
     tags, tag_counts = np.unique([s.decode("utf-8") for s in source_list], return_counts=True)
     labeled = labels_arr >= 0
@@ -316,8 +312,8 @@ def write_shards(
         "id_max": int(ids_arr.max()),
         "metadata": dict(metadata or {}),
     }
-    _atomic_write_bytes(manifest_path(out_dir, prefix),
-                        json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+    fileio.write_bytes_atomic(manifest_path(out_dir, prefix),
+                              json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
     return manifest
 
 
@@ -339,7 +335,7 @@ def list_shard_files(file_pattern: PathPattern) -> list[str]:
     files = set()
     for p in patterns:
         p = os.fspath(p)
-        matched = tf.io.gfile.glob(p) if p else []
+        matched = fileio.glob(p) if p else []
         if not matched:
             raise ValueError(f"No files match the pattern {p!r}")
         files.update(matched)
