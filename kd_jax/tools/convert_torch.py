@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -53,6 +54,8 @@ import uuid
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from kd_jax import fileio
 
 # Keys under which checkpoints wrap their state dict, in order of preference.
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "teacher", "module")
@@ -377,8 +380,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     `safetensors` package: an 8-byte little-endian header length, a JSON header
     `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the raw
     little-endian tensor bytes (offsets relative to the end of the header)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = fileio.read_bytes(path)
     if len(raw) < 8:
         raise ConversionError(f"{path}: too short to be a safetensors file")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -429,11 +431,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for b in chunks:
-            f.write(b)
+    fileio.write_bytes_atomic(path, b"".join([struct.pack("<Q", len(blob)), blob, *chunks]))
 
 
 def _nest_npz(flat: Mapping[str, np.ndarray]) -> dict:
@@ -475,7 +473,8 @@ def _read_torch(path: str):
     import pickle
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        src = io.BytesIO(fileio.read_bytes(path)) if fileio.is_remote(path) else path
+        obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path}: torch.load(weights_only=True) refused the file: it pickles objects other "
@@ -487,14 +486,13 @@ def _read_torch(path: str):
 
 def read_file(path: str):
     """The raw content of a checkpoint file: a (possibly nested) dict of numpy arrays."""
-    if not os.path.isfile(path):
+    if not fileio.isfile(path):
         raise ConversionError(f"--src={path!r} does not exist or is not a file")
     lower = path.lower()
     if lower.endswith(".safetensors"):
         return read_safetensors(path)
     if lower.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return _nest_npz({k: f[k] for k in f.files})
+        return _nest_npz(fileio.load_npz(path))
     if lower.endswith(TORCH_SUFFIXES):
         return _read_torch(path)
     raise ConversionError(f"{path}: unknown file type; use .pth/.pt/.bin (torch), .npz or "
@@ -555,6 +553,8 @@ def read_state_dict(path: str, prefix: str = "") -> tuple[dict[str, np.ndarray],
 
 
 def _sha256(path: str) -> str:
+    if fileio.is_remote(path):
+        return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -562,19 +562,57 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _teacher_state(conversion: Conversion) -> dict:
+    # The trainer's state layout (TrainState fields); a teacher has no optimizer state.
+    return {"step": np.asarray(0, np.int32),
+            "params": {"model": conversion.variables["params"]},
+            "batch_stats": {"model": conversion.variables["batch_stats"]},
+            "opt_state": {}}
+
+
+def _teacher_results(conversion: Conversion, source: str, accuracy, extra) -> dict:
+    results = {"method": "converted", "model": conversion.arch,
+               "num_classes": conversion.num_classes, "num_params": conversion.num_params,
+               "source": fileio.absolute(source) if source else ""}
+    if source and fileio.isfile(source):
+        results["source_sha256"] = _sha256(source)
+    if accuracy is not None:
+        results["final_accuracy"] = float(accuracy)
+    results.update(extra or {})
+    return results
+
+
 def write_teacher(out: str, conversion: Conversion, source: str = "",
                   accuracy: float | None = None, overwrite: bool = False,
                   extra: Mapping[str, Any] | None = None) -> str:
-    """Writes `out/checkpoints/0` + `out/results.json` through a temporary sibling directory
-    renamed into place, so `out` either is complete or does not change. Returns `out`."""
+    """Writes `out/checkpoints/0` + `out/results.json`. Returns `out`.
+
+    Local: through a temporary sibling directory renamed into place, so `out` either is
+    complete or does not change. Remote (`gs://`, where a directory rename is a non-atomic copy
+    of every object): in place, with `results.json` (the marker a KD run looks for) written
+    last as one object; `--overwrite` deletes that marker first, so a conversion killed midway
+    leaves a workdir a KD run refuses ("no finished teacher run"), never a mix.
+    """
     from kd_jax import checkpoint
 
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
+    out = fileio.absolute(out)
+    if (fileio.exists(out) and not (fileio.isdir(out) and not fileio.listdir(out))
+            and not overwrite):
         raise ConversionError(f"--out={out!r} exists and is not empty; pass --overwrite to "
                               f"replace it")
     if accuracy is not None and not 0.0 <= accuracy <= 1.0:
         raise ConversionError(f"--accuracy={accuracy} must be a fraction in [0, 1]")
+    if fileio.is_remote(out):
+        marker = fileio.join(out, "results.json")
+        if fileio.exists(marker):
+            fileio.remove(marker)
+        if fileio.exists(out):
+            fileio.rmtree(out)
+        ckpt = checkpoint.Checkpointer(out, keep=1, async_save=False)
+        ckpt.save(0, _teacher_state(conversion), force=True)
+        ckpt.close()
+        fileio.write_json_atomic(marker, _teacher_results(conversion, source, accuracy, extra))
+        return out
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     # A sibling of `out` (same filesystem, so the final rename is atomic); os.mkdir rather
@@ -582,24 +620,11 @@ def write_teacher(out: str, conversion: Conversion, source: str = "",
     tmp = os.path.join(parent, f".{os.path.basename(out)}.converting-{uuid.uuid4().hex[:12]}")
     os.mkdir(tmp)
     try:
-        # The trainer's state layout (TrainState fields); a teacher has no optimizer state.
-        state = {"step": np.asarray(0, np.int32),
-                 "params": {"model": conversion.variables["params"]},
-                 "batch_stats": {"model": conversion.variables["batch_stats"]},
-                 "opt_state": {}}
         ckpt = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
-        ckpt.save(0, state, force=True)
+        ckpt.save(0, _teacher_state(conversion), force=True)
         ckpt.close()
-        results = {"method": "converted", "model": conversion.arch,
-                   "num_classes": conversion.num_classes, "num_params": conversion.num_params,
-                   "source": os.path.abspath(source) if source else ""}
-        if source and os.path.isfile(source):
-            results["source_sha256"] = _sha256(source)
-        if accuracy is not None:
-            results["final_accuracy"] = float(accuracy)
-        results.update(extra or {})
-        with open(os.path.join(tmp, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        fileio.write_json_atomic(fileio.join(tmp, "results.json"),
+                                 _teacher_results(conversion, source, accuracy, extra))
         if os.path.exists(out):  # --overwrite (or an empty directory): swap, then delete
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "previous"))
