@@ -97,6 +97,7 @@ do_install() {
   local src="$1" min spec py
   [[ -f "$src/setup.cfg" ]] || die "no kd_jax source tree at '$src' (no setup.cfg)"
   min="$(min_python "$src")"; spec="$(jax_spec "$src")"
+  [[ "$VENV" == /?*/* || "$VENV" == "$HOME"/?* ]] || die "KD_JAX_VENV='$VENV': a path of its own (it is deleted and rebuilt)"
   py="$(find_python "$min")"
   say "system python3: $(python3 --version 2>&1 || echo none); building $VENV from $py ($("$py" --version 2>&1))"
   rm -rf "$VENV"
