@@ -30,15 +30,16 @@
 #
 # TPU software versions (--version): Google's table (https://cloud.google.com/tpu/docs/runtimes)
 # gives tpu-ubuntu2204-base for v4 and older, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for
-# v5p and v2-alpha-tpuv6e for v6e (Trillium); the default below follows --type. The page lists
-# what an image holds (Ubuntu, Docker, ...) but no Python version. tpu-ubuntu2204-base is
-# Ubuntu 22.04, whose python3 is 3.10 (pytorch/xla moved its TPU VM wheels to cp310 for that
-# image: github.com/pytorch/xla/pull/5294), and pip refuses kd_jax (python_requires >= 3.11)
-# there. For the v2-alpha-* images we found no statement from Google: AI-Hypercomputer/
-# maxdiffusion's docs/getting_started/first_run.md has said Python 3.10, 3.11 and 3.12 for
-# v2-alpha-tpuv6e in different revisions, and Google's vLLM TPU guide
-# (docs.vllm.ai/projects/tpu, installation) makes its own `uv venv --python 3.12`. Hence the
-# install step never uses the image's python3 for kd_jax: it brings its own interpreter.
+# v5p and v2-alpha-tpuv6e for v6e (Trillium); --version defaults to that from --type. The
+# page says an image holds Ubuntu, Docker and the TPU software, but names no Python version.
+# tpu-ubuntu2204-base is Ubuntu 22.04, whose python3 is 3.10 (pytorch/xla moved its TPU VM
+# wheels to cp310 for that image: github.com/pytorch/xla/pull/5294), where pip refuses kd_jax
+# ("requires a different Python: 3.10.x not in '>=3.11'"). For the v2-alpha-* images we found
+# no Python version from Google itself: AI-Hypercomputer/maxdiffusion's
+# docs/getting_started/first_run.md has said 3.10, 3.11 and 3.12 for v2-alpha-tpuv6e in
+# different revisions, and the vLLM TPU guide (docs.vllm.ai/projects/tpu, installation) makes
+# its own `uv venv --python 3.12`. So the install step never uses the image's python3 for
+# kd_jax: it brings its own interpreter (launch/worker_setup.sh).
 #
 # Flags (--flag=value or --flag value):
 #   --name NAME           TPU VM name (required)
