@@ -28,6 +28,7 @@
 #   PIP_*                  pip's own settings apply to every pip call (e.g. PIP_NO_INDEX=1 and
 #                          PIP_FIND_LINKS=DIR for an offline host)
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 die() { echo "worker_setup.sh: error: $*" >&2; exit 2; }
 say() { echo "$(hostname): $*"; }
@@ -87,8 +88,8 @@ find_python() {  # prints the interpreter to build the environment from
   fi
   local uv; uv="$(find_uv)"
   say "uv python install $PY_VERSION ($("$uv" --version))" >&2
-  "$uv" python install "$PY_VERSION" >&2
-  py="$("$uv" python find "$PY_VERSION")"
+  "$uv" python install "$PY_VERSION" >&2 || die "'uv python install $PY_VERSION' failed (no download? set KD_JAX_PYTHON to a Python >= $min on the host)"
+  py="$("$uv" python find "$PY_VERSION")" || die "'uv python find $PY_VERSION' found nothing"
   py_at_least "$py" "$min" || die "uv found '$py' for $PY_VERSION, older than kd_jax's >= $min (KD_JAX_PYTHON_VERSION)"
   echo "$py"
 }
