@@ -3,7 +3,9 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import ROOT, config, max_distance, record
@@ -13,14 +15,45 @@ from kd_jax.data import pipeline
 from kd_jax.methods import get_method
 
 
-def test_eight_devices_equal_one_device():
+class _PerDeviceBatchNorm(nn.Module):
+    """The bug a data-parallel engine must not have: BatchNorm statistics over each device's
+    block of the batch (pmap without `axis_name`) instead of the global batch."""
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: object = None
+    param_dtype: object = None
+    devices: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(c))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(c))
+        if self.use_running_average:
+            y = (x - ra_mean.value) / jnp.sqrt(ra_var.value + self.epsilon)
+        else:
+            g = x.reshape(self.devices, -1, *x.shape[1:])
+            axes = tuple(range(1, g.ndim - 1))
+            mean, var = g.mean(axes, keepdims=True), g.var(axes, keepdims=True)
+            y = ((g - mean) / jnp.sqrt(var + self.epsilon)).reshape(x.shape)
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(c)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(c)
+        return y * scale + bias
+
+
+def test_eight_devices_equal_one_device(monkeypatch):
     """Three teacher steps of LeNet-5 (BatchNorm-free) and WRN-16-1 (BatchNorm), in float64: the
     8-device trajectory (params, BatchNorm statistics, optimizer state) equals the 1-device one.
 
     8 devices only regroup the batch's sums, which moves a float64 step by ~1e-15 of its
     scale; a real sharding error moves it by orders of magnitude more, which the test shows by
-    scaling one device's 4 images by 1.01. (In float32 the comparison was decided by rounding:
-    WRN-16-1's steps on noise fall into order-dependent modes 1e-4..1e-3 apart.)"""
+    scaling one device's 4 images by 1.01 and with BatchNorm statistics per device. (In float32
+    the comparison was decided by rounding: WRN-16-1's steps on noise fall into order-dependent
+    modes 1e-4..1e-3 apart.)"""
     assert jax.device_count() == 8
     with jax.enable_x64(True):
         for model in ("lenet5", "wrn16_1"):
@@ -56,6 +89,20 @@ def test_eight_devices_equal_one_device():
                              max_distance(wrong, eight))
                 assert same < 1e-10, (model, i + 1, same)
                 assert off > 1e-6, (model, i + 1, off)
+        # WRN-16-1's first step again, with per-device BatchNorm statistics on 8 devices.
+        from kd_jax.models import wrn
+        monkeypatch.setattr(wrn, "batch_norm", lambda train, *, dtype, name: _PerDeviceBatchNorm(
+            use_running_average=not train, name=name))
+        method = get_method("teacher")(c, "/tmp/unused", meshes[1])
+        method.build_optimizer(10)
+        broken_run = (jax.jit(method.train_step, out_shardings=parallel.replicated(meshes[1])),
+                      meshes[1])
+        batch = {"image": np.random.default_rng(0).normal(size=(32, 32, 32, 1)),
+                 "label": np.random.default_rng(0).integers(0, 10, 32)}
+        first = step(runs[0], jax.device_get(init), batch)
+        off = record("8 vs 1 devices, wrn16_1 step 1, per-device BatchNorm statistics (broken)",
+                     max_distance(step(broken_run, jax.device_get(init), batch), first))
+        assert off > 1e-6, off
 
 
 def test_killed_run_resumes_identically(tmp_path, monkeypatch):
