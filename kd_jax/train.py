@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_utils, methods, parallel
+from kd_jax import checkpoint, config_utils, methods, parallel, prerequisites
 from kd_jax.methods.base import evaluate_variables
 
 
@@ -98,6 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_after` ends this invocation after that many steps with a checkpoint, as a preemption
     would (tests use it to check that a resumed run equals an uninterrupted one).
     """
+    # Every missing teacher / pool / dataset is named at once, before any model or compile.
+    plan = prerequisites.check(config, workdir)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
 
@@ -105,6 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
+    if is_main and len(plan.stages) > 1:
+        print(plan.describe(), flush=True)
 
     results_path = os.path.join(workdir, "results.json")
     if os.path.exists(results_path):

@@ -92,11 +92,10 @@ class Method:
         tcfg = self.config.teacher
         workdir = self.teacher_workdir()
         if not os.path.exists(os.path.join(workdir, "results.json")):
-            if tcfg.get("train") is None or self.config.teacher.workdir:
-                raise FileNotFoundError(
-                    f"config.teacher.workdir={workdir!r} holds no finished teacher run "
-                    f"(results.json missing). Train one with configs/teacher_*.py or convert a "
-                    f"PyTorch teacher with `python -m kd_jax.tools.convert_torch`.")
+            if not tcfg.get("train") or self.config.teacher.workdir:  # e.g. from a notebook
+                from kd_jax import prerequisites
+                raise prerequisites.MissingPrerequisites(
+                    [prerequisites.missing_teacher(self.config, self.workdir)])
             from kd_jax import train  # a teacher is trained first, in its own workdir
             train.train_and_evaluate(tcfg.train, workdir)
         with open(os.path.join(workdir, "results.json")) as f:
