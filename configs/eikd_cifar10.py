@@ -10,6 +10,10 @@ N = 600k images balanced over its classes; pool images get the *teacher's* (CIFA
 normalisation. DFND's schedule: batch 256, 80k iterations, SGD 0.1 / 0.9 / 5e-4, lr ×0.1 at
 40 % and 80 %, RandomCrop(32, pad 4) + flip: about 2.5 h on a v4-8 for ResNet-34 -> 18.
 Accuracy is evaluated every 2k steps (10k / 20k / 40k for the convergence claim).
+Without `--config.teacher.workdir` the pair's teacher is trained first into <workdir>/teacher
+with configs/teacher_cifar10.py's settings (`config.teacher.train`). TFDS `cifar10` must be
+prepared (`tfds build cifar10`); run without the pool or the data, the config stops at once
+listing every missing key with the command that makes it.
 `global` (DFND's top-N), `no_drop`, `no_feat`, `no_rel` switch parts off; `,smoke` runs a few
 steps (tests, tiny shards).
 """
@@ -27,6 +31,9 @@ def build(arg, config_file, dataset):
     c = config_utils.base_config()
     c.method = "eikd"
     c.model.name, c.teacher.model = student, teacher
+    # Trained first into <workdir>/teacher unless --config.teacher.workdir names a finished one.
+    c.teacher.train = config_utils.sibling(config_file, f"teacher_{dataset}.py",
+                                           teacher + (",smoke" if "smoke" in flags else ""))
     config_utils.cifar_data(c, dataset)
     c.data.transfer.source = "shards"
     c.eikd = eikd.default_config()  # N = 600k, balanced, confidence, top-⌈C/2⌉ dropping, ...

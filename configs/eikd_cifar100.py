@@ -7,7 +7,9 @@
 Same recipe as configs/eikd_cifar10.py (pairs r34_r18, vgg11_r18, wrn40_2_wrn16_1,
 wrn40_2_wrn40_1, wrn40_2_wrn16_2; N = 600k balanced, so 6,000 per class; top-50 class
 dropping; batch 256, 80k iterations, steps at 40 % / 80 %): about 2.5 h on a v4-8 for
-ResNet-34 -> 18. `global`, `no_drop`, `no_feat`, `no_rel`, `smoke` as there.
+ResNet-34 -> 18. `global`, `no_drop`, `no_feat`, `no_rel`, `smoke` as there. Without
+`--config.teacher.workdir` the teacher is trained first into <workdir>/teacher with
+configs/teacher_cifar100.py's settings; TFDS `cifar100` must be prepared (`tfds build cifar100`).
 """
 import importlib.util
 import os

@@ -6,9 +6,13 @@
         --workdir=gs://.../odsd_cifar10_r34_r18
 
 Pairs (argument): r34_r18 (default), vgg11_r18, wrn40_2_wrn16_1, wrn40_2_wrn40_1,
-wrn40_2_wrn16_2 (kd_jax.config_utils.CIFAR_PAIRS, shared/papers/targets.md). The teacher comes
-from configs/teacher_cifar10.py or a converted PyTorch checkpoint. Write the pool with
-`python -m kd_jax.data.make_shards` (ImageNet-1k train at 32 px, 1.28M images).
+wrn40_2_wrn16_2 (kd_jax.config_utils.CIFAR_PAIRS, shared/papers/targets.md). The teacher is a
+finished run or a converted PyTorch checkpoint in `--config.teacher.workdir`; without it the
+pair's teacher is trained first into <workdir>/teacher with configs/teacher_cifar10.py's
+settings (`config.teacher.train`). Write the pool with `python -m kd_jax.data.make_shards`
+(ImageNet-1k train at 32 px, 1.28M images). TFDS `cifar10` must be prepared (`tfds build
+cifar10`); run without the pool or the data, the config stops at once listing every missing key
+with the command that makes it.
 APS samples N = 50,000 images (the CIFAR train-set size); the student trains 200 epochs over
 them (78,125 steps of batch 128, SGD 0.1 / 0.9 / 5e-4, ×0.1 at epochs 120 / 150 / 180), view 2
 with colour jitter for L_SR. The teacher pass over 1.28M 32-px images takes a few minutes on a
@@ -29,6 +33,9 @@ def cifar_config(arg, dataset, config_file):
     c = config_utils.base_config()
     c.method = "odsd"
     c.model.name, c.teacher.model = student, teacher
+    # Trained first into <workdir>/teacher unless --config.teacher.workdir names a finished one.
+    c.teacher.train = config_utils.sibling(config_file, f"teacher_{dataset}.py",
+                                           teacher + (",smoke" if "smoke" in flags else ""))
     config_utils.cifar_data(c, dataset)
     c.data.transfer.source = "shards"
     c.odsd = odsd.default_config()

@@ -6,14 +6,22 @@
         --config.data.target.data_dir=gs://.../tensorflow_datasets \
         --workdir=gs://.../odsd_imagenet_r50_r18
 
-Students (argument): r18 (ResNet-18, default), mbv2 (MobileNetV2), r50 (ResNet-50). The teacher
-is a ResNet-50 workdir, e.g. torchvision weights converted with `python -m
-kd_jax.tools.convert_torch`; the target (evaluation only) is TFDS imagenet2012 (validation
-split). Write the pool with `python -m kd_jax.data.make_shards` (Places365-standard train, 1.8M
-images). APS samples N = 300,000 images (per class 300), the student trains 100 epochs over
-them with cosine SGD 0.1 (batch 256, wd 1e-4), RandomResizedCrop(224) + flip, eval resize
-1/0.875 + centre crop, τ = 4. The teacher pass over 1.8M images is about 10 minutes on a v4-32;
-training about 12 h for ResNet-50 -> ResNet-18 on a v4-32.
+Students (argument): r18 (ResNet-18, default), mbv2 (MobileNetV2), r50 (ResNet-50). All three
+keys above are required (nothing here can train an ImageNet teacher or fetch the data); run
+without them, the config stops at once listing every missing one with the command that makes
+it. The teacher is a ResNet-50 workdir, e.g. torchvision's weights converted:
+
+    python -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), 'resnet50.pth')"
+    python -m kd_jax.tools.convert_torch --arch=resnet50 --num_classes=1000 --src=resnet50.pth --out=/ckpt/resnet50_torchvision
+
+The target (evaluation only) is TFDS imagenet2012 (validation split; `tfds build imagenet2012
+--manual_dir=DIR` with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in DIR). Write the
+pool with `python -m kd_jax.data.make_shards --src=PLACES365_TRAIN_DIR --out=DIR
+--num_shards=256` (Places365-standard train, 1.8M images). APS samples N = 300,000 images
+(per class 300), the student trains 100 epochs over them with cosine SGD 0.1 (batch 256, wd
+1e-4), RandomResizedCrop(224) + flip, eval resize 1/0.875 + centre crop, τ = 4. The teacher
+pass over 1.8M images is about 10 minutes on a v4-32; training about 12 h for ResNet-50 ->
+ResNet-18 on a v4-32.
 
 `,smoke` (tests, CPU): ResNet-50 at 224 px (and even ResNet-18 at 64 px: minutes per compile
 on a loaded 2-core machine) is too slow to compile on a CPU, so smoke swaps in tiny WRN-16-1

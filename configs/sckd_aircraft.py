@@ -9,7 +9,8 @@ An image folder `<path>/<split>/<variant>/*.jpg` (splits `trainval` and `test`; 
 official `images_variant_{trainval,test}.txt` lists that way, one folder per variant, sorted
 folder names = labels 0–99). Known = the first 50 variants, novel the other 50 (SSB lists via
 `ncd.known_classes` / `ncd.novel_classes`). DINO weights via the teacher-import tool
-`python -m kd_jax.tools.convert_torch`, passed as stage 1's `ncd.backbone_workdir`. Protocol:
+`python -m kd_jax.tools.convert_torch`, passed as stage 1's `ncd.backbone_workdir` (both keys
+are required: a bare run stops at once naming them). Protocol:
 `kd_jax.ncd_config.fine_grained`. About 1 hour on one A100-class GPU (untimed here).
 `:uno`, `:pretrain`, `:smoke` as in sckd_cub.py.
 """

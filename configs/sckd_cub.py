@@ -6,7 +6,8 @@
 
 TFDS `caltech_birds2011` (train 5,994 / test 5,794). The DINO ViT-B/16 weights are brought with
 the teacher-import tool `python -m kd_jax.tools.convert_torch` into a workdir and named as stage 1's
-`ncd.backbone_workdir` (without it the ViT starts from scratch, which is not the protocol).
+`ncd.backbone_workdir` (required: stage 1 fine-tunes only the last block, so a bare run stops
+at once naming it, with the TFDS data if that is not prepared: `tfds build caltech_birds2011`).
 Known = labels 0–99, novel = 100–199 by default; the semantic-shift-benchmark split that Cr-KD
 uses goes in `--config.ncd.known_classes=(...)` / `--config.ncd.novel_classes=(...)` (in both
 stages). Protocol: `kd_jax.ncd_config.fine_grained`. About 1 hour on one A100-class GPU (untimed

@@ -5,7 +5,8 @@
         --config.ncd.pretrain.train.ncd.backbone_workdir=/ckpt/dino_vitb16
 
 TFDS `cars196` (train 8,144 / test 8,041). DINO weights via the teacher-import tool
-`python -m kd_jax.tools.convert_torch`, passed as stage 1's `ncd.backbone_workdir`. Known =
+`python -m kd_jax.tools.convert_torch`, passed as stage 1's `ncd.backbone_workdir` (required,
+as in sckd_cub.py; `tfds build cars196` prepares the data). Known =
 labels 0–97, novel = 98–195 by default (semantic-shift-benchmark lists via
 `ncd.known_classes` / `ncd.novel_classes`). Protocol: `kd_jax.ncd_config.fine_grained`. About
 1 hour on one A100-class GPU (untimed here). `:uno`, `:pretrain`, `:smoke` as in sckd_cub.py.

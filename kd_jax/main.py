@@ -21,8 +21,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from kd_jax import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from kd_jax import prerequisites, train
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except prerequisites.MissingPrerequisites as e:  # one block, no traceback; exit status 1
+        raise SystemExit(f"{config_flags.get_config_filename(FLAGS['config'])}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_utils, fileio, methods, parallel
+from kd_jax import checkpoint, config_utils, fileio, methods, parallel, prerequisites
 from kd_jax.methods.base import evaluate_variables
 
 
@@ -101,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `stop_after` ends this invocation after that many steps with a checkpoint, as a preemption
     would (tests use it to check that a resumed run equals an uninterrupted one).
     """
+    # Every missing teacher / pool / dataset is named at once, before any model or compile.
+    plan = prerequisites.check(config, workdir)
     workdir = fileio.absolute(workdir)  # a gs:// workdir stays one (no gcsfuse needed)
     fileio.makedirs(workdir)
 
@@ -108,6 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
+    if is_main and len(plan.stages) > 1:
+        print(plan.describe(), flush=True)
 
     results_path = fileio.join(workdir, "results.json")
     if fileio.exists(results_path):

@@ -21,8 +21,16 @@
 #   --slurm                  multi-host under srun: coordinator and ids come from SLURM
 #   --gpus LIST              restrict to these GPUs (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3
 #   --python PYTHON          interpreter (default: python3, or $PYTHON)
-#   --dry-run                print the environment and command instead of running it
+#   --dry-run                print the environment and command instead of running it (no checks
+#                            of the interpreter: works without jax)
 #   -- ARGS...               passed on to kd_jax.main, e.g. -- --config.batch_size=512
+#
+# Before it starts, it checks that the interpreter is a Python kd_jax accepts (setup.cfg's
+# python_requires, >= 3.11), that it imports jax and that jax sees a GPU, and otherwise stops
+# with the fix (the exact pip command, with setup.cfg's jax range). A GPU environment, e.g.:
+#   uv venv --seed --python 3.12 ~/kd_jax_venv    # or: python3.12 -m venv ~/kd_jax_venv
+#   ~/kd_jax_venv/bin/python -m pip install "jax[cuda12]<setup.cfg's jax range>" -e .
+#   launch/gpu.sh --python ~/kd_jax_venv/bin/python --config=... --workdir=...
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -77,8 +85,28 @@ elif [[ $SLURM -eq 1 ]]; then
   [[ -n "${SLURM_PROCID:-}" ]] || die "--slurm but SLURM_PROCID is not set: start this script with srun"
 fi
 
+# The interpreter: a Python kd_jax accepts, with a jax that sees GPUs (not with --dry-run).
+check_python() {
+  local spec pyreq jaxreq min py info pyver jaxver backend ndev
+  # setup.cfg's python_requires and jax range, parsed in one place (launch/worker_setup.sh).
+  spec="$(KD_JAX_JAX_EXTRA=cuda12 bash "$REPO_ROOT/launch/worker_setup.sh" spec "$REPO_ROOT")"
+  read -r pyreq jaxreq <<<"$spec"
+  min="${pyreq#python>=}"
+  py="$(command -v "$PY" || true)"
+  [[ -n "$py" ]] || die "python interpreter '$PY' not found (--python)"
+  local fix="make an environment with Python >= $min and '$jaxreq' (or jax[cuda13]) and kd_jax, e.g. 'uv venv --seed --python 3.12 ~/kd_jax_venv && ~/kd_jax_venv/bin/python -m pip install \"$jaxreq\" -e $REPO_ROOT', then pass --python ~/kd_jax_venv/bin/python"
+  "$py" -c "import sys; sys.exit(0 if sys.version_info[:2] >= tuple(map(int, '$min'.split('.'))) else 1)" \
+    || die "interpreter $py is Python $("$py" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '?'); kd_jax needs Python >= $min: $fix"
+  info="$(env ${GPUS:+CUDA_VISIBLE_DEVICES="$GPUS"} XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 "$py" -c \
+    'import platform, jax; print(platform.python_version(), jax.__version__, jax.default_backend(), jax.local_device_count())' 2>/dev/null | tail -n 1)" \
+    || die "interpreter $py cannot import jax: $fix"
+  read -r pyver jaxver backend ndev <<<"$info"
+  [[ "$backend" == gpu ]] || die "interpreter $py has jax $jaxver on the ${backend:-?} only (CPU-only jax installed, or no GPU/driver visible): install '$jaxreq' or jax[cuda13] within setup.cfg's range, e.g. $py -m pip install \"$jaxreq\""
+  echo "gpu.sh: $py: Python $pyver, jax $jaxver, $ndev GPU(s)"
+}
+
 if [[ $DRY_RUN -eq 0 ]]; then
-  command -v "$PY" >/dev/null || die "python interpreter '$PY' not found (--python)"
+  check_python
   if command -v nvidia-smi >/dev/null; then
     echo "gpu.sh: GPUs on $(hostname): $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
   else

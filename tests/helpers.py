@@ -17,3 +17,22 @@ def config(name, arg=None, **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def max_distance(a, b) -> float:
+    """Largest absolute difference between two pytrees of arrays (compared in float64)."""
+    import jax
+    import numpy as np
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def record(what: str, distance: float) -> float:
+    """Appends `what: distance` to the JSON-lines file named by $KD_TEST_RECORD (if set), so
+    one suite run lists every invariance test's distance, correct and deliberately broken."""
+    path = os.environ.get("KD_TEST_RECORD")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"what": what, "distance": float(distance)}) + "\n")
+    return distance

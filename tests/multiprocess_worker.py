@@ -1,7 +1,7 @@
 """One process of tests/test_multiprocess.py: a KD run through the real engine entry point.
 
 Runs `kd_jax.train.train_and_evaluate` on configs/kd_mnist.py:smoke with a synthetic TFRecord
-pool as the transfer set. The parent sets the environment (fake CPU device count, and for the
+pool as the transfer set. The parent sets the environment (fake CPU device count, JAX_ENABLE_X64=1, and for the
 distributed runs KD_JAX_DISTRIBUTED / KD_JAX_COORDINATOR / KD_JAX_NUM_PROCESSES /
 KD_JAX_PROCESS_ID, exactly what launch/gpu.sh exports), so `parallel.maybe_initialize_distributed`
 is exercised as on a pod.
@@ -48,6 +48,7 @@ def make_config(args):
     c.num_steps = args.num_steps
     c.log_every = c.eval_every = c.checkpoint_every = args.num_steps
     c.async_checkpoints = False
+    c.dtype = "float64"  # compared with a 1-process run: float64 makes it decisive on any CPU
     return c
 
 

@@ -3,80 +3,134 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, config
+from helpers import ROOT, config, max_distance, record
 
 from kd_jax import config_utils, parallel, train
 from kd_jax.data import pipeline
 from kd_jax.methods import get_method
 
 
+class _PerDeviceBatchNorm(nn.Module):
+    """The bug a data-parallel engine must not have: BatchNorm statistics over each device's
+    block of the batch (pmap without `axis_name`) instead of the global batch."""
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: object = None
+    param_dtype: object = None
+    devices: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(c))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(c))
+        if self.use_running_average:
+            y = (x - ra_mean.value) / jnp.sqrt(ra_var.value + self.epsilon)
+        else:
+            g = x.reshape(self.devices, -1, *x.shape[1:])
+            axes = tuple(range(1, g.ndim - 1))
+            mean, var = g.mean(axes, keepdims=True), g.var(axes, keepdims=True)
+            y = ((g - mean) / jnp.sqrt(var + self.epsilon)).reshape(x.shape)
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(c)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(c)
+        return y * scale + bias
+
+
 def test_eight_devices_equal_one_device(monkeypatch):
-    """Three teacher steps of LeNet-5 (BatchNorm-free) and WRN-16-1 (BatchNorm): each step taken
-    on 8 devices from the 1-device run's state gives the next state (params, BatchNorm statistics,
-    optimizer state) of that step on 1 device for some order of the batch, to 1e-5.
+    """Three teacher steps of LeNet-5 (BatchNorm-free) and WRN-16-1 (BatchNorm), in float64: the
+    8-device trajectory (params, BatchNorm statistics, optimizer state) equals the 1-device one.
 
-    8 devices only regroup the batch's sums, and so does permuting the batch on 1 device. WRN-16-1
-    on noise is sensitive to that order in steps: its steps fall into 2-3 distinct results, 1e-4
-    to 1e-3 apart, that permutations on 1 device hit too (measured on jax 0.10 and 0.12). So
-    whole 8- vs 1-device trajectories drift apart by 1e-4 (by more on jax 0.12); a real sharding
-    error (per-device BatchNorm statistics, a dropped shard) moves a step by far more than 1e-5
-    from every order."""
-    # XLA's own convolution: this checks the engine's sharding. The CPU's chunked im2col /
-    # Winograd convolutions round differently (no worse: test_models checks them against float64
-    # and on a sharded batch).
-    monkeypatch.setenv("KD_JAX_CONV", "native")
+    8 devices only regroup the batch's sums, which moves a float64 step by ~1e-15 of its
+    scale; a real sharding error moves it by orders of magnitude more, which the test shows by
+    scaling one device's 4 images by 1.01 and with BatchNorm statistics per device. (In float32
+    the comparison was decided by rounding: WRN-16-1's steps on noise fall into order-dependent
+    modes 1e-4..1e-3 apart.)"""
     assert jax.device_count() == 8
-    orders = [np.arange(32)] + [np.random.default_rng(k).permutation(32) for k in range(1, 6)]
-    for model in ("lenet5", "wrn16_1"):
-        c = config("teacher_mnist.py", "smoke", **{"model.name": model, "batch_size": 32,
-                                                   "eval_batch_size": 32})
-        meshes = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices())
-        methods = [get_method("teacher")(c, "/tmp/unused", mesh) for mesh in meshes]
-        steps = []
-        for method, mesh in zip(methods, meshes):
-            method.build_optimizer(10)
-            steps.append(jax.jit(method.train_step, out_shardings=parallel.replicated(mesh)))
-        state = jax.jit(methods[0].init_state, out_shardings=parallel.replicated(meshes[0]))(
-            jax.random.PRNGKey(0))
-        rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        for model in ("lenet5", "wrn16_1"):
+            c = config("teacher_mnist.py", "smoke", **{"model.name": model, "batch_size": 32,
+                                                       "eval_batch_size": 32, "dtype": "float64"})
+            meshes = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices())
+            runs = []
+            for mesh in meshes:
+                method = get_method("teacher")(c, "/tmp/unused", mesh)
+                method.build_optimizer(10)
+                runs.append((jax.jit(method.train_step, out_shardings=parallel.replicated(mesh)),
+                             mesh))
+            init = jax.jit(method.init_state)(jax.random.PRNGKey(0))
+            assert jax.tree.leaves(init.params)[0].dtype == np.float64
 
-        def next_state(run, mesh, state, batch):
-            state = jax.device_put(state, parallel.replicated(mesh))
-            return jax.device_get(run(state, None, parallel.global_batch(batch, mesh),
-                                      jax.random.PRNGKey(1))[0])
+            def step(run, state, batch):
+                run, mesh = run
+                state = jax.device_put(state, parallel.replicated(mesh))
+                return jax.device_get(run(state, None, parallel.global_batch(batch, mesh),
+                                          jax.random.PRNGKey(1))[0])
 
-        def distance(a, b):
-            return max(float(np.max(np.abs(x - y))) for x, y in
-                       zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+            rng = np.random.default_rng(0)
+            one = eight = jax.device_get(init)
+            for i in range(3):
+                batch = {"image": rng.normal(size=(32, 32, 32, 1)),
+                         "label": rng.integers(0, 10, 32)}
+                broken = {**batch, "image": batch["image"].copy()}
+                broken["image"][4:8] *= 1.01  # the second device's shard
+                wrong = step(runs[1], eight, broken)
+                one, eight = step(runs[0], one, batch), step(runs[1], eight, batch)
+                same = record(f"8 vs 1 devices, {model} step {i + 1}", max_distance(one, eight))
+                off = record(f"8 vs 1 devices, {model} step {i + 1}, one shard x1.01 (broken)",
+                             max_distance(wrong, eight))
+                assert same < 1e-10, (model, i + 1, same)
+                assert off > 1e-6, (model, i + 1, off)
+        # WRN-16-1's first step again, with per-device BatchNorm statistics on 8 devices.
+        from kd_jax.models import wrn
+        monkeypatch.setattr(wrn, "batch_norm", lambda train, *, dtype, name: _PerDeviceBatchNorm(
+            use_running_average=not train, name=name))
+        method = get_method("teacher")(c, "/tmp/unused", meshes[1])
+        method.build_optimizer(10)
+        broken_run = (jax.jit(method.train_step, out_shardings=parallel.replicated(meshes[1])),
+                      meshes[1])
+        batch = {"image": np.random.default_rng(0).normal(size=(32, 32, 32, 1)),
+                 "label": np.random.default_rng(0).integers(0, 10, 32)}
+        first = step(runs[0], jax.device_get(init), batch)
+        off = record("8 vs 1 devices, wrn16_1 step 1, per-device BatchNorm statistics (broken)",
+                     max_distance(step(broken_run, jax.device_get(init), batch), first))
+        assert off > 1e-6, off
 
-        for i in range(3):
-            batch = {"image": rng.normal(size=(32, 32, 32, 1)).astype(np.float32),
-                     "label": rng.integers(0, 10, 32)}
-            ones = [next_state(steps[0], meshes[0], state, {k: v[o] for k, v in batch.items()})
-                    for o in orders]
-            eight = next_state(steps[1], meshes[1], state, batch)
-            spread = max(distance(ones[0], one) for one in ones)
-            nearest = min(distance(eight, one) for one in ones)
-            assert spread < 2e-3, (model, i + 1, spread)  # the orders' results stay close
-            assert nearest < 1e-5, (model, i + 1, nearest, spread)
-            state = ones[0]
 
-
-def test_killed_run_resumes_identically(tmp_path):
-    c = config("teacher_mnist.py", "smoke", num_steps=8, log_every=2, eval_every=8,
-               checkpoint_every=4, async_checkpoints=False)
-    full = train.train_and_evaluate(c, str(tmp_path / "full"))
-    stopped = train.train_and_evaluate(c, str(tmp_path / "resumed"), stop_after=3)
-    assert stopped == {"stopped_at": 3}
-    resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+def test_killed_run_resumes_identically(tmp_path, monkeypatch):
+    """A run stopped after 3 of 8 steps and resumed from its checkpoint ends where the
+    uninterrupted run ends, in float64 (the same program and data order: ~0 apart). A resume
+    that restarts the data stream at step 0 instead of step 3 ends far away."""
     from kd_jax import checkpoint
-    a = checkpoint.load_variables(str(tmp_path / "full"))
-    b = checkpoint.load_variables(str(tmp_path / "resumed"))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
-    assert resumed["final_accuracy"] == pytest.approx(full["final_accuracy"])
+    from kd_jax.methods.base import Method
+    c = config("teacher_mnist.py", "smoke", num_steps=8, log_every=2, eval_every=8,
+               checkpoint_every=4, async_checkpoints=False, dtype="float64")
+    with jax.enable_x64(True):
+        full = train.train_and_evaluate(c, str(tmp_path / "full"))
+        for name in ("resumed", "restarted_data"):
+            stopped = train.train_and_evaluate(c, str(tmp_path / name), stop_after=3)
+            assert stopped == {"stopped_at": 3}
+        resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+        original = Method.train_batches
+        monkeypatch.setattr(Method, "train_batches", lambda self, start: original(self, 0))
+        train.train_and_evaluate(c, str(tmp_path / "restarted_data"))
+        a, b, wrong = (checkpoint.load_variables(str(tmp_path / name))
+                       for name in ("full", "resumed", "restarted_data"))
+    assert jax.tree.leaves(a)[0].dtype == np.float64
+    same = record("resumed vs uninterrupted run", max_distance(a, b))
+    off = record("resumed vs uninterrupted run, data restarted at step 0 (broken)",
+                 max_distance(wrong, a))
+    assert same < 1e-10, same
+    assert off > 1e-6, off
+    assert resumed["final_accuracy"] == full["final_accuracy"]
 
 
 def test_non_finite_loss_stops_with_step_named(tmp_path):

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import max_distance, record
+
 from kd_jax import losses as L
 
 SEED = int(os.environ.get("KD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
@@ -413,9 +415,32 @@ def values(seed=None):
     return _CACHE[seed]
 
 
+def as64(tree):
+    """Floating arrays of `tree` as float64 (call inside `jax.enable_x64(True)`)."""
+    return jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
+        else jnp.asarray(a), tree)
+
+
+_CACHE64 = {}
+
+
+def values64():
+    """All loss values on make_inputs(SEED) cast to float64, computed in float64 (invariances
+    are checked here: reordering a float64 sum moves a value by ~1e-16, not ~1e-7)."""
+    if not _CACHE64:
+        x = make_inputs(SEED)
+        with jax.enable_x64(True):
+            _CACHE64.update({k: np.asarray(v) for k, v in compute_all(as64(x)).items()})
+    return _CACHE64
+
+
 def regen_golden():
+    """Golden outputs computed in float64 from the float32 inputs: no CPU's float32 rounding is
+    stored, so a float64 run must reproduce them to ~1e-12 anywhere."""
     inputs = make_inputs(20240601)
-    got = compute_all(inputs)
+    with jax.enable_x64(True):
+        got = compute_all(as64(inputs))
     out = {f"in/{k}": v for k, v in inputs.items()}
     out.update({f"out/{name}": np.asarray(got[name]) for name in golden_cases()})
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
@@ -429,15 +454,23 @@ def regen_golden():
 
 
 def test_golden_file_matches():
+    """The stored values (computed in float64): a float64 run reproduces them to ~1e-12 (any
+    change of a loss shows); the float32 run is within float32 accuracy (1e-5, ~100x its
+    rounding) of them."""
     data = np.load(GOLDEN)
     inputs = {k[3:]: data[k] for k in data.files if k.startswith("in/")}
     stored = {k[4:] for k in data.files if k.startswith("out/")}
     assert stored == set(golden_cases()), f"golden file out of date: {stored ^ set(golden_cases())}"
     got = compute_all(inputs)
+    with jax.enable_x64(True):
+        got64 = {k: np.asarray(v) for k, v in compute_all(as64(inputs)).items()}
     for name in golden_cases():
-        np.testing.assert_allclose(
-            np.asarray(got[name]), data[f"out/{name}"], rtol=1e-5, atol=1e-6, err_msg=name
-        )
+        want = data[f"out/{name}"]
+        assert want.dtype == np.float64 or want.dtype == bool, (name, want.dtype)
+        np.testing.assert_allclose(got64[name], want, rtol=1e-10, atol=1e-12, err_msg=name)
+        # float32 vs float64: measured <= 2.1e-6 relative (Sinkhorn at epsilon 0.05), else <= 7e-7
+        rtol = 1e-4 if name == "sinkhorn" else 1e-5
+        np.testing.assert_allclose(np.asarray(got[name]), want, rtol=rtol, atol=1e-6, err_msg=name)
 
 
 def test_kd_against_reference():
@@ -573,17 +606,19 @@ def test_ncd_against_reference():
 
 
 def test_zero_for_identical_inputs():
-    x, v = values()
+    v = values64()
     for name in ("zero_relkl", "zero_relkl_scaled", "zero_sc", "zero_rkd_d", "zero_sp", "zero_kd"):
-        assert abs(float(v[name])) < 1e-5, name
+        assert abs(float(v[name])) < 1e-12, (name, float(v[name]))
     assert float(v["smi"]) >= 0 and float(v["sc"]) >= 0
 
 
 def test_rkd_scale_invariance():
-    _, v = values()
+    v = values64()
     for kind in ("d", "a"):
         base = v["rkd_distance" if kind == "d" else "rkd_angle"]
-        close(v[f"scaled_rkd_{kind}"], np.full(len(SCALES), base), rtol=1e-4)
+        record(f"RKD-{kind} scale invariance (float64, relative)",
+               np.max(np.abs(v[f"scaled_rkd_{kind}"] / base - 1)))
+        close(v[f"scaled_rkd_{kind}"], np.full(len(SCALES), base), rtol=1e-10, atol=0)
 
 
 @jax.jit
@@ -705,25 +740,41 @@ def _base():
     return f32(x["fs"]), f32(x["ft"]), f32(x["zs"]), f32(x["zt"])
 
 
+def _base64():
+    """_base()'s arrays as float64 (call inside `jax.enable_x64(True)`)."""
+    return tuple(as64(a) for a in _base())
+
+
+TIGHT = {"rtol": 1e-11, "atol": 1e-13}  # float64: reordering sums moves values by ~1e-16
+
+
 PAD = np.array([2, 7])  # weight-0 garbage rows: one inside the batch, one appended at the end
 KEEP = np.setdiff1d(np.arange(8), PAD)
 
 
 def test_zero_weight_rows_change_nothing():
-    """Rows with weight 0 (garbage, in the middle: anchors and partners) change nothing: the
-    value equals the float64 reference on the kept rows, and they receive zero gradient."""
-    s, t, zs, zt = _base()
+    """Rows with weight 0 (garbage, in the middle: anchors and partners) change nothing, in
+    float64: the value equals the float64 reference on the kept rows, and they receive zero
+    gradient. The same garbage rows at weight 1 change every batch loss."""
     r = rng(6)
-    garbage = lambda a: a.at[PAD].set(f32(r.normal(size=(2,) + a.shape[1:]) * 10))
-    w = jnp.ones(8).at[PAD].set(0.0)
-    got = {
-        k: np.asarray(v) for k, v in VG(garbage(s), garbage(t), garbage(zs), garbage(zt), w).items()
-    }
+    with jax.enable_x64(True):
+        s, t, zs, zt = _base64()
+        garbage = lambda a: a.at[PAD].set(jnp.asarray(r.normal(size=(2,) + a.shape[1:]) * 10))
+        w = jnp.ones(8).at[PAD].set(0.0)
+        inputs = [garbage(a) for a in (s, t, zs, zt)]
+        got = {k: np.asarray(v) for k, v in VG(*inputs, w).items()}
+        counted = {k: np.asarray(v) for k, v in VG(*inputs, jnp.ones(8)).items()}
     np_in = [np.asarray(a)[KEEP] for a in (s, t, zs, zt)]
+    worst = 0.0
     for name, ref in REF.items():
-        tol = 1e-4 if name == "rkd_angle_gram" else RTOL
         want = ref(*np_in)
-        close(got[name][KEEP] if name == "sinkhorn_w" else got[name], want, rtol=tol, name=name)
+        value = got[name][KEEP] if name == "sinkhorn_w" else got[name]
+        close(value, want, name=name, **TIGHT)
+        worst = max(worst, float(np.max(np.abs(value - want) / np.maximum(np.abs(want), 1e-3))))
+    record("weight-0 rows vs float64 reference on the kept rows (relative)", worst)
+    off = min(abs(float(counted[n]) / float(got[n]) - 1) for n in RELATIONAL if n != "feature")
+    record("weight-0 rows given weight 1 (broken), smallest relative change", off)
+    assert off > 1e-9, off
     assert (got["sinkhorn_w"][PAD] == 0).all()
     for key, g in got.items():
         if key.startswith(("gs/", "gt/", "gz/")) and key not in ("gz/lnr_t", "gs/cos0"):
@@ -731,45 +782,58 @@ def test_zero_weight_rows_change_nothing():
 
 
 def test_permutation_invariance():
-    s, t, zs, zt = _base()
+    """Permuting the batch permutes per-row outputs and gradients and leaves batch losses
+    unchanged, in float64; permuting only the student's rows (broken pairing) changes them."""
     perm = rng(5).permutation(8)
-    w = jnp.ones(8)
-    got, want = VG(s[perm], t[perm], zs[perm], zt[perm], w), VG(s, t, zs, zt, w)
+    with jax.enable_x64(True):
+        s, t, zs, zt = _base64()
+        w = jnp.ones(8)
+        got, want = VG(s[perm], t[perm], zs[perm], zt[perm], w), VG(s, t, zs, zt, w)
+        unpaired = VG(s[perm], t, zs[perm], zt, w)
+    worst = 0.0
     for key in want:
         if key in ("lnr_t", "gz/lnr_t", "cos0", "gs/cos0"):
             continue
         equivariant = key.startswith(("gs/", "gt/", "gz/")) or key.startswith("sinkhorn")
-        close(got[key], want[key][perm] if equivariant else want[key], name=key)
+        expected = want[key][perm] if equivariant else want[key]
+        close(got[key], expected, name=key, **TIGHT)
+        worst = max(worst, max_distance(got[key], expected))
+    record("batch permutation, every loss value and gradient", worst)
+    off = min(abs(float(unpaired[n]) - float(want[n])) for n in RELATIONAL)
+    record("student rows permuted alone (broken pairing), smallest change", off)
+    assert off > 1e-9, off
 
 
 def test_jit_equals_eager_and_vmap():
+    """Eager (op by op) equals jit, and vmap over a leading axis equals separate calls, in
+    float64; adding 1e-7 to one input moves the values by over 100x the tolerance."""
     data = np.load(GOLDEN)
-    inputs = {k[3:]: data[k] for k in data.files if k.startswith("in/")}
-    jitted = compute_all(inputs)
-    # eager, op by op: one case per public function (the rest share their code paths)
-    for name in (
-        "kd_mask_k3",
-        "lnr_loss",
-        "feat_cosine",
-        "rkd_distance",
-        "rkd_angle",
-        "sp",
-        "pkt",
-        "relation_kl",
-        "info_nce",
-        "supcon",
-        "swapped",
-        "smi",
-        "sc",
-    ):
-        close(golden_cases()[name](inputs), jitted[name], name=name)
-    # vmap over a leading axis (e.g. heads / groups)
-    s, t, zs, zt = _base()
-    got = jax.jit(jax.vmap(lambda a, b, c, d: (L.relation_kl_loss(a, b, 0.5), L.kd_loss(c, d))))(
-        jnp.stack([s, 2 * s]), jnp.stack([t, t]), jnp.stack([zs, zt]), jnp.stack([zt, zs])
-    )
-    close(got[0], [L.relation_kl_loss(s, t, 0.5), L.relation_kl_loss(2 * s, t, 0.5)])
-    close(got[1], [L.kd_loss(zs, zt), L.kd_loss(zt, zs)])
+    with jax.enable_x64(True):
+        inputs = as64({k[3:]: data[k] for k in data.files if k.startswith("in/")})
+        jitted = {k: np.asarray(v) for k, v in compute_all(inputs).items()}
+        nudged = {k: np.asarray(v) for k, v in
+                  compute_all({**inputs, "fs": inputs["fs"].at[0, 0].add(1e-7)}).items()}
+        worst = 0.0
+        # eager, op by op: one case per public function (the rest share their code paths)
+        names = ("kd_mask_k3", "lnr_loss", "feat_cosine", "rkd_distance", "rkd_angle", "sp",
+                 "pkt", "relation_kl", "info_nce", "supcon", "swapped", "smi", "sc")
+        for name in names:
+            eager = np.asarray(golden_cases()[name](inputs))
+            close(eager, jitted[name], name=name, **TIGHT)
+            worst = max(worst, float(np.max(np.abs(eager - jitted[name]) /
+                                            np.abs(jitted[name]))))
+        record("eager vs jit, 13 losses (relative)", worst)
+        moved = [float(np.max(np.abs(nudged[n] - jitted[n]) / np.abs(jitted[n]))) for n in
+                 ("rkd_distance", "rkd_angle", "sp", "relation_kl")]
+        record("one input + 1e-7 (broken), smallest relative change", min(moved))
+        assert min(moved) > 100 * TIGHT["rtol"], moved
+        # vmap over a leading axis (e.g. heads / groups)
+        s, t, zs, zt = _base64()
+        got = jax.jit(jax.vmap(lambda a, b, c, d: (L.relation_kl_loss(a, b, 0.5),
+                                                   L.kd_loss(c, d))))(
+            jnp.stack([s, 2 * s]), jnp.stack([t, t]), jnp.stack([zs, zt]), jnp.stack([zt, zs]))
+        close(got[0], [L.relation_kl_loss(s, t, 0.5), L.relation_kl_loss(2 * s, t, 0.5)], **TIGHT)
+        close(got[1], [L.kd_loss(zs, zt), L.kd_loss(zt, zs)], **TIGHT)
 
 
 def _mesh():
@@ -779,16 +843,23 @@ def _mesh():
 
 
 def test_sharded_equals_single_device():
-    """The batch sharded over 8 devices (global-view jit) gives the 1-device values."""
+    """The batch sharded over 8 devices (global-view jit) gives the 1-device values, in
+    float64; one device's row moved by 0.1 does not."""
     shard = NamedSharding(_mesh(), P("data"))
-    s, t, zs, zt = _base()
-    w = jnp.ones(8).at[PAD].set(0.0)
-    args = (s, t, zs, zt, w)
-    want = VG(*args)  # single device (the same compiled program as the other tests)
-    sharded = [jax.device_put(a, shard) for a in args]
-    assert all(len(a.addressable_shards) == 8 for a in sharded)
-    got = _BATCH_GLOBAL(*sharded)
-    close_dicts(got, want, keys=list(got), rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        s, t, zs, zt = _base64()
+        w = jnp.ones(8).at[PAD].set(0.0)
+        args = (s, t, zs, zt, w)
+        want = _BATCH_GLOBAL(*args)  # single device
+        sharded = [jax.device_put(a, shard) for a in args]
+        assert all(len(a.addressable_shards) == 8 for a in sharded)
+        got = _BATCH_GLOBAL(*sharded)
+        broken = _BATCH_GLOBAL(jax.device_put(s.at[3].add(0.1), shard), *sharded[1:])
+    close_dicts(got, want, keys=list(got), **TIGHT)
+    record("loss values, batch sharded over 8 devices vs 1", max_distance(got, want))
+    off = min(abs(float(broken[n]) - float(want[n])) for n in RELATIONAL if n != "feature")
+    record("loss values, one device's row + 0.1 (broken), smallest change", off)
+    assert off > 1e-9, off  # 1e8 x the float64 distance: data-dependent, never near it
 
 
 def _degenerate_feature_sets():

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import max_distance, record
 
 from kd_jax.models import create_model, list_models, model_input_shape
 from kd_jax.models.layers import conv2d
@@ -236,17 +237,26 @@ def test_init_matches_pytorch_default_ranges():
                 assert np.abs(w).max() > 0.5 * bound, (layer, leaf)
 
 
+def _as64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_half"])
 def test_lenet_forward_and_jit_equals_eager(name):
+    """Jit equals eager, in float64 (a float64 model: compute dtype and variables)."""
     model = create_model(name, 10)
     variables, x = _init(model, (32, 32, 1))
     logits, feats = model.apply(variables, x)
     assert logits.shape == (4, 10) and np.all(np.isfinite(np.asarray(logits)))
     assert feats["pre_logits"].shape == (4, 84 if name == "lenet5" else 42)
-    jitted, jfeats = jax.jit(model.apply)(variables, x)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(logits), rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        model64, variables, x = create_model(name, 10, dtype=jnp.float64), *_as64((variables, x))
+        logits, feats = model64.apply(variables, x)
+        jitted, jfeats = jax.jit(model64.apply)(variables, x)
+    assert jitted.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(logits), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.asarray(jfeats["stage2"]), np.asarray(feats["stage2"]),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="32x32"):
         model.apply(variables, jnp.zeros((1, 28, 28, 1)))
 
@@ -341,81 +351,94 @@ def test_small_vit_forward():
 def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto,
                                                     monkeypatch):
     """The chunked im2col and Winograd convolutions (XLA:CPU speed-ups) are the same convolution:
-    forward and input/kernel gradients equal XLA's own up to float32 rounding, jitted and eager,
-    with each method forced and with the automatic per-layer choice (which takes `auto`)."""
+    in float64, forward and input/kernel gradients equal XLA's own to ~1e-15 of their scale,
+    jitted and eager, with each method forced and with the automatic per-layer choice (which
+    takes `auto`). Their float32 accuracy is checked against float64 references below."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    # outputs of order 1, as with a trained net's init: sin(y) of |y| ~ 25 would turn each
-    # method's forward rounding into gradient differences (one of 41,472 was over on jax 0.12)
-    w = jnp.asarray(rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3])), jnp.float32)
-    probe = jnp.asarray(rng.normal(size=(1,)), jnp.float32)
-    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float64)
+        w = jnp.asarray(rng.normal(size=kernel) / np.sqrt(np.prod(kernel[:3])), jnp.float64)
+        probe = jnp.asarray(rng.normal(size=(1,)), jnp.float64)
+        dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
 
-    def loss(x, w):  # a non-trivial output gradient
-        y = layers.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=dn)
-        return jnp.sum(jnp.sin(y) * probe), y
+        def loss(x, w):  # a non-trivial output gradient
+            y = layers.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=dn)
+            return jnp.sum(jnp.sin(y) * probe), y
 
-    fits = layers.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
-    results = {}
-    for mode in ("native", "im2col", "winograd", "auto"):
-        monkeypatch.setenv("KD_JAX_CONV", mode)
-        method = layers.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2)
-        assert method == {"native": "native", "im2col": "im2col", "auto": auto,
-                          "winograd": "winograd" if fits else "im2col"}[mode]
-        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-        (gx, gw), y = grad(x, w)
-        (jx, jw), _ = jax.jit(grad)(x, w)
-        # the chunked loop is in the program exactly when a chunked convolution is taken
-        assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
-        for got, want in ((jx, gx), (jw, gw)):  # jit fuses differently: rounding-level only
-            atol = max(1e-5, 1e-6 * float(jnp.max(jnp.abs(want))))
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
-        results[mode] = (y, gx, gw)
+        fits = layers.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
+        results = {}
+        for mode in ("native", "im2col", "winograd", "auto"):
+            monkeypatch.setenv("KD_JAX_CONV", mode)
+            method = layers.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2)
+            assert method == layers.conv_method(shape, kernel, (stride, stride),
+                                                ((pad, pad),) * 2, jnp.float64)
+            assert method == {"native": "native", "im2col": "im2col", "auto": auto,
+                              "winograd": "winograd" if fits else "im2col"}[mode]
+            grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+            (gx, gw), y = grad(x, w)
+            (jx, jw), _ = jax.jit(grad)(x, w)
+            # the chunked loop is in the program exactly when a chunked convolution is taken
+            assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
+            for got, want in ((jx, gx), (jw, gw)):  # jit vs eager
+                assert got.dtype == jnp.float64
+                scale = float(jnp.max(jnp.abs(want)))
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * scale)
+            results[mode] = (y, gx, gw)
     for mode in ("im2col", "winograd", "auto"):
-        for a, b in zip(results["native"], results[mode]):  # float32 rounding of sums of ~300
-            scale = float(jnp.max(jnp.abs(a)))             # terms: relative to the output scale
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=max(1e-4, 1e-5 * scale))
+        for a, b in zip(results["native"], results[mode]):
+            scale = float(jnp.max(jnp.abs(a)))
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13 * scale)
     assert float(jnp.max(jnp.abs(results["im2col"][2]))) > 1e-2  # the test has teeth
 
 
 def test_chunked_convolutions_on_a_sharded_batch(monkeypatch):
     """With the batch sharded over the 8 test devices (chunks cut per device block, the weight
-    gradient summed across blocks) the im2col and Winograd convolutions and their gradients
-    equal XLA's."""
+    gradient summed across blocks) the im2col and Winograd convolutions' gradients equal XLA's
+    on one device, in float64; one device's block scaled by 1.01 does not."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from kd_jax.models import layers
     assert jax.device_count() == 8
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(32, 6, 6, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)), jnp.float32)
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(32, 6, 6, 16)), jnp.float64)
+        w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) / 12.0, jnp.float64)
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
 
-    def grads():  # a new function per mode: the mode is read while tracing
-        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(layers.conv_general_dilated(
-            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))), (0, 1)))
+        def grads():  # a new function per mode: the mode is read while tracing
+            return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(layers.conv_general_dilated(
+                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))), (0, 1)))
 
-    monkeypatch.setenv("KD_JAX_CONV", "native")
-    want = grads()(x, w)
-    assert layers._chunking(32, (6, 6), 144, 4)[0] == 8  # one block per device
-    for mode in ("im2col", "winograd"):
-        monkeypatch.setenv("KD_JAX_CONV", mode)
-        assert layers.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1))) == mode
-        chunked = grads()
-        assert "while" in str(chunked.lower(xs, w).as_text())  # the chunked loop is what runs
-        got = chunked(xs, w)
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-        assert got[0].sharding.spec == P("data")
+        monkeypatch.setenv("KD_JAX_CONV", "native")
+        want = grads()(x, w)
+        assert layers._chunking(32, (6, 6), 144, 8)[0] == 8  # one block per device
+        for mode in ("im2col", "winograd"):
+            monkeypatch.setenv("KD_JAX_CONV", mode)
+            assert layers.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
+                                      jnp.float64) == mode
+            chunked = grads()
+            assert "while" in str(chunked.lower(xs, w).as_text())  # the chunked loop runs
+            got = chunked(xs, w)
+            broken = chunked(jax.device_put(x.at[4:8].multiply(1.01), xs.sharding), w)
+            scale = max(float(jnp.max(jnp.abs(g))) for g in want)
+            same = record(f"{mode} convolution gradients, batch on 8 devices vs XLA on 1 "
+                          f"(relative)", max_distance(got, want) / scale)
+            off = record(f"{mode} convolution gradients, one block x1.01 (broken, relative)",
+                         max_distance(broken[1], want[1]) / scale)
+            assert same < 1e-12, (mode, same)
+            assert off > 1e-6, (mode, off)
+            assert got[0].sharding.spec == P("data")
 
 
 def test_im2col_weight_gradient_against_float64(monkeypatch):
     """The weight gradient is a reduction over B*H*W = 32,768 rows: against a float64 NumPy
-    reference the chunked im2col one is at least as accurate as XLA's own."""
+    reference the chunked im2col one is within 2x XLA's own float32 error (or 1e-6 of the
+    gradient's scale, whichever is larger: ~8 float32 ulps, for a CPU where XLA's is tiny) and
+    below 1e-5 of the scale (measured: ~1e-7 for both)."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 32, 32, 1)).astype(np.float32)
@@ -430,15 +453,20 @@ def test_im2col_weight_gradient_against_float64(monkeypatch):
         monkeypatch.setenv("KD_JAX_CONV", mode)
         dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(
             jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) * g)))(w)
-        err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)))
-    assert err["im2col"] <= max(err["native"], 1e-6 * np.abs(want).max()), err
+        err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.abs(want).max())
+    record("im2col weight gradient, float32 error / XLA's", err["im2col"] / err["native"])
+    assert err["native"] < 1e-5, err  # the reference is right
+    assert err["im2col"] <= max(2 * err["native"], 1e-6), err
+    assert err["im2col"] < 1e-5, err
 
 
 def test_winograd_convolution_against_float64(monkeypatch):
     """Forward, input and weight gradient of the Winograd convolution against a float64 NumPy
-    reference: at least as accurate as XLA's own float32 convolution (the transforms add up to
-    16 terms, but the matmuls are 9x shorter and the weight gradient is summed per chunk).
-    Measured: 3.1e-7 / 2.5e-7 / 4.6e-7 of the output scale vs XLA's 6.7e-7 / 7.7e-7 / 1.7e-6."""
+    reference: within 2x XLA's own float32 error (or 1e-6 of the output scale, whichever is
+    larger) and below 1e-5 of the scale. The transforms add up to 16 terms, but the matmuls
+    are 9x shorter and the weight gradient is summed per chunk. Measured (of the output
+    scale): 3.1e-7 / 2.5e-7 / 4.6e-7 vs XLA's 6.7e-7 / 7.7e-7 / 1.7e-6 on one CPU, and a dW
+    of 4.57e-7 vs XLA's 4.53e-7 on another (where "<= XLA's" failed)."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 16, 16, 32)).astype(np.float32)
@@ -464,8 +492,10 @@ def test_winograd_convolution_against_float64(monkeypatch):
         err[mode] = [float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.abs(want).max())
                      for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw))]
     for name, native, winograd in zip(("forward", "dx", "dW"), err["native"], err["winograd"]):
+        record(f"Winograd {name}, float32 error / XLA's", winograd / native)
         assert native < 1e-5, (name, err)  # the reference is right
-        assert winograd <= native, (name, err)
+        assert winograd <= max(2 * native, 1e-6), (name, err)
+        assert winograd < 1e-5, (name, err)
 
 
 def test_chunked_convolutions_in_float64(monkeypatch):
@@ -499,16 +529,18 @@ def test_winograd_transforms_are_transposes():
     ones (overlapping input tiles added back in place; output tiles spread to 4x4)."""
     from kd_jax.models import layers
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float32)
-    v = layers._winograd_tiles(x)
-    assert v.shape == (16, 2 * 3 * 4, 3)
-    dv = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
-    (want,) = jax.linear_transpose(layers._winograd_tiles, x)(dv)
-    np.testing.assert_allclose(layers._winograd_tiles_transpose(dv, x.shape), want, atol=1e-5)
-    g = jnp.asarray(rng.normal(size=(2, 6, 8, 5)), jnp.float32)
-    out = functools.partial(layers._winograd_output, shape=g.shape)
-    (want,) = jax.linear_transpose(out, jnp.zeros((16, 2 * 3 * 4, 5)))(g)
-    np.testing.assert_allclose(layers._winograd_grad_tiles(g), want, atol=1e-5)
+    with jax.enable_x64(True):  # exact linear maps: float64 leaves only ~1e-16
+        x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float64)
+        v = layers._winograd_tiles(x)
+        assert v.shape == (16, 2 * 3 * 4, 3)
+        dv = jnp.asarray(rng.normal(size=v.shape), jnp.float64)
+        (want,) = jax.linear_transpose(layers._winograd_tiles, x)(dv)
+        np.testing.assert_allclose(layers._winograd_tiles_transpose(dv, x.shape), want,
+                                   atol=1e-13)
+        g = jnp.asarray(rng.normal(size=(2, 6, 8, 5)), jnp.float64)
+        out = functools.partial(layers._winograd_output, shape=g.shape)
+        (want,) = jax.linear_transpose(out, jnp.zeros((16, 2 * 3 * 4, 5)))(g)
+        np.testing.assert_allclose(layers._winograd_grad_tiles(g), want, atol=1e-13)
 
 
 def test_conv_method_rule_on_resnet_layers(monkeypatch):

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import max_distance, record
+
 from kd_jax import checkpoint, parallel, train
 from kd_jax.data import shards
 from kd_jax.methods import get_method
@@ -85,19 +87,23 @@ def _worker_cmd(workdir, teacher, pattern, out):
             f"--batch_size={BATCH}"]
 
 
-def _replay(config, workdir, records):
-    """The 1-process × 8-device run (this process), on the recorded global batches: process
-    0's local batch then process 1's, the row order of the global array."""
+def _replay(config, workdir, records, scale_second=1.0):
+    """The 1-process × 8-device run (this process, float64), on the recorded global batches:
+    process 0's local batch then process 1's, the row order of the global array.
+    `scale_second` != 1 scales process 1's images: a deliberately broken replay."""
     def train_batches(self, start_step):
         for t in range(start_step, records[0]["batch_ids"].shape[0]):
-            yield {k: np.concatenate([r[f"batch_{k}s"][t] for r in records])
-                   for k in ("image", "label", "id")}
+            batch = {k: np.concatenate([r[f"batch_{k}s"][t] for r in records])
+                     for k in ("image", "label", "id")}
+            batch["image"][len(records[0]["batch_ids"][t]):] *= scale_second
+            yield batch
         raise RuntimeError("the loop asked for more steps than were recorded")
 
     original = KD.train_batches
     KD.train_batches = train_batches
     try:
-        train.train_and_evaluate(config, workdir)
+        with jax.enable_x64(True):
+            train.train_and_evaluate(config, workdir)
     finally:
         KD.train_batches = original
 
@@ -126,11 +132,12 @@ def runs(tmp_path_factory):
     port = _free_port()
     _run_all(
         [_worker_cmd(str(tmp / "run2"), teacher, pattern, paths[i]) for i in range(2)],
-        [_env(4, KD_JAX_DISTRIBUTED=1, KD_JAX_COORDINATOR=f"127.0.0.1:{port}",
+        [_env(4, JAX_ENABLE_X64=1, KD_JAX_DISTRIBUTED=1, KD_JAX_COORDINATOR=f"127.0.0.1:{port}",
               KD_JAX_NUM_PROCESSES=2, KD_JAX_PROCESS_ID=i) for i in range(2)],
         [str(tmp / f"record{i}.log") for i in range(2)])
     records = [dict(np.load(p)) for p in paths]
     _replay(c, str(tmp / "run1"), records)
+    _replay(c, str(tmp / "run1_broken"), records, scale_second=1.01)
     return {"tmp": tmp, "pattern": pattern, "c": c, "records": records}
 
 
@@ -153,30 +160,37 @@ def test_processes_read_disjoint_shares_covering_the_pool(runs):
 
 
 def test_two_process_checkpoint_restores_and_equals_one_process_run(runs):
+    """Both runs in float64: the 2-process parameters, BatchNorm statistics and optimizer state
+    equal the 1-process run's up to reduction order (~1e-16); the replay with process 1's
+    images scaled by 1.01 is far from both."""
     assert jax.process_count() == 1 and jax.device_count() == 8
     c = runs["c"]
     mesh = parallel.make_mesh()
-    method = get_method(c.method)(c, str(runs["tmp"] / "unused"), mesh)
-    method.build_optimizer(c.num_steps)
-    init_rng, _ = jax.random.split(jax.random.PRNGKey(c.seed))  # as train.py: the true init
-    template = jax.jit(method.init_state, out_shardings=parallel.replicated(mesh))(init_rng)
-    init = jax.device_get(template)
+    with jax.enable_x64(True):
+        method = get_method(c.method)(c, str(runs["tmp"] / "unused"), mesh)
+        method.build_optimizer(c.num_steps)
+        init_rng, _ = jax.random.split(jax.random.PRNGKey(c.seed))  # as train.py: the true init
+        template = jax.jit(method.init_state, out_shardings=parallel.replicated(mesh))(init_rng)
+        init = jax.device_get(template)
 
-    def restore(workdir):  # a checkpoint restored in this single process (8 devices)
-        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-        try:
-            assert ckpt.latest_step() == NUM_STEPS
-            return jax.device_get(ckpt.restore(template))
-        finally:
-            ckpt.close()
+        def restore(workdir):  # a checkpoint restored in this single process (8 devices)
+            ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+            try:
+                assert ckpt.latest_step() == NUM_STEPS
+                return jax.device_get(ckpt.restore(template))
+            finally:
+                ckpt.close()
 
-    two, one = restore(str(runs["tmp"] / "run2")), restore(str(runs["tmp"] / "run1"))
+        two, one, broken = (restore(str(runs["tmp"] / name))
+                            for name in ("run2", "run1", "run1_broken"))
     assert int(two.step) == int(one.step) == NUM_STEPS
+    assert jax.tree.leaves(two.params)[0].dtype == np.float64
     # Training moved the parameters (else the equality below would be vacuous) ...
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                                         two.params, init.params))
-    assert max(moved) > 1e-4
+    assert max_distance(two.params, init.params) > 1e-4
     # ... and both runs moved them identically, up to float reduction order.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-                 (two.params, two.batch_stats, two.opt_state),
-                 (one.params, one.batch_stats, one.opt_state))
+    fields = lambda s: (s.params, s.batch_stats, s.opt_state)  # noqa: E731
+    same = record("2 processes vs 1 process", max_distance(fields(two), fields(one)))
+    off = record("2 processes vs 1 process, process 1's images x1.01 (broken)",
+                 max_distance(fields(two), fields(broken)))
+    assert same < 1e-10, same
+    assert off > 1e-6, off

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import config
+from helpers import config, max_distance, record
 
 from kd_jax import losses, metrics, parallel, train
 from kd_jax.methods import get_method, sckd
@@ -42,21 +42,24 @@ def test_class_split_rules():
 # ----- λ = 0 is UNO; SCKD term invariants -----------------------------------------------------
 
 def _loss_and_grads(method_name, step=5, **overrides):
+    """Loss, gradients and metrics of one float64 SCKD/UNO step on noise (half unlabeled)."""
     c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False, "batch_size": 16,
-                                             **overrides})
+                                             "dtype": "float64", **overrides})
     c.method = method_name
     mesh = parallel.make_mesh(jax.devices()[:1])
-    m = get_method(method_name)(c, "/tmp/unused", mesh)
-    m.build_optimizer(10)
-    state = m.init_state(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, 16)
-    labels[8:] = -1  # half unlabeled
-    batch = {"image": jnp.asarray(rng.normal(size=(16, 32, 32, 1)), jnp.float32),
-             "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1)), jnp.float32),
-             "label": jnp.asarray(labels), "step": jnp.asarray(step)}
-    (loss, (_, mets)), grads = jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
-        state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None)
+    with jax.enable_x64(True):
+        m = get_method(method_name)(c, "/tmp/unused", mesh)
+        m.build_optimizer(10)
+        state = m.init_state(jax.random.PRNGKey(0))
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 5, 16)
+        labels[8:] = -1  # half unlabeled
+        batch = {"image": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+                 "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+                 "label": jnp.asarray(labels), "step": jnp.asarray(step)}
+        (loss, (_, mets)), grads = jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
+            state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None)
+    assert jax.tree.leaves(grads)[0].dtype == np.float64
     return float(loss), jax.device_get(grads), jax.device_get(mets)
 
 
@@ -67,26 +70,30 @@ def test_sckd_with_zero_weights_equals_uno():
     assert loss == uno_loss
     jax.tree.map(np.testing.assert_array_equal, uno_grads, grads)
     # At ramp weight 0 (step 0) the terms are computed but contribute nothing: equal up to
-    # float summation order.
+    # float64 summation order.
     loss, grads, mets = _loss_and_grads("sckd", step=0, **{"sckd.lambda_smi": 1.0,
                                                            "sckd.lambda_sc": 1.0})
     assert float(mets["smi"]) > 0 and float(mets["sc"]) > 0 and float(mets["ramp"]) == 0
-    assert loss == pytest.approx(uno_loss, rel=1e-6)
+    assert loss == pytest.approx(uno_loss, rel=1e-12)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(uno_grads))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale),
-                 uno_grads, grads)
+    same = record("SCKD at ramp weight 0 vs UNO, gradients (relative to their scale)",
+                  max_distance(uno_grads, grads) / scale)
+    assert same < 1e-12, same
     on_loss, _, _ = _loss_and_grads("sckd", **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0})
     assert on_loss > uno_loss + 1e-3
 
 
 def _sckd_terms(outs, labels, **overrides):
-    """(L_SMI, L_SC) of SCKD.extra_loss on given head outputs, λ = 1, past the ramp."""
+    """(L_SMI, L_SC) of SCKD.extra_loss on given head outputs, λ = 1, past the ramp, float64."""
     c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False,
                                              "sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0,
-                                             **overrides})
-    m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
-    _, mets = m.extra_loss(outs, 100, labels)
-    return np.asarray([float(mets["smi"]), float(mets["sc"])])
+                                             "dtype": "float64", **overrides})
+    with jax.enable_x64(True):
+        m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
+        outs = [{k: jnp.asarray(v, jnp.float64) for k, v in o.items()} for o in outs]
+        _, mets = m.extra_loss(outs, 100, labels)
+        assert mets["sc"].dtype == jnp.float64
+        return np.asarray([float(mets["smi"]), float(mets["sc"])])
 
 
 def _rows(outs, keep):
@@ -105,13 +112,13 @@ def test_sckd_row_restrictions_equal_the_terms_on_those_rows():
     both = {"sckd.direction": "both"}
     np.testing.assert_allclose(
         _sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
-        _sckd_terms(_rows(outs, unl), labels[unl], **both), rtol=1e-5)
+        _sckd_terms(_rows(outs, unl), labels[unl], **both), rtol=1e-12)
     assert not np.allclose(_sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
                            _sckd_terms(outs, labels, **both))
     k2n = _sckd_terms(_rows(outs, lab), labels[lab], **{"sckd.direction": "known_to_novel"})
     n2k = _sckd_terms(_rows(outs, unl), labels[unl], **{"sckd.direction": "novel_to_known"})
     reliable = _sckd_terms(outs, labels, **{"sckd.direction": "reliable"})
-    np.testing.assert_allclose(reliable[1], k2n[1] + n2k[1], rtol=1e-5)
+    np.testing.assert_allclose(reliable[1], k2n[1] + n2k[1], rtol=1e-12)
     # One labeled row (no partner to relate to) or none: finite, that side contributes 0.
     for one in (labels.at[2:].set(-1), jnp.full((b,), -1)):
         v = _sckd_terms(outs, one, **{"sckd.direction": "reliable"})
@@ -119,33 +126,38 @@ def test_sckd_row_restrictions_equal_the_terms_on_those_rows():
 
 
 def test_smi_and_sc_invariants():
-    rng = np.random.default_rng(0)
-    for b in (2, 3, 17):
-        rk = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, 5)) * 3), -1)
-        rn = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, 7)) * 3), -1)
-        perm = rng.permutation(b)
-        for fn in (losses.spatial_mutual_information, losses.self_cooperation_loss):
-            v = float(fn(rk, rn))
-            assert np.isfinite(v) and v >= -1e-6, (fn.__name__, b, v)
-            assert float(fn(rk[perm], rn[perm])) == pytest.approx(v, rel=1e-5, abs=1e-6)
-        # Equal relation matrices (here: the same vectors in both spaces) -> L_SC = 0.
-        assert float(losses.self_cooperation_loss(rk, rk)) == pytest.approx(0.0, abs=1e-6)
-        assert float(losses.self_cooperation_loss(rk, rk, direction="known_to_novel")) == \
-            pytest.approx(0.0, abs=1e-6)
-        # The two one-way terms are mirror images and add up to `both`.
-        k2n = float(losses.self_cooperation_loss(rk, rn, direction="known_to_novel"))
-        n2k = float(losses.self_cooperation_loss(rk, rn, direction="novel_to_known"))
-        assert n2k == pytest.approx(
-            float(losses.self_cooperation_loss(rn, rk, direction="known_to_novel")), rel=1e-6)
-        assert float(losses.self_cooperation_loss(rk, rn)) == pytest.approx(k2n + n2k, rel=1e-6)
-    # Identical rows (a degenerate batch) stay finite, with finite gradients.
-    same = jnp.ones((4, 5)) / 5
-    g = jax.grad(lambda x: losses.spatial_mutual_information(x, x) +
-                 losses.self_cooperation_loss(x, x))(same)
-    assert np.all(np.isfinite(np.asarray(g)))
+    """Permutation, zero at equality and the two directions of L_SC, in float64 (reordering
+    moves these values by ~1e-16)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        for b in (2, 3, 17):
+            rk = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, 5)) * 3), -1)
+            rn = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, 7)) * 3), -1)
+            perm = rng.permutation(b)
+            for fn in (losses.spatial_mutual_information, losses.self_cooperation_loss):
+                v = float(fn(rk, rn))
+                assert np.isfinite(v) and v >= -1e-12, (fn.__name__, b, v)
+                assert float(fn(rk[perm], rn[perm])) == pytest.approx(v, rel=1e-12, abs=1e-14)
+            # Equal relation matrices (here: the same vectors in both spaces) -> L_SC = 0.
+            assert float(losses.self_cooperation_loss(rk, rk)) == pytest.approx(0.0, abs=1e-12)
+            assert float(losses.self_cooperation_loss(rk, rk, direction="known_to_novel")) == \
+                pytest.approx(0.0, abs=1e-12)
+            # The two one-way terms are mirror images and add up to `both`.
+            k2n = float(losses.self_cooperation_loss(rk, rn, direction="known_to_novel"))
+            n2k = float(losses.self_cooperation_loss(rk, rn, direction="novel_to_known"))
+            assert n2k == pytest.approx(
+                float(losses.self_cooperation_loss(rn, rk, direction="known_to_novel")), rel=1e-12)
+            both = float(losses.self_cooperation_loss(rk, rn))
+            assert both == pytest.approx(k2n + n2k, rel=1e-12)
+        # Identical rows (a degenerate batch) stay finite, with finite gradients.
+        same = jnp.ones((4, 5)) / 5
+        g = jax.grad(lambda x: losses.spatial_mutual_information(x, x) +
+                     losses.self_cooperation_loss(x, x))(same)
+        assert np.all(np.isfinite(np.asarray(g)))
 
 
 # ----- end to end -----------------------------------------------------------------------------
+
 
 def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
     c = config("sckd_mnist.py", "smoke")

@@ -90,11 +90,10 @@ class Method:
         tcfg = self.config.teacher
         workdir = self.teacher_workdir()
         if not fileio.exists(fileio.join(workdir, "results.json")):
-            if tcfg.get("train") is None or self.config.teacher.workdir:
-                raise FileNotFoundError(
-                    f"config.teacher.workdir={workdir!r} holds no finished teacher run "
-                    f"(results.json missing). Train one with configs/teacher_*.py or convert a "
-                    f"PyTorch teacher with `python -m kd_jax.tools.convert_torch`.")
+            if not tcfg.get("train") or self.config.teacher.workdir:  # e.g. from a notebook
+                from kd_jax import prerequisites
+                raise prerequisites.MissingPrerequisites(
+                    [prerequisites.missing_teacher(self.config, self.workdir)])
             from kd_jax import train  # a teacher is trained first, in its own workdir
             train.train_and_evaluate(tcfg.train, workdir)
         info = fileio.read_json(fileio.join(workdir, "results.json"))
@@ -145,6 +144,10 @@ class Method:
             v = module.init(key, example, train=False)
             params[name] = v["params"]
             batch_stats[name] = v.get("batch_stats", {})
+        if _dtype(self.config) == jnp.float64:
+            # A float64 run is float64 throughout: parameters (float32 at init), BatchNorm
+            # statistics and, through them, the optimizer state.
+            params, batch_stats = _as_dtype((params, batch_stats), jnp.float64)
         return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                           batch_stats=batch_stats, opt_state=self.tx.init(params))
 
@@ -248,7 +251,20 @@ class Method:
 
 
 def _dtype(config):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.get("dtype", "float32")]
+    name = config.get("dtype", "float32")
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+    if name not in dtypes:
+        raise ValueError(f"config.dtype={name!r}: use float32, bfloat16 or float64")
+    if name == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError("config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run "
+                         "inside `jax.enable_x64(True)` (float64 runs are for invariance tests)")
+    return dtypes[name]
+
+
+def _as_dtype(tree, dtype):
+    """Floating leaves of `tree` cast to `dtype` (integers, e.g. step counters, unchanged)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def evaluate_variables(apply_fn, variables, batches, mesh) -> float:

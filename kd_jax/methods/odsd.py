@@ -34,6 +34,7 @@ from kd_jax import diagnostics, fileio, losses, parallel, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
+from kd_jax.models.layers import at_least_float32
 
 log = logging.getLogger(__name__)
 
@@ -537,8 +538,8 @@ class ODSD(Method):
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
         s_logits, _, _ = self.student_apply(state.params, state.batch_stats, batch["image"],
                                             False)
-        logp_t = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
-        logp_s = jax.nn.log_softmax(s_logits.astype(jnp.float32), -1)
+        logp_t = jax.nn.log_softmax(at_least_float32(t_logits), -1)
+        logp_s = jax.nn.log_softmax(at_least_float32(s_logits), -1)
         kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)
         return {"kl": kl, "id": batch["id"], "mask": batch["mask"]}
 
@@ -560,9 +561,9 @@ class ODSD(Method):
                                                                     rng=rng)
         new_stats = {"model": model_stats}
         s_logits = s_logits_all[:b]
-        f_s_all = s_feats_all["pre_logits"].astype(jnp.float32)
+        f_s_all = at_least_float32(s_feats_all["pre_logits"])
         f_s = f_s_all[:b]
-        p_t = jax.nn.softmax(t_logits.astype(jnp.float32), -1)
+        p_t = jax.nn.softmax(at_least_float32(t_logits), -1)
         conf = jnp.max(p_t, -1)
         pred = jnp.argmax(t_logits, -1)
         metrics = {"teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
@@ -590,7 +591,7 @@ class ODSD(Method):
                 e_t = targets
                 e_s = jax.nn.softmax(s_logits / tau, -1)
             else:
-                e_t = t_feats["pre_logits"].astype(jnp.float32)
+                e_t = at_least_float32(t_feats["pre_logits"])
                 e_s = f_s
                 if "projector" in self._heads:
                     e_s = self.head_apply("projector", params, batch_stats, f_s, True, new_stats)

@@ -49,6 +49,7 @@ from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.data.pipeline import tf  # imported at first use
 from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
+from kd_jax.models.layers import at_least_float32
 
 # ---------------------------------------------------------------------------------------------
 # Heads
@@ -72,7 +73,7 @@ class Prototypes(nn.Module):
         del train
         w = self.param("kernel", nn.initializers.lecun_normal(),
                        (x.shape[-1], self.num_prototypes))
-        return _l2n(x.astype(jnp.float32)) @ _l2n(w, axis=0)
+        return _l2n(at_least_float32(x)) @ _l2n(w, axis=0)
 
 
 class Projector(nn.Module):
@@ -82,7 +83,7 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Dense(self.hidden_dim, name="fc1")(x.astype(jnp.float32))
+        x = nn.Dense(self.hidden_dim, name="fc1")(at_least_float32(x))
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          name="bn")(x)
         return nn.Dense(self.output_dim, name="fc2")(nn.relu(x))
@@ -676,7 +677,7 @@ class SCKD(UNO):
         """-> (r^K [B, C_l or D], r^N [H, B, C_u or D']) of one view."""
         s = self.config.sckd
         if s.space == "embeddings":
-            return _l2n(out["feats"].astype(jnp.float32)), out["novel_z"]
+            return _l2n(at_least_float32(out["feats"])), out["novel_z"]
         tau = s.space_temperature
         return jax.nn.softmax(out["known"] / tau, -1), jax.nn.softmax(out["novel"] / tau, -1)
 

@@ -44,6 +44,12 @@ torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
 kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` upcast to float32 if narrower (bfloat16 logits, softmax inputs); float64 (the
+    invariance tests' precision) is kept."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def torch_default_bias_init(fan_in: int) -> Initializer:
     """PyTorch's default bias init for Conv2d / Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import conv2d, linear, max_pool
+from kd_jax.models.layers import at_least_float32, conv2d, linear, max_pool
 
 
 class LeNet5(nn.Module):
@@ -55,7 +55,7 @@ class LeNet5(nn.Module):
         x = nn.relu(x)
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=f1, dtype=self.dtype, name="fc2")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def lenet5(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> LeNet5:

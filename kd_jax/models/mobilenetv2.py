@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (
+    at_least_float32,
     batch_norm,
     conv2d,
     global_avg_pool,
@@ -125,7 +126,7 @@ class MobileNetV2(nn.Module):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name="classifier_0")(x)
         logits = linear(self.num_classes, in_features=last, kernel_init=normal_init(0.01),
                         bias_init="zeros", dtype=self.dtype, name="classifier_1")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def mobilenet_v2(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> MobileNetV2:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import batch_norm, conv2d, global_avg_pool, linear
+from kd_jax.models.layers import at_least_float32, batch_norm, conv2d, global_avg_pool, linear
 
 
 class BasicBlock(nn.Module):
@@ -70,7 +70,7 @@ class ResNetCifar(nn.Module):
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype,
                         name="linear")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def resnet18_cifar(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> ResNetCifar:

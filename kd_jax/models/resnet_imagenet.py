@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (
+    at_least_float32,
     batch_norm,
     conv2d,
     global_avg_pool,
@@ -114,7 +115,7 @@ class ResNetImageNet(nn.Module):
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype,
                         name="fc")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def _resnet(layers, bottleneck, num_classes, dtype, kwargs) -> ResNetImageNet:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (
+    at_least_float32,
     batch_norm,
     conv2d,
     global_avg_pool,
@@ -70,7 +71,7 @@ class VGG(nn.Module):
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=x.shape[-1], kernel_init=normal_init(0.01),
                         bias_init="zeros", dtype=self.dtype, name="classifier")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def vgg8(num_classes: int = 10, dtype: Any = jnp.float32, **kwargs) -> VGG:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import conv2d, normal_init
+from kd_jax.models.layers import at_least_float32, conv2d, normal_init
 
 _trunc02 = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        attn = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
         return _dense(d, self.dtype, "proj")(out)
 
@@ -132,7 +132,7 @@ class VisionTransformer(nn.Module):
             logits = _dense(self.num_classes, self.dtype, "head")(x[:, 0])
         else:
             logits = x[:, 0]
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def vit_b16(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs) -> VisionTransformer:

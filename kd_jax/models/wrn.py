@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models.layers import (
+    at_least_float32,
     batch_norm,
     conv2d,
     global_avg_pool,
@@ -110,7 +111,7 @@ class WideResNet(nn.Module):
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=x.shape[-1], bias_init="zeros",
                         dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32), feats
+        return at_least_float32(logits), feats
 
 
 def _wrn(depth: int, widen: int, base_width: int = 16, suffix: str = ""):
