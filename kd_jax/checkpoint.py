@@ -32,7 +32,7 @@ def _manager(directory: str, **kwargs) -> ocp.CheckpointManager:
         raise ImportError(
             f"checkpoints in {directory!r}: Orbax reads gs:// checkpoint directories through "
             f"the google-cloud-storage package, which is not installed: "
-            f"`pip install google-cloud-storage` ({e})") from e
+            f"`pip install 'kd_jax[gcs]'` (or google-cloud-storage) ({e})") from e
 
 
 class Checkpointer:

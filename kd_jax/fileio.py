@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from etils import epath
 
+
 def is_remote(path) -> bool:
     """True for a URL path (`gs://...`, any `scheme://`), False for a local one."""
     return "://" in os.fspath(path)

@@ -24,19 +24,19 @@ The walk is driven by the config alone (no table of config files):
   (`path` exists), `shards` (`pattern` matches files), `offline_mnist` / `offline_pool`
   (bundled with kd_jax: nothing to check).
 
-Only what is certainly missing is reported: a remote path (`gs://...`) is left to the input
-pipeline, which reads it. Paths are checked with `os.path` here (`_exists`, `_glob`).
+Only what is certainly missing is reported: a remote path (`gs://...`) is left to the loaders
+and the input pipeline, which read it (a lookup here could wait on network timeouts).
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
 import textwrap
 import types
 
 import ml_collections
+
+from kd_jax import fileio
 
 # What `kd_jax.data.shards.shard_pattern(DIR)` returns (not imported: it loads TensorFlow).
 POOL_PATTERN = "DIR/pool-*-of-*.tfrecord"
@@ -122,7 +122,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> tuple[Plan, list[Missing]]:
     """(the stages to train, everything missing); never raises for a missing prerequisite."""
-    workdir = os.path.abspath(workdir) if not _is_remote(workdir) else workdir
+    workdir = fileio.absolute(workdir)
     stages: list[Stage] = []
     missing = _Collector()
     if not _finished(config, workdir):
@@ -172,8 +172,8 @@ def _walk(config, workdir, prefix, stages, missing, check_target):
 
 def _teacher(config, workdir, prefix, stages, missing):
     teacher = config.teacher
-    path = teacher.workdir or os.path.join(workdir, "teacher")
-    if _exists(os.path.join(path, "results.json")) is not False:
+    path = teacher.workdir or fileio.join(workdir, "teacher")
+    if _exists(fileio.join(path, "results.json")) is not False:
         return  # a finished (or converted) teacher, or a remote one the run will read
     train = teacher.get("train")
     if teacher.workdir or not train or not train.get("method"):
@@ -186,7 +186,7 @@ def missing_teacher(config, workdir: str, prefix: str = "") -> Missing:
     """The item for a teacher that is neither finished in `teacher.workdir` nor trainable
     from `teacher.train` (also raised by `Method._load_teacher` when called directly)."""
     key = prefix + "teacher.workdir"
-    path = config.teacher.workdir or os.path.join(workdir, "teacher")
+    path = config.teacher.workdir or fileio.join(workdir, "teacher")
     if config.teacher.workdir:
         problem = (f"config.{key}={path!r} holds no finished teacher run (results.json "
                    f"missing).")
@@ -198,7 +198,7 @@ def missing_teacher(config, workdir: str, prefix: str = "") -> Missing:
     if config.teacher.workdir and config.teacher.get("train") and config.teacher.train.get(
             "method"):
         fix += (f"Or leave config.{key} empty: config.{prefix}teacher.train is then trained "
-                f"first into {os.path.join(workdir, 'teacher')}.",)
+                f"first into {fileio.join(workdir, 'teacher')}.",)
     return Missing((key,), problem, fix)
 
 
@@ -227,8 +227,8 @@ def _teacher_fix(config, prefix) -> tuple[str, ...]:
 
 def _stage1(cls, config, workdir, prefix, stages, missing):
     pre = config.ncd.pretrain
-    path = pre.workdir or os.path.join(workdir, "pretrain")
-    if _exists(os.path.join(path, "results.json")) is not False:
+    path = pre.workdir or fileio.join(workdir, "pretrain")
+    if _exists(fileio.join(path, "results.json")) is not False:
         return
     key = prefix + "ncd.pretrain.workdir"
     fix = ("DIR: a finished stage-1 run of this config's `pretrain` argument "
@@ -267,7 +267,7 @@ def _backbone(config, prefix, missing):
                f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes=N "
                f"--src=WEIGHTS.pth --out=DIR")
     if ncd.get("backbone_workdir"):
-        if _exists(os.path.join(ncd.backbone_workdir, "checkpoints")) is False:
+        if _exists(fileio.join(ncd.backbone_workdir, "checkpoints")) is False:
             missing.add(Missing((key,), f"config.{key}={ncd.backbone_workdir!r} holds no "
                                 f"checkpoint (checkpoints/ missing).", fix))
     elif ncd.get("trainable"):
@@ -322,7 +322,7 @@ def _source(spec, key, splits, missing):
                                 f"config.{key}.path is empty.", fix))
         else:
             absent = [s for s in dict.fromkeys(splits)
-                      if _exists(os.path.join(path, s)) is False]
+                      if _exists(fileio.join(path, s)) is False]
             if absent:
                 missing.add(Missing((key + ".path",), f"config.{key}.path={path!r} has no "
                                     f"split folder {absent}.", fix))
@@ -403,24 +403,22 @@ class _Collector:
 
 def _finished(config, workdir) -> bool:
     """As train.py decides: results.json there records this config's num_steps."""
-    path = os.path.join(workdir, "results.json")
+    path = fileio.join(workdir, "results.json")
     if _exists(path) is not True:
         return False
     try:
-        with open(path) as f:
-            return json.load(f).get("steps") == config.num_steps
+        return fileio.read_json(path).get("steps") == config.num_steps
     except (OSError, ValueError):
         return False
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
+_is_remote = fileio.is_remote
 
 
 def _exists(path: str) -> bool | None:
-    """True / False, or None for a remote path (left to the pipeline that reads it)."""
-    return None if _is_remote(path) else os.path.exists(path)
+    """True / False, or None for a remote path (left to the code that reads it)."""
+    return None if _is_remote(path) else fileio.exists(path)
 
 
 def _glob(pattern: str) -> list[str] | None:
-    return None if _is_remote(pattern) else glob.glob(pattern)
+    return None if _is_remote(pattern) else fileio.glob(pattern)

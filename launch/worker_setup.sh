@@ -24,6 +24,8 @@
 #   KD_JAX_PYTHON_VERSION  the uv-managed CPython (default: 3.12; jaxlib >= 0.11 has wheels for
 #                          Python >= 3.12 only, on 3.11 pip stops at jax 0.10.x)
 #   KD_JAX_JAX_EXTRA       the jax extra: tpu (default), cuda12, cuda13, or none for plain jax
+#   KD_JAX_EXTRAS          kd_jax's extras (default gcs: the GCS client Orbax needs for gs://
+#                          checkpoints); empty for none
 #                          (CPU only: what the tests use)
 #   PIP_*                  pip's own settings apply to every pip call (e.g. PIP_NO_INDEX=1 and
 #                          PIP_FIND_LINKS=DIR for an offline host)
@@ -36,6 +38,7 @@ say() { echo "$(hostname): $*"; }
 VENV="${KD_JAX_VENV:-$HOME/kd_jax_venv}"
 PY_VERSION="${KD_JAX_PYTHON_VERSION:-3.12}"
 JAX_EXTRA="${KD_JAX_JAX_EXTRA-tpu}"
+KD_EXTRAS="${KD_JAX_EXTRAS-gcs}"
 
 # The jax requirement and the minimum Python, read from SRC/setup.cfg: one place to change them.
 jax_range() {  # '>=0.9,<0.14' from the `jax...` line of install_requires
@@ -104,8 +107,9 @@ do_install() {
   rm -rf "$VENV"
   "$py" -m venv "$VENV" || die "'$py -m venv' failed (Debian/Ubuntu: install python3.X-venv, or use uv's Python)"
   py_at_least "$VENV/bin/python" "$min" || die "$VENV/bin/python is older than $min"
-  say "pip install '$spec' $src"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off "$spec" "$src"
+  local target="$src${KD_EXTRAS:+[$KD_EXTRAS]}"
+  say "pip install '$spec' $target"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off "$spec" "$target"
   say "kd_jax environment ready: $VENV/bin/python"
 }
 

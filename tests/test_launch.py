@@ -6,7 +6,8 @@ the tpu-ubuntu2204-base image, then runs `launch/tpu_pod.sh install`: git archiv
 launch/worker_setup.sh on every worker (a venv with Python >= 3.11, one pip install of the jax
 requirement and kd_jax from the copied tarball), the versions line of worker 0. Offline and
 quick: the interpreter is this test's own (KD_JAX_PYTHON, instead of uv's managed download),
-the jax requirement is plain `jax` (KD_JAX_JAX_EXTRA=none), and pip reuses this test's
+the jax requirement is plain `jax` (KD_JAX_JAX_EXTRA=none), no kd_jax extras (KD_JAX_EXTRAS="", not
+the default gcs client), and pip reuses this test's
 installed packages through PYTHONPATH with PIP_NO_INDEX=1, so nothing is downloaded.
 """
 import configparser
@@ -121,7 +122,7 @@ def _fake_cloud(tmp_path, workers=1):
 def _offline_pip_env(env):
     """This test's interpreter and installed packages, pip without any index or download."""
     env = dict(env)
-    env.update(KD_JAX_PYTHON=sys.executable, KD_JAX_JAX_EXTRA="none",
+    env.update(KD_JAX_PYTHON=sys.executable, KD_JAX_JAX_EXTRA="none", KD_JAX_EXTRAS="",
                PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull,
                # pip's inverted spelling: "0" turns build isolation off (no setuptools download).
                PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1",
