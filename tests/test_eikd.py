@@ -126,8 +126,10 @@ def test_global_selection_is_top_n_and_scores_differ():
 
 # ----- end to end ----------------------------------------------------------------------------
 
-TEACHER_ACCURACY = 0.8
-EIKD_ACCURACY = 0.55
+TEACHER_ACCURACY = 0.8  # 4 seeds: 0.956 ± 0.007
+# Bounds ~3 seed-stds or more below the mean (benchmarks/results/smoke_seeds.md): another CPU
+# or library version moves a float32 run like another seed. Chance is 0.10.
+EIKD_ACCURACY = 0.30  # 10 seeds: 0.640 ± 0.109 (min 0.446)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def smoke_run(tmp_path_factory, offline_teacher):
 def test_smoke_run_end_to_end(smoke_run):
     c, workdir, results = smoke_run
     # The shared 300-step smoke teacher (measured 0.946), then 80 student steps of batch 64 on 500
-    # selected pool images: measured 0.743 (8 fake CPU devices); chance is 0.10.
+    # selected pool images (bounds: see EIKD_ACCURACY).
     assert results["teacher_accuracy"] >= TEACHER_ACCURACY, results["teacher_accuracy"]
     assert results["final_accuracy"] >= EIKD_ACCURACY, results["final_accuracy"]
     report = results["selection"]
