@@ -4,8 +4,8 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 mid-save keeps its previous checkpoint. On a `gs://` workdir Orbax renames nothing: it writes the
 step in place and commits it with a marker object written last (GCS object writes are atomic),
 which is why a pod's workdir should be a gs:// URL, not a gcsfuse mount (where Orbax sees a
-local path and renames, which gcsfuse carries out as a non-atomic copy of every object). A run always resumes from the latest complete step of its
-workdir. Teachers are never saved with the student: a KD run reads them from the teacher's own
+local path and renames, which gcsfuse carries out as a non-atomic copy of every object). A run
+always resumes from the latest complete step of its workdir. Teachers are never saved with the student: a KD run reads them from the teacher's own
 workdir (`load_variables`).
 """
 from __future__ import annotations

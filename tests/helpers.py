@@ -36,3 +36,14 @@ def record(what: str, distance: float) -> float:
         with open(path, "a") as f:
             f.write(json.dumps({"what": what, "distance": float(distance)}) + "\n")
     return distance
+
+
+def as64(tree):
+    """Floating arrays of `tree` as float64 jax arrays, the rest as jax arrays (call inside
+    `jax.enable_x64(True)`: the invariance tests' precision)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    return jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
+        else jnp.asarray(a), tree)

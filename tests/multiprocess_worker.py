@@ -1,8 +1,8 @@
 """One process of tests/test_multiprocess.py: a KD run through the real engine entry point.
 
 Runs `kd_jax.train.train_and_evaluate` on configs/kd_mnist.py:smoke with a synthetic TFRecord
-pool as the transfer set. The parent sets the environment (fake CPU device count, JAX_ENABLE_X64=1, and for the
-distributed runs KD_JAX_DISTRIBUTED / KD_JAX_COORDINATOR / KD_JAX_NUM_PROCESSES /
+pool as the transfer set. The parent sets the environment (fake CPU device count, JAX_ENABLE_X64=1, and for
+the distributed runs KD_JAX_DISTRIBUTED / KD_JAX_COORDINATOR / KD_JAX_NUM_PROCESSES /
 KD_JAX_PROCESS_ID, exactly what launch/gpu.sh exports), so `parallel.maybe_initialize_distributed`
 is exercised as on a pod.
 

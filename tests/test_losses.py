@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from helpers import max_distance, record
+from helpers import as64, max_distance, record
 
 from kd_jax import losses as L
 
@@ -413,13 +413,6 @@ def values(seed=None):
         x = make_inputs(seed)
         _CACHE[seed] = (x, {k: np.asarray(v) for k, v in compute_all(x).items()})
     return _CACHE[seed]
-
-
-def as64(tree):
-    """Floating arrays of `tree` as float64 (call inside `jax.enable_x64(True)`)."""
-    return jax.tree.map(
-        lambda a: jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
-        else jnp.asarray(a), tree)
 
 
 _CACHE64 = {}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_distance, record
+from helpers import as64, max_distance, record
 
 from kd_jax.models import create_model, list_models, model_input_shape
 from kd_jax.models.layers import conv2d
@@ -237,10 +237,6 @@ def test_init_matches_pytorch_default_ranges():
                 assert np.abs(w).max() > 0.5 * bound, (layer, leaf)
 
 
-def _as64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
-
-
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_half"])
 def test_lenet_forward_and_jit_equals_eager(name):
     """Jit equals eager, in float64 (a float64 model: compute dtype and variables)."""
@@ -250,7 +246,7 @@ def test_lenet_forward_and_jit_equals_eager(name):
     assert logits.shape == (4, 10) and np.all(np.isfinite(np.asarray(logits)))
     assert feats["pre_logits"].shape == (4, 84 if name == "lenet5" else 42)
     with jax.enable_x64(True):
-        model64, variables, x = create_model(name, 10, dtype=jnp.float64), *_as64((variables, x))
+        model64, variables, x = create_model(name, 10, dtype=jnp.float64), *as64((variables, x))
         logits, feats = model64.apply(variables, x)
         jitted, jfeats = jax.jit(model64.apply)(variables, x)
     assert jitted.dtype == jnp.float64
@@ -386,10 +382,10 @@ def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, 
                 scale = float(jnp.max(jnp.abs(want)))
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * scale)
             results[mode] = (y, gx, gw)
-    for mode in ("im2col", "winograd", "auto"):
-        for a, b in zip(results["native"], results[mode]):
-            scale = float(jnp.max(jnp.abs(a)))
-            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13 * scale)
+        for mode in ("im2col", "winograd", "auto"):
+            for a, b in zip(results["native"], results[mode]):
+                scale = float(jnp.max(jnp.abs(a)))
+                np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13 * scale)
     assert float(jnp.max(jnp.abs(results["im2col"][2]))) > 1e-2  # the test has teeth
 
 
