@@ -52,7 +52,8 @@ def kd_loss(
     L = tau^2 * sum_i w_i KL( softmax_K(z_T,i / tau) || softmax_K'(z_S,i / tau) ) / sum_i w_i
 
     Hinton, Vinyals & Dean 2015 (Eq. 2 of "Distilling the knowledge in a neural network");
-    class dropping as in EIKD §2 (`../shared/papers/eikd.md`).
+    class dropping as in EIKD (Explicit and Implicit KD via Unlabeled Data): the teacher's
+    least likely classes are removed before both softmaxes.
 
     Args:
       student_logits: [B, C].

@@ -1,5 +1,6 @@
 """Novel class discovery pieces: UNO's Sinkhorn-Knopp pseudo-labels and swapped prediction,
-and SCKD's spatial mutual information and self-cooperation (`../shared/papers/sckd.md`).
+and SCKD's spatial mutual information and self-cooperation (Wang et al., Self-Cooperation
+Knowledge Distillation for Novel Class Discovery).
 
 Everything is over the global batch (labeled and unlabeled together), so under a sharded
 `jax.jit` the value equals the single-device one.

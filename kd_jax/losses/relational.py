@@ -1,8 +1,8 @@
 """Batch-relational distillation and contrastive losses.
 
 RKD distance / angle (Park et al., CVPR 2019), SP (Tung & Mori, ICCV 2019), PKT (Passalis &
-Tefas, ECCV 2018), relation KL (ODSD L_TR, `../shared/papers/odsd.md` §3a), in-batch InfoNCE
-(CRD-style instance contrast) and NT-Xent / SupCon (ODSD L_SR, §3b).
+Tefas, ECCV 2018), relation KL (ODSD's teacher-relation term L_TR), in-batch InfoNCE
+(CRD-style instance contrast) and NT-Xent / SupCon (ODSD's student self-relation term L_SR).
 
 All are over the *global* batch: under `jax.jit` with the batch sharded over a mesh they give
 the same value as on one device. Inputs [B, ...] are flattened to [B, D].
