@@ -118,12 +118,12 @@ def low_noise_targets(
     For top_k / threshold / none, k_max (if given) also caps |K_i|. K_i always holds the
     argmax (ties by smaller class index).
 
-    Target (tail="drop", the spec): t_i(c) = softmax over K_i of z_T,i / tau, exactly 0 outside
+    Target (tail="drop", the paper's): t_i(c) = softmax over K_i of z_T,i / tau, exactly 0 outside
     K_i. With |K_i| = 1 that is a one-hot target at temperature tau, which the student's
     softmax(z_S / tau) reaches only with unbounded logit gaps (large tau^2-scaled gradients).
-    tail="uniform" (an option outside the spec) keeps p_tau = softmax(z_T / tau) on K_i as is and
+    tail="uniform" (a kd_jax option) keeps p_tau = softmax(z_T / tau) on K_i as is and
     spreads the remaining mass evenly over the classes outside K_i: the tail's *shape* (what
-    the spec takes for domain-shift noise) is removed, its mass (the teacher's softened
+    the paper takes for domain-shift noise) is removed, its mass (the teacher's softened
     confidence) kept, so the targets are as bounded as KD's. Both equal KD's targets when K_i
     holds every class.
 

@@ -181,7 +181,7 @@ def rkd_angle_loss(student, teacher, weights=None, chunk_size=None, method="exac
         return jnp.einsum("jik,ik,j->", h, ww, wa, precision=cm.HIGHEST)
 
     if n_chunks == 1:  # all anchors fit one chunk: no loop and no recomputation in the backward
-        total = chunk_sum((anchors[0], w_anchor[0]))  # (value + grad at N=64, D=512: 89 -> 67 ms)
+        total = chunk_sum((anchors[0], w_anchor[0]))
     else:
         total = jnp.sum(jax.lax.map(jax.checkpoint(chunk_sum), (anchors, w_anchor)))
     return cm.safe_div(total, jnp.sum(w) ** 3)
