@@ -1,14 +1,15 @@
 """Per-layer cost of a convolution on this machine: XLA's own vs kd_jax's chunked im2col and
-Winograd convolutions (kd_jax/models/layers.py), and PyTorch's when torch is installed. The table
-behind the per-layer rule there.
+Winograd convolutions (kd_jax/models/cpu_conv.py), and PyTorch's when torch is installed. The
+table behind the per-layer rule there.
 
     python benchmarks/conv_layers.py [--steps 7] [--no_torch]
 
 For each layer shape of the benchmark models (LeNet-5, WRN-10-1 and its half, CIFAR ResNet-18/34):
 ms for the forward pass and for a training pass (forward + input and kernel gradient of
-sum(conv(x, w)²)) with XLA's convolution (`KD_JAX_CONV=native`), the im2col convolution forced
-(`im2col`), Winograd F(2x2, 3x3) forced where the shape allows it (`winograd`: 3x3, stride 1,
-pad 1, even sizes), and the automatic choice kd_jax makes (`auto`, with the method it took).
+sum(conv(x, w)²)) under each `config.model.conv` choice: XLA's convolution (`xla`), the im2col
+convolution forced (`im2col`), Winograd F(2x2, 3x3) forced where the shape allows it
+(`winograd`: 3x3, stride 1, pad 1, even sizes), and the automatic choice (`auto`, with the
+method it took).
 Every call of every mode is timed in turn, `--steps` rounds, and the median is printed (this
 machine's neighbours move single timings by 10-30 %). PyTorch (NCHW, its default oneDNN path)
 runs in a subprocess so that the two thread pools never compete.
@@ -16,6 +17,7 @@ runs in a subprocess so that the two thread pools never compete.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -88,10 +90,10 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from kd_jax.models import layers
+    from kd_jax.models import cpu_conv
 
     rng = np.random.default_rng(0)
-    modes = ("native", "im2col", "winograd", "auto")
+    modes = ("xla", "im2col", "winograd", "auto")
     print(f"backend {jax.default_backend()}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f}; ms per call, median of {args.steps}\n\n"
           f"| batch | input | C_in→C_out | k, stride | auto takes | forward XLA | im2col | "
@@ -102,25 +104,20 @@ def main(argv=None):
         w = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
         pad = ((_padding(k),) * 2,) * 2
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        winograd_fits = layers.winograd_fits(x.shape, w.shape, (s, s), pad)
+        winograd_fits = cpu_conv.winograd_fits(x.shape, w.shape, (s, s), pad)
 
         calls = {}
         for mode in modes:
             if mode == "winograd" and not winograd_fits:
                 continue
-            os.environ["KD_JAX_CONV"] = mode  # read while tracing: new functions, new traces
-
-            def conv(x, w):
-                return layers.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=dn)
-
+            conv = functools.partial(cpu_conv.conv_general_dilated, window_strides=(s, s),
+                                     padding=pad, dimension_numbers=dn, conv=mode)
             fwd = jax.jit(conv)
-            train = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1)))
-            jax.block_until_ready((fwd(x, w), train(x, w)))  # traced now, under this mode
+            train = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w) ** 2), (0, 1)))
+            jax.block_until_ready((fwd(x, w), train(x, w)))  # compiled before timing
             calls[mode, "fwd"] = lambda fwd=fwd: jax.block_until_ready(fwd(x, w))
             calls[mode, "train"] = lambda train=train: jax.block_until_ready(train(x, w))
-        os.environ["KD_JAX_CONV"] = "auto"
-        takes = layers.conv_method(x.shape, w.shape, (s, s), pad)
-        os.environ.pop("KD_JAX_CONV")
+        takes = cpu_conv.conv_method(x.shape, w.shape, (s, s), pad, conv="auto")
         times = {key: [] for key in calls}
         for _ in range(args.steps):  # round-robin: drift in the machine hits every mode alike
             for key, call in calls.items():
@@ -136,7 +133,7 @@ def main(argv=None):
         print(f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {takes} | {cells('fwd')} | "
               f"{f'{pt[0]:.1f}' if pt else '–'} | {cells('train')} | "
               f"{f'{pt[1]:.1f}' if pt else '–'} | "
-              f"{ms['native', 'train'] / ms['auto', 'train']:.2f}× |", flush=True)
+              f"{ms['xla', 'train'] / ms['auto', 'train']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ ResNet-50 → ResNet-18 ImageNet (224 px, small batch). Methods: every KD method
 `kd_jax.methods.get_method` can build (kd, odsd, eikd, sckd); one that cannot be built or
 stepped on synthetic data is skipped with the reason printed.
 
-FLOPs per step come from XLA's cost analysis of the compiled step (compiled with XLA's own
-convolutions, see `flops_of_native`); the peak is measured here by
+FLOPs per step come from XLA's cost analysis of the step compiled with XLA's own convolutions
+(`model.conv = "xla"`, see `bench_one`); the peak is measured here by
 timing a large `jnp.dot` in the step's dtype, so "% peak" = achieved FLOP/s / measured matmul
 FLOP/s. Runs unchanged on CPU, GPU and TPU (sizes of the peak matmul adapt to the backend).
 The teacher has random weights (speed does not depend on them) and no checkpoint is read.
@@ -83,25 +83,9 @@ def flops_of(compiled) -> float | None:
     return float(value) if value and value > 0 else None
 
 
-def flops_of_native(fn, *args) -> float | None:
-    """XLA's FLOP count of `fn`, compiled with XLA's own convolutions (KD_JAX_CONV=native): the
-    cost analysis counts a loop body once, so the CPU's chunked im2col / Winograd convolutions (a
-    loop over the batch) would be undercounted. These are the direct convolutions' FLOPs
-    (Winograd layers do 2.25x fewer multiplies)."""
-    import jax
-    before = os.environ.get("KD_JAX_CONV")
-    os.environ["KD_JAX_CONV"] = "native"  # read while tracing: a new function, a new trace
-    try:
-        return flops_of(jax.jit(lambda *a: fn(*a)).lower(*args).compile())
-    finally:
-        if before is None:
-            os.environ.pop("KD_JAX_CONV")
-        else:
-            os.environ["KD_JAX_CONV"] = before
-
-
-def build_method(name: str, pair: str, batch: int, dtype: str, mesh):
-    """The method object for `pair`, with a random teacher instead of one read from disk."""
+def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str = "auto"):
+    """The method object for `pair`, with a random teacher instead of one read from disk;
+    `conv` is `config.model.conv` (the convolution algorithm of both models)."""
     import jax
     import numpy as np
 
@@ -123,12 +107,14 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh):
         c.data.normalization = "imagenet"
     c.batch_size = c.eval_batch_size = batch
     c.dtype = dtype
+    c.model.conv = conv
     cls = get_method(c.method)
 
     class Bench(cls):  # the method as written, minus reading a teacher checkpoint
         def _load_teacher(self):
             self.teacher_info = {"final_accuracy": None}
-            self.teacher_model = models.create_model(teacher, classes, dtype=self.student.dtype)
+            self.teacher_model = models.create_model(teacher, classes, dtype=self.student.dtype,
+                                                     conv=conv, conv_groups=self.mesh.size)
             x = np.zeros((1, size, size, channels), np.float32)
             v = jax.device_get(self.teacher_model.init(jax.random.PRNGKey(1), x, train=False))
             self.teacher_vars = parallel.replicate(
@@ -160,7 +146,13 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     t = time.perf_counter()
     compiled = step.lower(state, method.teacher_vars, gbatch, key).compile()
     compile_s = time.perf_counter() - t
-    flops = flops_of_native(method.train_step, state, method.teacher_vars, gbatch, key)
+    # XLA's cost analysis counts a loop body once, so the CPU's chunked convolutions (a loop over
+    # the batch) would be undercounted: FLOPs of the same step with XLA's own convolutions (the
+    # direct convolutions' count; Winograd layers do 2.25x fewer multiplies).
+    xla_method, _ = build_method(name, pair, batch, dtype, mesh, conv="xla")
+    xla_method.build_optimizer(1000)
+    flops = flops_of(jax.jit(xla_method.train_step).lower(
+        state, method.teacher_vars, gbatch, key).compile())
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, method.teacher_vars, gbatch, key)
     jax.block_until_ready(metrics)

@@ -14,9 +14,9 @@ the other's, and XLA flags only take effect at start-up). Each prints images/s a
 the step spent in the teacher forward (timed alone). kd_jax variants:
 
   baseline   default XLA:CPU flags, float32, state donated (kd_jax's chunked im2col and
-             Winograd convolutions on, see kd_jax/models/layers.py)
-  native_conv  XLA's own convolutions everywhere (KD_JAX_CONV=native)
-  im2col     chunked im2col convolutions everywhere, no Winograd (KD_JAX_CONV=im2col)
+             Winograd convolutions on, see kd_jax/models/cpu_conv.py)
+  native_conv  XLA's own convolutions everywhere (model.conv = "xla")
+  im2col     chunked im2col convolutions everywhere, no Winograd (model.conv = "im2col")
   onednn     --xla_cpu_use_onednn=true (oneDNN convolutions/matmuls, what PyTorch uses)
   xnnpack    --xla_cpu_use_xnnpack=true
   fastmath   --xla_cpu_enable_fast_math=true
@@ -43,8 +43,8 @@ sys.path.insert(0, ROOT)
 
 VARIANTS = {
     "baseline": ({}, {}),
-    "native_conv": ({"KD_JAX_CONV": "native"}, {}),
-    "im2col": ({"KD_JAX_CONV": "im2col"}, {}),
+    "native_conv": ({}, {"conv": "xla"}),
+    "im2col": ({}, {"conv": "im2col"}),
     "onednn": ({"XLA_FLAGS": "--xla_cpu_use_onednn=true"}, {}),
     "xnnpack": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=true"}, {}),
     "fastmath": ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
@@ -155,7 +155,7 @@ def torch_child(batch, steps) -> dict:
 # kd_jax (jit, one XLA program per step)
 # ---------------------------------------------------------------------------------------------
 
-def jax_child(batch, steps, dtype="float32", donate=True, separate=False) -> dict:
+def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="auto") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -164,8 +164,8 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False) -> dic
     from kd_jax import losses, models
 
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    teacher = models.create_model("resnet34_cifar", 10, dtype=dt)
-    student = models.create_model("resnet18_cifar", 10, dtype=dt)
+    teacher = models.create_model("resnet34_cifar", 10, dtype=dt, conv=conv)
+    student = models.create_model("resnet18_cifar", 10, dtype=dt, conv=conv)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
     t_vars = teacher.init(jax.random.PRNGKey(0), x[:2], train=False)
     s_vars = student.init(jax.random.PRNGKey(1), x[:2], train=False)

@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 10
     c.dtype = "float32"                 # compute dtype of the models (bfloat16 on TPU)
     c.distributed = False               # jax.distributed.initialize() (launch/ sets it)
-    c.model = ml_collections.ConfigDict({"name": ""})    # the network being trained
+    c.model = ml_collections.ConfigDict({
+        "name": "",      # the network being trained (kd_jax.models.list_models)
+        "conv": "auto",  # convolution: auto | xla | im2col | winograd (models/cpu_conv.py)
+    })
     c.teacher = ml_collections.ConfigDict({
         "model": "",     # architecture; checked against the teacher workdir
         "workdir": "",   # finished teacher run / converted checkpoint; "" = <workdir>/teacher

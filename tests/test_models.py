@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import as64, max_distance, record
 
-from kd_jax.models import create_model, list_models, model_input_shape
+from kd_jax.models import cpu_conv, create_model, list_models, model_input_shape
 from kd_jax.models.layers import conv2d
 from kd_jax.models.vit import VisionTransformer
 from kd_jax.models.wrn import WideResNet
@@ -344,13 +344,11 @@ def test_small_vit_forward():
     ((3, 8, 6, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # Winograd fits, too thin for auto
     ((2, 8, 8, 64), (3, 3, 64, 72), 1, 1, "winograd"),      # Winograd under the automatic rule
 ])
-def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto,
-                                                    monkeypatch):
+def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto):
     """The chunked im2col and Winograd convolutions (XLA:CPU speed-ups) are the same convolution:
     in float64, forward and input/kernel gradients equal XLA's own to ~1e-15 of their scale,
     jitted and eager, with each method forced and with the automatic per-layer choice (which
     takes `auto`). Their float32 accuracy is checked against float64 references below."""
-    from kd_jax.models import layers
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=shape), jnp.float64)
@@ -358,44 +356,44 @@ def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, 
         probe = jnp.asarray(rng.normal(size=(1,)), jnp.float64)
         dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
 
-        def loss(x, w):  # a non-trivial output gradient
-            y = layers.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                            dimension_numbers=dn)
+        def loss(x, w, conv):  # a non-trivial output gradient
+            y = cpu_conv.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                              dimension_numbers=dn, conv=conv)
             return jnp.sum(jnp.sin(y) * probe), y
 
-        fits = layers.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
+        fits = cpu_conv.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
         results = {}
-        for mode in ("native", "im2col", "winograd", "auto"):
-            monkeypatch.setenv("KD_JAX_CONV", mode)
-            method = layers.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2)
-            assert method == layers.conv_method(shape, kernel, (stride, stride),
-                                                ((pad, pad),) * 2, jnp.float64)
-            assert method == {"native": "native", "im2col": "im2col", "auto": auto,
+        for mode in ("xla", "im2col", "winograd", "auto"):
+            method = cpu_conv.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2,
+                                          conv=mode)
+            assert method == cpu_conv.conv_method(shape, kernel, (stride, stride),
+                                                  ((pad, pad),) * 2, jnp.float64, mode)
+            assert method == {"xla": "xla", "im2col": "im2col", "auto": auto,
                               "winograd": "winograd" if fits else "im2col"}[mode]
-            grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+            grad = jax.grad(functools.partial(loss, conv=mode), argnums=(0, 1), has_aux=True)
             (gx, gw), y = grad(x, w)
             (jx, jw), _ = jax.jit(grad)(x, w)
             # the chunked loop is in the program exactly when a chunked convolution is taken
-            assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "native")
+            assert ("while" in jax.jit(grad).lower(x, w).as_text()) == (mode != "xla")
             for got, want in ((jx, gx), (jw, gw)):  # jit vs eager
                 assert got.dtype == jnp.float64
                 scale = float(jnp.max(jnp.abs(want)))
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13 * scale)
             results[mode] = (y, gx, gw)
         for mode in ("im2col", "winograd", "auto"):
-            for a, b in zip(results["native"], results[mode]):
+            for a, b in zip(results["xla"], results[mode]):
                 scale = float(jnp.max(jnp.abs(a)))
                 np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13 * scale)
     assert float(jnp.max(jnp.abs(results["im2col"][2]))) > 1e-2  # the test has teeth
 
 
-def test_chunked_convolutions_on_a_sharded_batch(monkeypatch):
-    """With the batch sharded over the 8 test devices (chunks cut per device block, the weight
-    gradient summed across blocks) the im2col and Winograd convolutions' gradients equal XLA's
-    on one device, in float64; one device's block scaled by 1.01 does not."""
+def test_chunked_convolutions_on_a_sharded_batch():
+    """With the batch sharded over the 8 test devices and `groups=8` (chunks cut per device
+    block, the weight gradient summed across blocks) the im2col and Winograd convolutions'
+    gradients equal XLA's on one device, in float64; one device's block scaled by 1.01 does
+    not."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from kd_jax.models import layers
     assert jax.device_count() == 8
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):
@@ -405,19 +403,20 @@ def test_chunked_convolutions_on_a_sharded_batch(monkeypatch):
         mesh = Mesh(np.array(jax.devices()), ("data",))
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
 
-        def grads():  # a new function per mode: the mode is read while tracing
-            return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(layers.conv_general_dilated(
-                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))), (0, 1)))
+        def grads(conv):
+            return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(cpu_conv.conv_general_dilated(
+                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=conv, groups=8))),
+                (0, 1)))
 
-        monkeypatch.setenv("KD_JAX_CONV", "native")
-        want = grads()(x, w)
-        assert layers._chunking(32, (6, 6), 144, 8)[0] == 8  # one block per device
+        want = grads("xla")(x, w)
+        # the weight gradient's running sum has one block per device
+        blocks = {"im2col": "tensor<8x144x8xf64>", "winograd": "tensor<8x16x16x8xf64>"}
         for mode in ("im2col", "winograd"):
-            monkeypatch.setenv("KD_JAX_CONV", mode)
-            assert layers.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
-                                      jnp.float64) == mode
-            chunked = grads()
-            assert "while" in str(chunked.lower(xs, w).as_text())  # the chunked loop runs
+            assert cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
+                                        jnp.float64, mode) == mode
+            chunked = grads(mode)
+            program = str(chunked.lower(xs, w).as_text())
+            assert "while" in program and blocks[mode] in program  # the chunked loop runs
             got = chunked(xs, w)
             broken = chunked(jax.device_put(x.at[4:8].multiply(1.01), xs.sharding), w)
             scale = max(float(jnp.max(jnp.abs(g))) for g in want)
@@ -430,12 +429,11 @@ def test_chunked_convolutions_on_a_sharded_batch(monkeypatch):
             assert got[0].sharding.spec == P("data")
 
 
-def test_im2col_weight_gradient_against_float64(monkeypatch):
+def test_im2col_weight_gradient_against_float64():
     """The weight gradient is a reduction over B*H*W = 32,768 rows: against a float64 NumPy
     reference the chunked im2col one is within 2x XLA's own float32 error (or 1e-6 of the
     gradient's scale, whichever is larger: ~8 float32 ulps, for a CPU where XLA's is tiny) and
     below 1e-5 of the scale (measured: ~1e-7 for both)."""
-    from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 32, 32, 1)).astype(np.float32)
     w = (0.3 * rng.normal(size=(3, 3, 1, 16))).astype(np.float32)
@@ -445,25 +443,24 @@ def test_im2col_weight_gradient_against_float64(monkeypatch):
     want = np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 32, j:j + 32], g.astype(np.float64))
                      for i in range(3) for j in range(3)]).reshape(w.shape)
     err = {}
-    for mode in ("native", "im2col"):
-        monkeypatch.setenv("KD_JAX_CONV", mode)
-        dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(
-            jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn) * g)))(w)
+    for mode in ("xla", "im2col"):
+        dw = jax.jit(jax.grad(lambda w: jnp.sum(cpu_conv.conv_general_dilated(
+            jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
+            conv=mode) * g)))(w)
         err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.abs(want).max())
-    record("im2col weight gradient, float32 error / XLA's", err["im2col"] / err["native"])
-    assert err["native"] < 1e-5, err  # the reference is right
-    assert err["im2col"] <= max(2 * err["native"], 1e-6), err
+    record("im2col weight gradient, float32 error / XLA's", err["im2col"] / err["xla"])
+    assert err["xla"] < 1e-5, err  # the reference is right
+    assert err["im2col"] <= max(2 * err["xla"], 1e-6), err
     assert err["im2col"] < 1e-5, err
 
 
-def test_winograd_convolution_against_float64(monkeypatch):
+def test_winograd_convolution_against_float64():
     """Forward, input and weight gradient of the Winograd convolution against a float64 NumPy
     reference: within 2x XLA's own float32 error (or 1e-6 of the output scale, whichever is
     larger) and below 1e-5 of the scale. The transforms add up to 16 terms, but the matmuls
     are 9x shorter and the weight gradient is summed per chunk. Measured (of the output
     scale): 3.1e-7 / 2.5e-7 / 4.6e-7 vs XLA's 6.7e-7 / 7.7e-7 / 1.7e-6 on one CPU, and a dW
     of 4.57e-7 vs XLA's 4.53e-7 on another (where "<= XLA's" failed)."""
-    from kd_jax.models import layers
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 16, 16, 32)).astype(np.float32)
     w = (rng.normal(size=(3, 3, 32, 48)) / np.sqrt(9 * 32)).astype(np.float32)
@@ -480,25 +477,24 @@ def test_winograd_convolution_against_float64(monkeypatch):
     want_dx = sum(np.einsum("bhwo,co->bhwc", gp[:, 2 - i:18 - i, 2 - j:18 - j], w64[i, j])
                   for i, j in shifts)
     err = {}
-    for mode in ("native", "winograd"):
-        monkeypatch.setenv("KD_JAX_CONV", mode)
-        y, vjp = jax.vjp(lambda x, w: layers.conv_general_dilated(
-            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn), jnp.asarray(x), jnp.asarray(w))
+    for mode in ("xla", "winograd"):
+        y, vjp = jax.vjp(lambda x, w: cpu_conv.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode),
+            jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(g))
         err[mode] = [float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.abs(want).max())
                      for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw))]
-    for name, native, winograd in zip(("forward", "dx", "dW"), err["native"], err["winograd"]):
-        record(f"Winograd {name}, float32 error / XLA's", winograd / native)
-        assert native < 1e-5, (name, err)  # the reference is right
-        assert winograd <= max(2 * native, 1e-6), (name, err)
+    for name, xla, winograd in zip(("forward", "dx", "dW"), err["xla"], err["winograd"]):
+        record(f"Winograd {name}, float32 error / XLA's", winograd / xla)
+        assert xla < 1e-5, (name, err)  # the reference is right
+        assert winograd <= max(2 * xla, 1e-6), (name, err)
         assert winograd < 1e-5, (name, err)
 
 
-def test_chunked_convolutions_in_float64(monkeypatch):
+def test_chunked_convolutions_in_float64():
     """Float64 inputs stay float64 through the chunked convolutions: forward and both gradients
     equal XLA's float64 convolution to ~1e-13 (the weight gradient's sum over chunks once ran in
     float32 and was off by ~1e-7)."""
-    from kd_jax.models import layers
     rng = np.random.default_rng(3)
     with jax.enable_x64(True):
         x = jnp.asarray(rng.normal(size=(8, 8, 8, 64)), jnp.float64)
@@ -506,15 +502,14 @@ def test_chunked_convolutions_in_float64(monkeypatch):
         g = jnp.asarray(rng.normal(size=(8, 8, 8, 64)), jnp.float64)
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
         results = {}
-        for mode in ("native", "im2col", "winograd"):
-            monkeypatch.setenv("KD_JAX_CONV", mode)
-            assert layers.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
-                                      jnp.float64) == mode
-            y, vjp = jax.vjp(jax.jit(lambda x, w: layers.conv_general_dilated(
-                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)), x, w)
+        for mode in ("xla", "im2col", "winograd"):
+            assert cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
+                                        jnp.float64, mode) == mode
+            y, vjp = jax.vjp(jax.jit(lambda x, w: cpu_conv.conv_general_dilated(
+                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode)), x, w)
             results[mode] = (y, *vjp(g))
         for mode in ("im2col", "winograd"):
-            for name, got, want in zip(("forward", "dx", "dW"), results[mode], results["native"]):
+            for name, got, want in zip(("forward", "dx", "dW"), results[mode], results["xla"]):
                 assert got.dtype == jnp.float64, (mode, name)
                 err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
                 assert err < 1e-12, (mode, name, err)
@@ -523,44 +518,76 @@ def test_chunked_convolutions_in_float64(monkeypatch):
 def test_winograd_transforms_are_transposes():
     """The backward pass's hand-written tile transforms are the exact transposes of the forward
     ones (overlapping input tiles added back in place; output tiles spread to 4x4)."""
-    from kd_jax.models import layers
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):  # exact linear maps: float64 leaves only ~1e-16
         x = jnp.asarray(rng.normal(size=(2, 6, 8, 3)), jnp.float64)
-        v = layers._winograd_tiles(x)
+        v = cpu_conv.winograd_tiles(x)
         assert v.shape == (16, 2 * 3 * 4, 3)
         dv = jnp.asarray(rng.normal(size=v.shape), jnp.float64)
-        (want,) = jax.linear_transpose(layers._winograd_tiles, x)(dv)
-        np.testing.assert_allclose(layers._winograd_tiles_transpose(dv, x.shape), want,
+        (want,) = jax.linear_transpose(cpu_conv.winograd_tiles, x)(dv)
+        np.testing.assert_allclose(cpu_conv.winograd_tiles_transpose(dv, x.shape), want,
                                    atol=1e-13)
         g = jnp.asarray(rng.normal(size=(2, 6, 8, 5)), jnp.float64)
-        out = functools.partial(layers._winograd_output, shape=g.shape)
+        out = functools.partial(cpu_conv.winograd_output, shape=g.shape)
         (want,) = jax.linear_transpose(out, jnp.zeros((16, 2 * 3 * 4, 5)))(g)
-        np.testing.assert_allclose(layers._winograd_grad_tiles(g), want, atol=1e-13)
+        np.testing.assert_allclose(cpu_conv.winograd_grad_tiles(g), want, atol=1e-13)
 
 
-def test_conv_method_rule_on_resnet_layers(monkeypatch):
+def test_conv_method_rule_on_resnet_layers():
     """The automatic rule on a CIFAR ResNet at 32 px: Winograd for the 3x3 stride-1 layers from
     64 channels and 8x8 maps, im2col (deep) or XLA's forward (shallow) elsewhere."""
-    from kd_jax.models import layers
-    monkeypatch.setenv("KD_JAX_CONV", "auto")
     same = ((1, 1), (1, 1))
-    assert layers.conv_method((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == "im2col-backward"
-    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == "winograd"
-    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == "im2col"
-    assert layers.conv_method((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == "winograd"
-    assert layers.conv_method((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == "im2col"
-    assert layers.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
-    assert layers.conv_method((64, 16, 16, 32), (3, 3, 32, 32), (1, 1), same) == "im2col"
-    assert layers.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "native"
-    assert layers.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same,
-                              jnp.bfloat16) == "im2col"  # no Winograd transforms in bfloat16
+    assert cpu_conv.conv_method((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == "im2col-backward"
+    assert cpu_conv.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == "winograd"
+    assert cpu_conv.conv_method((64, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == "im2col"
+    assert cpu_conv.conv_method((64, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == "winograd"
+    assert cpu_conv.conv_method((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == "im2col"
+    assert cpu_conv.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
+    assert cpu_conv.conv_method((64, 16, 16, 32), (3, 3, 32, 32), (1, 1), same) == "im2col"
+    assert cpu_conv.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "xla"
+    assert cpu_conv.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same,
+                                jnp.bfloat16) == "im2col"  # no Winograd transforms in bfloat16
 
 
-def test_conv_mode_is_checked(monkeypatch):
-    from kd_jax.models import layers
-    monkeypatch.setenv("KD_JAX_CONV", "fast")
+def test_conv_choice_is_checked():
+    """A bad `config.model.conv` fails by name, in `create_model` and in the convolution itself."""
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    with pytest.raises(ValueError, match="KD_JAX_CONV"):
-        layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    with pytest.raises(ValueError, match="config.model.conv='fast'"):
+        create_model("lenet5", 10, conv="fast")
+    with pytest.raises(ValueError, match="config.model.conv"):
+        cpu_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
+                                      conv="fast")
+
+
+def test_models_pass_the_conv_choice_to_their_layers(monkeypatch):
+    """`create_model(conv=...)` reaches every conv layer: "xla" leaves XLA's convolution (no
+    chunk loop in the training program), "auto" on the CPU and "im2col" take the chunked one,
+    and "auto" on another backend does not trace `cpu_conv` at all."""
+    x = jnp.zeros((8, 32, 32, 1))
+
+    def program(conv):
+        model = create_model("wrn10_1_half", 10, conv=conv, conv_groups=8)
+        variables = model.init(jax.random.key(0), x[:1])
+
+        def loss(params):
+            (logits, _), _ = model.apply({**variables, "params": params}, x, train=True,
+                                         mutable=["batch_stats"])
+            return jnp.sum(logits)
+
+        return jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+
+    traced, real = [], cpu_conv.conv_general_dilated
+
+    def spy(*args, conv, groups, **kwargs):
+        traced.append((conv, groups))
+        return real(*args, conv=conv, groups=groups, **kwargs)
+
+    monkeypatch.setattr(cpu_conv, "conv_general_dilated", spy)
+    assert "while" not in program("xla") and not traced
+    assert "while" in program("auto") and traced[-1] == ("auto", 8)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    traced.clear()
+    assert "while" not in program("auto") and not traced
+    program("im2col")  # a forced algorithm applies on any backend
+    assert traced[-1] == ("im2col", 8)

@@ -77,7 +77,9 @@ class Method:
         self.local_eval_batch = parallel.check_batch_size(config.eval_batch_size, mesh,
                                                           "eval_batch_size")
         self.student = models.create_model(config.model.name, config.num_classes,
-                                           dtype=_dtype(config))
+                                           dtype=_dtype(config),
+                                           conv=config.model.get("conv", "auto"),
+                                           conv_groups=mesh.size)
         self.teacher_model, self.teacher_vars = None, None
         if self.uses_teacher:
             self._load_teacher()
@@ -106,7 +108,9 @@ class Method:
             raise ValueError(f"the teacher in {workdir!r} has {num_classes} classes but "
                              f"config.num_classes={self.config.num_classes}")
         self.teacher_model = models.create_model(arch, num_classes,
-                                                 dtype=_dtype(self.config))
+                                                 dtype=_dtype(self.config),
+                                                 conv=self.config.model.get("conv", "auto"),
+                                                 conv_groups=self.mesh.size)
         variables = checkpoint.load_variables(workdir)
         variables = {"params": variables["params"]["model"],
                      "batch_stats": variables["batch_stats"].get("model", {})}

@@ -9,8 +9,10 @@ Every model takes NHWC float images and returns `(logits, features)`: `logits` [
 `features` a dict of named taps — stage outputs (`stage1`, `stage2`, … NHWC; VGG counts from
 `stage0`) and `pre_logits`, the pooled [B, D] vector the final linear layer consumes.
 
-`dtype` is the compute dtype (e.g. `jnp.bfloat16`); parameters stay float32. Parameter counts
-equal the reference PyTorch definitions (see each module's docstring and `tests/test_models.py`).
+`dtype` is the compute dtype (e.g. `jnp.bfloat16`); parameters stay float32. `conv` chooses
+the convolution algorithm (`kd_jax.models.cpu_conv`: chunked matmuls on XLA:CPU, XLA's own
+convolution elsewhere). Parameter counts equal the reference PyTorch definitions (see each
+module's docstring and `tests/test_models.py`).
 
 Naming convention for PyTorch weight conversion: a Flax module path is the PyTorch state_dict key
 with every `.<digit>` folded into the preceding name (`layer1.0.conv1.weight` →
@@ -27,7 +29,16 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models import lenet, mobilenetv2, resnet_cifar, resnet_imagenet, vgg, vit, wrn
+from kd_jax.models import (
+    cpu_conv,
+    lenet,
+    mobilenetv2,
+    resnet_cifar,
+    resnet_imagenet,
+    vgg,
+    vit,
+    wrn,
+)
 
 
 class ModelSpec(NamedTuple):
@@ -79,14 +90,20 @@ def _spec(name: str) -> ModelSpec:
         ) from None
 
 
-def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, conv: str = "auto",
+                 conv_groups: int = 1, **kwargs) -> nn.Module:
     """Build the registered model `name` with `num_classes` outputs and compute `dtype`.
 
-    Extra keyword arguments go to the model (e.g. `dropout_rate=` for WRN / MobileNetV2,
-    `img_size=` for ViTs). Raises ValueError for an unknown name, listing the known ones.
+    `conv` (`config.model.conv`, one of `cpu_conv.CONV_CHOICES`) chooses the convolution
+    algorithm; `conv_groups` is the number of data-parallel shards of a training batch (the mesh
+    size), which the CPU convolutions chunk separately. Extra keyword arguments go to the model
+    (e.g. `dropout_rate=` for WRN / MobileNetV2, `img_size=` for ViTs). Raises ValueError for an
+    unknown name, listing the known ones, or an unknown `conv`.
     """
     spec = _spec(name)
-    return spec.constructor(num_classes=num_classes, dtype=dtype, **kwargs)
+    cpu_conv.check_conv(conv)
+    return spec.constructor(num_classes=num_classes, dtype=dtype, conv=conv,
+                            conv_groups=int(conv_groups), **kwargs)
 
 
 def model_input_shape(name: str) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import at_least_float32, conv2d, linear, max_pool
+from kd_jax.models.layers import at_least_float32, conv2d, conv_options, linear, max_pool
 
 
 class LeNet5(nn.Module):
@@ -29,6 +29,8 @@ class LeNet5(nn.Module):
     num_classes: int = 10
     widths: tuple[int, int, int, int] = (6, 16, 120, 84)
     dtype: Any = jnp.float32
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -36,13 +38,16 @@ class LeNet5(nn.Module):
         c1, c2, c3, f1 = self.widths
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = conv2d(c1, 5, in_features=x.shape[-1], use_bias=True, dtype=self.dtype, name="conv1")(x)
+        x = conv2d(c1, 5, in_features=x.shape[-1], use_bias=True, dtype=self.dtype,
+                   **conv_options(self), name="conv1")(x)
         x = max_pool(nn.relu(x), 2, 2)
         feats["stage1"] = x
-        x = conv2d(c2, 5, in_features=c1, use_bias=True, dtype=self.dtype, name="conv2")(x)
+        x = conv2d(c2, 5, in_features=c1, use_bias=True, dtype=self.dtype,
+                   **conv_options(self), name="conv2")(x)
         x = max_pool(nn.relu(x), 2, 2)
         feats["stage2"] = x
-        x = conv2d(c3, 5, in_features=c2, use_bias=True, dtype=self.dtype, name="conv3")(x)
+        x = conv2d(c3, 5, in_features=c2, use_bias=True, dtype=self.dtype,
+                   **conv_options(self), name="conv3")(x)
         x = nn.relu(x)
         if x.shape[1:3] != (1, 1):
             raise ValueError(

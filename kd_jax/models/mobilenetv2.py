@@ -27,6 +27,7 @@ from kd_jax.models.layers import (
     at_least_float32,
     batch_norm,
     conv2d,
+    conv_options,
     global_avg_pool,
     kaiming_normal_fan_out,
     linear,
@@ -55,9 +56,10 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
     return new_v
 
 
-def _conv(features, k, *, in_features, stride=1, groups=1, dtype, name):
+def _conv(features, k, *, in_features, stride=1, groups=1, dtype, name, **options):
     return conv2d(features, k, in_features=in_features, stride=stride, padding=(k - 1) // 2,
-                  groups=groups, kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
+                  groups=groups, kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name,
+                  **options)
 
 
 class InvertedResidual(nn.Module):
@@ -65,6 +67,8 @@ class InvertedResidual(nn.Module):
     stride: int
     expand_ratio: int
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -74,13 +78,14 @@ class InvertedResidual(nn.Module):
         out = x
         idx = 0
         if self.expand_ratio != 1:
-            out = _conv(hidden, 1, in_features=inp, dtype=self.dtype, name="conv_0_0")(out)
+            out = _conv(hidden, 1, in_features=inp, dtype=self.dtype, **conv_options(self),
+                        name="conv_0_0")(out)
             out = nn.relu6(batch_norm(train, dtype=self.dtype, name="conv_0_1")(out))
             idx = 1
         out = _conv(hidden, 3, in_features=hidden, stride=self.stride, groups=hidden,
-                    dtype=self.dtype, name=f"conv_{idx}_0")(out)
+                    dtype=self.dtype, **conv_options(self), name=f"conv_{idx}_0")(out)
         out = nn.relu6(batch_norm(train, dtype=self.dtype, name=f"conv_{idx}_1")(out))
-        out = _conv(self.out_planes, 1, in_features=hidden, dtype=self.dtype,
+        out = _conv(self.out_planes, 1, in_features=hidden, dtype=self.dtype, **conv_options(self),
                     name=f"conv_{idx + 1}")(out)
         out = batch_norm(train, dtype=self.dtype, name=f"conv_{idx + 2}")(out)
         return x + out if use_res else out
@@ -98,6 +103,8 @@ class MobileNetV2(nn.Module):
     # override of 1280·max(1, width_mult): reduced variants for tests.
     inverted_residual_setting: Any = INVERTED_RESIDUAL_SETTING
     last_channel: int | None = None
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -105,7 +112,7 @@ class MobileNetV2(nn.Module):
         x = jnp.asarray(x, self.dtype)
         inp = make_divisible(32 * self.width_mult)
         last = self.last_channel or make_divisible(1280 * max(1.0, self.width_mult))
-        x = _conv(inp, 3, in_features=x.shape[-1], stride=2, dtype=self.dtype,
+        x = _conv(inp, 3, in_features=x.shape[-1], stride=2, dtype=self.dtype, **conv_options(self),
                   name="features_0_0")(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
         idx = 1
@@ -113,11 +120,12 @@ class MobileNetV2(nn.Module):
             out_c = make_divisible(c * self.width_mult)
             for i in range(n):
                 x = InvertedResidual(out_c, s if i == 0 else 1, t, dtype=self.dtype,
-                                     name=f"features_{idx}")(x, train)
+                                     **conv_options(self), name=f"features_{idx}")(x, train)
                 idx += 1
             if c in (16, 24, 32, 96):
                 feats[f"stage{len(feats) + 1}"] = x
-        x = _conv(last, 1, in_features=x.shape[-1], dtype=self.dtype, name=f"features_{idx}_0")(x)
+        x = _conv(last, 1, in_features=x.shape[-1], dtype=self.dtype, **conv_options(self),
+                  name=f"features_{idx}_0")(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name=f"features_{idx}_1")(x))
         feats["stage5"] = x
         x = global_avg_pool(x)

@@ -17,7 +17,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models.layers import at_least_float32, batch_norm, conv2d, global_avg_pool, linear
+from kd_jax.models.layers import (
+    at_least_float32,
+    batch_norm,
+    conv2d,
+    conv_options,
+    global_avg_pool,
+    linear,
+)
 
 
 class BasicBlock(nn.Module):
@@ -26,20 +33,22 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_planes = x.shape[-1]
         out = conv2d(self.planes, 3, in_features=in_planes, stride=self.stride, padding=1,
-                     dtype=self.dtype, name="conv1")(x)
+                     dtype=self.dtype, **conv_options(self), name="conv1")(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = conv2d(self.planes, 3, in_features=self.planes, padding=1,
-                     dtype=self.dtype, name="conv2")(out)
+                     dtype=self.dtype, **conv_options(self), name="conv2")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
         shortcut = x
         if self.stride != 1 or in_planes != self.planes:
             shortcut = conv2d(self.planes, 1, in_features=in_planes, stride=self.stride,
-                              dtype=self.dtype, name="shortcut_0")(x)
+                              dtype=self.dtype, **conv_options(self), name="shortcut_0")(x)
             shortcut = batch_norm(train, dtype=self.dtype, name="shortcut_1")(shortcut)
         return nn.relu(out + shortcut)
 
@@ -51,20 +60,22 @@ class ResNetCifar(nn.Module):
     num_classes: int = 10
     dtype: Any = jnp.float32
     widths: Sequence[int] = (64, 128, 256, 512)  # stage widths; the stem has widths[0]
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         feats = {}
         x = jnp.asarray(x, self.dtype)
         x = conv2d(self.widths[0], 3, in_features=x.shape[-1], padding=1, dtype=self.dtype,
-                   name="conv1")(x)
+                   **conv_options(self), name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         for stage, (planes, n, stride) in enumerate(
             zip(self.widths, self.num_blocks, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
                 x = BasicBlock(planes, stride if i == 0 else 1, dtype=self.dtype,
-                               name=f"layer{stage}_{i}")(x, train)
+                               **conv_options(self), name=f"layer{stage}_{i}")(x, train)
             feats[f"stage{stage}"] = x
         x = global_avg_pool(x)
         feats["pre_logits"] = x

@@ -24,6 +24,7 @@ from kd_jax.models.layers import (
     at_least_float32,
     batch_norm,
     conv2d,
+    conv_options,
     global_avg_pool,
     kaiming_normal_fan_out,
     linear,
@@ -31,30 +32,32 @@ from kd_jax.models.layers import (
 )
 
 
-def _conv(features, k, *, in_features, stride=1, padding=0, dtype, name):
+def _conv(features, k, *, in_features, stride=1, padding=0, dtype, name, **options):
     return conv2d(features, k, in_features=in_features, stride=stride, padding=padding,
-                  kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
+                  kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name, **options)
 
 
 class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         inp = x.shape[-1]
         out = _conv(self.planes, 3, in_features=inp, stride=self.stride, padding=1,
-                    dtype=self.dtype, name="conv1")(x)
+                    dtype=self.dtype, **conv_options(self), name="conv1")(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = _conv(self.planes, 3, in_features=self.planes, padding=1, dtype=self.dtype,
-                    name="conv2")(out)
+                    **conv_options(self), name="conv2")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
         identity = x
         if self.stride != 1 or inp != self.planes:
             identity = _conv(self.planes, 1, in_features=inp, stride=self.stride,
-                             dtype=self.dtype, name="downsample_0")(x)
+                             dtype=self.dtype, **conv_options(self), name="downsample_0")(x)
             identity = batch_norm(train, dtype=self.dtype, name="downsample_1")(identity)
         return nn.relu(out + identity)
 
@@ -63,6 +66,8 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
     expansion = 4
 
     @nn.compact
@@ -70,17 +75,19 @@ class Bottleneck(nn.Module):
         inp = x.shape[-1]
         width = self.planes  # base_width 64, groups 1
         outp = self.planes * self.expansion
-        out = _conv(width, 1, in_features=inp, dtype=self.dtype, name="conv1")(x)
+        out = _conv(width, 1, in_features=inp, dtype=self.dtype, **conv_options(self),
+                    name="conv1")(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = _conv(width, 3, in_features=width, stride=self.stride, padding=1,
-                    dtype=self.dtype, name="conv2")(out)
+                    dtype=self.dtype, **conv_options(self), name="conv2")(out)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
-        out = _conv(outp, 1, in_features=width, dtype=self.dtype, name="conv3")(out)
+        out = _conv(outp, 1, in_features=width, dtype=self.dtype, **conv_options(self),
+                    name="conv3")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn3")(out)
         identity = x
         if self.stride != 1 or inp != outp:
             identity = _conv(outp, 1, in_features=inp, stride=self.stride, dtype=self.dtype,
-                             name="downsample_0")(x)
+                             **conv_options(self), name="downsample_0")(x)
             identity = batch_norm(train, dtype=self.dtype, name="downsample_1")(identity)
         return nn.relu(out + identity)
 
@@ -93,6 +100,8 @@ class ResNetImageNet(nn.Module):
     num_classes: int = 1000
     dtype: Any = jnp.float32
     widths: Sequence[int] = (64, 128, 256, 512)  # stage `planes`; the stem has widths[0]
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -100,7 +109,7 @@ class ResNetImageNet(nn.Module):
         feats = {}
         x = jnp.asarray(x, self.dtype)
         x = _conv(self.widths[0], 7, in_features=x.shape[-1], stride=2, padding=3, dtype=self.dtype,
-                  name="conv1")(x)
+                  **conv_options(self), name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = max_pool(x, 3, 2, padding=1)
         feats["stem"] = x
@@ -108,7 +117,7 @@ class ResNetImageNet(nn.Module):
             zip(self.widths, self.layers, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
-                x = block(planes, stride if i == 0 else 1, dtype=self.dtype,
+                x = block(planes, stride if i == 0 else 1, dtype=self.dtype, **conv_options(self),
                           name=f"layer{stage}_{i}")(x, train)
             feats[f"stage{stage}"] = x
         x = global_avg_pool(x)

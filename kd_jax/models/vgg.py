@@ -28,6 +28,7 @@ from kd_jax.models.layers import (
     at_least_float32,
     batch_norm,
     conv2d,
+    conv_options,
     global_avg_pool,
     kaiming_normal_fan_out,
     linear,
@@ -51,6 +52,8 @@ class VGG(nn.Module):
     cfg: Sequence[Sequence[int]] = CFGS["A"]
     num_classes: int = 10
     dtype: Any = jnp.float32
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -61,7 +64,8 @@ class VGG(nn.Module):
             for j, w in enumerate(widths):
                 x = conv2d(w, 3, in_features=x.shape[-1], padding=1, use_bias=True,
                            kernel_init=kaiming_normal_fan_out, bias_init="zeros",
-                           dtype=self.dtype, name=f"block{b}_{3 * j}")(x)
+                           dtype=self.dtype, **conv_options(self),
+                           name=f"block{b}_{3 * j}")(x)
                 x = batch_norm(train, dtype=self.dtype, name=f"block{b}_{3 * j + 1}")(x)
                 x = nn.relu(x)
             feats[f"stage{b}"] = x

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models.layers import at_least_float32, conv2d, normal_init
+from kd_jax.models.layers import at_least_float32, conv2d, conv_options, normal_init
 
 _trunc02 = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -42,12 +42,14 @@ class PatchEmbed(nn.Module):
     embed_dim: int
     patch_size: int
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
 
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
         x = conv2d(self.embed_dim, p, in_features=x.shape[-1], stride=p, use_bias=True,
-                   dtype=self.dtype, name="proj")(x)
+                   dtype=self.dtype, **conv_options(self), name="proj")(x)
         b, h, w, d = x.shape
         return x.reshape(b, h * w, d)
 
@@ -106,6 +108,8 @@ class VisionTransformer(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -117,7 +121,8 @@ class VisionTransformer(nn.Module):
                 f"{x.shape[1]}x{x.shape[2]}; create it with img_size={x.shape[1]}"
             )
         d = self.embed_dim
-        x = PatchEmbed(d, self.patch_size, dtype=self.dtype, name="patch_embed")(x)
+        x = PatchEmbed(d, self.patch_size, dtype=self.dtype, **conv_options(self),
+                       name="patch_embed")(x)
         b, n, _ = x.shape
         cls = self.param("cls_token", normal_init(1e-6), (1, 1, d), jnp.float32)
         pos = self.param("pos_embed", _trunc02, (1, 1 + n, d), jnp.float32)

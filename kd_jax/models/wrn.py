@@ -28,6 +28,7 @@ from kd_jax.models.layers import (
     at_least_float32,
     batch_norm,
     conv2d,
+    conv_options,
     global_avg_pool,
     kaiming_normal_fan_out,
     linear,
@@ -39,6 +40,8 @@ class WRNBlock(nn.Module):
     stride: int = 1
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -48,18 +51,20 @@ class WRNBlock(nn.Module):
         if not equal_in_out:
             x = o  # the reference's shortcut sees the pre-activated input
         out = conv2d(self.out_planes, 3, in_features=in_planes, stride=self.stride, padding=1,
-                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, name="conv1")(o)
+                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, **conv_options(self),
+                     name="conv1")(o)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
         if self.dropout_rate > 0:
             out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
         out = conv2d(self.out_planes, 3, in_features=self.out_planes, padding=1,
-                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, name="conv2")(out)
+                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, **conv_options(self),
+                     name="conv2")(out)
         if equal_in_out:
             shortcut = x
         else:
             shortcut = conv2d(self.out_planes, 1, in_features=in_planes, stride=self.stride,
                               kernel_init=kaiming_normal_fan_out, dtype=self.dtype,
-                              name="convShortcut")(x)
+                              **conv_options(self), name="convShortcut")(x)
         return shortcut + out
 
 
@@ -71,12 +76,14 @@ class NetworkBlock(nn.Module):
     stride: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i in range(self.nb_layers):
             x = WRNBlock(self.out_planes, self.stride if i == 0 else 1, self.dropout_rate,
-                         dtype=self.dtype, name=f"layer_{i}")(x, train)
+                         dtype=self.dtype, **conv_options(self), name=f"layer_{i}")(x, train)
         return x
 
 
@@ -89,6 +96,8 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     base_width: int = 16  # stem width; groups have base·k, 2·base·k, 4·base·k channels
+    conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
+    conv_groups: int = 1  # data-parallel shards of the batch
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -100,11 +109,11 @@ class WideResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         b = self.base_width
         x = conv2d(b, 3, in_features=x.shape[-1], padding=1, kernel_init=kaiming_normal_fan_out,
-                   dtype=self.dtype, name="conv1")(x)
+                   dtype=self.dtype, **conv_options(self), name="conv1")(x)
         for g, (planes, stride) in enumerate(zip((b * k, 2 * b * k, 4 * b * k), (1, 2, 2)),
                                              start=1):
             x = NetworkBlock(n, planes, stride, self.dropout_rate, dtype=self.dtype,
-                             name=f"block{g}")(x, train)
+                             **conv_options(self), name=f"block{g}")(x, train)
             feats[f"stage{g}"] = x
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = global_avg_pool(x)
