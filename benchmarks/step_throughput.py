@@ -101,12 +101,13 @@ def flops_of_native(fn, *args) -> float | None:
 
 
 def build_method(name: str, pair: str, batch: int, dtype: str, mesh):
-    """The method object for `pair`, with a random teacher instead of one read from disk."""
+    """`train.build` of the method for `pair`, handed a random teacher (no checkpoint read)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from kd_jax import config_utils, models, parallel
-    from kd_jax.methods import get_method
+    from kd_jax import config_utils, models, parallel, train
+    from kd_jax.teacher import FrozenTeacher
 
     teacher, student, size, channels, classes, dataset, _, _ = PAIRS[pair]
     path = os.path.join(ROOT, "configs", f"{name}_{dataset}.py")
@@ -123,18 +124,15 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh):
         c.data.normalization = "imagenet"
     c.batch_size = c.eval_batch_size = batch
     c.dtype = dtype
-    cls = get_method(c.method)
-
-    class Bench(cls):  # the method as written, minus reading a teacher checkpoint
-        def _load_teacher(self):
-            self.teacher_info = {"final_accuracy": None}
-            self.teacher_model = models.create_model(teacher, classes, dtype=self.student.dtype)
-            x = np.zeros((1, size, size, channels), np.float32)
-            v = jax.device_get(self.teacher_model.init(jax.random.PRNGKey(1), x, train=False))
-            self.teacher_vars = parallel.replicate(
-                {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, self.mesh)
-
-    return Bench(c, "/tmp/kd_jax_step_throughput_unused", mesh), c
+    c.num_steps = 1000  # the schedule's length (the lr does not change the step's cost)
+    model = models.create_model(teacher, classes, dtype=jnp.dtype(dtype))
+    x = np.zeros((1, size, size, channels), np.float32)
+    v = jax.device_get(model.init(jax.random.PRNGKey(1), x, train=False))
+    frozen = FrozenTeacher(model, parallel.replicate(
+        {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, mesh),
+        {"final_accuracy": None})
+    return train.build(c, "/tmp/kd_jax_step_throughput_unused", mesh, teacher=frozen,
+                       prepare=False), c
 
 
 def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
@@ -143,10 +141,8 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
 
     from kd_jax import parallel
 
-    method, c = build_method(name, pair, batch, dtype, mesh)
-    method.build_optimizer(1000)
-    replicated = parallel.replicated(mesh)
-    state = jax.jit(method.init_state, out_shardings=replicated)(jax.random.PRNGKey(0))
+    built, c = build_method(name, pair, batch, dtype, mesh)
+    method, state, step = built.method, built.state, built.train_step
     size, channels = c.data.image_size, c.data.channels
     rng = np.random.default_rng(0)
     local = {"image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
@@ -156,7 +152,6 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
         local["image2"] = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
     gbatch = parallel.global_batch(local, mesh)
     key = parallel.replicate(jax.random.PRNGKey(2), mesh)
-    step = jax.jit(method.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
     t = time.perf_counter()
     compiled = step.lower(state, method.teacher_vars, gbatch, key).compile()
     compile_s = time.perf_counter() - t

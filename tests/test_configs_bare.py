@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from kd_jax import config_utils, methods, parallel, prerequisites, train
+from kd_jax import config_utils, methods, parallel, prerequisites, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -85,7 +85,7 @@ def test_bare_config_starts_training_or_names_every_missing_key(name, tmp_path, 
     workdir = str(tmp_path / "run")
     plan, missing = prerequisites.plan(config, workdir)
     try:
-        train.train_and_evaluate(config, workdir)
+        run.run(config, workdir)
     except FirstStep as started:
         assert not missing, missing
         first = plan.stages[0]  # e.g. the teacher, trained first into <workdir>/teacher
