@@ -163,7 +163,7 @@ for name in step_throughput.METHODS:
     print(name, "traced")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("traced") == 4, proc.stdout
 
