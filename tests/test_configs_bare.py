@@ -181,7 +181,7 @@ def test_remote_paths_are_left_to_the_pipeline(tmp_path):
 
 
 def test_load_teacher_without_workdir_or_train_config_names_both_keys(tmp_path):
-    """Method._load_teacher called directly (a notebook, no preflight), teacher.train empty."""
+    """A method built directly (a notebook, no preflight) with teacher.train empty."""
     c = config_utils.load_config(os.path.join(CONFIG_DIR, "kd_mnist.py"))
     c.teacher.train = ml_collections.ConfigDict()
     with pytest.raises(prerequisites.MissingPrerequisites) as err:
