@@ -17,8 +17,8 @@ The walk is driven by the config alone (no table of config files):
   its keys named under `teacher.train.`) -- and streams `config.data.transfer`. A method that
   chains NCD stage 1 (one with `stage1_config`, while `ncd.pretrain.enabled`) needs a finished
   stage-1 run in `ncd.pretrain.workdir` or trains `stage1_config(config)` (built from
-  `ncd.pretrain.train`) into `<workdir>/pretrain` first. A stage-1 run that fine-tunes only `ncd.trainable` of its
-  backbone needs the pretrained weights in `ncd.backbone_workdir`.
+  `ncd.pretrain.train`) into `<workdir>/pretrain` first. A stage-1 run that fine-tunes only
+  `ncd.trainable` of its backbone needs the pretrained weights in `ncd.backbone_workdir`.
 * every stage evaluates on `config.data.target` (and trains on its `train_split` unless it
   distils from `data.transfer`); each data source is checked by its `source`: `tfds` (the
   dataset is prepared in `data_dir`, or TFDS's default / `TFDS_DATA_DIR`), `npz` / `folder`

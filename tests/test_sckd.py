@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import config, max_distance, record
 
-from kd_jax import losses, metrics, parallel, train
+from kd_jax import losses, metrics, parallel
 from kd_jax.methods import get_method, sckd
 
 # ----- Hungarian clustering accuracy ----------------------------------------------------------
