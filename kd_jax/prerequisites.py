@@ -158,7 +158,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     stages: list[Stage] = []
     missing = _Collector()
     # A remote workdir is not looked up here: the loop reads its results.json.
-    if not (_exists(workdir) and finished(workdir, config)):
+    if _is_remote(workdir) or not finished(workdir, config):
         _walk(config, workdir, "", stages, missing, check_target=True,
               teacher_given=teacher_given)
     return Plan(stages), missing.items
@@ -207,7 +207,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
 def _teacher(config, workdir, prefix, stages, missing):
     teacher = config.teacher
     path = teacher.workdir or fileio.join(workdir, "teacher")
-    if _exists(fileio.join(path, "results.json")) is not False:
+    if _is_remote(path) or finished(path):
         return  # a finished (or converted) teacher, or a remote one the run will read
     train = teacher.get("train")
     if teacher.workdir or not train or not train.get("method"):
@@ -266,7 +266,7 @@ def _teacher_fix(config, prefix) -> tuple[str, ...]:
 def _stage1(cls, config, workdir, prefix, stages, missing):
     pre = config.ncd.pretrain
     path = pre.workdir or fileio.join(workdir, "pretrain")
-    if _exists(fileio.join(path, "results.json")) is not False:
+    if _is_remote(path) or finished(path):
         return
     key = prefix + "ncd.pretrain.workdir"
     fix = ("DIR: a finished stage-1 run of this config's `pretrain` argument "
