@@ -40,7 +40,7 @@ KEYS = {"teacher accuracy": "final_accuracy", "EIKD accuracy": "final_accuracy",
 def run_seed(seed: int, out: str, teacher0: str | None) -> dict:
     from helpers import config
 
-    from kd_jax import train
+    from kd_jax import run, train
     results = {}
     teacher = os.path.join(out, f"teacher_s{seed}")
     c = config("teacher_mnist.py", "smoke", seed=seed, async_checkpoints=False)
@@ -53,7 +53,7 @@ def run_seed(seed: int, out: str, teacher0: str | None) -> dict:
         if extra is not None:  # SCKD trains without a teacher
             overrides.update({"teacher.workdir": teacher0, **extra})
         c = config(cfg, "smoke", **overrides)
-        results[name] = train.train_and_evaluate(c, os.path.join(out, f"{name}_s{seed}"))
+        results[name] = run.run(c, os.path.join(out, f"{name}_s{seed}"))  # SCKD: stage 1 first
     return results
 
 

@@ -84,13 +84,14 @@ def flops_of(compiled) -> float | None:
 
 
 def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str = "auto"):
-    """The method object for `pair`, with a random teacher instead of one read from disk;
+    """`train.build` of the method for `pair`, handed a random teacher (no checkpoint read);
     `conv` is `config.model.conv` (the convolution algorithm of both models)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from kd_jax import config_utils, models, parallel
-    from kd_jax.methods import get_method
+    from kd_jax import config_utils, models, parallel, train
+    from kd_jax.teacher import FrozenTeacher
 
     teacher, student, size, channels, classes, dataset, _, _ = PAIRS[pair]
     path = os.path.join(ROOT, "configs", f"{name}_{dataset}.py")
@@ -108,19 +109,16 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str =
     c.batch_size = c.eval_batch_size = batch
     c.dtype = dtype
     c.model.conv = conv
-    cls = get_method(c.method)
-
-    class Bench(cls):  # the method as written, minus reading a teacher checkpoint
-        def _load_teacher(self):
-            self.teacher_info = {"final_accuracy": None}
-            self.teacher_model = models.create_model(teacher, classes, dtype=self.student.dtype,
-                                                     conv=conv, conv_groups=self.mesh.size)
-            x = np.zeros((1, size, size, channels), np.float32)
-            v = jax.device_get(self.teacher_model.init(jax.random.PRNGKey(1), x, train=False))
-            self.teacher_vars = parallel.replicate(
-                {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, self.mesh)
-
-    return Bench(c, "/tmp/kd_jax_step_throughput_unused", mesh), c
+    c.num_steps = 1000  # the schedule's length (the lr does not change the step's cost)
+    model = models.create_model(teacher, classes, dtype=jnp.dtype(dtype), conv=conv,
+                                conv_groups=mesh.size)
+    x = np.zeros((1, size, size, channels), np.float32)
+    v = jax.device_get(model.init(jax.random.PRNGKey(1), x, train=False))
+    frozen = FrozenTeacher(model, parallel.replicate(
+        {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, mesh),
+        {"final_accuracy": None})
+    return train.build(c, "/tmp/kd_jax_step_throughput_unused", mesh, teacher=frozen,
+                       prepare=False), c
 
 
 def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
@@ -129,10 +127,8 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
 
     from kd_jax import parallel
 
-    method, c = build_method(name, pair, batch, dtype, mesh)
-    method.build_optimizer(1000)
-    replicated = parallel.replicated(mesh)
-    state = jax.jit(method.init_state, out_shardings=replicated)(jax.random.PRNGKey(0))
+    built, c = build_method(name, pair, batch, dtype, mesh)
+    method, state, step = built.method, built.state, built.train_step
     size, channels = c.data.image_size, c.data.channels
     rng = np.random.default_rng(0)
     local = {"image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
@@ -142,16 +138,14 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
         local["image2"] = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
     gbatch = parallel.global_batch(local, mesh)
     key = parallel.replicate(jax.random.PRNGKey(2), mesh)
-    step = jax.jit(method.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
     t = time.perf_counter()
     compiled = step.lower(state, method.teacher_vars, gbatch, key).compile()
     compile_s = time.perf_counter() - t
     # XLA's cost analysis counts a loop body once, so the CPU's chunked convolutions (a loop over
     # the batch) would be undercounted: FLOPs of the same step with XLA's own convolutions (the
     # direct convolutions' count; Winograd layers do 2.25x fewer multiplies).
-    xla_method, _ = build_method(name, pair, batch, dtype, mesh, conv="xla")
-    xla_method.build_optimizer(1000)
-    flops = flops_of(jax.jit(xla_method.train_step).lower(
+    xla_built, _ = build_method(name, pair, batch, dtype, mesh, conv="xla")
+    flops = flops_of(jax.jit(xla_built.method.train_step).lower(
         state, method.teacher_vars, gbatch, key).compile())
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, method.teacher_vars, gbatch, key)

@@ -11,33 +11,33 @@ and SCKD). Stage 2: batch 512, SGD 0.4 (10 warm-up epochs, cosine to 1e-3), wd 1
 3× over-clustering heads, projector 512 → 2048 → 128, SCKD ramp over 10 epochs. About 1.5 hours
 per split on one A100-class GPU (untimed here). `:smoke` shrinks it to seconds (tests).
 """
-from kd_jax import config_utils, ncd_config
+from kd_jax import config_utils
+from kd_jax.methods import sckd
 
 SPLITS = {"80_20": (80, 20), "50_50": (50, 50)}
 
 
 def get_config(arg="80_20"):
-    flags = config_utils.parse_arg(arg, ncd_config.ARGS + tuple(SPLITS), __file__)
+    flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS + tuple(SPLITS), __file__)
     chosen = [s for s in SPLITS if s in flags]
     if len(chosen) > 1:
         raise ValueError(f"{__file__}: pick one split of {sorted(SPLITS)}")
-    split = chosen[0] if chosen else "80_20"
-    num_known, num_novel = SPLITS[split]
-    c = config_utils.base_config()
-    config_utils.cifar_data(c, "cifar100")
-    ncd_config.add_ncd_keys(c, num_known=num_known, num_novel=num_novel)
-    c.model.name = "resnet18_cifar"
-    if "pretrain" in flags:
-        c.method, c.ncd.pretrain.enabled = "ncd_pretrain", False
-        ncd_config.schedule(c, images=500 * num_known, batch=256, epochs=200, lr=0.1,
-                            weight_decay=1e-4, warmup_epochs=10, end_lr=1e-3)
-    else:
-        c.method = "uno" if "uno" in flags else "sckd"
-        c.ncd.pretrain.train = config_utils.sibling(
-            __file__, "sckd_cifar100.py", f"{split},pretrain" + (",smoke" if "smoke" in flags
-                                                                   else ""))
-        ncd_config.schedule(c, images=50000, batch=512, epochs=200, lr=0.4,
-                            weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3, ramp_epochs=10)
-    if "smoke" in flags:
-        ncd_config.smoke(c)
-    return c
+    num_known, num_novel = SPLITS[chosen[0] if chosen else "80_20"]
+
+    def build(stage):
+        c = config_utils.base_config()
+        config_utils.cifar_data(c, "cifar100")
+        c.update(sckd.default_config(num_known=num_known, num_novel=num_novel))
+        c.model.name = "resnet18_cifar"
+        if stage == "pretrain":
+            config_utils.ncd_schedule(c, images=500 * num_known, batch=256, epochs=200, lr=0.1,
+                                      weight_decay=1e-4, warmup_epochs=10, end_lr=1e-3)
+        else:
+            config_utils.ncd_schedule(c, images=50000, batch=512, epochs=200, lr=0.4,
+                                      weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3,
+                                      ramp_epochs=10)
+        if "smoke" in flags:
+            config_utils.ncd_smoke(c)
+        return c
+
+    return config_utils.ncd_stages(build, flags, __file__)

@@ -10,15 +10,22 @@ the teacher-import tool `python -m kd_jax.tools.convert_torch` into a workdir an
 at once naming it, with the TFDS data if that is not prepared: `tfds build caltech_birds2011`).
 Known = labels 0–99, novel = 100–199 by default; the semantic-shift-benchmark split that Cr-KD
 uses goes in `--config.ncd.known_classes=(...)` / `--config.ncd.novel_classes=(...)` (in both
-stages). Protocol: `kd_jax.ncd_config.fine_grained`. About 1 hour on one A100-class GPU (untimed
+stages). Protocol: `kd_jax.config_utils.ncd_fine_grained`. About 1 hour on one A100-class GPU (untimed
 here). `:uno` for the UNO base, `:pretrain` for stage 1 only, `:smoke` for seconds (tests).
 """
-from kd_jax import config_utils, ncd_config
+from kd_jax import config_utils
+from kd_jax.methods import sckd
 
 
 def get_config(arg=None):
-    flags = config_utils.parse_arg(arg, ncd_config.ARGS, __file__)
+    flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
+                                   __file__)
+
+
+def _config(stage, smoke):
     c = config_utils.base_config()
     c.data.target.source, c.data.target.name = "tfds", "caltech_birds2011"
-    ncd_config.fine_grained(c, flags, __file__, num_known=100, num_novel=100, train_images=5994)
+    c.update(sckd.default_config(num_known=100, num_novel=100))
+    config_utils.ncd_fine_grained(c, stage, smoke, train_images=5994)
     return c

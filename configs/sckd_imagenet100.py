@@ -16,28 +16,35 @@ Each stream is filtered by class from the full train split: the first pass count
 (one read of the split). Roughly a day on one A100-class GPU (untimed here).
 `:smoke` shrinks it to seconds (tests, on `tfds.testing.mock_data`).
 """
-from kd_jax import config_utils, ncd_config
+from kd_jax import config_utils
+from kd_jax.methods import sckd
 
 IMAGES_PER_CLASS = 1300  # ImageNet-1k train images per class (about; for the schedule only)
 
 
 def get_config(arg=None):
-    flags = config_utils.parse_arg(arg, ncd_config.ARGS, __file__)
+    flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
+                                   __file__)
+
+
+def _config(stage, smoke):
     c = config_utils.base_config()
     c.num_classes = 100
     c.data.image_size, c.data.channels, c.data.normalization = 224, 3, "imagenet"
     c.data.augment, c.data.eval_crop = "inception", 0.875
     c.data.target.source, c.data.target.name = "tfds", "imagenet2012"
     c.data.target.train_split, c.data.target.eval_split = "train", "validation"
-    ncd_config.add_ncd_keys(c, num_known=50, num_novel=50)
+    c.update(sckd.default_config(num_known=50, num_novel=50))
     c.ncd.subset_seed, c.ncd.total_classes = 0, 1000
     c.model.name = "resnet18"
-    if ncd_config.stage(c, flags, __file__) == "pretrain":
-        ncd_config.schedule(c, images=50 * IMAGES_PER_CLASS, batch=256, epochs=100, lr=0.1,
-                            weight_decay=1e-4, warmup_epochs=5, end_lr=1e-3)
+    if stage == "pretrain":
+        config_utils.ncd_schedule(c, images=50 * IMAGES_PER_CLASS, batch=256, epochs=100,
+                                  lr=0.1, weight_decay=1e-4, warmup_epochs=5, end_lr=1e-3)
     else:
-        ncd_config.schedule(c, images=100 * IMAGES_PER_CLASS, batch=512, epochs=60, lr=0.4,
-                            weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3, ramp_epochs=10)
-    if "smoke" in flags:
-        ncd_config.smoke(c)
+        config_utils.ncd_schedule(c, images=100 * IMAGES_PER_CLASS, batch=512, epochs=60,
+                                  lr=0.4, weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3,
+                                  ramp_epochs=10)
+    if smoke:
+        config_utils.ncd_smoke(c)
     return c

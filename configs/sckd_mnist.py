@@ -10,13 +10,19 @@ on 2 idle CPU cores in all; measured only on a shared 2-core machine at load ~16
 7 minutes, 150 discovery steps in 11 (so ~20 minutes for the 300 here). Arguments: `uno` (the UNO base: no SCKD terms), `pretrain`
 (stage 1 only), `smoke` (seconds; tests).
 """
-from kd_jax import config_utils, ncd_config
+from kd_jax import config_utils
+from kd_jax.methods import sckd
 
 
 def get_config(arg=None):
-    flags = config_utils.parse_arg(arg, ncd_config.ARGS, __file__)
+    flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
+                                   __file__)
+
+
+def _config(stage, smoke):
     c = config_utils.base_config()
-    ncd_config.add_ncd_keys(c, num_known=5, num_novel=5)
+    c.update(sckd.default_config(num_known=5, num_novel=5))
     c.num_classes = 10
     c.model.name = "lenet5"
     c.data.image_size, c.data.channels, c.data.normalization = 32, 1, "mnist"
@@ -28,8 +34,7 @@ def get_config(arg=None):
     # instance-level InfoNCE of L_SMI overrides the clustering objective on this benchmark
     # (known-class accuracy falls to chance; see benchmarks/results/offline_sckd.md).
     c.sckd.lambda_smi, c.sckd.lambda_sc = 0.1, 0.1
-    smoke = "smoke" in flags
-    if ncd_config.stage(c, flags, __file__) == "pretrain":
+    if stage == "pretrain":
         c.batch_size, c.num_steps = 128, 300
         c.optimizer.update(lr=0.05, weight_decay=5e-4, warmup_steps=20)
         c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300

@@ -143,3 +143,93 @@ def offline_student(config_file: str, method: str, smoke: bool) -> ml_collection
     c.data = c.teacher.train.data.copy_and_resolve_references()
     c.data.transfer.source = "offline_pool"
     return c
+
+
+# ----- NCD configs (configs/sckd_*.py); their keys are `kd_jax.methods.sckd.default_config` ----
+
+NCD_ARGS = ("uno", "pretrain", "smoke")
+
+
+def ncd_stages(build, flags: set, config_file: str) -> ml_collections.ConfigDict:
+    """The config an NCD file's argument asks for, from `build(stage)` -> the config of stage
+    "pretrain" (NCD stage 1) or "discover": `pretrain` gives stage 1 alone (`ncd_pretrain`);
+    otherwise discovery (`uno` with the `uno` flag, else `sckd`) with stage 1 in
+    `ncd.pretrain.train` (kd_jax.run trains it first, on discovery's data and class split)."""
+    if "pretrain" in flags and "uno" in flags:
+        raise ValueError(f"{config_file}: `pretrain` and `uno` exclude each other")
+
+    def stage1():
+        c = build("pretrain")
+        c.method = "ncd_pretrain"
+        c.ncd.pretrain.enabled = False
+        return c
+
+    if "pretrain" in flags:
+        return stage1()
+    c = build("discover")
+    c.method = "uno" if "uno" in flags else "sckd"
+    c.ncd.pretrain.train = stage1()
+    return c
+
+
+def epochs_to_steps(images: int, batch: int, epochs: float) -> int:
+    return max(1, int(round(images / batch * epochs)))
+
+
+def ncd_schedule(c: ml_collections.ConfigDict, *, images: int, batch: int, epochs: float,
+                 lr: float, weight_decay: float, warmup_epochs: float = 0.0, end_lr: float = 0.0,
+                 ramp_epochs: float = 0.0) -> None:
+    """SGD with warm-up + cosine, sized in epochs of `images` training images (UNO style)."""
+    c.batch_size = batch
+    c.num_steps = epochs_to_steps(images, batch, epochs)
+    c.optimizer.update(name="sgd", lr=lr, momentum=0.9, weight_decay=weight_decay,
+                       schedule="cosine", end_lr=end_lr,
+                       warmup_steps=epochs_to_steps(images, batch, warmup_epochs)
+                       if warmup_epochs else 0)
+    c.sckd.ramp_steps = epochs_to_steps(images, batch, ramp_epochs) if ramp_epochs else 0
+    c.log_every = min(100, max(1, c.num_steps // 20))
+    c.eval_every = max(1, c.num_steps // 10)
+    c.checkpoint_every = min(1000, c.num_steps)
+
+
+def ncd_smoke(c: ml_collections.ConfigDict) -> None:
+    """A seconds-long run of any NCD config (tests): LeNet-5 at 32 px, tiny heads, 2 steps."""
+    c.model.name = "lenet5"
+    c.data.image_size, c.data.eval_crop = 32, 1.0
+    c.data.augment = "crop_flip" if c.data.augment == "inception" else c.data.augment
+    c.data.shuffle_buffer = 64
+    c.ncd.hidden_dim, c.ncd.proj_dim, c.ncd.num_heads = 16, 8, 2
+    c.ncd.trainable, c.ncd.backbone_workdir = (), ""
+    c.ncd.max_train_eval_examples = 16
+    c.data.target.max_eval_examples = 16
+    c.batch_size, c.eval_batch_size, c.num_steps = 16, 16, 2
+    c.optimizer.warmup_steps = 0
+    c.sckd.ramp_steps = 1
+    c.log_every, c.eval_every, c.checkpoint_every = 1, 2, 2
+
+
+def ncd_fine_grained(c: ml_collections.ConfigDict, stage: str, smoke: bool, *,
+                     train_images: int) -> None:
+    """The fine-grained protocol (CUB, Stanford Cars, FGVC-Aircraft) on DINO ViT-B/16, for
+    `stage` "pretrain" or "discover" of a config holding the NCD keys.
+
+    Following Cr-KD's discovery configs: 224 px, only the last block (and the final norm)
+    fine-tuned, 2 heads, projector 768 → 2048 → 256, SGD 1e-3 → 1e-4, 100 epochs, batch 512
+    (stage 1 the same on the known classes). DINO weights enter through stage 1's
+    `ncd.backbone_workdir` (a workdir written by `python -m kd_jax.tools.convert_torch`).
+    """
+    num_known, num_novel = c.ncd.num_known, c.ncd.num_novel
+    c.num_classes = num_known + num_novel
+    c.data.image_size, c.data.channels, c.data.normalization = 224, 3, "imagenet"
+    c.data.augment, c.data.eval_crop = "inception", 0.875
+    c.model.name = "vit_b16"
+    c.ncd.trainable = ("blocks_11", "norm")
+    c.ncd.num_heads, c.ncd.proj_dim = 2, 256
+    c.data.target.train_split, c.data.target.eval_split = "train", "test"
+    images = train_images * (num_known if stage == "pretrain" else num_known + num_novel) \
+        // (num_known + num_novel)
+    ncd_schedule(c, images=images, batch=512 if stage == "discover" else 256, epochs=100,
+                 lr=1e-3, weight_decay=1.5e-4, warmup_epochs=0, end_lr=1e-4,
+                 ramp_epochs=10 if stage == "discover" else 0)
+    if smoke:
+        ncd_smoke(c)

@@ -1,6 +1,6 @@
 """`python -m kd_jax.main --config=configs/<name>.py[:arg] --workdir=DIR [--config.key=value]`.
 
-Flags only; the loop lives in kd_jax/train.py. The config is locked, so a misspelt
+Flags only; the stages are run by kd_jax/run.py, each through the loop in kd_jax/train.py. The config is locked, so a misspelt
 `--config.key` fails at once with the key named.
 """
 import os
@@ -21,9 +21,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from kd_jax import prerequisites, train
+    from kd_jax import prerequisites, run
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        run.run(FLAGS.config, FLAGS.workdir)
     except prerequisites.MissingPrerequisites as e:  # one block, no traceback; exit status 1
         raise SystemExit(f"{config_flags.get_config_filename(FLAGS['config'])}: {e}") from None
 

@@ -2,11 +2,12 @@
 
     plan = prerequisites.check(config, workdir)   # raises MissingPrerequisites, or returns a Plan
 
-`train.train_and_evaluate` calls `check` first: before a model is built, a program compiled or
-a file downloaded, it walks the stages the run will go through and either returns the `Plan`
-(the stages to train, in order: e.g. the teacher into `<workdir>/teacher`, then the student) or
-raises `MissingPrerequisites` naming **every** missing item at once, each as the `--config.key=`
-flag that supplies it and the command that makes it.
+`kd_jax.run.run` calls `check` first: before a model is built, a program compiled or a file
+downloaded, it walks the stages the run will go through and either returns the `Plan` (the
+stages to train, in order, each with its config: e.g. the teacher into `<workdir>/teacher`,
+then the student) or raises `MissingPrerequisites` naming **every** missing item at once, each
+as the `--config.key=` flag that supplies it and the command that makes it. `finished` is the
+one test of "this stage is done" (its results.json).
 
 The walk is driven by the config alone (no table of config files):
 
@@ -15,9 +16,9 @@ The walk is driven by the config alone (no table of config files):
   teacher config `teacher.train`, trained first into `<workdir>/teacher` (walked the same way,
   its keys named under `teacher.train.`) -- and streams `config.data.transfer`. A method that
   chains NCD stage 1 (one with `stage1_config`, while `ncd.pretrain.enabled`) needs a finished
-  stage-1 run in `ncd.pretrain.workdir` or trains `ncd.pretrain.train` into
-  `<workdir>/pretrain` first. A stage-1 run that fine-tunes only `ncd.trainable` of its
-  backbone needs the pretrained weights in `ncd.backbone_workdir`.
+  stage-1 run in `ncd.pretrain.workdir` or trains `stage1_config(config)` (built from
+  `ncd.pretrain.train`) into `<workdir>/pretrain` first. A stage-1 run that fine-tunes only
+  `ncd.trainable` of its backbone needs the pretrained weights in `ncd.backbone_workdir`.
 * every stage evaluates on `config.data.target` (and trains on its `train_split` unless it
   distils from `data.transfer`); each data source is checked by its `source`: `tfds` (the
   dataset is prepared in `data_dir`, or TFDS's default / `TFDS_DATA_DIR`), `npz` / `folder`
@@ -32,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import textwrap
-import types
 
 import ml_collections
 
@@ -63,6 +63,22 @@ class Missing:
             else:
                 lines += textwrap.wrap(line, 96, initial_indent="   ", subsequent_indent="   ")
         return "\n".join(lines)
+
+
+def finished(workdir: str, config: ml_collections.ConfigDict | None = None) -> bool:
+    """Whether the run in `workdir` has finished: its results.json is there and, given the
+    config it was asked to train, records that config's `num_steps`. Without a config (a
+    teacher or stage-1 workdir named by the user, perhaps a converted checkpoint) results.json
+    alone says so."""
+    path = fileio.join(workdir, "results.json")
+    if not fileio.exists(path):
+        return False
+    if config is None:
+        return True
+    try:
+        return fileio.read_json(path).get("steps") == config.num_steps
+    except (OSError, ValueError):
+        return False
 
 
 class MissingPrerequisites(FileNotFoundError, ValueError):
@@ -112,21 +128,39 @@ class Plan:
         return "[kd_jax] plan: " + " -> ".join(str(s) for s in self.stages)
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
-    """The `Plan` of this run, or `MissingPrerequisites` listing every missing item at once."""
-    found, missing = plan(config, workdir)
+class UnfinishedPrerequisites(RuntimeError):
+    """`train.train_and_evaluate` runs one stage: raised when the stages before it (a teacher,
+    NCD stage 1) have not finished. `kd_jax.run.run` (and `python -m kd_jax.main`) trains them."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        *before, last = plan.stages
+        super().__init__(
+            f"{last.method} in {last.workdir} needs stages that have not finished: "
+            + "; ".join(str(s) for s in before)
+            + ". train.train_and_evaluate trains one stage; kd_jax.run.run(config, workdir) "
+              "(what python -m kd_jax.main --config=... --workdir=... calls) trains them first.")
+
+
+def check(config: ml_collections.ConfigDict, workdir: str, teacher_given: bool = False) -> Plan:
+    """The `Plan` of this run, or `MissingPrerequisites` listing every missing item at once.
+    `teacher_given`: the caller hands the method its teacher (no teacher stage, no workdir)."""
+    found, missing = plan(config, workdir, teacher_given)
     if missing:
         raise MissingPrerequisites(missing)
     return found
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str) -> tuple[Plan, list[Missing]]:
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         teacher_given: bool = False) -> tuple[Plan, list[Missing]]:
     """(the stages to train, everything missing); never raises for a missing prerequisite."""
     workdir = fileio.absolute(workdir)
     stages: list[Stage] = []
     missing = _Collector()
-    if not _finished(config, workdir):
-        _walk(config, workdir, "", stages, missing, check_target=True)
+    # A remote workdir is not looked up here: the loop reads its results.json.
+    if _is_remote(workdir) or not finished(workdir, config):
+        _walk(config, workdir, "", stages, missing, check_target=True,
+              teacher_given=teacher_given)
     return Plan(stages), missing.items
 
 
@@ -134,7 +168,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> tuple[Plan, list[Mi
 # The walk
 # ---------------------------------------------------------------------------------------------
 
-def _walk(config, workdir, prefix, stages, missing, check_target):
+def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=False):
     from kd_jax import methods
     name = config.get("method", "")
     try:
@@ -144,7 +178,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target):
             raise
         raise ValueError(f"config.{prefix[:-1]}: {e}") from None
     transfer = config.data.transfer
-    if cls.uses_teacher:
+    if cls.uses_teacher and not teacher_given:
         _teacher(config, workdir, prefix, stages, missing)
     ncd = config.get("ncd")
     chains_stage1 = hasattr(cls, "stage1_config") and ncd is not None
@@ -173,7 +207,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target):
 def _teacher(config, workdir, prefix, stages, missing):
     teacher = config.teacher
     path = teacher.workdir or fileio.join(workdir, "teacher")
-    if _exists(fileio.join(path, "results.json")) is not False:
+    if _is_remote(path) or finished(path):
         return  # a finished (or converted) teacher, or a remote one the run will read
     train = teacher.get("train")
     if teacher.workdir or not train or not train.get("method"):
@@ -184,19 +218,23 @@ def _teacher(config, workdir, prefix, stages, missing):
 
 def missing_teacher(config, workdir: str, prefix: str = "") -> Missing:
     """The item for a teacher that is neither finished in `teacher.workdir` nor trainable
-    from `teacher.train` (also raised by `Method._load_teacher` when called directly)."""
+    from `teacher.train` (also raised by `kd_jax.teacher.load_teacher`, which only reads)."""
     key = prefix + "teacher.workdir"
     path = config.teacher.workdir or fileio.join(workdir, "teacher")
+    trainable = bool(config.teacher.get("train") and config.teacher.train.get("method"))
     if config.teacher.workdir:
         problem = (f"config.{key}={path!r} holds no finished teacher run (results.json "
                    f"missing).")
+    elif trainable:  # reached only by a method built directly (a notebook, a test)
+        problem = (f"{path!r} holds no finished teacher run yet: kd_jax.run.run(config, "
+                   f"workdir) (python -m kd_jax.main) trains config.{prefix}teacher.train "
+                   f"there first.")
     else:
         problem = (f"The {config.method} student needs a teacher: config.{key} is empty and "
                    f"config.{prefix}teacher.train holds no teacher config to train into {path} "
                    f"first.")
     fix = _teacher_fix(config, prefix)
-    if config.teacher.workdir and config.teacher.get("train") and config.teacher.train.get(
-            "method"):
+    if config.teacher.workdir and trainable:
         fix += (f"Or leave config.{key} empty: config.{prefix}teacher.train is then trained "
                 f"first into {fileio.join(workdir, 'teacher')}.",)
     return Missing((key,), problem, fix)
@@ -228,7 +266,7 @@ def _teacher_fix(config, prefix) -> tuple[str, ...]:
 def _stage1(cls, config, workdir, prefix, stages, missing):
     pre = config.ncd.pretrain
     path = pre.workdir or fileio.join(workdir, "pretrain")
-    if _exists(fileio.join(path, "results.json")) is not False:
+    if _is_remote(path) or finished(path):
         return
     key = prefix + "ncd.pretrain.workdir"
     fix = ("DIR: a finished stage-1 run of this config's `pretrain` argument "
@@ -243,7 +281,7 @@ def _stage1(cls, config, workdir, prefix, stages, missing):
     else:
         # Stage 1 runs on this run's dataset and class split (the method's own rule), so its
         # target is the one this stage checks: not checked twice, nor named under its key.
-        stage1 = cls.stage1_config(types.SimpleNamespace(config=config))
+        stage1 = cls.stage1_config(config)
         _walk(stage1, path, prefix + "ncd.pretrain.train.", stages, missing, check_target=False)
 
 
@@ -399,17 +437,6 @@ class _Collector:
         if merge is not None:
             self._merged[merge] = item
         self.items.append(item)
-
-
-def _finished(config, workdir) -> bool:
-    """As train.py decides: results.json there records this config's num_steps."""
-    path = fileio.join(workdir, "results.json")
-    if _exists(path) is not True:
-        return False
-    try:
-        return fileio.read_json(path).get("steps") == config.num_steps
-    except (OSError, ValueError):
-        return False
 
 
 _is_remote = fileio.is_remote

@@ -1,22 +1,26 @@
 """The one training loop every method runs: mesh -> method -> state -> step -> loop -> results.
 
-`train_and_evaluate(config, workdir)` is importable and testable; `kd_jax.main` only parses flags.
-A method (kd_jax/methods/<paper>.py) supplies the models, the data and a pure `train_step`; this
-file knows no paper.
+`train_and_evaluate(config, workdir)` trains one stage (its teacher or NCD stage 1 must have
+finished: `kd_jax.run.run` trains a whole chain); `build` gives benchmarks and tests the method,
+its fresh state and the jitted step. A method (kd_jax/methods/<paper>.py) supplies the models,
+the data and a pure `train_step`; this file knows no paper.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
+from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
 from kd_jax import checkpoint, config_utils, fileio, methods, parallel, prerequisites
-from kd_jax.methods.base import evaluate_variables
+from kd_jax.methods.base import Method, TrainState, evaluate_variables
+from kd_jax.teacher import FrozenTeacher
 
 
 class _Preemption:
@@ -93,16 +97,49 @@ def _py(v):
     return v.item() if v.size == 1 else v.tolist()
 
 
+@dataclasses.dataclass
+class Built:
+    """A method ready to train: `train_step(state, method.teacher_vars, global_batch, rng)` ->
+    (state, metrics), jitted over the mesh with the state donated; `state` is freshly
+    initialised (not restored, not warm-started)."""
+    method: Method
+    state: TrainState
+    train_step: Callable
+
+
+def build(config: ml_collections.ConfigDict, workdir: str, mesh,
+          teacher: FrozenTeacher | None = None, prepare: bool = True) -> Built:
+    """The method of `config.method` (handed `teacher`, else reading its finished teacher
+    workdir), its initial state and its jitted step. `prepare=False` skips the method's
+    one-off data work (e.g. pool selection), for a step on synthetic batches."""
+    method = methods.get_method(config.method)(config, workdir, mesh, teacher=teacher)
+    if prepare:
+        method.prepare()
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    replicated = parallel.replicated(mesh)
+    method.build_optimizer(method.num_steps())
+    state = jax.jit(method.init_state, out_shardings=replicated)(init_rng)
+    train_step = jax.jit(method.train_step, donate_argnums=(0,),
+                         out_shardings=(replicated, replicated))
+    return Built(method, state, train_step)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None) -> dict:
-    """Trains `config.method` in `workdir`, resuming from its latest checkpoint.
+                       stop_after: int | None = None,
+                       teacher: FrozenTeacher | None = None) -> dict:
+    """Trains `config.method` in `workdir` (one stage), resuming from its latest checkpoint.
 
     Returns the results dict (also written to `workdir/results.json` when training finishes).
     `stop_after` ends this invocation after that many steps with a checkpoint, as a preemption
-    would (tests use it to check that a resumed run equals an uninterrupted one).
+    would (tests use it to check that a resumed run equals an uninterrupted one). `teacher`
+    hands a distillation method its teacher instead of reading it from the teacher workdir.
+    Raises `prerequisites.UnfinishedPrerequisites` when a teacher or NCD stage-1 run it needs
+    has not finished (`kd_jax.run.run` trains those first).
     """
     # Every missing teacher / pool / dataset is named at once, before any model or compile.
-    plan = prerequisites.check(config, workdir)
+    plan = prerequisites.check(config, workdir, teacher_given=teacher is not None)
+    if len(plan.stages) > 1:
+        raise prerequisites.UnfinishedPrerequisites(plan)
     workdir = fileio.absolute(workdir)  # a gs:// workdir stays one (no gcsfuse needed)
     fileio.makedirs(workdir)
 
@@ -110,31 +147,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
-    if is_main and len(plan.stages) > 1:
-        print(plan.describe(), flush=True)
 
     results_path = fileio.join(workdir, "results.json")
-    if fileio.exists(results_path):
+    if prerequisites.finished(workdir, config):
         done = fileio.read_json(results_path)
-        if done.get("steps") == config.num_steps:
-            if is_main:
-                print(f"[kd_jax] {workdir} already finished ({config.method}); "
-                      f"final_accuracy={done.get('final_accuracy')}")
-            return done
+        if is_main:
+            print(f"[kd_jax] {workdir} already finished ({config.method}); "
+                  f"final_accuracy={done.get('final_accuracy')}")
+        return done
 
-    # ----- method (models, teacher, data) -----------------------------------------------------
-    method = methods.get_method(config.method)(config, workdir, mesh)
-    method.prepare()
+    # ----- method (models, teacher, data), fresh state, jitted step ---------------------------
+    built = build(config, workdir, mesh, teacher=teacher)
+    method, state, train_step = built.method, built.state, built.train_step
     num_steps = method.num_steps()
     if is_main:
         fileio.write_json_atomic(fileio.join(workdir, "config.json"), config_utils.to_json(config))
 
-    # ----- state: init or resume --------------------------------------------------------------
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    replicated = parallel.replicated(mesh)
-    method.build_optimizer(num_steps)
-    state = jax.jit(method.init_state, out_shardings=replicated)(init_rng)
+    # ----- state: resume, or warm start ---------------------------------------------------------
+    _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2),
                                    async_save=config.get("async_checkpoints", True))
     if ckpt.latest_step() is not None:
@@ -145,10 +175,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = method.warm_start(state)
     start_step = int(state.step)
     step_rng = parallel.replicate(step_rng, mesh)
-
-    # ----- the update step: jit over the mesh, batch sharded, state donated -------------------
-    train_step = jax.jit(method.train_step, donate_argnums=(0,),
-                         out_shardings=(replicated, replicated))
 
     logger = _Logger(workdir)
     history = logger.history()

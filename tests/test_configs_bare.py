@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from kd_jax import config_utils, methods, parallel, prerequisites, train
+from kd_jax import config_utils, methods, parallel, prerequisites, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -85,7 +85,7 @@ def test_bare_config_starts_training_or_names_every_missing_key(name, tmp_path, 
     workdir = str(tmp_path / "run")
     plan, missing = prerequisites.plan(config, workdir)
     try:
-        train.train_and_evaluate(config, workdir)
+        run.run(config, workdir)
     except FirstStep as started:
         assert not missing, missing
         first = plan.stages[0]  # e.g. the teacher, trained first into <workdir>/teacher
@@ -181,7 +181,7 @@ def test_remote_paths_are_left_to_the_pipeline(tmp_path):
 
 
 def test_load_teacher_without_workdir_or_train_config_names_both_keys(tmp_path):
-    """Method._load_teacher called directly (a notebook, no preflight), teacher.train empty."""
+    """A method built directly (a notebook, no preflight) with teacher.train empty."""
     c = config_utils.load_config(os.path.join(CONFIG_DIR, "kd_mnist.py"))
     c.teacher.train = ml_collections.ConfigDict()
     with pytest.raises(prerequisites.MissingPrerequisites) as err:

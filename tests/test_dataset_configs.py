@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers import config
 
-from kd_jax import train
+from kd_jax import run, train
 from kd_jax.data import shards
 
 
@@ -37,7 +37,7 @@ def test_odsd_imagenet_config_runs_on_mock_data(tmp_path):
     c = config("odsd_imagenet.py", "smoke")
     c.data.transfer.pattern = pattern
     with tfds.testing.mock_data(num_examples=32):
-        results = train.train_and_evaluate(c, str(tmp_path / "run"))
+        results = run.run(c, str(tmp_path / "run"))  # its 2-step teacher first
     assert results["steps"] == 2 and results["selection_size"] == 32
     assert results["selection_bn_distance"] is not None and results["random_bn_distance"] > 0
 

@@ -153,9 +153,8 @@ import step_throughput
 from kd_jax import parallel
 mesh = parallel.make_mesh()
 for name in step_throughput.METHODS:
-    method, c = step_throughput.build_method(name, "lenet", 16, "float32", mesh)
-    method.build_optimizer(10)
-    state = jax.eval_shape(method.init_state, jax.random.PRNGKey(0))
+    built, c = step_throughput.build_method(name, "lenet", 16, "float32", mesh)
+    method, state = built.method, built.state
     batch = {"image": np.zeros((16, 32, 32, 1), np.float32), "label": np.zeros(16, np.int64),
              "id": np.arange(16)}
     if getattr(method, "views", 1) == 2:
@@ -164,7 +163,7 @@ for name in step_throughput.METHODS:
     print(name, "traced")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("traced") == 4, proc.stdout
 
@@ -215,7 +214,8 @@ def test_student_config_trains_its_teacher_first(tmp_path):
                                       "teacher.train.eval_every": 4,
                                       "teacher.train.checkpoint_every": 4,
                                       "data.target.max_eval_examples": 64})
-    results = train.train_and_evaluate(c, str(tmp_path))
+    from kd_jax import run
+    results = run.run(c, str(tmp_path))
     teacher = json.loads((tmp_path / "teacher" / "results.json").read_text())
     assert teacher["steps"] == 4 and teacher["method"] == "teacher"
     assert results["steps"] == 4 and results["teacher_accuracy"] == teacher["final_accuracy"]

@@ -261,19 +261,19 @@ def _lines(path):
 
 
 def test_kd_run_with_its_teacher_resumes_on_a_gs_workdir(fake_gcs, capsys):
-    from kd_jax import train
+    from kd_jax import run
 
     c = _load("kd_mnist.py", "smoke")
     assert not c.teacher.workdir  # the teacher is trained first, into <workdir>/teacher
     workdir = f"{BUCKET}/runs/kd"
 
-    stopped = train.train_and_evaluate(c, workdir, stop_after=20)  # preempted at step 20
+    stopped = run.run(c, workdir, stop_after=20)  # preempted at step 20
     assert stopped == {"stopped_at": 20}
-    results = train.train_and_evaluate(c, workdir)
+    results = run.run(c, workdir)
     printed = capsys.readouterr().out
     assert f"resumed {workdir} at step 20" in printed
     assert results["steps"] == 30 and 0.0 <= results["final_accuracy"] <= 1.0
-    assert train.train_and_evaluate(c, workdir) == results  # finished: read, not rerun
+    assert run.run(c, workdir) == results  # finished: read, not rerun
     assert "already finished" in capsys.readouterr().out
 
     local = fake_gcs.local(workdir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import config, max_distance, record
 
-from kd_jax import losses, metrics, parallel, train
+from kd_jax import losses, metrics, parallel
 from kd_jax.methods import get_method, sckd
 
 # ----- Hungarian clustering accuracy ----------------------------------------------------------
@@ -161,7 +161,8 @@ def test_smi_and_sc_invariants():
 
 def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
     c = config("sckd_mnist.py", "smoke")
-    results = train.train_and_evaluate(c, str(tmp_path))
+    from kd_jax import run
+    results = run.run(c, str(tmp_path))
     for key in ("novel_train_accuracy", "novel_test_accuracy", "all_accuracy",
                 "known_accuracy", "novel_accuracy"):
         assert 0.0 <= results[key] <= 1.0, key

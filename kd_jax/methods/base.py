@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kd_jax import checkpoint, fileio, models, parallel
+from kd_jax import models, parallel
 from kd_jax.data import pipeline
+from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 
 
 @flax.struct.dataclass
@@ -70,7 +71,10 @@ class Method:
     uses_teacher = True
     views = 1  # augmented views per transfer image (2 for contrastive terms)
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
+                 teacher: FrozenTeacher | None = None):
+        """`teacher`: the frozen teacher of a method that `uses_teacher`; None reads it from the
+        finished teacher workdir (`kd_jax.teacher.load_teacher`)."""
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.domain = pipeline.domain_from_config(config.data)
         self.local_batch = parallel.check_batch_size(config.batch_size, mesh)
@@ -80,41 +84,17 @@ class Method:
                                            dtype=_dtype(config),
                                            conv=config.model.get("conv", "auto"),
                                            conv_groups=mesh.size)
-        self.teacher_model, self.teacher_vars = None, None
+        self.teacher = None
         if self.uses_teacher:
-            self._load_teacher()
+            self.teacher = (teacher if teacher is not None
+                            else load_teacher(config, workdir, mesh, dtype=_dtype(config)))
+        self.teacher_model = self.teacher.model if self.teacher else None
+        self.teacher_vars = self.teacher.variables if self.teacher else None
+        self.teacher_info = self.teacher.info if self.teacher else {}
 
     # ----- teacher -----------------------------------------------------------------------------
     def teacher_workdir(self) -> str:
-        return self.config.teacher.workdir or fileio.join(self.workdir, "teacher")
-
-    def _load_teacher(self):
-        tcfg = self.config.teacher
-        workdir = self.teacher_workdir()
-        if not fileio.exists(fileio.join(workdir, "results.json")):
-            if not tcfg.get("train") or self.config.teacher.workdir:  # e.g. from a notebook
-                from kd_jax import prerequisites
-                raise prerequisites.MissingPrerequisites(
-                    [prerequisites.missing_teacher(self.config, self.workdir)])
-            from kd_jax import train  # a teacher is trained first, in its own workdir
-            train.train_and_evaluate(tcfg.train, workdir)
-        info = fileio.read_json(fileio.join(workdir, "results.json"))
-        arch = info.get("model", tcfg.model)
-        if tcfg.model and arch != tcfg.model:
-            raise ValueError(f"config.teacher.model={tcfg.model!r} but {workdir!r} holds a {arch!r}")
-        self.teacher_info = info
-        num_classes = info.get("num_classes", self.config.num_classes)
-        if num_classes != self.config.num_classes:
-            raise ValueError(f"the teacher in {workdir!r} has {num_classes} classes but "
-                             f"config.num_classes={self.config.num_classes}")
-        self.teacher_model = models.create_model(arch, num_classes,
-                                                 dtype=_dtype(self.config),
-                                                 conv=self.config.model.get("conv", "auto"),
-                                                 conv_groups=self.mesh.size)
-        variables = checkpoint.load_variables(workdir)
-        variables = {"params": variables["params"]["model"],
-                     "batch_stats": variables["batch_stats"].get("model", {})}
-        self.teacher_vars = parallel.replicate(variables, self.mesh)
+        return teacher_workdir(self.config, self.workdir)
 
     def teacher_apply(self, teacher_vars, images):
         """Frozen teacher forward in eval mode (running BN statistics), no gradient."""

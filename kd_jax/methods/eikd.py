@@ -211,8 +211,8 @@ class Projector(nn.Module):
 class EIKD(Method):
     name = "eikd"
 
-    def __init__(self, config, workdir, mesh):
-        super().__init__(config, workdir, mesh)
+    def __init__(self, config, workdir, mesh, teacher=None):
+        super().__init__(config, workdir, mesh, teacher)
         e = config.eikd
         check_choice(e.feature.kind, FEATURE_KINDS, "eikd.feature.kind")
         check_choice(e.feature.projector, PROJECTOR, "eikd.feature.projector")

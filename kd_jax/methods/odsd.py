@@ -270,8 +270,8 @@ class MLPHead(nn.Module):
 class ODSD(Method):
     name = "odsd"
 
-    def __init__(self, config, workdir, mesh):
-        super().__init__(config, workdir, mesh)
+    def __init__(self, config, workdir, mesh, teacher=None):
+        super().__init__(config, workdir, mesh, teacher)
         cfg = config.odsd
         check_choice(cfg.aps.selection, SELECTIONS, "odsd.aps.selection")
         check_choice(cfg.lnr.rule, LNR_RULES, "odsd.lnr.rule")

@@ -19,13 +19,14 @@ Spec: `../shared/papers/sckd.md`. Three registered methods share this module:
   UNO's exactly. One measured deviation from the spec: L_SC's default direction is `reliable`
   (the known space teaches its relations among the labeled rows, the novel space among the
   unlabeled rows); the spec's `both` (every row, both ways) lets the known space, a poor
-  clustering of the novel images, pull the novel head towards it (see kd_jax/ncd_config.py).
+  clustering of the novel images, pull the novel head towards it (see `default_config`).
 
 Data (`config.ncd`): the classes of one labeled source are split into known (labeled) and novel
 (unlabeled) classes and relabeled to 0..C_l-1 (known) and C_l..C_l+C_u-1 (novel); each global
 batch mixes a labeled and an unlabeled stream. Stage 2 chains stage 1 the way KD configs chain
-their teacher: `ncd.pretrain.train` is trained into `<workdir>/pretrain` unless
-`ncd.pretrain.workdir` names a finished run.
+their teacher: `kd_jax.run` trains `stage1_config(config)` (`ncd.pretrain.train` on this run's
+data and split) into `<workdir>/pretrain` unless `ncd.pretrain.workdir` names a finished run;
+discovery only reads it.
 
 Evaluation (UNO protocol, Hungarian matching): task-aware (novel samples only, the best novel
 head; on the unlabeled train set and on the novel test images) and task-agnostic (the whole
@@ -41,15 +42,66 @@ from typing import Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from kd_jax import checkpoint, fileio, losses, metrics, parallel
+from kd_jax import checkpoint, fileio, losses, metrics, parallel, prerequisites
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.data.pipeline import tf  # imported at first use
 from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
 from kd_jax.models.layers import at_least_float32
+
+
+def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.ConfigDict:
+    """The `ncd` (class split, UNO heads, stage chaining) and `sckd` (the SCKD terms) keys every
+    NCD config starts from: `c.update(sckd.default_config(num_known=..., num_novel=...))`."""
+    ncd = ml_collections.ConfigDict({
+        # Class split (original label ids). Explicit lists win; else the first `num_known`
+        # classes of `classes` / `classes_file` / a `subset_seed`-ed choice from
+        # `total_classes` / 0..num_known+num_novel-1 are known and the next `num_novel` novel.
+        "known_classes": (), "novel_classes": (), "classes": (), "classes_file": "",
+        "subset_seed": -1, "total_classes": 0,
+        "num_known": num_known, "num_novel": num_novel,
+        # Share of each batch from the labeled stream; 0 = proportional to the set sizes (UNO).
+        "labeled_fraction": 0.0,
+        # UNO heads: cosine logits / temperature, H novel heads + H over-clustering heads.
+        "temperature": 0.1, "num_heads": 4, "overcluster_factor": 3,
+        "hidden_dim": 2048, "proj_dim": 128,
+        "sk_iters": 3, "sk_epsilon": 0.05,
+        "head_loss_decay": 0.99,    # running per-head cluster loss -> the best head
+        "max_train_eval_examples": 0,  # 0 = the whole unlabeled train set in each eval
+        # Top-level backbone modules that train (empty = all), e.g. ("blocks_11", "norm").
+        "trainable": (),
+        # Stage 1 may start from converted weights (e.g. DINO via kd_jax.tools.convert_torch).
+        "backbone_workdir": "",
+        # Discovery starts from stage 1: a finished run in `workdir`, or kd_jax.run trains
+        # `stage1_config(config)` (from `train`) into <workdir>/pretrain first.
+        "pretrain": ml_collections.ConfigDict({
+            "enabled": True, "workdir": "", "train": ml_collections.ConfigDict()}),
+    })
+    sckd = ml_collections.ConfigDict({
+        "smi": "infonce",           # infonce | none
+        "sc": "rel_kl",             # rel_kl | none
+        # reliable (default): known -> novel among the labeled rows, novel -> known among the
+        # unlabeled rows, i.e. each space teaches where it has a training signal. The spec's
+        # `both` (every row, both ways) lets the known space, a poor clustering of the novel
+        # images, pull the novel heads towards it (benchmarks/results/offline_sckd.md).
+        "direction": "reliable",    # reliable | both | known_to_novel | novel_to_known
+        "space": "probs",           # probs | embeddings
+        # all (the spec: the whole global batch) | unlabeled (outside the spec: the relations
+        # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
+        # direction=reliable, which picks its own rows.
+        "samples": "all",
+        "lambda_smi": 1.0, "lambda_sc": 1.0,
+        "ramp_steps": 0,            # linear 0 -> 1 ramp of both weights (0 = no ramp)
+        "space_temperature": 0.1,   # τ of r = softmax(logits / τ)
+        "smi_temperature": 0.1,     # τ_m
+        "sc_temperature": 0.1,      # τ_r
+    })
+    return ml_collections.ConfigDict({"ncd": ncd, "sckd": sckd})
+
 
 # ---------------------------------------------------------------------------------------------
 # Heads
@@ -199,6 +251,23 @@ SPLIT_KEYS = ("known_classes", "novel_classes", "classes", "classes_file", "subs
               "total_classes", "num_known", "num_novel")
 
 
+def pretrain_workdir(config, workdir: str) -> str:
+    """The stage-1 run a discovery run in `workdir` starts from."""
+    return config.ncd.pretrain.workdir or fileio.join(workdir, "pretrain")
+
+
+def stage1_config(config) -> ml_collections.ConfigDict:
+    """The NCD stage-1 config of a discovery `config`: `ncd.pretrain.train` with the discovery
+    run's dataset and class split (so a command-line override of either reaches both stages
+    and they cannot disagree)."""
+    cfg = config.ncd.pretrain.train.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.data.target = config.data.target.copy_and_resolve_references()
+        for key in SPLIT_KEYS:
+            cfg.ncd[key] = config.ncd[key]
+    return cfg
+
+
 def _remap(ds, known, novel):
     """Original labels -> 0..C_l-1 (known, in list order) and C_l.. (novel)."""
     table = np.full(max(known + novel) + 1, -1, np.int64)
@@ -228,8 +297,8 @@ def _hide_labels(ds):
 class _NCDBase(Method):
     uses_teacher = False
 
-    def __init__(self, config, workdir, mesh):
-        super().__init__(config, workdir, mesh)
+    def __init__(self, config, workdir, mesh, teacher=None):
+        super().__init__(config, workdir, mesh, teacher)
         self.known, self.novel = class_split(config)
         self.num_known, self.num_novel = len(self.known), len(self.novel)
         size, ch = self.domain.image_size, self.domain.channels
@@ -403,38 +472,26 @@ class UNO(_NCDBase):
                                             n.overcluster_factor, n.hidden_dim, n.proj_dim)}
 
     # ----- stage chaining ------------------------------------------------------------------------
+    stage1_config = staticmethod(stage1_config)  # the stage `kd_jax.run` trains first
+
     def pretrain_workdir(self) -> str:
-        return self.config.ncd.pretrain.workdir or fileio.join(self.workdir, "pretrain")
+        return pretrain_workdir(self.config, self.workdir)
 
     def prepare(self):
-        """Trains stage 1 into <workdir>/pretrain first unless `ncd.pretrain.workdir` is set."""
-        pre = self.config.ncd.pretrain
-        if not pre.get("enabled", True):
+        """Checks the finished stage-1 run that discovery starts from (only read here)."""
+        if not self.config.ncd.pretrain.get("enabled", True):
             return
         workdir = self.pretrain_workdir()
-        done = fileio.join(workdir, "results.json")
-        if fileio.exists(done):
-            known = fileio.read_json(done).get("known_classes")
-            if known is not None and tuple(known) != self.known:
-                raise ValueError(f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
-                                 f"classes {known}, this run's are {list(self.known)}")
-            return
-        if pre.workdir or not pre.get("train"):
+        if not prerequisites.finished(workdir):
             raise FileNotFoundError(
                 f"config.ncd.pretrain.workdir={workdir!r} holds no finished ncd_pretrain run "
-                f"(results.json missing); train one with this config's `pretrain` argument")
-        from kd_jax import train  # stage 1 runs first, in its own workdir
-        train.train_and_evaluate(self.stage1_config(), workdir)
-
-    def stage1_config(self):
-        """`ncd.pretrain.train` with this run's dataset and class split (so a command-line
-        override of either reaches both stages and they cannot disagree)."""
-        cfg = self.config.ncd.pretrain.train.copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.data.target = self.config.data.target.copy_and_resolve_references()
-            for key in SPLIT_KEYS:
-                cfg.ncd[key] = self.config.ncd[key]
-        return cfg
+                f"(results.json missing): kd_jax.run.run(config, workdir) (python -m "
+                f"kd_jax.main) trains config.ncd.pretrain.train there first, or train one with "
+                f"this config's `pretrain` argument")
+        known = fileio.read_json(fileio.join(workdir, "results.json")).get("known_classes")
+        if known is not None and tuple(known) != self.known:
+            raise ValueError(f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
+                             f"classes {known}, this run's are {list(self.known)}")
 
     def warm_start_source(self):
         return self.pretrain_workdir() if self.config.ncd.pretrain.get("enabled", True) else None
@@ -662,8 +719,8 @@ class SCKD(UNO):
     """
     name = "sckd"
 
-    def __init__(self, config, workdir, mesh):
-        super().__init__(config, workdir, mesh)
+    def __init__(self, config, workdir, mesh, teacher=None):
+        super().__init__(config, workdir, mesh, teacher)
         s = config.sckd
         for key, value, allowed in (("smi", s.smi, ("infonce", "none")),
                                     ("sc", s.sc, ("rel_kl", "none")),
