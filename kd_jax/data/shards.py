@@ -23,12 +23,15 @@ operation goes through :mod:`kd_jax.fileio` (on GCS a shard's "rename" is a serv
 that one object, which appears whole; the manifest is one object write, never renamed), and the
 TFRecord reader and writer are TensorFlow's, which take ``gs://`` paths natively.
 
-Reading (:func:`read_shards`) is the usual multi-host recipe: list the files (sorted) → shard
-*by file* across processes (process ``i`` takes files ``i, i+P, ...``) → interleave → parse →
+Reading (:func:`read_shards`) is the usual multi-host recipe: list the files (sorted; a pool is
+the directory ``write_shards`` wrote, whose manifest lists the shards, or a glob) → shard *by
+file* across processes (process ``i`` takes files ``i, i+P, ...``) → interleave → parse →
 decode.
 A corrupt record (an image that does not decode, an example that does not parse, a damaged
-record frame) is skipped, counted and reported with a warning naming the file, or raises an
-error naming the file when ``on_corrupt="fail"``.
+record frame, a shard cut short, a file that is no shard) is skipped, counted and reported with
+a warning naming the file, or raises an error naming the file when ``on_corrupt="fail"``. The
+id and count passes (:func:`read_ids`, :func:`count_ids`, :func:`count_records`) read through
+the same reader without decoding, so they skip exactly what training skips.
 
 Random access later
 -------------------
