@@ -31,7 +31,8 @@ A corrupt record (an image that does not decode, an example that does not parse,
 record frame, a shard cut short, a file that is no shard) is skipped, counted and reported with
 a warning naming the file, or raises an error naming the file when ``on_corrupt="fail"``. The
 id and count passes (:func:`read_ids`, :func:`count_ids`, :func:`count_records`) read through
-the same reader without decoding, so they skip exactly what training skips.
+the same reader without decoding, so they skip the same damaged or foreign files (an image
+that parses but does not decode is noticed only by the passes that decode it).
 
 Random access later
 -------------------
