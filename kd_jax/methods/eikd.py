@@ -283,7 +283,7 @@ class EIKD(Method):
             plot_title=f"EIKD selection ({rule_name})")
         if jax.process_index() == 0:
             print(f"[eikd] selection: {len(self.selection.ids)} images ({rule_name}); per class "
-                  f"{np.bincount(self.selection.classes, minlength=self.config.num_classes)}",
+                  f"{np.bincount(self.selection.classes, minlength=self.config.num_classes).tolist()}",
                   flush=True)
 
     def _score_pool(self) -> pool.PoolScores:
