@@ -68,9 +68,11 @@ def _pool_related() -> np.ndarray:
 
 
 def _related_share(result: dict, out: str, name: str):
-    """Digit share of the transfer set: ODSD runs report it; KD runs are computed here."""
-    if "selection_related_share" in result:
-        return result["selection_related_share"]
+    """Digit share of the transfer set: pool selections report it (older ODSD results at the
+    top level); KD on the whole pool or the original images is computed here."""
+    report = result.get("selection", result)
+    if "selection_related_share" in report:
+        return report["selection_related_share"]
     transfer = result["config"]["data"]["transfer"]
     if transfer["source"] == "original":
         return 1.0

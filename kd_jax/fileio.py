@@ -189,9 +189,17 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path, obj: Any, default: Callable[[Any], Any] | None = None) -> None:
-    """JSON (indented, sorted keys) written atomically; `default` as in `json.dumps`."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=default))
+def json_default(value):
+    """numpy scalars and arrays as JSON numbers and lists (`json.dumps`' `default`)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path, obj: Any, default: Callable[[Any], Any] | None = json_default,
+                      indent: int = 2) -> None:
+    """JSON (indented, sorted keys; numpy values as numbers / lists) written atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=default))
 
 
 def save_npz_atomic(path, arrays: Mapping[str, np.ndarray]) -> None:

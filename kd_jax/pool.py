@@ -1,17 +1,28 @@
 """Open-world pools: the one place that picks transfer images from a pool.
 
-A selection is a set of pool ids (plus, for score-based rules, the teacher class and score of
-each). It is computed once, written atomically to `workdir/selection.npz`, and reused when a run
-resumes, so a restarted job trains on exactly the same images.
+Every pool method (ODSD, EIKD, KD on a random subset) goes through `select_transfer_set`: load
+`workdir/selection.npz` if it exists (a resumed run trains on exactly the same images), else
+score the pool with one streamed teacher pass (`score_pool`), apply the method's selection rule
+(`PoolScores -> Selection`) and save the selection atomically; then write one report,
+`workdir/selection_report.json` (and `sampling.png`), which results.json carries under
+`selection`. `open_transfer_set` reads a selection back for training.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import numpy as np
 
 from kd_jax import fileio
+
+SELECTION_FILE = "selection.npz"
+REPORT_FILE = "selection_report.json"
+# Report names of earlier versions, read when an old workdir resumes (ODSD's).
+OLD_REPORT_FILES = ("selection_diagnostics.json",)
+# A selection is decoded once and served from memory when this host's share fits in this.
+CACHE_BYTES = 4 << 30
 
 
 @dataclasses.dataclass
@@ -31,40 +42,130 @@ class Selection:
 
 
 def pool_pattern(spec) -> str:
-    """The TFRecord file pattern of a pool spec (`shards` or the bundled `offline_pool`)."""
+    """The pool of a spec: `shards` (spec.pattern: a directory written by make_shards, or a
+    glob of TFRecord shards) or the bundled `offline_pool`."""
     if spec.source == "offline_pool":
         from kd_jax.data import offline
         return offline.ensure_offline_pool_shards(cache_dir=spec.get("cache_dir") or None)
     if spec.source == "shards":
         if not spec.get("pattern"):
-            raise ValueError("config.data.transfer.pattern must name the pool's TFRecord shards")
+            raise ValueError("config.data.transfer.pattern must name the pool: the directory "
+                             "make_shards wrote, or a glob of its TFRecord shards")
         return spec.pattern
     raise ValueError(f"config.data.transfer.source={spec.source!r} is not a pool "
                      f"(use shards or offline_pool)")
 
 
-def all_ids(spec) -> np.ndarray:
-    """Every id of the pool (an id-only parse, no image decoding), sorted."""
-    from kd_jax.data import shards
-    return np.sort(shards.read_ids(pool_pattern(spec)))
+def lookup(sorted_ids, values, query_ids) -> np.ndarray:
+    """values[i] for each query id, given `sorted_ids` (ascending) aligned with `values`."""
+    sorted_ids = np.asarray(sorted_ids)
+    query_ids = np.asarray(query_ids)
+    pos = np.searchsorted(sorted_ids, query_ids)
+    if len(query_ids) and (pos.max() >= len(sorted_ids)
+                           or not np.array_equal(sorted_ids[pos], query_ids)):
+        raise KeyError("a selected id is missing from the pool scores")
+    return np.asarray(values)[pos]
 
 
-def random_subset(workdir: str, spec, size: int, seed: int) -> Selection:
-    """N pool images drawn uniformly without replacement (the "random unlabeled data" baseline)."""
-    path = fileio.join(workdir, "selection.npz")
-    if fileio.exists(path):
-        return Selection.load(path)
-    ids = all_ids(spec)
-    if not 0 < size <= len(ids):
-        raise ValueError(f"config.data.transfer.subset_size={size} must be in [1, {len(ids)}] "
-                         f"(the pool holds {len(ids)} images)")
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(ids, size=size, replace=False))
-    selection = Selection(ids=chosen)
+# ---------------------------------------------------------------------------------------------
+# The lifecycle: load or score, select, save, report
+# ---------------------------------------------------------------------------------------------
+
+def random_rule(size: int, seed: int, size_key: str = "config.data.transfer.subset_size"
+                ) -> Callable[["PoolScores"], Selection]:
+    """N pool images drawn uniformly without replacement (the "random unlabeled data" baseline),
+    with their teacher classes. `size_key` names the config key of N in errors."""
+    def rule(scores: PoolScores) -> Selection:
+        ids = np.asarray(scores.ids)
+        if not 0 < size <= len(ids):
+            raise ValueError(f"{size_key}={size} must be in "
+                             f"[1, {len(ids)}] (the pool holds {len(ids)} images)")
+        chosen = np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
+        return Selection(ids=chosen, classes=lookup(ids, scores.pred, chosen).astype(np.int32))
+    return rule
+
+
+def select_transfer_set(workdir: str, spec, rule: Callable[["PoolScores"], Selection], *,
+                        score_fn: Callable[[], "PoolScores"], num_classes: int, rule_name: str,
+                        report_fn: Callable[["PoolScores", Selection], dict] | None = None,
+                        plot_title: str | None = None) -> tuple[Selection, dict]:
+    """The selection of `workdir` and its report: loaded when a run resumes, else made now.
+
+    `score_fn()` runs the (collective, per-shard resumable) teacher pass, so every process calls
+    this. A new selection: `rule(scores)`, the report (`diagnostics.selection_report`, the
+    pool's teacher-class histogram, `rule_name` and `report_fn(scores, selection)`'s entries)
+    and `sampling.png` (when `plot_title` is given) are written by process 0, `selection.npz`
+    last, so its presence means the selection is complete. Returns (selection, report); the
+    report is {} on the other processes.
+    """
     import jax
+    path = fileio.join(workdir, SELECTION_FILE)
+    scores = None
+    if fileio.exists(path):  # a resumed run trains on exactly the same images
+        selection = Selection.load(path)
+        report = read_report(workdir)
+        if report is not None:
+            return selection, report
+    else:
+        scores = score_fn()
+        selection = rule(scores)
+    scores = scores if scores is not None else score_fn()  # cached per shard: cheap
+    report = {}
     if jax.process_index() == 0:
-        selection.save(path)
-    return selection
+        report = _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn,
+                         plot_title)
+        fileio.write_json_atomic(fileio.join(workdir, REPORT_FILE), report)
+        if not fileio.exists(path):
+            selection.save(path)
+    return selection, report
+
+
+def read_report(workdir: str) -> dict | None:
+    """The saved selection report (under its current or an earlier name), or None."""
+    for name in (REPORT_FILE,) + OLD_REPORT_FILES:
+        path = fileio.join(workdir, name)
+        if fileio.exists(path):
+            return fileio.read_json(path)
+    return None
+
+
+def _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title):
+    from kd_jax import diagnostics
+    related = None
+    if spec.source == "offline_pool":
+        from kd_jax.data import offline
+        related = offline.RELATED_SOURCES
+    report = diagnostics.selection_report(scores, selection, num_classes,
+                                          related_sources=related)
+    report["rule"] = rule_name
+    report["pool_per_class"] = np.bincount(np.asarray(scores.pred, np.int64),
+                                           minlength=num_classes)[:num_classes].tolist()
+    if report_fn is not None:
+        report.update(report_fn(scores, selection))
+    if plot_title:
+        try:
+            diagnostics.plot_selection(fileio.join(workdir, "sampling.png"), scores, selection,
+                                       num_classes=num_classes, title=plot_title)
+        except Exception as e:  # a figure must never stop a run
+            print(f"[pool] sampling.png not written: {e}", flush=True)
+    return report
+
+
+def open_transfer_set(spec, ids, process_index: int = 0, process_count: int = 1):
+    """(dataset, count) of this host's share of the pool images `ids` (None = the whole pool).
+
+    A selection is decoded once and then served from memory when this host's share fits in
+    CACHE_BYTES (fixed-shape pools): otherwise every epoch would re-read the whole pool to find
+    it. Caching does not change the order of the elements, only where they come from.
+    """
+    from kd_jax.data import pipeline, shards
+    ds, count = pipeline.open_source(spec, spec.get("split", "train"), process_index,
+                                     process_count, keep_ids=ids)
+    if ids is not None:
+        shape = shards.image_shape(pool_pattern(spec))
+        if shape is not None and count * int(np.prod(shape)) <= CACHE_BYTES:
+            ds = ds.cache()
+    return ds, count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,10 +327,12 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
 def _class_top(cand: dict, num_classes: int, heap_size: int) -> dict:
     """Per teacher class, the `heap_size` best candidates by (score desc, id asc), in input
     order (so merging file by file keeps the order a one-shot merge gives)."""
-    keep = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(cand["cand_class"] == c)
-        rank = np.lexsort((cand["cand_ids"][idx], -cand["cand_score"][idx]))
-        keep.append(idx[rank[:heap_size]])
-    keep = np.sort(np.concatenate(keep))
+    from kd_jax import sampling
+    cls = np.asarray(cand["cand_class"])
+    if not len(cls):
+        return cand
+    rank = np.asarray(sampling.within_class_rank(
+        np.asarray(cand["cand_score"], np.float32), cls,
+        np.asarray(cand["cand_ids"]).astype(np.int32)))
+    keep = np.flatnonzero((rank < heap_size) & (cls >= 0) & (cls < num_classes))
     return {k: v[keep] for k, v in cand.items()}

@@ -114,6 +114,34 @@ def test_bad_patterns_and_process_counts(tmp_path):
         shards.read_shards(shards.shard_pattern(tmp_path), process_index=2, process_count=2)
 
 
+def test_directory_opens_the_shards_its_manifest_lists(tmp_path):
+    shards.write_shards(tmp_path / "pool", _images(13), num_shards=3)
+    (tmp_path / "pool" / "notes.txt").write_text("not a shard")
+    listed = shards.list_shard_files(tmp_path / "pool")
+    assert [os.path.basename(f) for f in listed] == [
+        "pool-0000%d-of-00003.tfrecord" % i for i in range(3)]
+    assert shards.count_records(tmp_path / "pool") == 13
+    assert sorted(shards.read_ids(str(tmp_path / "pool"))) == list(range(13))
+    assert len(_read_all(str(tmp_path / "pool"))) == 13
+    assert shards.image_shape(str(tmp_path / "pool")) == (9, 7, 3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*without a shard manifest"):
+        shards.list_shard_files(tmp_path / "empty")
+
+
+def test_foreign_file_in_a_glob_skipped_by_every_pass(tmp_path, caplog):
+    shards.write_shards(tmp_path, _images(10), num_shards=2)
+    pattern, manifest = str(tmp_path / "*"), str(tmp_path / "pool.json")
+    for count in (lambda: shards.count_records(pattern), lambda: shards.count_ids(pattern),
+                  lambda: len(shards.read_ids(pattern)), lambda: len(_read_all(pattern))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kd_jax.data.shards"):
+            assert count() == 10
+        assert any(manifest in r.getMessage() for r in caplog.records)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pool.json"):
+        _read_all(pattern, on_corrupt="fail")
+
+
 def test_corrupt_record_skipped_counted_or_fails(tmp_path, caplog):
     imgs = _images(6)
     bad_file = str(tmp_path / "mixed-00000-of-00001.tfrecord")
@@ -132,7 +160,7 @@ def test_corrupt_record_skipped_counted_or_fails(tmp_path, caplog):
         _read_all(bad_file, on_corrupt="fail")
 
 
-def test_truncated_shard_counted_from_manifest(tmp_path):
+def test_truncated_shard_counted_as_read(tmp_path):
     shards.write_shards(tmp_path, _images(20), num_shards=2)
     f = tmp_path / "pool-00001-of-00002.tfrecord"
     data = f.read_bytes()
@@ -141,6 +169,8 @@ def test_truncated_shard_counted_from_manifest(tmp_path):
     out = _read_all(shards.shard_pattern(tmp_path), stats=stats)
     assert len(out) + stats.skipped == 20 and stats.skipped >= 5
     assert list(stats.by_file) == [str(f)]
+    # The count no longer trusts the manifest for the cut file: it is what training reads.
+    assert shards.count_records(shards.shard_pattern(tmp_path)) == len(out)
 
 
 def test_writer_refuses_existing_overwrites_and_leaves_no_partial(tmp_path):

@@ -38,8 +38,9 @@ def test_odsd_imagenet_config_runs_on_mock_data(tmp_path):
     c.data.transfer.pattern = pattern
     with tfds.testing.mock_data(num_examples=32):
         results = run.run(c, str(tmp_path / "run"))  # its 2-step teacher first
-    assert results["steps"] == 2 and results["selection_size"] == 32
-    assert results["selection_bn_distance"] is not None and results["random_bn_distance"] > 0
+    report = results["selection"]
+    assert results["steps"] == 2 and report["selection_size"] == 32
+    assert report["selection_bn_distance"] is not None and report["random_bn_distance"] > 0
 
 
 def _write_pool(path, images):

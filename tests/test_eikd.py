@@ -149,9 +149,12 @@ def test_smoke_run_end_to_end(smoke_run):
     assert results["teacher_accuracy"] >= TEACHER_ACCURACY, results["teacher_accuracy"]
     assert results["final_accuracy"] >= EIKD_ACCURACY, results["final_accuracy"]
     report = results["selection"]
-    assert report["selection_size"] == 500
-    assert sum(report["selection_class_histogram"]) == 500
+    assert report["selection_size"] == 500 and report["rule"] == "balanced, confidence"
+    assert sum(report["selection_per_class"]) == 500
+    assert sum(report["pool_per_class"]) == report["pool_size"]
     assert 0.0 <= report["selection_related_share"] <= 1.0
+    with open(os.path.join(workdir, "selection_report.json")) as f:
+        assert json.load(f) == report
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     for key in ("kd", "feature", "rkd_distance", "rkd_angle", "kept_classes"):
         assert key in rows[-1], key

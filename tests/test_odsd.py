@@ -62,13 +62,24 @@ def _score(workdir, pattern, heap):
                            domain=domain, num_classes=C, batch_size=64, heap_size=heap)
 
 
+def _top_l_per_class(ids, classes, confidence, num_classes, heap_len):
+    """In-memory reference of the streamed heaps: per class the L most confident items
+    (confidence desc, id asc). Returns indices into the inputs, sorted."""
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(classes == c)
+        order = np.lexsort((ids[idx], -confidence[idx]))
+        keep.append(idx[order[:heap_len]])
+    return np.sort(np.concatenate(keep))
+
+
 def _select(scores, aps, size, gamma=None):
     model, variables = _teacher()
     if gamma is None:
         gamma = np.asarray(odsd.sampling.quantile_gate(
             jnp.asarray(scores.confidence, jnp.float32), jnp.asarray(scores.pred), C,
             q=aps.gate_quantile)[0])
-    conf = odsd._lookup(scores.ids, scores.confidence, scores.cand_ids)
+    conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
     head = odsd.head_kernel(variables["params"], 84, C)
     return odsd.aps_select(scores.cand_ids, scores.cand_class, scores.cand_feat, conf,
                            num_classes=C, size=size, aps=aps, gamma=gamma, head_weight=head)
@@ -142,7 +153,7 @@ def test_streaming_selection_equals_in_memory(scored):
     conf, pred = np.asarray(p.max(-1)), np.asarray(p.argmax(-1))
     f = np.asarray(feats["pre_logits"])
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    keep = odsd.top_l_per_class(ids, pred, conf, C, heap)
+    keep = _top_l_per_class(ids, pred, conf, C, heap)
     np.testing.assert_array_equal(np.sort(a.cand_ids), ids[keep])
     gamma = np.asarray(odsd.sampling.quantile_gate(jnp.asarray(conf), jnp.asarray(pred), C)[0])
     mem = odsd.aps_select(ids[keep], pred[keep], f[keep].astype(np.float16), conf[keep],
@@ -255,13 +266,16 @@ def smoke_run(tmp_path_factory, offline_teacher):
 
 def test_odsd_mnist_smoke_end_to_end(smoke_run):
     _, tmp_path, results = smoke_run
-    assert results["selection_size"] == 1000
-    assert results["selection_per_class"] == [100] * C
-    assert results["selection_related_share"] > results["pool_related_share"]
+    report = results["selection"]
+    assert report["selection_size"] == 1000 and report["rule"] == "aps"
+    assert report["selection_per_class"] == [100] * C
+    assert report["selection_related_share"] > report["pool_related_share"]
     assert (tmp_path / "sampling.png").stat().st_size > 0
     assert results["final_accuracy"] >= SMOKE_ACCURACY, results["final_accuracy"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["selection_source_share"].keys() >= {"font_digits", "sklearn_digits"}
+    assert saved["selection"]["selection_source_share"].keys() >= {"font_digits",
+                                                                   "sklearn_digits"}
+    assert json.loads((tmp_path / "selection_report.json").read_text()) == saved["selection"]
 
 
 def test_adaptive_refresh_reranks_candidates_and_resumes_on_them(smoke_run):

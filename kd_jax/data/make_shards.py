@@ -17,7 +17,8 @@
   ints, ``source`` (or ``sources``) ``[N]`` strings and ``ids`` ``[N]`` unique ints.
 
 It prints what it wrote and leaves ``DIR/<prefix>.json`` (count, shards, image shape, sources,
-labels). Shards are written under temporary names and renamed when complete.
+labels). Shards are written under temporary names and renamed when complete. A run reads the
+pool as ``--config.data.transfer.pattern=DIR`` (the manifest lists the shards) or a glob.
 """
 
 from __future__ import annotations

@@ -23,12 +23,16 @@ operation goes through :mod:`kd_jax.fileio` (on GCS a shard's "rename" is a serv
 that one object, which appears whole; the manifest is one object write, never renamed), and the
 TFRecord reader and writer are TensorFlow's, which take ``gs://`` paths natively.
 
-Reading (:func:`read_shards`) is the usual multi-host recipe: list the files (sorted) → shard
-*by file* across processes (process ``i`` takes files ``i, i+P, ...``) → interleave → parse →
+Reading (:func:`read_shards`) is the usual multi-host recipe: list the files (sorted; a pool is
+the directory ``write_shards`` wrote, whose manifest lists the shards, or a glob) → shard *by
+file* across processes (process ``i`` takes files ``i, i+P, ...``) → interleave → parse →
 decode.
 A corrupt record (an image that does not decode, an example that does not parse, a damaged
-record frame) is skipped, counted and reported with a warning naming the file, or raises an
-error naming the file when ``on_corrupt="fail"``.
+record frame, a shard cut short, a file that is no shard) is skipped, counted and reported with
+a warning naming the file, or raises an error naming the file when ``on_corrupt="fail"``. The
+id and count passes (:func:`read_ids`, :func:`count_ids`, :func:`count_records`) read through
+the same reader without decoding, so they skip the same damaged or foreign files (an image
+that parses but does not decode is noticed only by the passes that decode it).
 
 Random access later
 -------------------
@@ -42,7 +46,6 @@ the same protocol plus ``__getitem__(ids)`` later without changing its callers;
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -105,8 +108,9 @@ def _partial_name(path: str) -> str:
     return fileio.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.partial")
 
 
-def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list]]]:
-    """{shard path: (record count, image_shape)} from the manifests beside ``files``."""
+def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list], bool]]:
+    """{shard path: (record count, image_shape, intact)} from the manifests beside ``files``;
+    `intact` is False when the file's size is not the one the manifest records (truncated)."""
     known = {}
     for d in sorted({fileio.dirname(f) for f in files}):
         for m in fileio.glob(fileio.join(d, "*.json")):
@@ -116,9 +120,19 @@ def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list]
                 continue
             if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
                 continue
-            for name, c in zip(man.get("shards", []), man.get("shard_counts", [])):
-                known[fileio.join(d, name)] = (int(c), man.get("image_shape"))
+            sizes = man.get("shard_bytes") or [None] * len(man.get("shards", []))
+            for name, c, size in zip(man.get("shards", []), man.get("shard_counts", []), sizes):
+                path = fileio.join(d, name)
+                intact = size is None or path not in files or _file_size(path) == size
+                known[path] = (int(c), man.get("image_shape"), intact)
     return known
+
+
+def _file_size(path: str) -> Optional[int]:
+    try:
+        return int(tf.io.gfile.stat(path).length)
+    except tf.errors.NotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ def write_shards(
     names = [shard_name(prefix, i, num_shards) for i in range(num_shards)]
     finals = [fileio.join(out_dir, name) for name in names]
     tmps = [_partial_name(f) for f in finals]
-    shard_counts, shapes = [], set()
+    shard_counts, shard_bytes, shapes = [], [], set()
     try:  # every shard under a temporary name first; renamed only once all are complete
         for s, tmp in enumerate(tmps):
             count = 0
@@ -280,6 +294,7 @@ def write_shards(
                                               labels_arr[i], source_list[i]))
                     count += 1
             shard_counts.append(count)
+            shard_bytes.append(int(tf.io.gfile.stat(tmp).length))
     except BaseException:
         for tmp in tmps:
             if fileio.exists(tmp):
@@ -302,6 +317,7 @@ def write_shards(
         "num_shards": int(num_shards),
         "shards": names,
         "shard_counts": shard_counts,
+        "shard_bytes": shard_bytes,
         "image_shape": [int(d) for d in next(iter(shapes))] if len(shapes) == 1 else None,
         "image_format": image_format,
         "sources": {str(t): int(c) for t, c in zip(tags, tag_counts)},
@@ -312,8 +328,7 @@ def write_shards(
         "id_max": int(ids_arr.max()),
         "metadata": dict(metadata or {}),
     }
-    fileio.write_bytes_atomic(manifest_path(out_dir, prefix),
-                              json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+    fileio.write_json_atomic(manifest_path(out_dir, prefix), manifest, indent=1)
     return manifest
 
 
@@ -321,10 +336,32 @@ def write_shards(
 # Reader
 # ---------------------------------------------------------------------------------------------
 
-def list_shard_files(file_pattern: PathPattern) -> list[str]:
-    """Sorted, de-duplicated files matching a glob (or a list of globs / paths).
+def _manifest_shards(directory: str) -> list[str]:
+    """The shard files that the manifests in ``directory`` (written by :func:`write_shards`)
+    list; ValueError naming the directory when it holds no manifest."""
+    files = []
+    for m in fileio.glob(fileio.join(directory, "*.json")):
+        try:
+            man = fileio.read_json(m)
+        except (ValueError, OSError, tf.errors.OpError):
+            continue
+        if isinstance(man, dict) and man.get("format") == MANIFEST_FORMAT:
+            files += [fileio.join(directory, name) for name in man.get("shards", [])]
+    if not files:
+        raise ValueError(f"{directory!r} is a directory without a shard manifest (the "
+                         f"<prefix>.json that kd_jax.data.make_shards writes); name its shards "
+                         f"with a glob instead, e.g. {fileio.join(directory, '*.tfrecord')!r}")
+    return files
 
-    Raises ValueError naming the pattern when nothing matches.
+
+def list_shard_files(file_pattern: PathPattern) -> list[str]:
+    """Sorted, de-duplicated pool files: a directory written by :func:`write_shards` (its
+    manifest lists the shards), a glob, or a list of those.
+
+    Every reader opens a pool through this. A glob may also catch files that are not shards
+    (e.g. the manifest itself): each pass over the pool reads them like a damaged shard and
+    skips them with a warning naming the file. Raises ValueError naming the pattern when
+    nothing matches.
     """
     if isinstance(file_pattern, (str, os.PathLike)):
         patterns = [file_pattern]
@@ -335,11 +372,22 @@ def list_shard_files(file_pattern: PathPattern) -> list[str]:
     files = set()
     for p in patterns:
         p = os.fspath(p)
+        if p and fileio.isdir(p):
+            files.update(_manifest_shards(p))
+            continue
         matched = fileio.glob(p) if p else []
         if not matched:
             raise ValueError(f"No files match the pattern {p!r}")
         files.update(matched)
     return sorted(files)
+
+
+def image_shape(file_pattern: PathPattern) -> Optional[tuple[int, int, int]]:
+    """The (H, W, C) of every image in the pool when its manifests say so, else None."""
+    files = list_shard_files(file_pattern)
+    known = _manifest_index(files)
+    shapes = {tuple(known[f][1]) if f in known and known[f][1] else None for f in files}
+    return shapes.pop() if len(shapes) == 1 and None not in shapes else None
 
 
 def process_files(file_pattern: PathPattern, process_index: int = 0,
@@ -396,6 +444,7 @@ def read_shards(
     image_size: Optional[Union[int, tuple[int, int]]] = None,
     keep_id_fn: Optional[KeepIdFn] = None,
     stats: Optional[ReadStats] = None,
+    decode: bool = True,
 ) -> tf.data.Dataset:
     """Streams this process's share of TFRecord image shards.
 
@@ -420,6 +469,8 @@ def read_shards(
       keep_id_fn: ``id (int64 scalar tensor) -> bool tensor``; records it rejects are dropped
         before their image is decoded (a pool selection by id).
       stats: a :class:`ReadStats` that counts the records this dataset skipped.
+      decode: False skips image decoding (``image`` is then a 1x1 placeholder): the id and
+        count passes read the files through the same checks as training.
 
     Returns:
       ``tf.data.Dataset`` of ``{"image": uint8 [H,W,C], "id": int64, "label": int64 (-1 =
@@ -451,13 +502,15 @@ def read_shards(
                     TOTAL_SKIPPED.skipped)
         return np.int64(0)
 
-    c_out = channels or 1
+    c_out = (channels or 1) if decode else 1
+    if not decode:
+        image_size = static_hw = None
 
     def dummy_image():
         # Same static shape as a decoded image where that is known, so tf.cond keeps it.
         return tf.zeros([*(image_size or static_hw or (1, 1)), c_out], tf.uint8)
 
-    def decode(encoded):
+    def decode_image(encoded):
         img = tf.io.decode_image(encoded, channels=channels or 0, dtype=tf.uint8,
                                  expand_animations=False)
         if static_hw is not None:
@@ -473,7 +526,8 @@ def read_shards(
             ex = tf.io.parse_single_example(record, _FEATURES)
             keep = tf.constant(True) if keep_id_fn is None else tf.reshape(
                 tf.cast(keep_id_fn(ex["id"]), tf.bool), [])
-            img = tf.cond(keep, lambda: decode(ex["image"]), dummy_image)
+            img = (tf.cond(keep, lambda: decode_image(ex["image"]), dummy_image) if decode
+                   else dummy_image())
             return img, ex["id"], ex["label"], ex["source"], keep
 
         def end():
@@ -540,22 +594,18 @@ def read_shards(
                                deterministic=True)
 
 
-def _id_dataset(files: Sequence[str]) -> tf.data.Dataset:
-    """ids of the records in ``files`` (parse only, no image decoding; unparsable ones dropped)."""
-    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), 16), deterministic=True,
-        num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda r: tf.io.parse_single_example(
-        r, {"id": tf.io.FixedLenFeature([], tf.int64)})["id"],
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors()
+def _id_dataset(file_pattern: PathPattern, process_index: int = 0, process_count: int = 1,
+                keep_id_fn: Optional[KeepIdFn] = None) -> tf.data.Dataset:
+    """ids of this process's records (no image decoding), with the corrupt-record handling of
+    :func:`read_shards`: what training skips, the id and count passes skip too."""
+    return read_shards(file_pattern, process_index=process_index, process_count=process_count,
+                       keep_id_fn=keep_id_fn, decode=False).map(lambda e: e["id"])
 
 
 def read_ids(file_pattern: PathPattern, *, process_index: int = 0,
              process_count: int = 1) -> np.ndarray:
-    """int64 ids of this process's records, in reading order (parse only; fast)."""
-    files = process_files(file_pattern, process_index, process_count)
-    ids = _id_dataset(files).batch(65536)
+    """int64 ids of this process's records, in reading order (no image decoding)."""
+    ids = _id_dataset(file_pattern, process_index, process_count).batch(65536)
     parts = [b for b in ids.as_numpy_iterator()]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
 
@@ -569,23 +619,24 @@ def count_ids(file_pattern: PathPattern, *, process_index: int = 0, process_coun
     files = process_files(file_pattern, process_index, process_count)
     if keep_id_fn is None:
         return count_records(files)
-    ds = _id_dataset(files).filter(lambda i: tf.reshape(tf.cast(keep_id_fn(i), tf.bool), []))
+    ds = _id_dataset(files, keep_id_fn=keep_id_fn)
     return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
 
 
 def count_records(file_pattern: PathPattern, *, use_manifest: bool = True) -> int:
-    """Number of records in the files matching ``file_pattern`` (all processes).
+    """Number of readable records in the files matching ``file_pattern`` (all processes).
 
-    Uses the manifests written by :func:`write_shards` when every matched file is listed in one;
-    otherwise counts by reading the files.
+    Files listed in a manifest written by :func:`write_shards` count as it says; the others are
+    read (a damaged or foreign file skipped with a warning naming it, as in training).
     """
     files = list_shard_files(file_pattern)
-    if use_manifest:
-        known = _manifest_index(files)
-        if all(f in known for f in files):
-            return sum(known[f][0] for f in files)
-    ds = tf.data.Dataset.from_tensor_slices(files).flat_map(tf.data.TFRecordDataset)
-    return int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+    known = _manifest_index(files) if use_manifest else {}
+    listed = sum(known[f][0] for f in files if f in known and known[f][2])
+    unlisted = [f for f in files if f not in known or not known[f][2]]
+    if not unlisted:
+        return listed
+    ds = _id_dataset(unlisted)
+    return listed + int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
 
 
 # ---------------------------------------------------------------------------------------------

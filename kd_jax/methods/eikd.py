@@ -6,8 +6,9 @@ Spec and the reconstruction choices: `../shared/papers/eikd.md`. In one run:
    (`kd_jax.pool.score_pool`, the scorer every method shares), a score per image
    (`confidence` default; `entropy`, `energy`, `margin`), then either `balanced` selection
    (quota ⌊N/C⌋ per teacher-predicted class, shortfall filled from the global ranking) or
-   DFND's `global` top-N. The selection is saved as `workdir/selection.npz` and reused on
-   resume; its per-class histogram and diagnostics go to `workdir/selection_report.json`.
+   DFND's `global` top-N, through `kd_jax.pool.select_transfer_set`: the selection is saved as
+   `workdir/selection.npz` and reused on resume; its per-class histogram and diagnostics go to
+   `workdir/selection_report.json` and results.json's `selection`.
    An optional per-batch keep-fraction then trains on the best-scored part of each batch.
 2. Class dropping (§2): KD over each image's top-k teacher classes only (or the classes with
    p_T >= ε), both networks masked (`apply_to = both`) or only the teacher truncated
@@ -35,9 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import fileio, losses, pool, sampling
+from kd_jax import losses, pool, sampling
 from kd_jax.config_utils import check_choice
-from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
 SCORES = ("confidence", "entropy", "energy", "margin")
@@ -187,10 +187,6 @@ def select_from_scores(pool_scores: pool.PoolScores, size: int, mode: str, score
                           scores=s[idx])
 
 
-def class_histogram(classes, num_classes: int) -> list[int]:
-    return np.bincount(np.asarray(classes, np.int64), minlength=num_classes)[:num_classes].tolist()
-
-
 class Projector(nn.Module):
     """Bias-free linear map of student features to the teacher's width (§3); a 1×1
     convolution for spatial taps. Trained with the student, not used at test time."""
@@ -278,27 +274,16 @@ class EIKD(Method):
             raise ValueError(f"config.data.transfer.source={transfer.source!r}: EIKD selects "
                              f"from an open-world pool (shards or offline_pool)")
         sel_cfg = self.config.eikd.selection
-        path = fileio.join(self.workdir, "selection.npz")
-        report_path = fileio.join(self.workdir, "selection_report.json")
-        pool_scores = None
-        if fileio.exists(path):  # resume: the same images as before, never a re-selection
-            self.selection = pool.Selection.load(path)
-        else:
-            pool_scores = self._score_pool()
-            self.selection = select_from_scores(pool_scores, int(sel_cfg.size), sel_cfg.mode,
-                                                sel_cfg.score, self.config.num_classes)
-            if jax.process_index() == 0:
-                self.selection.save(path)
-        if not fileio.exists(report_path):
-            pool_scores = pool_scores or self._score_pool()  # cached per shard: cheap
-            self.report = self._selection_report(pool_scores)
-            if jax.process_index() == 0:
-                fileio.write_json_atomic(report_path, self.report, default=_json_default)
-        else:
-            self.report = fileio.read_json(report_path)
+        rule_name = f"{sel_cfg.mode}, {sel_cfg.score}"
+        self.selection, self.report = pool.select_transfer_set(
+            self.workdir, transfer,
+            lambda scores: select_from_scores(scores, int(sel_cfg.size), sel_cfg.mode,
+                                              sel_cfg.score, self.config.num_classes),
+            score_fn=self._score_pool, num_classes=self.config.num_classes, rule_name=rule_name,
+            plot_title=f"EIKD selection ({rule_name})")
         if jax.process_index() == 0:
-            print(f"[eikd] selection: {len(self.selection.ids)} images ({sel_cfg.mode}, "
-                  f"{sel_cfg.score}); per class {self.report['selection_class_histogram']}",
+            print(f"[eikd] selection: {len(self.selection.ids)} images ({rule_name}); per class "
+                  f"{np.bincount(self.selection.classes, minlength=self.config.num_classes).tolist()}",
                   flush=True)
 
     def _score_pool(self) -> pool.PoolScores:
@@ -308,36 +293,9 @@ class EIKD(Method):
             num_classes=self.config.num_classes,
             batch_size=int(self.config.eikd.selection.score_batch_size))
 
-    def _selection_report(self, pool_scores) -> dict:
-        """Per-class histogram of the selection (always) plus the shared diagnostics."""
-        c = self.config.num_classes
-        report = {"selection_size": int(len(self.selection.ids)),
-                  "pool_size": int(len(pool_scores.ids)),
-                  "selection_class_histogram": class_histogram(self.selection.classes, c),
-                  "pool_class_histogram": class_histogram(pool_scores.pred, c)}
-        related = None
-        if self.config.data.transfer.source == "offline_pool":
-            from kd_jax.data import offline
-            related = offline.RELATED_SOURCES
-        from kd_jax import diagnostics  # the shared report (also used by ODSD)
-        extra = diagnostics.selection_report(pool_scores, self.selection, c,
-                                             related_sources=related)
-        report.update({k: v for k, v in extra.items() if k not in report})
-        if jax.process_index() == 0:
-            sel_cfg = self.config.eikd.selection
-            try:
-                diagnostics.plot_selection(fileio.join(self.workdir, "sampling.png"),
-                                           pool_scores, self.selection, c,
-                                           title=f"EIKD selection ({sel_cfg.mode}, "
-                                                 f"{sel_cfg.score})")
-            except Exception as e:  # a figure must never stop a run
-                print(f"[eikd] sampling.png not written: {e}")
-        return report
-
     def transfer_source(self):
-        transfer = self.config.data.transfer
-        return pipeline.open_source(transfer, transfer.get("split", "train"), jax.process_index(),
-                                    jax.process_count(), keep_ids=self.selection.ids)
+        return pool.open_transfer_set(self.config.data.transfer, self.selection.ids,
+                                      jax.process_index(), jax.process_count())
 
     # ----- the loss ----------------------------------------------------------------------------
     def train_step(self, state, teacher_vars, batch, base_rng):
@@ -394,8 +352,3 @@ class EIKD(Method):
     def results(self, state) -> dict:
         """The selection diagnostics (histograms, related share, ...) under `selection`."""
         return {"selection": self.report}
-
-
-def _json_default(v):
-    v = np.asarray(v)
-    return v.item() if v.size == 1 else v.tolist()

@@ -17,15 +17,26 @@ class KD(Method):
 
     def prepare(self):
         transfer = self.config.data.transfer
-        self.keep_ids = None
+        self.keep_ids, self.report = None, {}
         if transfer.source == "original":
             return
         if transfer.subset == "random":
-            self.keep_ids = pool.random_subset(self.workdir, transfer, transfer.subset_size,
-                                               seed=self.config.seed).ids
+            size = int(transfer.subset_size)
+            selection, self.report = pool.select_transfer_set(
+                self.workdir, transfer, pool.random_rule(size, seed=self.config.seed),
+                score_fn=self.score_pool, num_classes=self.config.num_classes,
+                rule_name=f"random {size}", plot_title=f"KD transfer set (random {size})")
+            self.keep_ids = selection.ids
         elif transfer.subset != "all":
             raise ValueError(f"config.data.transfer.subset={transfer.subset!r}: the kd method "
                              f"takes 'all' or 'random' (selection rules live in odsd / eikd)")
+
+    def score_pool(self) -> pool.PoolScores:
+        """The teacher pass over the pool (for the report of a random subset)."""
+        return pool.score_pool(
+            self.workdir, self.config.data.transfer, teacher_model=self.teacher_model,
+            teacher_vars=self.teacher_vars, domain=self.domain,
+            num_classes=self.config.num_classes, batch_size=512)
 
     def transfer_source(self):
         transfer = self.config.data.transfer
@@ -33,8 +44,11 @@ class KD(Method):
             target = self.config.data.target
             return pipeline.open_source(target, target.train_split, jax.process_index(),
                                         jax.process_count())
-        return pipeline.open_source(transfer, transfer.get("split", "train"), jax.process_index(),
-                                    jax.process_count(), keep_ids=self.keep_ids)
+        return pool.open_transfer_set(transfer, self.keep_ids, jax.process_index(),
+                                      jax.process_count())
+
+    def results(self, state) -> dict:
+        return {"selection": self.report} if self.report else {}
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars):
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])

@@ -7,9 +7,10 @@ key of `config.odsd` (defaults as in the spec, see `default_config()`):
   pool (`kd_jax.pool.score_pool`, per-class top-L heaps with features, L = 3·n_c), prototypes
   from the teacher head refined on the heaps, a per-class quantile gate on the teacher's
   confidence, a within-class score α·rank01(cos) + (1−α)·rank01(log p_T) and a class-balanced
-  quota n_c = ⌈N/C⌉. The selection (ids, classes, scores) and its diagnostics are written to the
-  workdir (`selection.npz`, `selection_diagnostics.json`, `sampling.png`); a resumed run reuses
-  them. Optional adaptive refresh (§1F, `aps.refresh_epochs`): every R epochs the candidates are
+  quota n_c = ⌈N/C⌉. `kd_jax.pool.select_transfer_set` writes the selection (ids, classes,
+  scores) and its diagnostics to the workdir (`selection.npz`, `selection_report.json`,
+  `sampling.png`; results.json's `selection`); a resumed run reuses them. Optional adaptive
+  refresh (§1F, `aps.refresh_epochs`): every R epochs the candidates are
   re-ranked with the current student's disagreement KL(p_T ‖ p_S) and the loop switches to the
   new selection (`selection_step<k>.npz`; a resumed run picks the one in force at its step).
 * **LNR** (low-noise representation, §2): per-sample top-p truncated teacher targets.
@@ -120,17 +121,6 @@ def heap_size(aps: ml_collections.ConfigDict, size: int, num_classes: int) -> in
     return int(math.ceil(aps.heap_factor * per_class_quota(size, num_classes)))
 
 
-def top_l_per_class(ids, classes, confidence, num_classes, heap_len):
-    """In-memory reference of the streamed heaps: per class the L most confident items
-    (confidence desc, id asc). Returns indices into the inputs, sorted."""
-    keep = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(classes == c)
-        order = np.lexsort((ids[idx], -confidence[idx]))
-        keep.append(idx[order[:heap_len]])
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-
-
 def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, size: int,
                aps: ml_collections.ConfigDict, gamma=None, head_weight=None) -> dict:
     """ODSD §1 B–D on the per-class candidates. Deterministic and invariant to their order.
@@ -180,10 +170,8 @@ def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, 
         passed = None
 
     # D. score and quota (or, without balancing, one global ranking).
-    alpha = float(aps.alpha)
-    rank_classes = jnp.asarray(cls) if aps.balance else None
-    scores = (alpha * sampling.rank01(cos, rank_classes)
-              + (1.0 - alpha) * sampling.rank01(jnp.asarray(logp), rank_classes))
+    rank_classes = jnp.asarray(cls) if aps.balance else None  # None: one global ranking
+    scores = sampling.aps_scores(cos, jnp.asarray(logp), rank_classes, alpha=float(aps.alpha))
     prio = None if passed is None else jnp.asarray(passed)
     if aps.balance:
         idx = sampling.select_class_balanced(scores, jnp.asarray(cls), n_c, num_classes,
@@ -208,7 +196,8 @@ def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
     APS score, which lies in [0, 1]). Returns (selection dict sorted by id, number filled)."""
     need = size - len(out["ids"])
     rest = np.flatnonzero(~np.isin(pool_ids, out["ids"]))
-    order = rest[np.lexsort((np.asarray(pool_ids)[rest], -np.asarray(pool_conf)[rest]))][:need]
+    order = rest[np.asarray(sampling.select_top_k(
+        np.asarray(pool_conf)[rest], need, ids=np.asarray(pool_ids)[rest].astype(np.int32)))]
     merged = {
         "ids": np.concatenate([out["ids"], np.asarray(pool_ids, np.int64)[order]]),
         "classes": np.concatenate([out["classes"], np.asarray(pool_pred, np.int32)[order]]),
@@ -327,41 +316,31 @@ class ODSD(Method):
     def prepare(self):
         aps = self.config.odsd.aps
         spec = self.config.data.transfer
-        self.keep_ids = None
-        self.diagnostics = {}
+        self.keep_ids, self.report = None, {}
         if aps.selection == "all":
             return
-        path = fileio.join(self.workdir, "selection.npz")
-        diag_path = fileio.join(self.workdir, "selection_diagnostics.json")
-        gamma_path = fileio.join(self.workdir, "gate_thresholds.npy")
-        if fileio.exists(path):  # a resumed run trains on exactly the same images
-            selection = pool.Selection.load(path)
-            self.keep_ids = selection.ids
-            if fileio.exists(gamma_path):
-                self.gamma = fileio.load_npy(gamma_path)
-            if fileio.exists(diag_path):
-                self.diagnostics = fileio.read_json(diag_path)
-            return
-        size = self._size()
         num_classes = self.config.num_classes
-        scores = pool.score_pool(
-            self.workdir, spec, teacher_model=self.teacher_model, teacher_vars=self.teacher_vars,
-            domain=self.domain, num_classes=num_classes, batch_size=aps.score_batch_size,
-            heap_size=heap_size(aps, size, num_classes) if aps.selection == "aps" else 0)
+
+        def score_fn():
+            heap = heap_size(aps, self._size(), num_classes) if aps.selection == "aps" else 0
+            return pool.score_pool(
+                self.workdir, spec, teacher_model=self.teacher_model,
+                teacher_vars=self.teacher_vars, domain=self.domain, num_classes=num_classes,
+                batch_size=aps.score_batch_size, heap_size=heap)
+
         if aps.selection == "random":
-            selection = pool.random_subset(self.workdir, spec, size, seed=self.config.seed)
-            selection = pool.Selection(ids=selection.ids, classes=_lookup(
-                scores.ids, scores.pred, selection.ids).astype(np.int32))
-            gamma = np.zeros((num_classes,), np.float32)
+            rule = pool.random_rule(self._size(), self.config.seed, "config.odsd.aps.size")
         else:
-            selection, gamma = self._aps(scores, size)
-        self.gamma = gamma
+            rule = lambda scores: self._aps(scores, self._size())
+        selection, self.report = pool.select_transfer_set(
+            self.workdir, spec, rule, score_fn=score_fn, num_classes=num_classes,
+            rule_name=aps.selection, report_fn=self._report_extras,
+            plot_title=(f"ODSD selection ({aps.selection})"
+                        if self.config.odsd.diagnostics.plot else None))
         self.keep_ids = selection.ids
-        if jax.process_index() == 0:
-            fileio.save_npy_atomic(gamma_path, gamma)
-            self.diagnostics = self._diagnostics(scores, selection, spec)
-            fileio.write_json_atomic(diag_path, self.diagnostics)
-            selection.save(path)  # last: its presence means "selection and diagnostics done"
+        gamma_path = fileio.join(self.workdir, "gate_thresholds.npy")
+        if fileio.exists(gamma_path):  # the gate of the first selection (SR pseudo-labels)
+            self.gamma = fileio.load_npy(gamma_path)
 
     def _aps(self, scores: pool.PoolScores, size: int):
         aps = self.config.odsd.aps
@@ -377,7 +356,7 @@ class ODSD(Method):
             gamma = np.full((num_classes,), aps.gate_threshold, np.float32)
         elif aps.gate == "none":
             gamma = np.zeros((num_classes,), np.float32)
-        cand_conf = _lookup(scores.ids, scores.confidence, scores.cand_ids)
+        cand_conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
         params = jax.tree.map(np.asarray, self.teacher_vars["params"])
         out = aps_select(scores.cand_ids, scores.cand_class, scores.cand_feat, cand_conf,
                          num_classes=num_classes, size=size, aps=aps, gamma=gamma,
@@ -399,25 +378,23 @@ class ODSD(Method):
             print(f"[odsd] APS: {ungated} selected images are below their class gate "
                   f"(shortfall filled from A_c \\ G_c)", flush=True)
         self._candidates = out.get("candidates")  # every host holds them (§1F refresh)
-        if jax.process_index() == 0 and self._candidates is not None:
-            fileio.save_npz_atomic(fileio.join(self.workdir, "aps_candidates.npz"),
-                                   self._candidates)
+        self.gamma = gamma
+        if jax.process_index() == 0:  # written before selection.npz, which comes last
+            fileio.save_npy_atomic(fileio.join(self.workdir, "gate_thresholds.npy"), gamma)
+            if self._candidates is not None:
+                fileio.save_npz_atomic(fileio.join(self.workdir, "aps_candidates.npz"),
+                                       self._candidates)
         self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
                            "selection_short_classes": {str(k): v for k, v in short.items()}}
         return pool.Selection(ids=out["ids"], classes=out["classes"],
-                              scores=out["scores"].astype(np.float32)), gamma
+                              scores=out["scores"].astype(np.float32))
 
-    def _diagnostics(self, scores, selection, spec) -> dict:
-        from kd_jax.data import offline
-        related = offline.RELATED_SOURCES if spec.source == "offline_pool" else None
-        report = diagnostics.selection_report(scores, selection, self.config.num_classes,
-                                              related_sources=related)
-        report.update(getattr(self, "_aps_extra", {}))
+    def _report_extras(self, scores, selection) -> dict:
+        """APS's gate / fill counts and the BN-statistics distances of the selection and of a
+        random pool subset of the same size."""
+        report = dict(getattr(self, "_aps_extra", {}))
         dcfg = self.config.odsd.diagnostics
-        if dcfg.plot:
-            diagnostics.plot_selection(fileio.join(self.workdir, "sampling.png"), scores,
-                                       selection, num_classes=self.config.num_classes,
-                                       title=f"ODSD selection ({self.config.odsd.aps.selection})")
+        spec = self.config.data.transfer
         if dcfg.bn_images and diagnostics.has_batch_norm(self.teacher_vars):
             n = min(int(dcfg.bn_images), len(selection.ids))
             rng = np.random.default_rng(self.config.seed)
@@ -511,7 +488,7 @@ class ODSD(Method):
             kls.append(out["kl"][real])
         ids, kls = np.concatenate(ids), np.concatenate(kls)
         order = np.argsort(ids)
-        kl = _lookup(ids[order], kls[order], cand["ids"]).astype(np.float32)
+        kl = pool.lookup(ids[order], kls[order], cand["ids"]).astype(np.float32)
         cls = jnp.asarray(cand["classes"])
         score = jnp.asarray(cand["scores"]) + aps.refresh_eta * sampling.rank01(
             jnp.asarray(kl), cls)
@@ -545,9 +522,8 @@ class ODSD(Method):
 
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
-        spec = self.config.data.transfer
-        return pipeline.open_source(spec, spec.get("split", "train"), jax.process_index(),
-                                    jax.process_count(), keep_ids=self.keep_ids)
+        return pool.open_transfer_set(self.config.data.transfer, self.keep_ids,
+                                      jax.process_index(), jax.process_count())
 
     # ----- the loss ----------------------------------------------------------------------------
     def loss(self, params, batch_stats, batch, rng, teacher_vars):
@@ -622,14 +598,4 @@ class ODSD(Method):
         return total, (new_stats, metrics)
 
     def results(self, state) -> dict:
-        return dict(self.diagnostics)
-
-
-def _lookup(sorted_ids, values, query_ids):
-    """values[i] for each query id, given `sorted_ids` (ascending) aligned with `values`."""
-    sorted_ids = np.asarray(sorted_ids)
-    pos = np.searchsorted(sorted_ids, query_ids)
-    if len(query_ids) and (pos.max() >= len(sorted_ids)
-                           or not np.array_equal(sorted_ids[pos], query_ids)):
-        raise KeyError("ODSD: a selected id is missing from the pool scores")
-    return np.asarray(values)[pos]
+        return {"selection": self.report} if self.report else {}
