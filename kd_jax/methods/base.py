@@ -161,7 +161,8 @@ class Method:
 
     @functools.cached_property
     def heads(self) -> dict:
-        """Trainable modules beside the student, {name: (module, example input)}; built once."""
+        """Trainable modules beside the student, {name: (module, example input)}; built once,
+        possibly inside a jit trace, so the example inputs are numpy arrays (never tracers)."""
         return {}
 
     def build_optimizer(self, num_steps: int) -> None:

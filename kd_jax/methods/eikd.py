@@ -237,7 +237,7 @@ class EIKD(Method):
                 raise ValueError(f"config.eikd.feature.projector='none' but the student "
                                  f"({s_shape[-1]}) and teacher ({t_shape[-1]}) widths differ")
             return {}
-        example = jnp.zeros((2,) + s_shape, jnp.float32)
+        example = np.zeros((2,) + s_shape, np.float32)
         return {"projector": (Projector(features=t_shape[-1]), example)}
 
     def aux_scale(self, step):

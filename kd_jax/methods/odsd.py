@@ -277,10 +277,10 @@ class ODSD(Method):
         heads = {}
         if self._uses_projector():
             heads["projector"] = (Projector(self.d_teacher, dense_name="proj"),
-                                  jnp.zeros((2, self.d_student), jnp.float32))
+                                  np.zeros((2, self.d_student), np.float32))
         if self.config.odsd.sr.weight > 0:
             heads["sr_head"] = (MLPHead(self.d_student, self.config.odsd.sr.proj_dim),
-                                jnp.zeros((2, self.d_student), jnp.float32))
+                                np.zeros((2, self.d_student), np.float32))
         return heads
 
     # ----- APS ---------------------------------------------------------------------------------

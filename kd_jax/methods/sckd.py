@@ -139,7 +139,7 @@ class _NCDBase(Method):
         return {"known": (Prototypes(self.num_known), self._feature_example())}
 
     def _feature_example(self):
-        return jnp.zeros((2, self.feature_dim), jnp.float32)
+        return np.zeros((2, self.feature_dim), np.float32)
 
     # ----- data --------------------------------------------------------------------------------
     def _source(self, split: str, classes, unlabeled=False):
