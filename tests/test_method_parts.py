@@ -92,3 +92,20 @@ def test_warm_start_loads_shared_subtrees_and_names_the_rest(tmp_path):
     assert kept == ["params/head", "batch_stats/head"]
     with pytest.raises(ValueError, match=r"params/model/w has shape \(3,\)"):
         checkpoint.warm_start({"model": {"w": jnp.zeros(4)}}, {}, str(tmp_path))
+
+
+def test_heads_are_built_once_and_survive_a_traced_init():
+    """`heads` is cached: the first build may happen inside a trace (jit(init_state)), and a
+    second trace or an eager call must not meet that trace's values."""
+    from helpers import config
+
+    from kd_jax.methods import get_method
+    c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False})
+    c.method = "uno"
+    method = get_method("uno")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
+    method.build_optimizer(10)
+    first = jax.eval_shape(method.init_state, jax.random.PRNGKey(0))
+    assert method.heads is method.heads and set(method.heads) == {"known", "discovery"}
+    again = jax.eval_shape(method.init_state, jax.random.PRNGKey(1))
+    assert jax.tree.structure(first) == jax.tree.structure(again)
+    assert set(first.params) == {"model", "known", "discovery"}
