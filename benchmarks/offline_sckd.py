@@ -69,7 +69,7 @@ def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
     @jax.jit
     def forward(x):
         f = method.student.apply(variables, x, train=False)[1]["pre_logits"]
-        cos = method._heads["known"].apply({"params": saved["params"]["known"]}, f)
+        cos, _ = method.apply_head("known", saved["params"], saved["batch_stats"], f, False)
         return f, jax.nn.softmax(cos / tau, -1)  # features, known space r^K (sckd.md §2)
 
     def features(split):

@@ -214,8 +214,8 @@ def main(argv=None):
             out = os.path.join(root, f"scores{size}")
             shutil.rmtree(out, ignore_errors=True)
             rows.append((size, run_child(args, pattern, out)))
-        print(f"\n| pool images | shards | peak RSS (MB) | RSS before scoring (MB) | images/s "
-              f"(whole pass) | images/s (after shard 1) | backend |\n|---|---|---|---|---|---|---|")
+        print("\n| pool images | shards | peak RSS (MB) | RSS before scoring (MB) | images/s "
+              "(whole pass) | images/s (after shard 1) | backend |\n|---|---|---|---|---|---|---|")
         for size, r in rows:
             steady = f"{r['steady_images_per_s']:.0f}" if r["steady_images_per_s"] else "—"
             print(f"| {size:,} | {-(-size // args.shard_size)} | {r['peak_rss_mb']:.0f} | "

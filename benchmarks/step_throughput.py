@@ -194,8 +194,8 @@ def main(argv=None):
                         if r["flops"] else None)
             rows.append((pair, name, batch, r, achieved))
             print(f"  {pair} {name}: {r['images_per_s']:.1f} img/s", flush=True)
-    print(f"\n| pair | method | batch | images/s | step (ms) | GFLOP/step (XLA) | achieved "
-          f"GFLOP/s | % of matmul peak | compile (s) |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| pair | method | batch | images/s | step (ms) | GFLOP/step (XLA) | achieved "
+          "GFLOP/s | % of matmul peak | compile (s) |\n|---|---|---|---|---|---|---|---|---|")
     for pair, name, batch, r, achieved in rows:
         gf = f"{r['flops'] * jax.device_count() / 1e9:.2f}" if r["flops"] else "n/a"
         ach = f"{achieved / 1e9:.1f}" if achieved else "n/a"

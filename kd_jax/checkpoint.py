@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -87,3 +88,34 @@ def load_variables(workdir: str, step: int | None = None) -> dict:
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     restored = jax.device_get(restored)
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+
+
+def warm_start(params: Any, batch_stats: Any, source_workdir: str):
+    """The sub-trees of a fresh state that the finished run in `source_workdir` also holds,
+    loaded from it; -> (params, batch_stats, kept), `kept` the paths only the fresh state has
+    (e.g. heads a stage-1 or self-supervised checkpoint lacks), which keep their
+    initialisation. A shared path must have the same shape in both."""
+    saved = load_variables(source_workdir)
+    kept = []
+
+    def merge(init, loaded, path):
+        if isinstance(init, dict):
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{source_workdir}: {path} is a leaf there but a module here")
+            out = {}
+            for k, v in init.items():
+                if k in loaded:
+                    out[k] = merge(v, loaded[k], f"{path}/{k}")
+                else:
+                    kept.append(f"{path}/{k}")
+                    out[k] = v
+            return out
+        loaded = np.asarray(loaded)
+        if tuple(loaded.shape) != tuple(init.shape):
+            raise ValueError(f"{source_workdir}: {path} has shape {loaded.shape}, this config "
+                             f"builds {tuple(init.shape)} (check config.model / config.ncd)")
+        return jax.device_put(loaded.astype(init.dtype), init.sharding)
+
+    params = merge(dict(params), dict(saved["params"]), "params")
+    batch_stats = merge(dict(batch_stats), dict(saved.get("batch_stats") or {}), "batch_stats")
+    return params, batch_stats, kept

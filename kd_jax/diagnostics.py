@@ -1,4 +1,5 @@
-"""Diagnostics of a pool selection, shared by every sampling method (ODSD's APS, EIKD, DFND).
+"""Diagnostics of a pool selection, shared by every sampling method (ODSD's APS, EIKD, DFND),
+and the confusion plot of novel class discovery.
 
 * `selection_report(pool_scores, selection, num_classes, related_sources=None)`: the numbers a
   user checks (size, per-class counts, mean teacher confidence, and on a tagged pool the share
@@ -8,6 +9,8 @@
 * `bn_statistics_distance(teacher_model, teacher_vars, images_batches)`: how far a set's
   per-layer activation statistics are from the teacher's BatchNorm running statistics, the only
   data-free summary of the original distribution (odsd.md §1 "Diagnostics").
+* `plot_confusion(path, y_true, y_pred, mapping, num_known, num_novel)`: an NCD run's
+  `confusion.png`, the matched task-agnostic confusion matrix.
 
 `pool_scores` is a `kd_jax.pool.PoolScores` (or any object with `ids` sorted ascending, `pred`,
 `confidence` and optionally `sources`, aligned); `selection` a `kd_jax.pool.Selection` or an
@@ -231,3 +234,37 @@ def bn_statistics_distance(teacher_model, teacher_vars, images_batches: Iterable
         var = np.maximum(s2 / n - mean ** 2, 0.0)
         distance += float(np.sum((mean - run_mean) ** 2) + np.sum((var - run_var) ** 2))
     return distance
+
+
+def plot_confusion(path: str, y_true, y_pred, mapping: dict, num_known: int,
+                   num_novel: int) -> None:
+    """Writes `path` (<workdir>/confusion.png of an NCD run): the task-agnostic confusion
+    matrix on the test set after Hungarian matching (`mapping`: prediction -> class), the
+    known | novel boundary drawn in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = num_known + num_novel
+    mapped = np.array([mapping.get(int(p), -1) for p in y_pred])
+    conf = np.zeros((c, c), np.int64)
+    ok = mapped >= 0
+    np.add.at(conf, (y_true[ok], mapped[ok]), 1)
+    size = min(12.0, 3.0 + 0.25 * c)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(conf, cmap="Blues")
+    ax.axhline(num_known - 0.5, color="red", lw=0.8)
+    ax.axvline(num_known - 0.5, color="red", lw=0.8)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if conf[i, j]:
+                    ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted (matched) class; known | novel")
+    ax.set_ylabel("true class; known | novel")
+    ax.set_title(f"task-agnostic test confusion ({int(ok.sum())}/{len(y_true)} matched)")
+    fig.tight_layout()
+    try:
+        fileio.save_figure_atomic(path, fig, dpi=100)
+    finally:
+        plt.close(fig)

@@ -236,14 +236,13 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
     import tensorflow as tf
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from kd_jax import sampling
+    from kd_jax import inference, sampling
     from kd_jax.data import pipeline, shards
 
     pattern = pool_pattern(spec)
     out_dir = fileio.join(workdir, "pool_scores")
     local_mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     local_batch = -(-batch_size // len(jax.local_devices())) * len(jax.local_devices())
-    put_batch = lambda x: jax.device_put(x, NamedSharding(local_mesh, P("data")))
     variables = jax.device_put(jax.tree.map(np.asarray, teacher_vars),
                                NamedSharding(local_mesh, P()))
     d = teacher_model.apply(jax.tree.map(np.asarray, teacher_vars),
@@ -251,7 +250,10 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
                                      np.float32), train=False)[1]["pre_logits"].shape[-1]
     spec_payload = {"feat": jax.ShapeDtypeStruct((d,), jnp.float16),
                     "logp": jax.ShapeDtypeStruct((), jnp.float32)}
-    stats = jax.jit(_teacher_stats_fn(teacher_model.apply, heap_size, num_classes))
+    stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes)
+    stats = inference.BatchedApply(
+        lambda v, b, heaps: stats_fn(v, b["image"], b["id"], b["mask"], heaps), local_mesh,
+        carry=True)
 
     t0, scored = time.perf_counter(), 0
     for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
@@ -266,18 +268,11 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
             "image": 0.0, "id": np.int64(-1), "source": "", "mask": 0.0})
         heaps = sampling.init_class_top_k(num_classes, max(heap_size, 1), spec_payload) \
             if heap_size else None
-        parts = []
-        for b in ds.as_numpy_iterator():
-            n = int(b["mask"].sum())
-            pad = local_batch - len(b["mask"])  # the last batch is short: pad to a fixed shape
-            arrays = {k: np.concatenate([b[k], np.zeros((pad,) + b[k].shape[1:], b[k].dtype)])
-                      for k in ("image", "id", "mask")}
-            out, heaps = stats(variables, put_batch(arrays["image"]), arrays["id"],
-                               arrays["mask"], heaps)
-            out = jax.device_get(out)
-            parts.append({"ids": b["id"][:n], "sources": b["source"][:n].astype(str),
-                          **{k: v[:n] for k, v in out.items()}})
-        record = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        rows, heaps = stats.gather(variables, batches=ds, keep=("id", "source"),
+                                   pad_to=local_batch, carry=heaps)
+        record = {}
+        if rows:
+            record = {"ids": rows.pop("id"), "sources": rows.pop("source").astype(str), **rows}
         if heap_size:
             s, ids, cls, payload, valid = jax.device_get(sampling.flatten_class_top_k(heaps))
             record.update(cand_ids=ids[valid].astype(np.int64), cand_class=cls[valid],

@@ -183,12 +183,12 @@ def test_method_loss_uses_projected_features(smoke_run):
         assert "bias" not in state.params["projector"]["dense"]
         images = np.random.default_rng(0).normal(size=(16, 32, 32, 1))
         _, (_, m) = method.loss(state.params, state.batch_stats, {"image": images},
-                                jax.random.PRNGKey(1), method.teacher_vars)
+                                jax.random.PRNGKey(1), method.teacher_vars, 0)
         _, t_feats = method.teacher_apply(method.teacher_vars, images)
-        _, s_feats, _ = method.student_apply(state.params, state.batch_stats, images, True,
+        (_, s_feats), _ = method.student_apply(state.params, state.batch_stats, images, True,
                                              rng=jax.random.PRNGKey(1))
-        proj = method.heads()["projector"][0].apply({"params": state.params["projector"]},
-                                                    s_feats["pre_logits"])
+        proj = method.heads["projector"][0].apply({"params": state.params["projector"]},
+                                                  s_feats["pre_logits"])
         t = t_feats["pre_logits"]
         for name, want in (("rkd_distance", losses.rkd_distance_loss(proj, t)),
                            ("rkd_angle", losses.rkd_angle_loss(proj, t)),

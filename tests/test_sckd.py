@@ -9,7 +9,8 @@ import pytest
 from helpers import config, max_distance, record
 
 from kd_jax import losses, metrics, parallel
-from kd_jax.methods import get_method, sckd
+from kd_jax.data import splits
+from kd_jax.methods import get_method
 
 # ----- Hungarian clustering accuracy ----------------------------------------------------------
 
@@ -29,14 +30,14 @@ def test_cluster_accuracy_relabeling_invariant_and_perfect_under_permutation():
 
 def test_class_split_rules():
     c = config("sckd_mnist.py", "smoke")
-    assert sckd.class_split(c) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
+    assert splits.class_split(c) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
     c.ncd.known_classes, c.ncd.novel_classes = (9, 3), (1, 2, 3)
     with pytest.raises(ValueError, match="both known and novel"):
-        sckd.class_split(c)
+        splits.class_split(c)
     c = config("sckd_imagenet100.py", "smoke")
-    known, novel = sckd.class_split(c)
+    known, novel = splits.class_split(c)
     assert len(known) == len(novel) == 50 and not set(known) & set(novel)
-    assert sckd.class_split(c) == (known, novel)  # seeded: the same every time
+    assert splits.class_split(c) == (known, novel)  # seeded: the same every time
 
 
 # ----- λ = 0 is UNO; SCKD term invariants -----------------------------------------------------
@@ -56,9 +57,10 @@ def _loss_and_grads(method_name, step=5, **overrides):
         labels[8:] = -1  # half unlabeled
         batch = {"image": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
                  "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
-                 "label": jnp.asarray(labels), "step": jnp.asarray(step)}
+                 "label": jnp.asarray(labels)}
         (loss, (_, mets)), grads = jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
-            state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None)
+            state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None,
+            jnp.asarray(step))
     assert jax.tree.leaves(grads)[0].dtype == np.float64
     return float(loss), jax.device_get(grads), jax.device_get(mets)
 

@@ -8,6 +8,7 @@ datasets. Submodules load what they need:
 - ``kd_jax.data.offline``: MNIST-5k and the open-world pool from bundled real images (no
   TensorFlow unless shards are written).
 - ``kd_jax.data.pipeline``: tf.data input pipelines for training and evaluation.
+- ``kd_jax.data.splits``: known / novel class splits of novel class discovery.
 
 The names below are also reachable as attributes (``kd_jax.data.read_shards``), loaded on
 first use.

@@ -4,6 +4,7 @@ only its paper: its transfer data and its `loss`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import flax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kd_jax import models, parallel
+from kd_jax import checkpoint, inference, models, parallel
 from kd_jax.data import pipeline
 from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 
@@ -46,10 +47,15 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int):
     return base
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+def make_optimizer(opt: ml_collections.ConfigDict, schedule,
+                   trainable=None) -> optax.GradientTransformation:
     """SGD with PyTorch's coupled weight decay (decay added to the gradient before momentum),
     or AdamW; `grad_clip` > 0 first clips the global gradient norm (PyTorch's
-    `clip_grad_norm_` order: before weight decay and momentum)."""
+    `clip_grad_norm_` order: before weight decay and momentum).
+
+    `trainable` (top-level student module names, e.g. ViT's `blocks_11`, `norm`) freezes every
+    other student parameter; the heads beside the student always train. Empty: all train.
+    """
     if opt.name == "sgd":
         tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
                          optax.sgd(schedule, momentum=opt.momentum or None,
@@ -61,7 +67,24 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule) -> optax.GradientTr
     clip = float(opt.get("grad_clip", 0.0))
     if clip < 0:
         raise ValueError(f"config.optimizer.grad_clip={clip}: use 0 (off) or a positive norm")
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+    return freeze(tx, trainable) if trainable else tx
+
+
+def freeze(tx: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+    """`tx` on the heads and on the student modules named in `trainable`; zero updates
+    elsewhere in the student (`params["model"]`)."""
+    trainable = tuple(trainable)
+
+    def label(path, _):
+        keys = [getattr(p, "key", str(p)) for p in path]
+        if keys[0] != "model" or (len(keys) > 1 and keys[1] in trainable):
+            return "train"
+        return "freeze"
+
+    return optax.multi_transform(
+        {"train": tx, "freeze": optax.set_to_zero()},
+        lambda params: jax.tree_util.tree_map_with_path(label, params))
 
 
 class Method:
@@ -102,14 +125,28 @@ class Method:
         return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, feats)
 
     # ----- state -------------------------------------------------------------------------------
-    def warm_start(self, state: TrainState) -> TrainState:
-        """Called once on a fresh (not resumed) state, outside jit: a method may load weights of
-        another finished run into it (host arrays, so no large constants enter a compiled
-        init). Default: unchanged."""
-        return state
+    def warm_start_source(self) -> str | None:
+        """A finished run whose weights a fresh state starts from (None: its initialisation)."""
+        return None
 
+    def warm_start(self, state: TrainState) -> TrainState:
+        """Called once on a fresh (not resumed) state, outside jit: the sub-trees saved in
+        `warm_start_source()` replace the initialisation (see `checkpoint.warm_start`)."""
+        src = self.warm_start_source()
+        if not src:
+            return state
+        params, stats, kept = checkpoint.warm_start(state.params, state.batch_stats, src)
+        if jax.process_index() == 0:
+            print(f"[{self.name}] warm start from {src}; kept the initialisation of "
+                  f"{[k for k in kept if not k.startswith('batch_stats')]}", flush=True)
+        opt_state = jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params)
+        return TrainState(step=state.step, params=params, batch_stats=stats,
+                          opt_state=opt_state)
+
+    @functools.cached_property
     def heads(self) -> dict:
-        """Extra trainable modules beside the student ({name: (module, example input)})."""
+        """Trainable modules beside the student, {name: (module, example input)}; built once,
+        possibly inside a jit trace, so the example inputs are numpy arrays (never tracers)."""
         return {}
 
     def build_optimizer(self, num_steps: int) -> None:
@@ -123,7 +160,7 @@ class Method:
         variables = self.student.init(key, x, train=False)
         params = {"model": variables["params"]}
         batch_stats = {"model": variables.get("batch_stats", {})}
-        for name, (module, example) in self.heads().items():
+        for name, (module, example) in self.heads.items():
             rng, key = jax.random.split(rng)
             v = module.init(key, example, train=False)
             params[name] = v["params"]
@@ -136,36 +173,39 @@ class Method:
                           batch_stats=batch_stats, opt_state=self.tx.init(params))
 
     def student_apply(self, params, batch_stats, images, train: bool, rng=None):
-        """Student forward; `rng` feeds dropout (MobileNetV2, WRN with dropout) in training."""
+        """Student forward -> ((logits, features), new student batch_stats); `rng` feeds
+        dropout (MobileNetV2, WRN with dropout) in training."""
         variables = {"params": params["model"], "batch_stats": batch_stats["model"]}
         if train:
             rngs = {"dropout": rng} if rng is not None else {"dropout": jax.random.PRNGKey(0)}
-            (logits, feats), updates = self.student.apply(
+            outputs, updates = self.student.apply(
                 variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
-            return logits, feats, updates["batch_stats"]
-        logits, feats = self.student.apply(variables, images, train=False)
-        return logits, feats, batch_stats["model"]
+            return outputs, updates["batch_stats"]
+        return self.student.apply(variables, images, train=False), batch_stats["model"]
 
-    def head_apply(self, name, params, batch_stats, x, train: bool, new_stats: dict):
-        module = self.heads()[name][0]
-        variables = {"params": params[name], "batch_stats": batch_stats[name]}
-        if train and batch_stats[name]:
-            out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
-            new_stats[name] = updates["batch_stats"]
-            return out
-        new_stats[name] = batch_stats[name]
-        return module.apply(variables, x, train=train)
+    def apply_head(self, name, params, batch_stats, x, train: bool):
+        """Head `name` of `heads` on `x` -> (output, its new batch_stats)."""
+        module = self.heads[name][0]
+        stats = batch_stats.get(name, {})
+        variables = {"params": params[name]}
+        if stats:
+            variables["batch_stats"] = stats
+            if train:
+                out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+                return out, updates["batch_stats"]
+        return module.apply(variables, x, train=train), stats
 
     # ----- the step ----------------------------------------------------------------------------
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
-        """-> (scalar loss, (new batch_stats, metrics dict)). Subclasses implement."""
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
+        """-> (scalar loss, (new batch_stats, metrics dict)); `step` is the (traced) number
+        of updates so far. Subclasses implement."""
         raise NotImplementedError
 
     def train_step(self, state: TrainState, teacher_vars, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         (loss, (batch_stats, metrics)), grads = grad_fn(
-            state.params, state.batch_stats, batch, rng, teacher_vars)
+            state.params, state.batch_stats, batch, rng, teacher_vars, state.step)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -174,21 +214,19 @@ class Method:
                           opt_state=opt_state), metrics
 
     def eval_step(self, state: TrainState, batch):
-        logits, _, _ = self.student_apply(state.params, state.batch_stats, batch["image"], False)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
+        (logits, _), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
+                                            False)
+        return _masked_hits(logits, batch)
+
+    @functools.cached_property
+    def _batched_eval(self) -> inference.BatchedApply:
+        """`eval_step` compiled once, over padded eval batches."""
+        return inference.BatchedApply(self.eval_step, self.mesh)
 
     def evaluate(self, state: TrainState) -> dict:
         """Metrics on the target eval split; must include `accuracy` (the headline number)."""
-        if not hasattr(self, "_eval_step"):
-            self._eval_step = jax.jit(self.eval_step,
-                                      out_shardings=parallel.replicated(self.mesh))
-        correct = count = 0.0
-        for local in self.eval_dataset().as_numpy_iterator():
-            out = self._eval_step(state, parallel.global_batch(local, self.mesh))
-            correct += float(out["correct"])
-            count += float(out["count"])
-        return {"accuracy": correct / max(count, 1.0)}
+        sums = self._batched_eval.sums(state, batches=self.eval_dataset())
+        return {"accuracy": sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)}
 
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
@@ -251,16 +289,17 @@ def _as_dtype(tree, dtype):
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def _masked_hits(logits, batch) -> dict:
+    """{correct, count} of one padded batch (padding rows weigh 0)."""
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+
 def evaluate_variables(apply_fn, variables, batches, mesh) -> float:
     """Accuracy of a (teacher) model on padded eval batches; used for teacher_accuracy."""
-    @jax.jit
     def step(variables, batch):
         logits, _ = apply_fn(variables, batch["image"], train=False)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return jnp.sum(correct * batch["mask"]), jnp.sum(batch["mask"])
+        return _masked_hits(logits, batch)
 
-    correct = count = 0.0
-    for local in batches.as_numpy_iterator():
-        c, n = step(variables, parallel.global_batch(local, mesh))
-        correct, count = correct + float(c), count + float(n)
-    return correct / max(count, 1.0)
+    sums = inference.BatchedApply(step, mesh).sums(variables, batches=batches)
+    return sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)

@@ -28,9 +28,9 @@ otherwise.
 """
 from __future__ import annotations
 
+import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +39,8 @@ import numpy as np
 from kd_jax import losses, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.methods.base import Method
+from kd_jax.models.heads import Projector
+from kd_jax.models.shapes import feature_shapes
 
 SCORES = ("confidence", "entropy", "energy", "margin")
 MODES = ("balanced", "global")
@@ -187,17 +189,6 @@ def select_from_scores(pool_scores: pool.PoolScores, size: int, mode: str, score
                           scores=s[idx])
 
 
-class Projector(nn.Module):
-    """Bias-free linear map of student features to the teacher's width (§3); a 1×1
-    convolution for spatial taps. Trained with the student, not used at test time."""
-    features: int
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train
-        if x.ndim == 4:
-            return nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
-        return nn.Dense(self.features, use_bias=False, name="dense")(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,25 +204,20 @@ class EIKD(Method):
         check_choice(e.feature.kind, FEATURE_KINDS, "eikd.feature.kind")
         check_choice(e.feature.projector, PROJECTOR, "eikd.feature.projector")
         check_choice(e.selection.score, SCORES, "eikd.selection.score")
-        self._heads = self._build_heads()
+        self.heads  # built now: a bad feature tap or width fails before the pool pass
 
     # ----- projector ---------------------------------------------------------------------------
-    def _tap_shapes(self):
-        size, ch = self.domain.image_size, self.domain.channels
-        x = jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32)
+    def _tap_shape(self, model):
         tap = self.config.eikd.feature.tap
+        shapes = feature_shapes(model, self.domain.image_size, self.domain.channels)
+        if tap not in shapes:
+            raise KeyError(f"config.eikd.feature.tap={tap!r} is not a feature of "
+                           f"{type(model).__name__} (taps: {sorted(shapes)})")
+        return shapes[tap]
 
-        def shape(model):
-            _, feats = jax.eval_shape(lambda x: model.init_with_output(
-                jax.random.PRNGKey(0), x, train=False)[0], x)
-            if tap not in feats:
-                raise KeyError(f"config.eikd.feature.tap={tap!r} is not a feature of "
-                               f"{type(model).__name__} (taps: {sorted(feats)})")
-            return feats[tap].shape
-
-        return shape(self.student), shape(self.teacher_model)
-
-    def _build_heads(self) -> dict:
+    @functools.cached_property
+    def heads(self) -> dict:
+        """The projector of §3 (student tap -> teacher width), when a loss term uses it."""
         e = self.config.eikd
         mode = e.feature.projector
         w = e.weights
@@ -239,32 +225,25 @@ class EIKD(Method):
             w[k] for k in ("rkd_distance", "rkd_angle", "sp", "relation_kl")))
         if not uses_projection:  # e.g. the DFND row: plain KD, no projector to train
             return {}
-        s_shape, t_shape = self._tap_shapes()
-        if len(s_shape) != len(t_shape) or s_shape[1:-1] != t_shape[1:-1]:
+        s_shape, t_shape = self._tap_shape(self.student), self._tap_shape(self.teacher_model)
+        if len(s_shape) != len(t_shape) or s_shape[:-1] != t_shape[:-1]:
             raise ValueError(f"config.eikd.feature.tap={self.config.eikd.feature.tap!r}: student "
-                             f"{s_shape[1:]} and teacher {t_shape[1:]} differ in rank or spatial "
+                             f"{s_shape} and teacher {t_shape} differ in rank or spatial "
                              f"size; a projector only maps channels")
         if mode == "none" or (mode == "auto" and s_shape[-1] == t_shape[-1]):
             if s_shape[-1] != t_shape[-1] and w.feature:
                 raise ValueError(f"config.eikd.feature.projector='none' but the student "
                                  f"({s_shape[-1]}) and teacher ({t_shape[-1]}) widths differ")
             return {}
-        example = jnp.zeros((2,) + tuple(s_shape[1:]), jnp.float32)
+        example = np.zeros((2,) + s_shape, np.float32)
         return {"projector": (Projector(features=t_shape[-1]), example)}
-
-    def heads(self) -> dict:
-        return self._heads
-
-    def build_optimizer(self, num_steps: int) -> None:
-        super().build_optimizer(num_steps)
-        self._num_steps = num_steps
 
     def aux_scale(self, step):
         """Ramp of the feature + relation weights: 0 -> 1 over `aux_warmup_fraction` of training."""
         frac = float(self.config.eikd.get("aux_warmup_fraction", 0.0))
         if frac <= 0:
             return 1.0
-        warm = max(1.0, frac * getattr(self, "_num_steps", self.config.num_steps))
+        warm = max(1.0, frac * self.num_steps())
         return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warm)
 
     # ----- selection ---------------------------------------------------------------------------
@@ -298,21 +277,13 @@ class EIKD(Method):
                                       jax.process_index(), jax.process_count())
 
     # ----- the loss ----------------------------------------------------------------------------
-    def train_step(self, state, teacher_vars, batch, base_rng):
-        self._step = state.step  # traced; read by `loss` for the auxiliary-weight ramp
-        try:
-            return super().train_step(state, teacher_vars, batch, base_rng)
-        finally:
-            self._step = None
-
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
         e = self.config.eikd
-        step = getattr(self, "_step", None)
-        aux = self.aux_scale(step) if step is not None else 1.0
+        aux = self.aux_scale(step)
         w = e.weights
         tau = self.config.kd.temperature
         t_logits, t_feats = self.teacher_apply(teacher_vars, batch["image"])
-        s_logits, s_feats, new_model_stats = self.student_apply(
+        (s_logits, s_feats), new_model_stats = self.student_apply(
             params, batch_stats, batch["image"], True, rng=rng)
         new_stats = {"model": new_model_stats}
         metrics = {}
@@ -332,8 +303,9 @@ class EIKD(Method):
         f_t = t_feats[tap]
         f_s_raw = s_feats[tap]
         f_s = f_s_raw
-        if "projector" in self._heads:
-            f_s = self.head_apply("projector", params, batch_stats, f_s_raw, True, new_stats)
+        if "projector" in self.heads:
+            f_s, new_stats["projector"] = self.apply_head("projector", params, batch_stats,
+                                                          f_s_raw, True)
         if w.feature:
             feat = losses.feature_loss(f_s, f_t, normalize=e.feature.normalize,
                                        kind=e.feature.kind, weights=row_w)
@@ -344,8 +316,6 @@ class EIKD(Method):
                                           row_w).items():
             total = total + aux * w[name] * value
             metrics[name] = value
-        for name in self._heads:
-            new_stats.setdefault(name, batch_stats[name])
         metrics["teacher_agreement"] = (s_logits.argmax(-1) == t_logits.argmax(-1)).mean()
         return total, (new_stats, metrics)
 

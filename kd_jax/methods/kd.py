@@ -50,10 +50,10 @@ class KD(Method):
     def results(self, state) -> dict:
         return {"selection": self.report} if self.report else {}
 
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
-        s_logits, _, new_stats = self.student_apply(params, batch_stats, batch["image"], True,
-                                                    rng=rng)
+        (s_logits, _), new_stats = self.student_apply(params, batch_stats, batch["image"], True,
+                                                      rng=rng)
         kd = losses.kd_loss(s_logits, t_logits, temperature=self.config.kd.temperature)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).mean()
         return kd, ({"model": new_stats}, {"kd": kd, "teacher_agreement": agree})

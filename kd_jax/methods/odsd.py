@@ -22,20 +22,22 @@ L = L_LN + λ_TR·L_TR + λ_SR·L_SR; no labels anywhere.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import diagnostics, fileio, losses, parallel, pool, sampling
+from kd_jax import diagnostics, fileio, inference, losses, parallel, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
+from kd_jax.models.heads import MLPHead, Projector
 from kd_jax.models.layers import at_least_float32
+from kd_jax.models.shapes import feature_shapes
 
 log = logging.getLogger(__name__)
 
@@ -227,32 +229,6 @@ def head_kernel(params, feature_dim: int, num_classes: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Heads
-# ---------------------------------------------------------------------------------------------
-
-class Projector(nn.Module):
-    """Bias-free linear P: student feature -> teacher feature space (L_TR; dropped at test)."""
-    features: int
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train
-        return nn.Dense(self.features, use_bias=False, name="proj")(x)
-
-
-class MLPHead(nn.Module):
-    """L_SR projection head d_S -> d_S -> 128 (SimCLR's 2-layer MLP)."""
-    hidden: int
-    features: int
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train
-        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
-        return nn.Dense(self.features, name="fc2")(x)
-
-
-# ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
 
@@ -274,17 +250,9 @@ class ODSD(Method):
                              f"ODSD samples from a pool (offline_pool or shards)")
         self.views = 2 if cfg.sr.weight > 0 else 1
         size, ch = self.domain.image_size, self.domain.channels
-        x = jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32)
-        s_vars = jax.eval_shape(lambda: self.student.init(jax.random.PRNGKey(0), jnp.zeros(
-            x.shape), train=False))
-        self.d_student = jax.eval_shape(
-            lambda v: self.student.apply(v, jnp.zeros(x.shape), train=False),
-            s_vars)[1]["pre_logits"].shape[-1]
-        self.d_teacher = jax.eval_shape(
-            lambda v: self.teacher_model.apply(v, jnp.zeros(x.shape), train=False),
-            self.teacher_vars)[1]["pre_logits"].shape[-1]
+        self.d_student = feature_shapes(self.student, size, ch)["pre_logits"][-1]
+        self.d_teacher = feature_shapes(self.teacher_model, size, ch)["pre_logits"][-1]
         self.gamma = np.zeros((config.num_classes,), np.float32)  # SR pseudo-label gate
-        self._heads = self._make_heads()
 
     # ----- heads -------------------------------------------------------------------------------
     def _uses_projector(self) -> bool:
@@ -292,18 +260,17 @@ class ODSD(Method):
         return (tr.weight > 0 and tr.kind in ("rel_kl", "crd_nce") and tr.rel_space == "feature"
                 and self.d_student != self.d_teacher)
 
-    def _make_heads(self) -> dict:
+    @functools.cached_property
+    def heads(self) -> dict:
+        """L_TR's projector P (when the widths differ) and L_SR's MLP head."""
         heads = {}
         if self._uses_projector():
-            heads["projector"] = (Projector(self.d_teacher),
-                                  jnp.zeros((2, self.d_student), jnp.float32))
+            heads["projector"] = (Projector(self.d_teacher, dense_name="proj"),
+                                  np.zeros((2, self.d_student), np.float32))
         if self.config.odsd.sr.weight > 0:
             heads["sr_head"] = (MLPHead(self.d_student, self.config.odsd.sr.proj_dim),
-                                jnp.zeros((2, self.d_student), jnp.float32))
+                                np.zeros((2, self.d_student), np.float32))
         return heads
-
-    def heads(self) -> dict:
-        return self._heads
 
     # ----- APS ---------------------------------------------------------------------------------
     def _size(self) -> int:
@@ -476,17 +443,9 @@ class ODSD(Method):
         counts = parallel.allgather_ints(count)
         batches = pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
                                         local_batch=self.local_eval_batch, domain=self.domain)
-        if not hasattr(self, "_kl_step"):
-            self._kl_step = jax.jit(self._disagreement,
-                                    out_shardings=parallel.replicated(self.mesh))
-        ids, kls = [], []
-        for local in batches.as_numpy_iterator():
-            out = jax.device_get(self._kl_step(state, self.teacher_vars,
-                                               parallel.global_batch(local, self.mesh)))
-            real = out["mask"] > 0
-            ids.append(out["id"][real])
-            kls.append(out["kl"][real])
-        ids, kls = np.concatenate(ids), np.concatenate(kls)
+        rows = self._batched_disagreement.gather(state, self.teacher_vars, batches=batches,
+                                                 keep=("id",))
+        ids, kls = rows["id"], rows["kl"]
         order = np.argsort(ids)
         kl = pool.lookup(ids[order], kls[order], cand["ids"]).astype(np.float32)
         cls = jnp.asarray(cand["classes"])
@@ -511,14 +470,17 @@ class ODSD(Method):
         return selection, report
 
     def _disagreement(self, state, teacher_vars, batch):
-        """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student), with ids and mask."""
+        """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student)."""
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
-        s_logits, _, _ = self.student_apply(state.params, state.batch_stats, batch["image"],
-                                            False)
+        (s_logits, _), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
+                                              False)
         logp_t = jax.nn.log_softmax(at_least_float32(t_logits), -1)
         logp_s = jax.nn.log_softmax(at_least_float32(s_logits), -1)
-        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)
-        return {"kl": kl, "id": batch["id"], "mask": batch["mask"]}
+        return {"kl": jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)}
+
+    @functools.cached_property
+    def _batched_disagreement(self) -> inference.BatchedApply:
+        return inference.BatchedApply(self._disagreement, self.mesh)
 
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
@@ -526,16 +488,17 @@ class ODSD(Method):
                                       jax.process_index(), jax.process_count())
 
     # ----- the loss ----------------------------------------------------------------------------
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
         cfg = self.config.odsd
         tau = self.config.kd.temperature
         x1 = batch["image"]
         b = x1.shape[0]
         t_logits, t_feats = self.teacher_apply(teacher_vars, x1)
         x = jnp.concatenate([x1, batch["image2"]]) if self.views == 2 else x1
-        s_logits_all, s_feats_all, model_stats = self.student_apply(params, batch_stats, x, True,
-                                                                    rng=rng)
-        new_stats = {"model": model_stats}
+        (s_logits_all, s_feats_all), model_stats = self.student_apply(params, batch_stats, x,
+                                                                      True, rng=rng)
+        # Heads a step does not apply keep their (empty) statistics.
+        new_stats = dict({name: batch_stats[name] for name in self.heads}, model=model_stats)
         s_logits = s_logits_all[:b]
         f_s_all = at_least_float32(s_feats_all["pre_logits"])
         f_s = f_s_all[:b]
@@ -569,8 +532,9 @@ class ODSD(Method):
             else:
                 e_t = at_least_float32(t_feats["pre_logits"])
                 e_s = f_s
-                if "projector" in self._heads:
-                    e_s = self.head_apply("projector", params, batch_stats, f_s, True, new_stats)
+                if "projector" in self.heads:
+                    e_s, new_stats["projector"] = self.apply_head("projector", params,
+                                                                  batch_stats, f_s, True)
             if tr.kind == "rel_kl":
                 l_tr = losses.relation_kl_loss(e_s, e_t, tr.temperature, weights=w_tr)
             elif tr.kind == "crd_nce":
@@ -585,7 +549,8 @@ class ODSD(Method):
         # L_SR (§3b): student self-relations over two views
         sr = cfg.sr
         if sr.weight > 0:
-            z = self.head_apply("sr_head", params, batch_stats, f_s_all, True, new_stats)
+            z, new_stats["sr_head"] = self.apply_head("sr_head", params, batch_stats, f_s_all,
+                                                      True)
             positives = None
             if sr.positives == "pseudo_label":
                 gamma = jnp.asarray(self.gamma)
@@ -593,8 +558,6 @@ class ODSD(Method):
             l_sr = losses.nt_xent(z[:b], z[b:], sr.temperature, positives=positives)
             metrics["sr"] = l_sr
             total = total + sr.weight * l_sr
-        for name in self._heads:  # heads unused in this step keep their (empty) stats
-            new_stats.setdefault(name, batch_stats[name])
         return total, (new_stats, metrics)
 
     def results(self, state) -> dict:

@@ -37,6 +37,7 @@ confusion matrix on the test set.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import flax.linen as nn
@@ -46,12 +47,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from kd_jax import checkpoint, fileio, losses, metrics, parallel, prerequisites
+from kd_jax import diagnostics, fileio, losses, metrics, parallel, prerequisites
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
-from kd_jax.data.pipeline import tf  # imported at first use
+from kd_jax.data.splits import SPLIT_KEYS, class_split, hide_labels, remap_labels
 from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
+from kd_jax.models.heads import MLPHead
 from kd_jax.models.layers import at_least_float32
+from kd_jax.models.shapes import feature_shapes
 
 
 def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.ConfigDict:
@@ -128,19 +131,6 @@ class Prototypes(nn.Module):
         return _l2n(at_least_float32(x)) @ _l2n(w, axis=0)
 
 
-class Projector(nn.Module):
-    """UNO's MLP: Linear -> BatchNorm -> ReLU -> Linear (PyTorch BN defaults)."""
-    hidden_dim: int
-    output_dim: int
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(self.hidden_dim, name="fc1")(at_least_float32(x))
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         name="bn")(x)
-        return nn.Dense(self.output_dim, name="fc2")(nn.relu(x))
-
-
 class MultiHead(nn.Module):
     """H independent (projector -> normalised embedding -> prototypes) heads.
 
@@ -155,7 +145,8 @@ class MultiHead(nn.Module):
     def __call__(self, feats, train: bool = False):
         logits, embeds = [], []
         for h in range(self.num_heads):
-            z = _l2n(Projector(self.hidden_dim, self.output_dim, name=f"proj_{h}")(feats, train))
+            z = _l2n(MLPHead(self.hidden_dim, self.output_dim, batch_norm=True,
+                             name=f"proj_{h}")(feats, train))
             logits.append(Prototypes(self.num_prototypes, name=f"proto_{h}")(z))
             embeds.append(z)
         return jnp.stack(logits), jnp.stack(embeds)
@@ -181,75 +172,8 @@ class DiscoveryHeads(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Class splits
+# Stage chaining
 # ---------------------------------------------------------------------------------------------
-
-def _read_classes_file(path: str, spec) -> list[int]:
-    """One class per line: an integer label, or a class name resolved through the TFDS label
-    feature (e.g. ImageNet WordNet ids `n01558993`)."""
-    if not fileio.isfile(path):
-        raise FileNotFoundError(f"config.ncd.classes_file={path!r} does not exist")
-    names = [line.strip() for line in fileio.read_text(path).splitlines()
-             if line.strip() and not line.startswith("#")]
-    if all(n.lstrip("-").isdigit() for n in names):
-        return [int(n) for n in names]
-    if spec.source != "tfds":
-        raise ValueError(f"config.ncd.classes_file={path!r} holds class names; names are only "
-                         f"resolved for TFDS sources (use integer labels for {spec.source!r})")
-    import tensorflow_datasets as tfds
-    feature = tfds.builder(spec.name, data_dir=spec.get("data_dir") or None).info.features[
-        spec.get("label_key", "label")]
-    out = []
-    for n in names:
-        try:
-            out.append(int(feature.str2int(n)))
-        except Exception as e:
-            raise ValueError(f"config.ncd.classes_file={path!r}: {n!r} is not a class of "
-                             f"{spec.name!r}") from e
-    return out
-
-
-def class_split(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(known, novel) original label ids from `config.ncd`.
-
-    Precedence: explicit `known_classes` + `novel_classes`; else an ordered class list
-    (`classes` or `classes_file`; empty = a `subset_seed`-ed choice from `total_classes`
-    labels when `subset_seed >= 0`, else 0..num_known+num_novel-1) whose first `num_known`
-    entries are known and the next `num_novel` novel.
-    """
-    n = config.ncd
-    if n.known_classes or n.novel_classes:
-        known, novel = tuple(int(c) for c in n.known_classes), tuple(
-            int(c) for c in n.novel_classes)
-        if not known or not novel:
-            raise ValueError("config.ncd.known_classes and config.ncd.novel_classes must be "
-                             "given together")
-    else:
-        total = n.num_known + n.num_novel
-        if n.get("classes_file"):
-            order = _read_classes_file(n.classes_file, config.data.target)
-        elif n.classes:
-            order = [int(c) for c in n.classes]
-        elif n.get("subset_seed", -1) >= 0:
-            order = np.random.RandomState(n.subset_seed).choice(
-                n.total_classes, total, replace=False).tolist()
-        else:
-            order = list(range(total))
-        if len(order) < total:
-            raise ValueError(f"config.ncd: {len(order)} classes listed but num_known + "
-                             f"num_novel = {total}")
-        known, novel = tuple(order[:n.num_known]), tuple(order[n.num_known:total])
-    if set(known) & set(novel):
-        raise ValueError(f"config.ncd: classes {sorted(set(known) & set(novel))} are both "
-                         f"known and novel")
-    if len(set(known)) != len(known) or len(set(novel)) != len(novel):
-        raise ValueError("config.ncd: repeated class in the known or novel list")
-    return known, novel
-
-
-SPLIT_KEYS = ("known_classes", "novel_classes", "classes", "classes_file", "subset_seed",
-              "total_classes", "num_known", "num_novel")
-
 
 def pretrain_workdir(config, workdir: str) -> str:
     """The stage-1 run a discovery run in `workdir` starts from."""
@@ -268,27 +192,6 @@ def stage1_config(config) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _remap(ds, known, novel):
-    """Original labels -> 0..C_l-1 (known, in list order) and C_l.. (novel)."""
-    table = np.full(max(known + novel) + 1, -1, np.int64)
-    table[list(known)] = np.arange(len(known))
-    table[list(novel)] = len(known) + np.arange(len(novel))
-    table = tf.constant(table)
-
-    @tf.autograph.experimental.do_not_convert  # plain graph code; no source re-parsing
-    def remap(e):
-        return {**e, "label": tf.gather(table, e["label"])}
-
-    return ds.map(remap)
-
-
-def _unlabeled(e):
-    return {**e, "label": tf.constant(-1, tf.int64)}
-
-
-def _hide_labels(ds):
-    return ds.map(tf.autograph.experimental.do_not_convert(_unlabeled))
-
 
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing of both stages
@@ -301,30 +204,27 @@ class _NCDBase(Method):
         super().__init__(config, workdir, mesh, teacher)
         self.known, self.novel = class_split(config)
         self.num_known, self.num_novel = len(self.known), len(self.novel)
-        size, ch = self.domain.image_size, self.domain.channels
-        shapes = jax.eval_shape(lambda x: self.student.init_with_output(
-            jax.random.PRNGKey(0), x, train=False)[0],
-            jax.ShapeDtypeStruct((2, size, size, ch), jnp.float32))
-        self.feature_dim = int(shapes[1]["pre_logits"].shape[-1])
-        self._heads = self.make_heads()
+        self.feature_dim = int(feature_shapes(self.student, self.domain.image_size,
+                                              self.domain.channels)["pre_logits"][-1])
 
-    def make_heads(self) -> dict:
-        return {"known": Prototypes(self.num_known)}
-
+    @functools.cached_property
     def heads(self) -> dict:
-        x = jnp.zeros((2, self.feature_dim), jnp.float32)
-        return {name: (module, x) for name, module in self._heads.items()}
+        """The known head: cosine prototypes of the known classes on the backbone features."""
+        return {"known": (Prototypes(self.num_known), self._feature_example())}
+
+    def _feature_example(self):
+        return np.zeros((2, self.feature_dim), np.float32)
 
     # ----- data --------------------------------------------------------------------------------
-    def _source(self, split: str, classes, hide_labels=False):
+    def _source(self, split: str, classes, unlabeled=False):
         target = self.config.data.target
         ds, n = pipeline.open_source(target, split, jax.process_index(), jax.process_count(),
                                      classes=tuple(classes))
         if n == 0:
             raise ValueError(f"config.data.target ({target.source} {target.get('name', '')!r} "
                              f"split {split!r}) holds no image of classes {list(classes)[:10]}…")
-        ds = _remap(ds, self.known, self.novel)
-        return (_hide_labels(ds) if hide_labels else ds), n
+        ds = remap_labels(ds, self.known, self.novel)
+        return (hide_labels(ds) if unlabeled else ds), n
 
     def _eval_stream(self, split: str, classes, limit: int = 0):
         ds, count = self._source(split, classes)
@@ -337,80 +237,11 @@ class _NCDBase(Method):
     def results(self, state):
         return {"known_classes": list(self.known), "novel_classes": list(self.novel)}
 
-    # ----- optimizer: optionally train only part of the backbone --------------------------------
     def build_optimizer(self, num_steps: int) -> None:
-        """As the base, but `ncd.trainable` (top-level backbone module names, e.g. ViT's
-        `blocks_11`, `norm`) freezes every other backbone parameter (heads always train)."""
+        """As the base, but only the backbone modules named in `ncd.trainable` train."""
         self.schedule = make_schedule(self.config.optimizer, num_steps)
-        tx = make_optimizer(self.config.optimizer, self.schedule)
-        trainable = tuple(self.config.ncd.get("trainable", ()))
-        if trainable:
-            def label(path, _):
-                keys = [getattr(p, "key", str(p)) for p in path]
-                if keys[0] != "model" or (len(keys) > 1 and keys[1] in trainable):
-                    return "train"
-                return "freeze"
-            tx = optax.multi_transform(
-                {"train": tx, "freeze": optax.set_to_zero()},
-                lambda params: jax.tree_util.tree_map_with_path(label, params))
-        self.tx = tx
-
-    # ----- warm start from a finished run -------------------------------------------------------
-    def warm_start_source(self) -> str | None:
-        return None
-
-    def warm_start(self, state: TrainState) -> TrainState:
-        """Copies the trainable modules saved in `warm_start_source()` into a fresh state.
-
-        Sub-trees present in both are loaded (shapes must match); parameters only in the fresh
-        state (e.g. the discovery heads, or a classifier a self-supervised checkpoint lacks)
-        keep their initialisation.
-        """
-        src = self.warm_start_source()
-        if not src:
-            return state
-        saved = checkpoint.load_variables(src)
-        kept = []
-
-        def merge(init, loaded, path):
-            if isinstance(init, dict):
-                if not isinstance(loaded, dict):
-                    raise ValueError(f"{src}: {path} is a leaf there but a module here")
-                out = {}
-                for k, v in init.items():
-                    if k in loaded:
-                        out[k] = merge(v, loaded[k], f"{path}/{k}")
-                    else:
-                        kept.append(f"{path}/{k}")
-                        out[k] = v
-                return out
-            loaded = np.asarray(loaded)
-            if tuple(loaded.shape) != tuple(init.shape):
-                raise ValueError(f"{src}: {path} has shape {loaded.shape}, this config builds "
-                                 f"{tuple(init.shape)} (check config.model / config.ncd)")
-            return jax.device_put(loaded.astype(init.dtype), init.sharding)
-
-        params = merge(dict(state.params), dict(saved["params"]), "params")
-        stats = merge(dict(state.batch_stats), dict(saved.get("batch_stats") or {}),
-                      "batch_stats")
-        if jax.process_index() == 0:
-            print(f"[{self.name}] warm start from {src}; kept the initialisation of "
-                  f"{[k for k in kept if not k.startswith('batch_stats')]}", flush=True)
-        opt_state = jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params)
-        return TrainState(step=state.step, params=params, batch_stats=stats,
-                          opt_state=opt_state)
-
-    # ----- forward pieces ----------------------------------------------------------------------
-    def _module_apply(self, name, params, stats, x, train):
-        """Applies head `name`; returns (output, its new batch_stats)."""
-        variables = {"params": params[name]}
-        if stats.get(name):
-            variables["batch_stats"] = stats[name]
-            if train:
-                out, upd = self._heads[name].apply(variables, x, train=True,
-                                                   mutable=["batch_stats"])
-                return out, upd["batch_stats"]
-        return self._heads[name].apply(variables, x, train=train), stats.get(name, {})
+        self.tx = make_optimizer(self.config.optimizer, self.schedule,
+                                 trainable=self.config.ncd.get("trainable", ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,11 +263,11 @@ class NCDPretrain(_NCDBase):
     def transfer_source(self):
         return self._source(self.config.data.target.train_split, self.known)
 
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
-        _, feats, model_stats = self.student_apply(params, batch_stats, batch["image"], True,
-                                                   rng=rng)
-        logits, known_stats = self._module_apply("known", params, batch_stats,
-                                                 feats["pre_logits"], True)
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
+        (_, feats), model_stats = self.student_apply(params, batch_stats, batch["image"], True,
+                                                     rng=rng)
+        logits, known_stats = self.apply_head("known", params, batch_stats, feats["pre_logits"],
+                                              True)
         t = self.config.ncd.temperature
         ce = optax.softmax_cross_entropy_with_integer_labels(logits / t, batch["label"]).mean()
         acc = (logits.argmax(-1) == batch["label"]).mean()
@@ -444,9 +275,10 @@ class NCDPretrain(_NCDBase):
         return ce, (stats, {"ce": ce, "train_accuracy": acc})
 
     def eval_step(self, state, batch):
-        _, feats, _ = self.student_apply(state.params, state.batch_stats, batch["image"], False)
-        logits, _ = self._module_apply("known", state.params, state.batch_stats,
-                                       feats["pre_logits"], False)
+        (_, feats), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
+                                           False)
+        logits, _ = self.apply_head("known", state.params, state.batch_stats,
+                                    feats["pre_logits"], False)
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
         return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
@@ -465,11 +297,14 @@ class UNO(_NCDBase):
     name = "uno"
     views = 2
 
-    def make_heads(self):
+    @functools.cached_property
+    def heads(self):
+        """The known head and the novel + over-clustering heads (`discovery`)."""
         n = self.config.ncd
-        return {"known": Prototypes(self.num_known),
-                "discovery": DiscoveryHeads(n.num_heads, self.num_novel,
-                                            n.overcluster_factor, n.hidden_dim, n.proj_dim)}
+        x = self._feature_example()
+        return {"known": (Prototypes(self.num_known), x),
+                "discovery": (DiscoveryHeads(n.num_heads, self.num_novel, n.overcluster_factor,
+                                             n.hidden_dim, n.proj_dim), x)}
 
     # ----- stage chaining ------------------------------------------------------------------------
     stage1_config = staticmethod(stage1_config)  # the stage `kd_jax.run` trains first
@@ -541,17 +376,13 @@ class UNO(_NCDBase):
             yield {k: np.concatenate([a[k], b[k]]) for k in ("image", "image2", "label")}
 
     # ----- the step ----------------------------------------------------------------------------
-    def train_step(self, state, teacher_vars, batch, base_rng):
-        # The loss needs the step (the SCKD ramp); it travels in the batch dict.
-        return super().train_step(state, teacher_vars, {**batch, "step": state.step}, base_rng)
-
     def _forward(self, params, batch_stats, images, train, rng=None):
         """One view -> (dict of head outputs, new batch_stats)."""
-        _, feats, model_stats = self.student_apply(params, batch_stats, images, train, rng=rng)
+        (_, feats), model_stats = self.student_apply(params, batch_stats, images, train, rng=rng)
         f = feats["pre_logits"]
-        known, known_stats = self._module_apply("known", params, batch_stats, f, train)
-        ((novel, novel_z), over), disc_stats = self._module_apply("discovery", params,
-                                                                   batch_stats, f, train)
+        known, known_stats = self.apply_head("known", params, batch_stats, f, train)
+        ((novel, novel_z), over), disc_stats = self.apply_head("discovery", params, batch_stats,
+                                                               f, train)
         out = {"feats": f, "known": known, "novel": novel, "novel_z": novel_z,
                "over": over[0] if over is not None else None}
         stats = dict(batch_stats, model=model_stats, known=known_stats, discovery=disc_stats)
@@ -598,13 +429,13 @@ class UNO(_NCDBase):
         """Terms added to the UNO objective (SCKD); UNO adds none."""
         return 0.0, {}
 
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
         rng1, rng2 = jax.random.split(rng)
         out1, stats = self._forward(params, batch_stats, batch["image"], True, rng1)
         out2, stats = self._forward(params, stats, batch["image2"], True, rng2)
         outs = (out1, out2)
         loss, per_head, m = self.uno_loss(outs, batch["label"])
-        extra, m_extra = self.extra_loss(outs, batch.get("step", 0), batch["label"])
+        extra, m_extra = self.extra_loss(outs, step, batch["label"])
         loss = loss + extra
         decay = self.config.ncd.head_loss_decay
         ema = batch_stats["head_loss"]["ema"]
@@ -622,21 +453,12 @@ class UNO(_NCDBase):
     # ----- evaluation --------------------------------------------------------------------------
     def eval_step(self, state, batch):
         out, _ = self._forward(state.params, state.batch_stats, batch["image"], False)
-        return {"known": out["known"], "novel": out["novel"], "label": batch["label"],
-                "mask": batch["mask"]}
+        return {"known": out["known"], "novel": out["novel"]}
 
     def _predict(self, state, batches):
-        """Concatenated host numpy outputs of `eval_step` over padded batches (mask > 0 kept)."""
-        if not hasattr(self, "_eval_fn"):
-            self._eval_fn = jax.jit(self.eval_step, out_shardings=parallel.replicated(self.mesh))
-        parts = []
-        for local in batches.as_numpy_iterator():
-            parts.append(parallel.to_host(self._eval_fn(state, parallel.global_batch(local,
-                                                                                     self.mesh))))
-        out = {k: np.concatenate([p[k] for p in parts], axis=1 if k == "novel" else 0)
-               for k in parts[0]}
-        keep = out.pop("mask") > 0
-        return {k: (v[:, keep] if k == "novel" else v[keep]) for k, v in out.items()}
+        """Known [N, C_l] and novel [H, N, C_u] logits and labels of the real images."""
+        return self._batched_eval.gather(state, batches=batches, keep=("label",),
+                                         batch_axes={"novel": 1})
 
     def evaluate(self, state):
         target, n = self.config.data.target, self.config.ncd
@@ -662,43 +484,12 @@ class UNO(_NCDBase):
                    novel_accuracy=agn["novel"])
         res["accuracy"] = res["novel_train_accuracy"]
         if jax.process_index() == 0:
-            _save_confusion(fileio.join(self.workdir, "confusion.png"), test["label"], pred,
-                            agn["mapping"], self.num_known, self.num_novel)
+            diagnostics.plot_confusion(fileio.join(self.workdir, "confusion.png"), test["label"],
+                                       pred, agn["mapping"], self.num_known, self.num_novel)
         return res
 
     def results(self, state):
         return dict(super().results(state), pretrain_workdir=self.warm_start_source() or "")
-
-
-def _save_confusion(path, y_true, y_pred, mapping, num_known, num_novel):
-    """The task-agnostic confusion matrix on the test set after Hungarian matching."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = num_known + num_novel
-    mapped = np.array([mapping.get(int(p), -1) for p in y_pred])
-    conf = np.zeros((c, c), np.int64)
-    ok = mapped >= 0
-    np.add.at(conf, (y_true[ok], mapped[ok]), 1)
-    size = min(12.0, 3.0 + 0.25 * c)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(conf, cmap="Blues")
-    ax.axhline(num_known - 0.5, color="red", lw=0.8)
-    ax.axvline(num_known - 0.5, color="red", lw=0.8)
-    if c <= 20:
-        for i in range(c):
-            for j in range(c):
-                if conf[i, j]:
-                    ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted (matched) class; known | novel")
-    ax.set_ylabel("true class; known | novel")
-    ax.set_title(f"task-agnostic test confusion ({int(ok.sum())}/{len(y_true)} matched)")
-    fig.tight_layout()
-    try:
-        fileio.save_figure_atomic(path, fig, dpi=100)
-    finally:
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

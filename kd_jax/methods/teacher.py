@@ -18,9 +18,9 @@ class Teacher(Method):
         return pipeline.open_source(target, target.train_split, jax.process_index(),
                                     jax.process_count())
 
-    def loss(self, params, batch_stats, batch, rng, teacher_vars):
-        logits, _, new_stats = self.student_apply(params, batch_stats, batch["image"],
-                                                  train=True, rng=rng)
+    def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
+        (logits, _), new_stats = self.student_apply(params, batch_stats, batch["image"],
+                                                    train=True, rng=rng)
         smoothing = self.config.get("label_smoothing", 0.0)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
