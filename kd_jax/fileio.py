@@ -82,6 +82,12 @@ def exists(path) -> bool:
     return _p(path).exists()
 
 
+def size(path) -> int | None:
+    """The size of a file in bytes, or None when it does not exist."""
+    p = _p(path)
+    return int(p.stat().length) if p.exists() else None
+
+
 def isdir(path) -> bool:
     return _p(path).is_dir()
 

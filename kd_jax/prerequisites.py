@@ -207,7 +207,9 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
 def _teacher(config, workdir, prefix, stages, missing):
     teacher = config.teacher
     path = teacher.workdir or fileio.join(workdir, "teacher")
-    if _is_remote(path) or finished(path):
+    # A remote teacher the user named is left to the loader; a chained one (<workdir>/teacher,
+    # perhaps on gs://) is looked up, since the runner must know whether to train it.
+    if (teacher.workdir and _is_remote(path)) or finished(path):
         return  # a finished (or converted) teacher, or a remote one the run will read
     train = teacher.get("train")
     if teacher.workdir or not train or not train.get("method"):
@@ -266,7 +268,7 @@ def _teacher_fix(config, prefix) -> tuple[str, ...]:
 def _stage1(cls, config, workdir, prefix, stages, missing):
     pre = config.ncd.pretrain
     path = pre.workdir or fileio.join(workdir, "pretrain")
-    if _is_remote(path) or finished(path):
+    if (pre.workdir and _is_remote(path)) or finished(path):  # as for the teacher
         return
     key = prefix + "ncd.pretrain.workdir"
     fix = ("DIR: a finished stage-1 run of this config's `pretrain` argument "

@@ -123,16 +123,11 @@ def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list]
             sizes = man.get("shard_bytes") or [None] * len(man.get("shards", []))
             for name, c, size in zip(man.get("shards", []), man.get("shard_counts", []), sizes):
                 path = fileio.join(d, name)
-                intact = size is None or path not in files or _file_size(path) == size
+                intact = size is None or path not in files or fileio.size(path) == size
                 known[path] = (int(c), man.get("image_shape"), intact)
     return known
 
 
-def _file_size(path: str) -> Optional[int]:
-    try:
-        return int(tf.io.gfile.stat(path).length)
-    except tf.errors.NotFoundError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +289,7 @@ def write_shards(
                                               labels_arr[i], source_list[i]))
                     count += 1
             shard_counts.append(count)
-            shard_bytes.append(int(tf.io.gfile.stat(tmp).length))
+            shard_bytes.append(fileio.size(tmp))
     except BaseException:
         for tmp in tmps:
             if fileio.exists(tmp):
