@@ -6,7 +6,7 @@
         --workdir=gs://.../odsd_cifar10_r34_r18
 
 Pairs (argument): r34_r18 (default), vgg11_r18, wrn40_2_wrn16_1, wrn40_2_wrn40_1,
-wrn40_2_wrn16_2 (kd_jax.config_utils.CIFAR_PAIRS, shared/papers/targets.md). The teacher is a
+wrn40_2_wrn16_2 (kd_jax.config_utils.CIFAR_PAIRS). The teacher is a
 finished run or a converted PyTorch checkpoint in `--config.teacher.workdir`; without it the
 pair's teacher is trained first into <workdir>/teacher with configs/teacher_cifar10.py's
 settings (`config.teacher.train`). Write the pool with `python -m kd_jax.data.make_shards`

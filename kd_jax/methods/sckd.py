@@ -1,6 +1,6 @@
 """Novel class discovery: the NCD protocol (two stages, UNO objective) and SCKD on top of it.
 
-Spec: `../shared/papers/sckd.md`. Three registered methods share this module:
+Novel class discovery (SCKD and its UNO base). Three registered methods share this module:
 
 * `ncd_pretrain` (`NCDPretrain`, stage 1): supervised cross-entropy on the *known* classes,
   through the same cosine-prototype known head (logits = cos / 0.1) that stage 2 starts from.
@@ -16,9 +16,9 @@ Spec: `../shared/papers/sckd.md`. Three registered methods share this module:
   two disjoint spaces (known-prototype probabilities vs novel-prototype probabilities, or the
   head embeddings), w(t) a linear ramp 0 -> 1. Switches: `sckd.smi`, `sckd.sc`,
   `sckd.direction`, `sckd.space`, `sckd.samples`. With λ = 0 the loss and its gradients equal
-  UNO's exactly. One measured deviation from the spec: L_SC's default direction is `reliable`
+  UNO's exactly. One deviation from the paper (measured, README): L_SC's default direction is `reliable`
   (the known space teaches its relations among the labeled rows, the novel space among the
-  unlabeled rows); the spec's `both` (every row, both ways) lets the known space, a poor
+  unlabeled rows); the paper's `both` (every row, both ways) lets the known space, a poor
   clustering of the novel images, pull the novel head towards it (see `default_config`).
 
 Data (`config.ncd`): the classes of one labeled source are split into known (labeled) and novel
@@ -88,12 +88,12 @@ def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.Con
         "smi": "infonce",           # infonce | none
         "sc": "rel_kl",             # rel_kl | none
         # reliable (default): known -> novel among the labeled rows, novel -> known among the
-        # unlabeled rows, i.e. each space teaches where it has a training signal. The spec's
+        # unlabeled rows, i.e. each space teaches where it has a training signal. The paper's
         # `both` (every row, both ways) lets the known space, a poor clustering of the novel
-        # images, pull the novel heads towards it (benchmarks/results/offline_sckd.md).
+        # images, pull the novel heads towards it.
         "direction": "reliable",    # reliable | both | known_to_novel | novel_to_known
         "space": "probs",           # probs | embeddings
-        # all (the spec: the whole global batch) | unlabeled (outside the spec: the relations
+        # all (the paper: the whole global batch) | unlabeled (a kd_jax option: the relations
         # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
         # direction=reliable, which picks its own rows.
         "samples": "all",
@@ -497,7 +497,7 @@ class UNO(_NCDBase):
 # ---------------------------------------------------------------------------------------------
 
 class SCKD(UNO):
-    """UNO + λ_SMI·L_SMI + λ_SC·L_SC over the known and novel spaces (sckd.md §2-3).
+    """UNO + λ_SMI·L_SMI + λ_SC·L_SC over the known and novel spaces.
 
     For each view and each novel head h: r^K = softmax(known logits / τ) over the C_l known
     prototypes and r^N = softmax(novel logits_h / τ) over the C_u novel prototypes
