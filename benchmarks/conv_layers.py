@@ -14,6 +14,7 @@ Every call of every mode is timed in turn, `--steps` rounds, and the median is p
 machine's neighbours move single timings by 10-30 %). PyTorch (NCHW, its default oneDNN path)
 runs in a subprocess so that the two thread pools never compete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (batch, input H = W, C_in, C_out, kernel, stride)
-SHAPES = [(128, 32, 1, 6, 5, 1), (128, 14, 6, 16, 5, 1), (128, 32, 8, 8, 3, 1),
-          (128, 32, 16, 16, 3, 1), (128, 32, 8, 16, 3, 2), (128, 16, 16, 16, 3, 1),
-          (128, 16, 32, 32, 3, 1), (128, 8, 64, 64, 3, 1), (64, 32, 3, 64, 3, 1),
-          (64, 32, 64, 64, 3, 1), (64, 32, 64, 128, 3, 2), (64, 32, 64, 128, 1, 2),
-          (64, 16, 128, 128, 3, 1), (64, 16, 128, 256, 3, 2), (64, 8, 256, 256, 3, 1),
-          (64, 8, 256, 512, 3, 2), (64, 4, 512, 512, 3, 1)]
+SHAPES = [
+    (128, 32, 1, 6, 5, 1),
+    (128, 14, 6, 16, 5, 1),
+    (128, 32, 8, 8, 3, 1),
+    (128, 32, 16, 16, 3, 1),
+    (128, 32, 8, 16, 3, 2),
+    (128, 16, 16, 16, 3, 1),
+    (128, 16, 32, 32, 3, 1),
+    (128, 8, 64, 64, 3, 1),
+    (64, 32, 3, 64, 3, 1),
+    (64, 32, 64, 64, 3, 1),
+    (64, 32, 64, 128, 3, 2),
+    (64, 32, 64, 128, 1, 2),
+    (64, 16, 128, 128, 3, 1),
+    (64, 16, 128, 256, 3, 2),
+    (64, 8, 256, 256, 3, 1),
+    (64, 8, 256, 512, 3, 2),
+    (64, 4, 512, 512, 3, 1),
+]
 
 
 def _padding(k):
@@ -52,6 +66,7 @@ def _timed(f, steps):
 def torch_times(steps):
     """{shape: (forward ms, training ms)} of torch.nn.Conv2d, printed as JSON lines."""
     import torch
+
     torch.set_num_threads(os.cpu_count())
     for b, h, c, o, k, s in SHAPES:
         conv = torch.nn.Conv2d(c, o, k, s, _padding(k), bias=False)
@@ -78,8 +93,11 @@ def main(argv=None):
         return torch_times(args.steps)
     torch = {}
     if not args.no_torch:
-        run = subprocess.run([sys.executable, __file__, "--torch_child", "--steps",
-                              str(args.steps)], capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, __file__, "--torch_child", "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode:
             print(f"(PyTorch columns skipped: {run.stderr.strip().splitlines()[-1]})")
         for line in run.stdout.splitlines():
@@ -94,11 +112,14 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     modes = ("xla", "im2col", "winograd", "auto")
-    print(f"backend {jax.default_backend()}, {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f}; ms per call, median of {args.steps}\n\n"
-          f"| batch | input | C_in→C_out | k, stride | auto takes | forward XLA | im2col | "
-          f"winograd | auto | PyTorch | train XLA | im2col | winograd | auto | PyTorch | "
-          f"auto / XLA (train) |\n|{'---|' * 16}", flush=True)
+    print(
+        f"backend {jax.default_backend()}, {os.cpu_count()} cores, load "
+        f"{os.getloadavg()[0]:.1f}; ms per call, median of {args.steps}\n\n"
+        f"| batch | input | C_in→C_out | k, stride | auto takes | forward XLA | im2col | "
+        f"winograd | auto | PyTorch | train XLA | im2col | winograd | auto | PyTorch | "
+        f"auto / XLA (train) |\n|{'---|' * 16}",
+        flush=True,
+    )
     for b, h, c, o, k, s in SHAPES:
         x = jnp.asarray(rng.normal(size=(b, h, h, c)), jnp.float32)
         w = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
@@ -110,8 +131,13 @@ def main(argv=None):
         for mode in modes:
             if mode == "winograd" and not winograd_fits:
                 continue
-            conv = functools.partial(cpu_conv.conv_general_dilated, window_strides=(s, s),
-                                     padding=pad, dimension_numbers=dn, conv=mode)
+            conv = functools.partial(
+                cpu_conv.conv_general_dilated,
+                window_strides=(s, s),
+                padding=pad,
+                dimension_numbers=dn,
+                conv=mode,
+            )
             fwd = jax.jit(conv)
             train = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w) ** 2), (0, 1)))
             jax.block_until_ready((fwd(x, w), train(x, w)))  # compiled before timing
@@ -130,10 +156,13 @@ def main(argv=None):
         def cells(kind):
             return " | ".join(f"{ms[m, kind]:.1f}" if (m, kind) in ms else "–" for m in modes)
 
-        print(f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {takes} | {cells('fwd')} | "
-              f"{f'{pt[0]:.1f}' if pt else '–'} | {cells('train')} | "
-              f"{f'{pt[1]:.1f}' if pt else '–'} | "
-              f"{ms['xla', 'train'] / ms['auto', 'train']:.2f}× |", flush=True)
+        print(
+            f"| {b} | {h}×{h} | {c}→{o} | {k}, {s} | {takes} | {cells('fwd')} | "
+            f"{f'{pt[0]:.1f}' if pt else '–'} | {cells('train')} | "
+            f"{f'{pt[1]:.1f}' if pt else '–'} | "
+            f"{ms['xla', 'train'] / ms['auto', 'train']:.2f}× |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

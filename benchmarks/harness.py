@@ -3,6 +3,7 @@
 Each run lives in `<out>/<variant>/seed<k>`; a finished run (results.json present) is not run
 again, so a table can be rebuilt or extended cheaply. Used by benchmarks/offline_*.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ def run(config: str, workdir: str, overrides: dict | None = None, quiet: bool = 
     """Trains one config (path relative to the repo, with optional `:arg`) into `workdir`."""
     results = os.path.join(workdir, "results.json")
     if not os.path.exists(results):
-        cmd = [sys.executable, "-m", "kd_jax.main", f"--config={os.path.join(ROOT, config)}",
-               f"--workdir={workdir}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kd_jax.main",
+            f"--config={os.path.join(ROOT, config)}",
+            f"--workdir={workdir}",
+        ]
         cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
         print("$", " ".join(cmd), flush=True)
         t = time.time()
@@ -38,9 +44,13 @@ def run_variants(variants: dict, seeds, out: str, teacher_workdir: str) -> dict:
     table = {}
     for name, (config, overrides) in variants.items():
         table[name] = [
-            run(config, os.path.join(out, name, f"seed{seed}"),
-                {"seed": seed, "teacher.workdir": teacher_workdir, **(overrides or {})})
-            for seed in seeds]
+            run(
+                config,
+                os.path.join(out, name, f"seed{seed}"),
+                {"seed": seed, "teacher.workdir": teacher_workdir, **(overrides or {})},
+            )
+            for seed in seeds
+        ]
     return table
 
 
@@ -53,8 +63,7 @@ def mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
 
 def markdown(table: dict, columns: dict) -> str:
     """columns: header -> function(list of results) -> str."""
-    lines = ["| variant | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, results in table.items():
         lines.append(f"| {name} | " + " | ".join(f(results) for f in columns.values()) + " |")
     return "\n".join(lines)

@@ -8,6 +8,7 @@
 Each test writes its distances through `tests/helpers.record`; a name ending in "(broken)" is
 the test's deliberately broken variant, which must land far from the correct one.
 """
+
 import json
 import sys
 

@@ -18,35 +18,52 @@ Also draws benchmarks/results/curves.png (accuracy vs step: EIKD, ODSD, KD on a 
 Writes benchmarks/results/offline_eikd.md and prints it. Full protocol (2,000 steps, 3 seeds,
 10 variants): about 2.5 h on 2 idle CPU cores.
 """
+
 import argparse
 import glob
 import json
 import os
 
+import harness
 import numpy as np
 
-import harness
-
 parser = argparse.ArgumentParser()
-parser.add_argument("--teacher", default="/tmp/kdw/teacher_mnist",
-                    help="finished LeNet-5 teacher run (configs/teacher_mnist.py)")
+parser.add_argument(
+    "--teacher",
+    default="/tmp/kdw/teacher_mnist",
+    help="finished LeNet-5 teacher run (configs/teacher_mnist.py)",
+)
 parser.add_argument("--out", default="/tmp/kd_bench_eikd")
 parser.add_argument("--seeds", default="0,1,2")
 parser.add_argument("--steps", type=int, default=2000)
 parser.add_argument("--batch", type=int, default=128)
 parser.add_argument("--evals", type=int, default=20, help="evaluations per run (curve points)")
-parser.add_argument("--only", nargs="*", default=None,
-                    help="variant names to run, each one argument (names contain commas); others "
-                    "are tabulated only if already finished")
+parser.add_argument(
+    "--only",
+    nargs="*",
+    default=None,
+    help="variant names to run, each one argument (names contain commas); others "
+    "are tabulated only if already finished",
+)
 args = parser.parse_args()
 seeds = [int(s) for s in args.seeds.split(",")]
-if args.steps % args.evals or (args.steps // args.evals) * args.evals != args.steps or \
-        args.evals % 4:
-    raise SystemExit(f"--steps={args.steps} must be a multiple of --evals={args.evals}, itself a "
-                     f"multiple of 4 (so 25 % / 50 % / 100 % of the steps are evaluated)")
+if (
+    args.steps % args.evals
+    or (args.steps // args.evals) * args.evals != args.steps
+    or args.evals % 4
+):
+    raise SystemExit(
+        f"--steps={args.steps} must be a multiple of --evals={args.evals}, itself a "
+        f"multiple of 4 (so 25 % / 50 % / 100 % of the steps are evaluated)"
+    )
 eval_every = args.steps // args.evals
-common = {"num_steps": args.steps, "batch_size": args.batch, "eval_every": eval_every,
-          "log_every": eval_every, "checkpoint_every": args.steps}
+common = {
+    "num_steps": args.steps,
+    "batch_size": args.batch,
+    "eval_every": eval_every,
+    "log_every": eval_every,
+    "checkpoint_every": args.steps,
+}
 out = os.path.join(args.out, f"steps{args.steps}_batch{args.batch}")
 
 # name -> (config, overrides); the table order. KD on original images sees MNIST itself.
@@ -64,10 +81,18 @@ VARIANTS = {
 if os.path.exists(os.path.join(harness.ROOT, "configs", "odsd_mnist.py")):
     VARIANTS["ODSD"] = ("configs/odsd_mnist.py", {})
 # Run the headline comparison first, so a cut-short session still has it.
-RUN_ORDER = ["EIKD", "KD, random subset (N = 4,000)", "ODSD", "KD, whole pool",
-             "DFND: global confidence top-N + KD", "EIKD − class dropping",
-             "EIKD − relation terms", "EIKD − feature term", "EIKD, global instead of balanced",
-             "KD, original images (upper bound)"]
+RUN_ORDER = [
+    "EIKD",
+    "KD, random subset (N = 4,000)",
+    "ODSD",
+    "KD, whole pool",
+    "DFND: global confidence top-N + KD",
+    "EIKD − class dropping",
+    "EIKD − relation terms",
+    "EIKD − feature term",
+    "EIKD, global instead of balanced",
+    "KD, original images (upper bound)",
+]
 only = set(args.only or ())
 unknown = only - set(VARIANTS)
 if unknown:
@@ -75,8 +100,16 @@ if unknown:
 
 
 def workdir(name, seed):
-    return os.path.join(out, name.replace(" ", "_").replace(",", "").replace("=", "")
-                        .replace("(", "").replace(")", "").replace(":", ""), f"seed{seed}")
+    return os.path.join(
+        out,
+        name.replace(" ", "_")
+        .replace(",", "")
+        .replace("=", "")
+        .replace("(", "")
+        .replace(")", "")
+        .replace(":", ""),
+        f"seed{seed}",
+    )
 
 
 results = {}
@@ -87,8 +120,16 @@ for name in [n for n in RUN_ORDER if n in VARIANTS]:
         wd = workdir(name, seed)
         if only and name not in only and not os.path.exists(os.path.join(wd, "results.json")):
             continue
-        runs.append((wd, harness.run(config, wd, {"seed": seed, "teacher.workdir": args.teacher,
-                                                   **common, **overrides})))
+        runs.append(
+            (
+                wd,
+                harness.run(
+                    config,
+                    wd,
+                    {"seed": seed, "teacher.workdir": args.teacher, **common, **overrides},
+                ),
+            )
+        )
     if runs:
         results[name] = runs
 
@@ -135,8 +176,15 @@ def digit_share(runs):
     return harness.mean_std(shares, 100.0, 1) if shares else "—"
 
 
-teacher_acc = next((r["teacher_accuracy"] for runs in results.values() for _, r in runs
-                    if "teacher_accuracy" in r), None)
+teacher_acc = next(
+    (
+        r["teacher_accuracy"]
+        for runs in results.values()
+        for _, r in runs
+        if "teacher_accuracy" in r
+    ),
+    None,
+)
 columns = {
     "final acc (%)": lambda runs: harness.mean_std([r["final_accuracy"] for _, r in runs]),
     "best (%)": lambda runs: harness.mean_std([r["best_accuracy"] for _, r in runs]),
@@ -149,18 +197,23 @@ columns = {
 }
 ordered = {name: results[name] for name in VARIANTS if name in results}
 table = harness.markdown(ordered, columns)
-teacher_line = (f"| teacher LeNet-5 ({args.teacher}) | {100 * teacher_acc:.2f} | | | | | | | |"
-                if teacher_acc is not None else "")
+teacher_line = (
+    f"| teacher LeNet-5 ({args.teacher}) | {100 * teacher_acc:.2f} | | | | | | | |"
+    if teacher_acc is not None
+    else ""
+)
 lines = table.split("\n")
 table = "\n".join(lines[:2] + ([teacher_line] if teacher_line else []) + lines[2:])
 pool_share = 100 * np.mean([s in RELATED for s in sources.values()]) if sources else np.nan
-text = (f"Offline benchmark (LeNet-5 -> LeNet-5-half, held-out 1,000 MNIST digits), seeds "
-        f"{seeds}, {args.steps} steps of batch {args.batch} for every student, eval every "
-        f"{eval_every} steps, teacher {args.teacher}; lr 0.05, cosine; gradient-norm clip 5 "
-        f"after a 100-step warmup for KD / ODSD rows, clip 2 and no warmup for EIKD rows. "
-        f"Pool: 9,797 images, {pool_share:.1f} % "
-        f"digits. Command: `python benchmarks/offline_eikd.py --teacher={args.teacher} "
-        f"--seeds={args.seeds} --steps={args.steps} --batch={args.batch}`\n\n{table}\n")
+text = (
+    f"Offline benchmark (LeNet-5 -> LeNet-5-half, held-out 1,000 MNIST digits), seeds "
+    f"{seeds}, {args.steps} steps of batch {args.batch} for every student, eval every "
+    f"{eval_every} steps, teacher {args.teacher}; lr 0.05, cosine; gradient-norm clip 5 "
+    f"after a 100-step warmup for KD / ODSD rows, clip 2 and no warmup for EIKD rows. "
+    f"Pool: 9,797 images, {pool_share:.1f} % "
+    f"digits. Command: `python benchmarks/offline_eikd.py --teacher={args.teacher} "
+    f"--seeds={args.seeds} --steps={args.steps} --batch={args.batch}`\n\n{table}\n"
+)
 
 # ----- curves.png ----------------------------------------------------------------------------
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
@@ -169,8 +222,12 @@ from matplotlib.figure import Figure  # noqa: E402
 fig = Figure(figsize=(7, 4.5))
 FigureCanvasAgg(fig)
 ax = fig.add_subplot(1, 1, 1)
-for name, colour in (("EIKD", "C0"), ("ODSD", "C1"), ("KD, random subset (N = 4,000)", "C2"),
-                     ("KD, whole pool", "C7")):
+for name, colour in (
+    ("EIKD", "C0"),
+    ("ODSD", "C1"),
+    ("KD, random subset (N = 4,000)", "C2"),
+    ("KD, whole pool", "C7"),
+):
     if name not in ordered:
         continue
     curves = [curve(wd) for wd, _ in ordered[name]]
@@ -178,8 +235,9 @@ for name, colour in (("EIKD", "C0"), ("ODSD", "C1"), ("KD, random subset (N = 4,
     acc = np.array([[c[s] for s in steps] for c in curves]) * 100
     ax.plot(steps, acc.mean(0), colour, label=f"{name} ({len(curves)} seed(s))")
     if len(curves) > 1:
-        ax.fill_between(steps, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
-                        color=colour, alpha=0.2)
+        ax.fill_between(
+            steps, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=colour, alpha=0.2
+        )
 if teacher_acc is not None:
     ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label="teacher")
 ax.set_xlabel("training step")

@@ -17,6 +17,7 @@ digits (related sources) in the transfer set, and wall time per run. Every run s
 <out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
 be rebuilt or extended cheaply. Writes benchmarks/results/offline_odsd.md and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,17 +53,27 @@ VARIANTS = {
     "APS + plain KD (no LNR, L_TR, L_SR)": ("configs/odsd_mnist.py:no_lnr,no_tr,no_sr", {}),
 }
 
-RUN_ORDER = ["ODSD", "KD, random pool subset (N)", "KD, whole pool",
-             "DFND-style global confidence top-N", "ODSD w/o APS (random N)",
-             "ODSD losses on the whole pool (no sampling)", "ODSD w/o LNR", "ODSD w/o L_TR",
-             "ODSD w/o L_SR", "ODSD + adaptive refresh (§1F, every 2 epochs)",
-             "APS + plain KD (no LNR, L_TR, L_SR)", "KD, original data (upper bound)"]
+RUN_ORDER = [
+    "ODSD",
+    "KD, random pool subset (N)",
+    "KD, whole pool",
+    "DFND-style global confidence top-N",
+    "ODSD w/o APS (random N)",
+    "ODSD losses on the whole pool (no sampling)",
+    "ODSD w/o LNR",
+    "ODSD w/o L_TR",
+    "ODSD w/o L_SR",
+    "ODSD + adaptive refresh (§1F, every 2 epochs)",
+    "APS + plain KD (no LNR, L_TR, L_SR)",
+    "KD, original data (upper bound)",
+]
 
 
 @functools.lru_cache(maxsize=1)
 def _pool_related() -> np.ndarray:
     """[M] bool: pool id -> digit source (the shards' ids are the pool positions)."""
     from kd_jax.data import offline
+
     pool = offline.build_offline_pool(seed=0)
     return np.isin(pool["sources"].astype(str), offline.RELATED_SOURCES)
 
@@ -90,10 +101,15 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=0, help="override num_steps (0: config)")
     parser.add_argument("--out", default="/tmp/kd/offline_odsd")
-    parser.add_argument("--pair", choices=sorted(PAIRS), default="lenet",
-                        help="teacher -> student models (results go to their own --out)")
-    parser.add_argument("--teacher", default="",
-                        help="finished teacher workdir of the --pair's teacher model")
+    parser.add_argument(
+        "--pair",
+        choices=sorted(PAIRS),
+        default="lenet",
+        help="teacher -> student models (results go to their own --out)",
+    )
+    parser.add_argument(
+        "--teacher", default="", help="finished teacher workdir of the --pair's teacher model"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="run only these row names")
     args = parser.parse_args(argv)
 
@@ -104,8 +120,10 @@ def main(argv=None):
     with open(os.path.join(teacher, "results.json")) as f:
         result = json.load(f)
     if result["config"]["model"]["name"] != teacher_model:
-        raise SystemExit(f"--teacher {teacher} is a {result['config']['model']['name']}, but "
-                         f"--pair {args.pair} needs a {teacher_model}")
+        raise SystemExit(
+            f"--teacher {teacher} is a {result['config']['model']['name']}, but "
+            f"--pair {args.pair} needs a {teacher_model}"
+        )
     teacher_acc = result["final_accuracy"]
 
     variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
@@ -115,12 +133,19 @@ def main(argv=None):
         variants = {k: (cfg, {**ov, "num_steps": args.steps}) for k, (cfg, ov) in variants.items()}
     done = {}
     for name in sorted(variants, key=RUN_ORDER.index):  # most informative rows first
-        key = name.replace(" ", "_").replace(",", "").replace("/", "-").replace("(", "").replace(
-            ")", "")
+        key = (
+            name.replace(" ", "_")
+            .replace(",", "")
+            .replace("/", "-")
+            .replace("(", "")
+            .replace(")", "")
+        )
         result = harness.run_variants({key: variants[name]}, args.seeds, args.out, teacher)[key]
         done[name] = [dict(r, related_share=_related_share(r, args.out, key)) for r in result]
-        table = {f"teacher ({teacher_model})": [{"final_accuracy": teacher_acc}],
-                 **{k: done[k] for k in VARIANTS if k in done}}
+        table = {
+            f"teacher ({teacher_model})": [{"final_accuracy": teacher_acc}],
+            **{k: done[k] for k in VARIANTS if k in done},
+        }
         _write(table, args, argv)  # after every row, so a partial table survives
 
 
@@ -129,23 +154,28 @@ def _write(table, args, argv):
         "student acc. (%)": lambda rs: harness.mean_std([r.get("final_accuracy") for r in rs]),
         "best acc. (%)": lambda rs: harness.mean_std([r.get("best_accuracy") for r in rs]),
         "digit share of transfer set (%)": lambda rs: harness.mean_std(
-            [r.get("related_share") for r in rs], digits=1),
-        "wall time / run (s)": lambda rs: (f"{np.mean([r['wall_seconds'] for r in rs]):.0f}"
-                                           if "wall_seconds" in rs[0] else "—"),
+            [r.get("related_share") for r in rs], digits=1
+        ),
+        "wall time / run (s)": lambda rs: (
+            f"{np.mean([r['wall_seconds'] for r in rs]):.0f}" if "wall_seconds" in rs[0] else "—"
+        ),
     }
     lines = harness.markdown(table, columns).splitlines()
     steps = args.steps or "config default"
-    text = "\n".join([
-        f"# Offline ODSD benchmark: {PAIRS[args.pair][2]}",
-        "",
-        f"Bundled offline benchmark (kd_jax/data/offline.py): student accuracy on the held-out "
-        f"MNIST-5k test split (1,000 digits), mean ± std over seeds {args.seeds}; N = 4,000 "
-        f"(the original train-set size) from the 9,797-image pool (39 % digits); "
-        f"steps: {steps}. Command: `python benchmarks/offline_odsd.py "
-        f"{shlex.join(argv if argv is not None else sys.argv[1:])}`.",
-        "",
-        *lines,
-        ""])
+    text = "\n".join(
+        [
+            f"# Offline ODSD benchmark: {PAIRS[args.pair][2]}",
+            "",
+            f"Bundled offline benchmark (kd_jax/data/offline.py): student accuracy on the held-out "
+            f"MNIST-5k test split (1,000 digits), mean ± std over seeds {args.seeds}; N = 4,000 "
+            f"(the original train-set size) from the 9,797-image pool (39 % digits); "
+            f"steps: {steps}. Command: `python benchmarks/offline_odsd.py "
+            f"{shlex.join(argv if argv is not None else sys.argv[1:])}`.",
+            "",
+            *lines,
+            "",
+        ]
+    )
     os.makedirs(os.path.join(harness.ROOT, "benchmarks", "results"), exist_ok=True)
     name = "offline_odsd.md" if args.pair == "lenet" else f"offline_odsd_{args.pair}.md"
     path = os.path.join(harness.ROOT, "benchmarks", "results", name)

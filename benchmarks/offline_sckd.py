@@ -10,6 +10,7 @@ std over seeds; k-means has no known-class head, so only its task-aware columns 
 Writes benchmarks/results/offline_sckd.md and prints it. Runs are cached per workdir. About
 3 minutes per seed and variant on 2 idle CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,20 @@ VARIANTS = {
     "SCKD L_SC known→novel only": ("", {"sckd.smi": "none", "sckd.direction": "known_to_novel"}),
     "SCKD L_SC novel→known only": ("", {"sckd.smi": "none", "sckd.direction": "novel_to_known"}),
 }
-COLUMNS = ("novel_train_accuracy", "novel_test_accuracy", "all_accuracy", "known_accuracy",
-           "novel_accuracy")
-HEADERS = ("task-aware novel (train)", "task-aware novel (test)", "task-agnostic all",
-           "task-agnostic known", "task-agnostic novel")
+COLUMNS = (
+    "novel_train_accuracy",
+    "novel_test_accuracy",
+    "all_accuracy",
+    "known_accuracy",
+    "novel_accuracy",
+)
+HEADERS = (
+    "task-aware novel (train)",
+    "task-aware novel (test)",
+    "task-agnostic all",
+    "task-agnostic known",
+    "task-agnostic novel",
+)
 
 
 def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
@@ -62,8 +73,10 @@ def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
     mesh = parallel.make_mesh(jax.devices()[:1])
     method = get_method("ncd_pretrain")(c, pretrain_workdir, mesh)
     saved = checkpoint.load_variables(pretrain_workdir)
-    variables = {"params": saved["params"]["model"],
-                 "batch_stats": saved["batch_stats"].get("model", {})}
+    variables = {
+        "params": saved["params"]["model"],
+        "batch_stats": saved["batch_stats"].get("model", {}),
+    }
     tau = c.sckd.space_temperature
 
     @jax.jit
@@ -83,13 +96,16 @@ def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
         return np.concatenate(feats), np.concatenate(r_known), np.concatenate(labels)
 
     (x_train, r_train, y_train), (x_test, r_test, y_test) = (
-        features(c.data.target.train_split), features(c.data.target.eval_split))
+        features(c.data.target.train_split),
+        features(c.data.target.eval_split),
+    )
     out = {}
     for key, train, test in (("features", x_train, x_test), ("known_space", r_train, r_test)):
         km = KMeans(n_clusters=method.num_novel, n_init=10, random_state=seed).fit(train)
         out[key] = {
             "novel_train_accuracy": metrics.cluster_accuracy(y_train, km.labels_)[0],
-            "novel_test_accuracy": metrics.cluster_accuracy(y_test, km.predict(test))[0]}
+            "novel_test_accuracy": metrics.cluster_accuracy(y_test, km.predict(test))[0],
+        }
     with open(cache, "w") as f:
         json.dump(out, f)
     return out
@@ -100,15 +116,18 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="/tmp/kd/offline_sckd")
     parser.add_argument("--variants", default=",".join(list(VARIANTS)[:5]))
-    parser.add_argument("--set", action="append", default=[],
-                        help="extra --config overrides for every discovery run, key=value")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extra --config overrides for every discovery run, key=value",
+    )
     # Defaults to the four table rows and the spec-direction diagnostic; add the others with
     # --variants.
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = dict(kv.split("=", 1) for kv in args.set)
-    table = {"k-means (pretrained features)": [],
-             "k-means (pretrained known space r^K)": []}
+    table = {"k-means (pretrained features)": [], "k-means (pretrained known space r^K)": []}
     for name in args.variants.split(","):
         table[name] = []
     for seed in seeds:
@@ -119,18 +138,27 @@ def main():
         table["k-means (pretrained known space r^K)"].append(km["known_space"])
         for name in args.variants.split(","):
             arg, overrides = VARIANTS[name]
-            workdir = os.path.join(args.out, name.replace(" ", "_").replace("/", ""),
-                                   f"seed{seed}")
-            table[name].append(harness.run(
-                f"{CONFIG}:{arg}" if arg else CONFIG, workdir,
-                {"seed": seed, "ncd.pretrain.workdir": pre, **overrides, **extra}))
-    columns = {h: (lambda k: lambda rs: harness.mean_std([r.get(k) for r in rs]))(k)
-               for h, k in zip(HEADERS, COLUMNS)}
-    text = (f"# Offline NCD benchmark (MNIST-5k, 0–4 known / 5–9 novel)\n\n"
-            f"`python benchmarks/offline_sckd.py --seeds {args.seeds}"
-            + "".join(f" --set {kv}" for kv in args.set) + "`; accuracy in %, mean ± std over "
-            f"{len(seeds)} seed(s) {seeds}; LeNet-5, `{CONFIG}`.\n\n"
-            + harness.markdown(table, columns) + "\n")
+            workdir = os.path.join(args.out, name.replace(" ", "_").replace("/", ""), f"seed{seed}")
+            table[name].append(
+                harness.run(
+                    f"{CONFIG}:{arg}" if arg else CONFIG,
+                    workdir,
+                    {"seed": seed, "ncd.pretrain.workdir": pre, **overrides, **extra},
+                )
+            )
+    columns = {
+        h: (lambda k: lambda rs: harness.mean_std([r.get(k) for r in rs]))(k)
+        for h, k in zip(HEADERS, COLUMNS)
+    }
+    text = (
+        f"# Offline NCD benchmark (MNIST-5k, 0–4 known / 5–9 novel)\n\n"
+        f"`python benchmarks/offline_sckd.py --seeds {args.seeds}"
+        + "".join(f" --set {kv}" for kv in args.set)
+        + "`; accuracy in %, mean ± std over "
+        f"{len(seeds)} seed(s) {seeds}; LeNet-5, `{CONFIG}`.\n\n"
+        + harness.markdown(table, columns)
+        + "\n"
+    )
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "offline_sckd.md"), "w") as f:
         f.write(text)

@@ -18,6 +18,7 @@ and only the rest are scored.
 Without `--teacher_workdir` the teacher is a randomly initialised LeNet-5 (memory and speed do
 not depend on the weights). Takes ~2 min on an idle 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,17 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="10000,100000", help="comma-separated pool sizes")
     p.add_argument("--shard_size", type=int, default=5000, help="images per TFRecord shard")
     p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--heap_size", type=int, default=64,
-                   help="per-class candidates kept with features (ODSD); 0 = scalars only")
-    p.add_argument("--teacher_workdir", default="",
-                   help="a finished LeNet-5 teacher run; default: random LeNet-5 weights")
+    p.add_argument(
+        "--heap_size",
+        type=int,
+        default=64,
+        help="per-class candidates kept with features (ODSD); 0 = scalars only",
+    )
+    p.add_argument(
+        "--teacher_workdir",
+        default="",
+        help="a finished LeNet-5 teacher run; default: random LeNet-5 weights",
+    )
     p.add_argument("--dir", default="", help="where pools and scores go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the pools and scores")
     p.add_argument("--no_resume_demo", action="store_true")
@@ -58,7 +66,8 @@ def parse_args(argv=None):
     if not args.sizes or min(args.sizes) < 1 or args.shard_size < 1 or args.batch_size < 1:
         p.error("--sizes, --shard_size and --batch_size must be positive")
     if args.teacher_workdir and not os.path.exists(
-            os.path.join(args.teacher_workdir, "results.json")):
+        os.path.join(args.teacher_workdir, "results.json")
+    ):
         p.error(f"--teacher_workdir={args.teacher_workdir!r} holds no finished run")
     return args
 
@@ -66,6 +75,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Synthetic pools
 # ---------------------------------------------------------------------------------------------
+
 
 def write_pool(out_dir: str, size: int, shard_size: int, seed: int = 0) -> str:
     """Writes `size` records in ceil(size / shard_size) shards; returns the file pattern."""
@@ -101,6 +111,7 @@ def write_pool(out_dir: str, size: int, shard_size: int, seed: int = 0) -> str:
 # The scoring child (a fresh process per pool, so ru_maxrss is this pass alone)
 # ---------------------------------------------------------------------------------------------
 
+
 def child(args) -> None:
     import resource
 
@@ -117,42 +128,74 @@ def child(args) -> None:
     teacher = models.create_model("lenet5", 10)
     if args.teacher_workdir:
         v = checkpoint.load_variables(args.teacher_workdir)
-        variables = {"params": v["params"]["model"], "batch_stats": v["batch_stats"].get("model", {})}
+        variables = {
+            "params": v["params"]["model"],
+            "batch_stats": v["batch_stats"].get("model", {}),
+        }
     else:
-        variables = jax.device_get(teacher.init(jax.random.PRNGKey(0),
-                                                np.zeros((1, 32, 32, 1), np.float32)))
+        variables = jax.device_get(
+            teacher.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32))
+        )
     domain = pipeline.Domain(image_size=32, channels=1, normalization="mnist")
     spec = ml_collections.ConfigDict({"source": "shards", "pattern": args.child_pattern})
     before = rss_mb()
     t = time.time()
-    scores = pool.score_pool(args.child_out, spec, teacher_model=teacher, teacher_vars=variables,
-                             domain=domain, num_classes=10, batch_size=args.batch_size,
-                             heap_size=args.heap_size)
+    scores = pool.score_pool(
+        args.child_out,
+        spec,
+        teacher_model=teacher,
+        teacher_vars=variables,
+        domain=domain,
+        num_classes=10,
+        batch_size=args.batch_size,
+        heap_size=args.heap_size,
+    )
     seconds = time.time() - t
     # Steady-state rate, compile excluded: items of shards 2..n over the time between the
     # first and the last shard result file (each is written when its shard is done).
     out_dir = os.path.join(args.child_out, "pool_scores")
-    done = sorted((os.stat(os.path.join(out_dir, f)).st_mtime, f)
-                  for f in os.listdir(out_dir) if f.endswith(".tfrecord.npz"))
+    done = sorted(
+        (os.stat(os.path.join(out_dir, f)).st_mtime, f)
+        for f in os.listdir(out_dir)
+        if f.endswith(".tfrecord.npz")
+    )
     steady = None
     if len(done) > 1:
         later = sum(len(np.load(os.path.join(out_dir, f))["ids"]) for _, f in done[1:])
         steady = later / max(done[-1][0] - done[0][0], 1e-9)
-    print("RESULT " + json.dumps({"steady_images_per_s": steady,
-        "items": int(len(scores.ids)), "seconds": seconds, "rss_before_mb": before,
-        "peak_rss_mb": rss_mb(), "candidates": int(len(scores.cand_ids)),
-        "backend": jax.default_backend(), "devices": jax.local_device_count()}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "steady_images_per_s": steady,
+                "items": int(len(scores.ids)),
+                "seconds": seconds,
+                "rss_before_mb": before,
+                "peak_rss_mb": rss_mb(),
+                "candidates": int(len(scores.cand_ids)),
+                "backend": jax.default_backend(),
+                "devices": jax.local_device_count(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_child(args, pattern: str, out: str, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--child_pattern={pattern}",
-           f"--child_out={out}", f"--batch_size={args.batch_size}",
-           f"--heap_size={args.heap_size}", f"--teacher_workdir={args.teacher_workdir}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--child_pattern={pattern}",
+        f"--child_out={out}",
+        f"--batch_size={args.batch_size}",
+        f"--heap_size={args.heap_size}",
+        f"--teacher_workdir={args.teacher_workdir}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"scoring child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def resume_demo(args, pattern: str, out: str) -> None:
@@ -163,16 +206,25 @@ def resume_demo(args, pattern: str, out: str) -> None:
     score_dir = os.path.join(out, "pool_scores")
     target = max(1, len(files) // 3)
     print(f"\nresume: scoring {len(files)} shards, SIGKILL once {target} are done ...", flush=True)
-    cmd = [sys.executable, os.path.abspath(__file__), f"--child_pattern={pattern}",
-           f"--child_out={out}", f"--batch_size={args.batch_size}",
-           f"--heap_size={args.heap_size}", f"--teacher_workdir={args.teacher_workdir}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--child_pattern={pattern}",
+        f"--child_out={out}",
+        f"--batch_size={args.batch_size}",
+        f"--heap_size={args.heap_size}",
+        f"--teacher_workdir={args.teacher_workdir}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = []
     try:
         deadline = time.time() + 3600
         while proc.poll() is None and time.time() < deadline:
-            done = [f for f in os.listdir(score_dir) if f.endswith(".tfrecord.npz")] \
-                if os.path.isdir(score_dir) else []
+            done = (
+                [f for f in os.listdir(score_dir) if f.endswith(".tfrecord.npz")]
+                if os.path.isdir(score_dir)
+                else []
+            )
             if len(done) >= target:
                 break
             time.sleep(0.05)
@@ -180,21 +232,31 @@ def resume_demo(args, pattern: str, out: str) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-    before = {f: os.stat(os.path.join(score_dir, f)).st_ino
-              for f in os.listdir(score_dir) if f.endswith(".tfrecord.npz")}
+    before = {
+        f: os.stat(os.path.join(score_dir, f)).st_ino
+        for f in os.listdir(score_dir)
+        if f.endswith(".tfrecord.npz")
+    }
     if len(before) == len(files):
-        print("resume: the pass finished before the kill (machine too fast for this pool); "
-              "use a larger --sizes entry to see a partial pass")
+        print(
+            "resume: the pass finished before the kill (machine too fast for this pool); "
+            "use a larger --sizes entry to see a partial pass"
+        )
         return
     print(f"resume: killed with {len(before)}/{len(files)} shards scored; running again ...")
     r = run_child(args, pattern, out)
-    after = {f: os.stat(os.path.join(score_dir, f)).st_ino
-             for f in os.listdir(score_dir) if f.endswith(".tfrecord.npz")}
+    after = {
+        f: os.stat(os.path.join(score_dir, f)).st_ino
+        for f in os.listdir(score_dir)
+        if f.endswith(".tfrecord.npz")
+    }
     kept = sum(after.get(f) == ino for f, ino in before.items())
     new = len(set(after) - set(before))
-    print(f"resume: {kept}/{len(before)} finished shards kept untouched, {new} scored on the "
-          f"rerun, {r['items']} items merged in {r['seconds']:.1f}s "
-          f"({'OK' if kept == len(before) and len(after) == len(files) else 'UNEXPECTED'})")
+    print(
+        f"resume: {kept}/{len(before)} finished shards kept untouched, {new} scored on the "
+        f"rerun, {r['items']} items merged in {r['seconds']:.1f}s "
+        f"({'OK' if kept == len(before) and len(after) == len(files) else 'UNEXPECTED'})"
+    )
 
 
 def main(argv=None):
@@ -202,9 +264,12 @@ def main(argv=None):
     if args.child_pattern:
         return child(args)
     root = args.dir or tempfile.mkdtemp(prefix="kd_pool_bench_")
-    print(f"pool scoring benchmark: pools {args.sizes} ({args.shard_size} images/shard) in "
-          f"{root}; teacher LeNet-5 ({args.teacher_workdir or 'random init'}); batch "
-          f"{args.batch_size}; heap {args.heap_size}/class", flush=True)
+    print(
+        f"pool scoring benchmark: pools {args.sizes} ({args.shard_size} images/shard) in "
+        f"{root}; teacher LeNet-5 ({args.teacher_workdir or 'random init'}); batch "
+        f"{args.batch_size}; heap {args.heap_size}/class",
+        flush=True,
+    )
     try:
         rows = []
         for size in args.sizes:
@@ -214,16 +279,22 @@ def main(argv=None):
             out = os.path.join(root, f"scores{size}")
             shutil.rmtree(out, ignore_errors=True)
             rows.append((size, run_child(args, pattern, out)))
-        print("\n| pool images | shards | peak RSS (MB) | RSS before scoring (MB) | images/s "
-              "(whole pass) | images/s (after shard 1) | backend |\n|---|---|---|---|---|---|---|")
+        print(
+            "\n| pool images | shards | peak RSS (MB) | RSS before scoring (MB) | images/s "
+            "(whole pass) | images/s (after shard 1) | backend |\n|---|---|---|---|---|---|---|"
+        )
         for size, r in rows:
             steady = f"{r['steady_images_per_s']:.0f}" if r["steady_images_per_s"] else "—"
-            print(f"| {size:,} | {-(-size // args.shard_size)} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['rss_before_mb']:.0f} | {r['items'] / r['seconds']:.0f} | {steady} | "
-                  f"{r['backend']} ×{r['devices']} |")
+            print(
+                f"| {size:,} | {-(-size // args.shard_size)} | {r['peak_rss_mb']:.0f} | "
+                f"{r['rss_before_mb']:.0f} | {r['items'] / r['seconds']:.0f} | {steady} | "
+                f"{r['backend']} ×{r['devices']} |"
+            )
         peaks = [r["peak_rss_mb"] for _, r in rows]
-        print(f"\npeak RSS spread: {100 * (max(peaks) - min(peaks)) / min(peaks):.1f} % "
-              f"(goal < 10 %) over pools {min(args.sizes):,} .. {max(args.sizes):,}")
+        print(
+            f"\npeak RSS spread: {100 * (max(peaks) - min(peaks)) / min(peaks):.1f} % "
+            f"(goal < 10 %) over pools {min(args.sizes):,} .. {max(args.sizes):,}"
+        )
         if not args.no_resume_demo:
             big = max(args.sizes)
             out = os.path.join(root, "resume")

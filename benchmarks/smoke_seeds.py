@@ -9,6 +9,7 @@ the bound the test uses, and the margin in stds. The suite's bounds are meant to
 stds below the mean (a run on another CPU or library version moves like another seed: float32
 reordering changes the trajectory from the first step). About 15 minutes per seed on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,29 +27,41 @@ BOUNDS = {
     "teacher accuracy": ("teacher", "TEACHER_ACCURACY", "test_eikd.py::test_smoke_run_end_to_end"),
     "EIKD accuracy": ("eikd", "EIKD_ACCURACY", "test_eikd.py::test_smoke_run_end_to_end"),
     "ODSD accuracy": ("odsd", "SMOKE_ACCURACY", "test_odsd.py::test_odsd_mnist_smoke_end_to_end"),
-    "SCKD novel_train_accuracy": ("sckd", "SMOKE_NOVEL_ACCURACY",
-                                  "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits"),
-    "SCKD known_accuracy": ("sckd", "SMOKE_KNOWN_ACCURACY",
-                            "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits"),
+    "SCKD novel_train_accuracy": (
+        "sckd",
+        "SMOKE_NOVEL_ACCURACY",
+        "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits",
+    ),
+    "SCKD known_accuracy": (
+        "sckd",
+        "SMOKE_KNOWN_ACCURACY",
+        "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits",
+    ),
 }
-KEYS = {"teacher accuracy": "final_accuracy", "EIKD accuracy": "final_accuracy",
-        "ODSD accuracy": "final_accuracy",
-        "SCKD novel_train_accuracy": "novel_train_accuracy",
-        "SCKD known_accuracy": "known_accuracy"}
+KEYS = {
+    "teacher accuracy": "final_accuracy",
+    "EIKD accuracy": "final_accuracy",
+    "ODSD accuracy": "final_accuracy",
+    "SCKD novel_train_accuracy": "novel_train_accuracy",
+    "SCKD known_accuracy": "known_accuracy",
+}
 
 
 def run_seed(seed: int, out: str, teacher0: str | None) -> dict:
     from helpers import config
 
     from kd_jax import run, train
+
     results = {}
     teacher = os.path.join(out, f"teacher_s{seed}")
     c = config("teacher_mnist.py", "smoke", seed=seed, async_checkpoints=False)
     results["teacher"] = train.train_and_evaluate(c, teacher)
     teacher0 = teacher0 or teacher
-    for name, cfg, extra in (("eikd", "eikd_mnist.py", {}),
-                             ("odsd", "odsd_mnist.py", {"odsd.aps.refresh_epochs": 3}),
-                             ("sckd", "sckd_mnist.py", None)):
+    for name, cfg, extra in (
+        ("eikd", "eikd_mnist.py", {}),
+        ("odsd", "odsd_mnist.py", {"odsd.aps.refresh_epochs": 3}),
+        ("sckd", "sckd_mnist.py", None),
+    ):
         overrides = {"seed": seed, "async_checkpoints": False}
         if extra is not None:  # SCKD trains without a teacher
             overrides.update({"teacher.workdir": teacher0, **extra})
@@ -66,11 +79,14 @@ def main(argv=None):
     import test_eikd
     import test_odsd
     import test_sckd
-    bound_of = {"TEACHER_ACCURACY": test_eikd.TEACHER_ACCURACY,
-                "EIKD_ACCURACY": test_eikd.EIKD_ACCURACY,
-                "SMOKE_ACCURACY": test_odsd.SMOKE_ACCURACY,
-                "SMOKE_NOVEL_ACCURACY": test_sckd.SMOKE_NOVEL_ACCURACY,
-                "SMOKE_KNOWN_ACCURACY": test_sckd.SMOKE_KNOWN_ACCURACY}
+
+    bound_of = {
+        "TEACHER_ACCURACY": test_eikd.TEACHER_ACCURACY,
+        "EIKD_ACCURACY": test_eikd.EIKD_ACCURACY,
+        "SMOKE_ACCURACY": test_odsd.SMOKE_ACCURACY,
+        "SMOKE_NOVEL_ACCURACY": test_sckd.SMOKE_NOVEL_ACCURACY,
+        "SMOKE_KNOWN_ACCURACY": test_sckd.SMOKE_KNOWN_ACCURACY,
+    }
     os.makedirs(args.out, exist_ok=True)
     per_seed = {}
     teacher0 = None
@@ -79,15 +95,19 @@ def main(argv=None):
         teacher0 = teacher0 or os.path.join(args.out, f"teacher_s{seed}")
     with open(os.path.join(args.out, "smoke_seeds.json"), "w") as f:
         json.dump({str(k): v for k, v in per_seed.items()}, f, indent=1, default=str)
-    print(f"| metric | seeds {' '.join(map(str, args.seeds))} | mean ± std | bound | "
-          f"margin (stds) | test |")
+    print(
+        f"| metric | seeds {' '.join(map(str, args.seeds))} | mean ± std | bound | "
+        f"margin (stds) | test |"
+    )
     print("|---|---|---|---|---|---|")
     for metric, (run, bound_name, test) in BOUNDS.items():
         v = np.array([per_seed[s][run][KEYS[metric]] for s in args.seeds])
         bound = bound_of[bound_name]
         std = v.std(ddof=1) if len(v) > 1 else float("nan")
-        print(f"| {metric} | {' / '.join(f'{x:.3f}' for x in v)} | {v.mean():.3f} ± {std:.3f} "
-              f"| {bound} | {(v.mean() - bound) / std:.1f} | {test} |")
+        print(
+            f"| {metric} | {' / '.join(f'{x:.3f}' for x in v)} | {v.mean():.3f} ± {std:.3f} "
+            f"| {bound} | {(v.mean() - bound) / std:.1f} | {test} |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ timing a large `jnp.dot` in the step's dtype, so "% peak" = achieved FLOP/s / me
 FLOP/s. Runs unchanged on CPU, GPU and TPU (sizes of the peak matmul adapt to the backend).
 The teacher has random weights (speed does not depend on them) and no checkpoint is read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ def matmul_peak(dtype) -> float:
     """FLOP/s of a large square matmul, best of a few runs (the machine's practical peak)."""
     import jax
     import jax.numpy as jnp
+
     n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
@@ -69,7 +71,7 @@ def matmul_peak(dtype) -> float:
         t = time.perf_counter()
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def flops_of(compiled) -> float | None:
@@ -110,15 +112,19 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str =
     c.dtype = dtype
     c.model.conv = conv
     c.num_steps = 1000  # the schedule's length (the lr does not change the step's cost)
-    model = models.create_model(teacher, classes, dtype=jnp.dtype(dtype), conv=conv,
-                                conv_groups=mesh.size)
+    model = models.create_model(
+        teacher, classes, dtype=jnp.dtype(dtype), conv=conv, conv_groups=mesh.size
+    )
     x = np.zeros((1, size, size, channels), np.float32)
     v = jax.device_get(model.init(jax.random.PRNGKey(1), x, train=False))
-    frozen = FrozenTeacher(model, parallel.replicate(
-        {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, mesh),
-        {"final_accuracy": None})
-    return train.build(c, "/tmp/kd_jax_step_throughput_unused", mesh, teacher=frozen,
-                       prepare=False), c
+    frozen = FrozenTeacher(
+        model,
+        parallel.replicate({"params": v["params"], "batch_stats": v.get("batch_stats", {})}, mesh),
+        {"final_accuracy": None},
+    )
+    return train.build(
+        c, "/tmp/kd_jax_step_throughput_unused", mesh, teacher=frozen, prepare=False
+    ), c
 
 
 def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
@@ -131,9 +137,11 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     method, state, step = built.method, built.state, built.train_step
     size, channels = c.data.image_size, c.data.channels
     rng = np.random.default_rng(0)
-    local = {"image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
-             "label": rng.integers(0, c.num_classes, batch).astype(np.int64),
-             "id": np.arange(batch, dtype=np.int64)}
+    local = {
+        "image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
+        "label": rng.integers(0, c.num_classes, batch).astype(np.int64),
+        "id": np.arange(batch, dtype=np.int64),
+    }
     if getattr(method, "views", 1) == 2:
         local["image2"] = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
     gbatch = parallel.global_batch(local, mesh)
@@ -145,8 +153,11 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     # the batch) would be undercounted: FLOPs of the same step with XLA's own convolutions (the
     # direct convolutions' count; Winograd layers do 2.25x fewer multiplies).
     xla_built, _ = build_method(name, pair, batch, dtype, mesh, conv="xla")
-    flops = flops_of(jax.jit(xla_built.method.train_step).lower(
-        state, method.teacher_vars, gbatch, key).compile())
+    flops = flops_of(
+        jax.jit(xla_built.method.train_step)
+        .lower(state, method.teacher_vars, gbatch, key)
+        .compile()
+    )
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, method.teacher_vars, gbatch, key)
     jax.block_until_ready(metrics)
@@ -155,8 +166,12 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
         state, metrics = compiled(state, method.teacher_vars, gbatch, key)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - t) / steps
-    return {"images_per_s": batch / seconds, "step_ms": 1e3 * seconds, "flops": flops,
-            "compile_s": compile_s}
+    return {
+        "images_per_s": batch / seconds,
+        "step_ms": 1e3 * seconds,
+        "flops": flops,
+        "compile_s": compile_s,
+    }
 
 
 def main(argv=None):
@@ -170,12 +185,18 @@ def main(argv=None):
     accel = jax.default_backend() != "cpu"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     devices = f"{jax.device_count()}× {jax.devices()[0].device_kind}"
-    print(f"step throughput: backend {jax.default_backend()} ({devices}), dtype {args.dtype}, "
-          f"pairs {args.pairs}, methods {args.methods}, {args.steps} timed steps", flush=True)
+    print(
+        f"step throughput: backend {jax.default_backend()} ({devices}), dtype {args.dtype}, "
+        f"pairs {args.pairs}, methods {args.methods}, {args.steps} timed steps",
+        flush=True,
+    )
     # XLA's cost analysis counts the per-device SPMD program: both sides scale by the devices.
     peak = matmul_peak(dtype) * jax.device_count()
-    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (one device × {jax.device_count()}, "
-          f"{args.dtype})", flush=True)
+    print(
+        f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (one device × {jax.device_count()}, "
+        f"{args.dtype})",
+        flush=True,
+    )
     rows, notes = [], []
     for pair in args.pairs:
         batch = args.batch or PAIRS[pair][7 if accel else 6]
@@ -184,24 +205,31 @@ def main(argv=None):
             try:
                 r = bench_one(name, pair, batch, args.steps, args.dtype, mesh)
             except Exception as e:  # a method not written yet, or one needing real data
-                notes.append(f"{name} on {pair}: skipped ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})")
+                notes.append(
+                    f"{name} on {pair}: skipped ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+                )
                 if os.environ.get("KD_JAX_BENCH_DEBUG"):
                     traceback.print_exc()
                 print("  " + notes[-1], flush=True)
                 continue
-            achieved = (r["flops"] * jax.device_count() * r["images_per_s"] / batch
-                        if r["flops"] else None)
+            achieved = (
+                r["flops"] * jax.device_count() * r["images_per_s"] / batch if r["flops"] else None
+            )
             rows.append((pair, name, batch, r, achieved))
             print(f"  {pair} {name}: {r['images_per_s']:.1f} img/s", flush=True)
-    print("\n| pair | method | batch | images/s | step (ms) | GFLOP/step (XLA) | achieved "
-          "GFLOP/s | % of matmul peak | compile (s) |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| pair | method | batch | images/s | step (ms) | GFLOP/step (XLA) | achieved "
+        "GFLOP/s | % of matmul peak | compile (s) |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for pair, name, batch, r, achieved in rows:
         gf = f"{r['flops'] * jax.device_count() / 1e9:.2f}" if r["flops"] else "n/a"
         ach = f"{achieved / 1e9:.1f}" if achieved else "n/a"
         pct = f"{100 * achieved / peak:.1f}" if achieved else "n/a"
-        print(f"| {pair} | {name} | {batch} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
-              f"{gf} | {ach} | {pct} | {r['compile_s']:.1f} |")
+        print(
+            f"| {pair} | {name} | {batch} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{gf} | {ach} | {pct} | {r['compile_s']:.1f} |"
+        )
     for n in notes:
         print(f"- {n}")
 

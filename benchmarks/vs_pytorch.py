@@ -29,6 +29,7 @@ the step spent in the teacher forward (timed alone). kd_jax variants:
 An unknown flag (a different jaxlib) makes its variant fail; it is reported and skipped.
 torch is a benchmark-only dependency (`pip install torch`); kd_jax never imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,11 +62,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--variants", default="baseline,native_conv,onednn,bf16,separate",
-                   help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="measure everything this many times, interleaved (PyTorch, the variants, "
-                        "PyTorch, ...); the table gives the median and the range")
+    p.add_argument(
+        "--variants",
+        default="baseline,native_conv,onednn,bf16,separate",
+        help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure everything this many times, interleaved (PyTorch, the variants, "
+        "PyTorch, ...); the table gives the median and the range",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch measurement")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -92,6 +100,7 @@ def _time(fn, steps):
 # ---------------------------------------------------------------------------------------------
 # PyTorch eager
 # ---------------------------------------------------------------------------------------------
+
 
 def torch_child(batch, steps) -> dict:
     import torch
@@ -133,8 +142,14 @@ def torch_child(batch, steps) -> dict:
         with torch.no_grad():
             t_logits, t_feat = teacher(x)
         s_logits, s_feat = student(x)
-        kd = F.kl_div(F.log_softmax(s_logits / KD_T, 1), F.softmax(t_logits / KD_T, 1),
-                      reduction="batchmean") * KD_T ** 2
+        kd = (
+            F.kl_div(
+                F.log_softmax(s_logits / KD_T, 1),
+                F.softmax(t_logits / KD_T, 1),
+                reduction="batchmean",
+            )
+            * KD_T**2
+        )
         loss = kd + W_DIST * rkd_distance(s_feat, t_feat) + W_ANGLE * rkd_angle(s_feat, t_feat)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,14 +161,19 @@ def torch_child(batch, steps) -> dict:
 
     seconds = _time(step, steps)
     teacher_s = _time(teacher_only, steps)
-    return {"images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
-            "teacher_share": teacher_s / seconds, "threads": torch.get_num_threads(),
-            "version": torch.__version__}
+    return {
+        "images_per_s": batch / seconds,
+        "step_ms": 1e3 * seconds,
+        "teacher_share": teacher_s / seconds,
+        "threads": torch.get_num_threads(),
+        "version": torch.__version__,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # kd_jax (jit, one XLA program per step)
 # ---------------------------------------------------------------------------------------------
+
 
 def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="auto") -> dict:
     import jax
@@ -170,29 +190,41 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="
     t_vars = teacher.init(jax.random.PRNGKey(0), x[:2], train=False)
     s_vars = student.init(jax.random.PRNGKey(1), x[:2], train=False)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
-    state = {"params": s_vars["params"], "batch_stats": s_vars["batch_stats"],
-             "opt": tx.init(s_vars["params"])}
+    state = {
+        "params": s_vars["params"],
+        "batch_stats": s_vars["batch_stats"],
+        "opt": tx.init(s_vars["params"]),
+    }
 
     def teacher_fwd(t_vars, x):
         logits, feats = teacher.apply(t_vars, x, train=False)
         return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(
-            feats["pre_logits"].astype(jnp.float32))
+            feats["pre_logits"].astype(jnp.float32)
+        )
 
     def student_update(state, t_logits, t_feat, x):
         def loss_fn(params):
             (logits, feats), upd = student.apply(
-                {"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
-                mutable=["batch_stats"])
+                {"params": params, "batch_stats": state["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             f = feats["pre_logits"].astype(jnp.float32)
-            loss = (losses.kd_loss(logits, t_logits, temperature=KD_T)
-                    + W_DIST * losses.rkd_distance_loss(f, t_feat)
-                    + W_ANGLE * losses.rkd_angle_loss(f, t_feat))
+            loss = (
+                losses.kd_loss(logits, t_logits, temperature=KD_T)
+                + W_DIST * losses.rkd_distance_loss(f, t_feat)
+                + W_ANGLE * losses.rkd_angle_loss(f, t_feat)
+            )
             return loss, upd["batch_stats"]
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats,
-                "opt": opt}, loss
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": stats,
+            "opt": opt,
+        }, loss
 
     donate_args = (0,) if donate else ()
     if separate:
@@ -203,8 +235,10 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="
             t_logits, t_feat = t_jit(t_vars, x)
             return s_jit(state, t_logits, t_feat, x)
     else:
-        step = jax.jit(lambda state, t_vars, x: student_update(state, *teacher_fwd(t_vars, x), x),
-                       donate_argnums=donate_args)
+        step = jax.jit(
+            lambda state, t_vars, x: student_update(state, *teacher_fwd(t_vars, x), x),
+            donate_argnums=donate_args,
+        )
     holder = {"state": state}
 
     def run():
@@ -217,52 +251,69 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="
     seconds = _time(run, steps)
     t_jit = jax.jit(teacher_fwd)
     teacher_s = _time(lambda: jax.block_until_ready(t_jit(t_vars, x)), steps)
-    return {"images_per_s": batch / seconds, "step_ms": 1e3 * seconds,
-            "teacher_share": teacher_s / seconds, "compile_s": compile_s,
-            "version": jax.__version__, "loss_finite": bool(np.isfinite(float(
-                step(holder["state"], t_vars, x)[1])))}
+    return {
+        "images_per_s": batch / seconds,
+        "step_ms": 1e3 * seconds,
+        "teacher_share": teacher_s / seconds,
+        "compile_s": compile_s,
+        "version": jax.__version__,
+        "loss_finite": bool(np.isfinite(float(step(holder["state"], t_vars, x)[1]))),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
+
 def measure(kind, args, env_extra=None, opts=None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     for key, value in (env_extra or {}).items():
         env[key] = (env.get(key, "") + " " + value).strip() if key == "XLA_FLAGS" else value
-    cmd = [sys.executable, os.path.abspath(__file__), f"--child={kind}",
-           f"--child_opts={json.dumps(opts or {})}", f"--batch={args.batch}",
-           f"--steps={args.steps}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--child={kind}",
+        f"--child_opts={json.dumps(opts or {})}",
+        f"--batch={args.batch}",
+        f"--steps={args.steps}",
+    ]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:.0f}s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        tail = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()][-1:] or ["?"]
+        tail = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()][-1:] or [
+            "?"
+        ]
         return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
         opts = json.loads(args.child_opts)
-        r = torch_child(args.batch, args.steps) if args.child == "torch" else \
-            jax_child(args.batch, args.steps, **opts)
+        r = (
+            torch_child(args.batch, args.steps)
+            if args.child == "torch"
+            else jax_child(args.batch, args.steps, **opts)
+        )
         print("RESULT " + json.dumps(r), flush=True)
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"ResNet-34 → ResNet-18 KD+RKD step, batch {args.batch}, {args.steps} timed steps, "
-          f"{os.cpu_count()} CPU cores, load average {load:.1f}; measuring: "
-          f"{'' if args.no_torch else 'pytorch, '}kd_jax {args.variants}", flush=True)
+    print(
+        f"ResNet-34 → ResNet-18 KD+RKD step, batch {args.batch}, {args.steps} timed steps, "
+        f"{os.cpu_count()} CPU cores, load average {load:.1f}; measuring: "
+        f"{'' if args.no_torch else 'pytorch, '}kd_jax {args.variants}",
+        flush=True,
+    )
     runs = {}  # name -> one result per repeat
     for rep in range(args.repeats):
         todo = ([] if args.no_torch else [("pytorch eager", "torch", None, None)]) + [
-            (f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants]
+            (f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants
+        ]
         for name, kind, env_extra, opts in todo:
             r = measure(kind, args, env_extra, opts)
             runs.setdefault(name, []).append(r)
@@ -277,18 +328,24 @@ def main(argv=None):
         median = ok[[r["images_per_s"] for r in ok].index(ips[(len(ips) - 1) // 2])]
         results[name] = dict(median, range=(ips[0], ips[-1]), runs=len(ok))
     torch_ips = results.get("pytorch eager", {}).get("images_per_s")
-    print(f"\n| implementation | images/s{' (median, range)' if args.repeats > 1 else ''} | "
-          f"step (ms) | teacher fwd share | kd_jax / PyTorch |\n|---|---|---|---|---|")
+    print(
+        f"\n| implementation | images/s{' (median, range)' if args.repeats > 1 else ''} | "
+        f"step (ms) | teacher fwd share | kd_jax / PyTorch |\n|---|---|---|---|---|"
+    )
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | |")
             continue
         ratio = f"{r['images_per_s'] / torch_ips:.2f}×" if torch_ips and "kd_jax" in name else ""
         spread = f" ({r['range'][0]:.1f}–{r['range'][1]:.1f})" if r["runs"] > 1 else ""
-        print(f"| {name} | {r['images_per_s']:.1f}{spread} | {r['step_ms']:.0f} | "
-              f"{100 * r['teacher_share']:.0f} % | {ratio} |")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers on a shared machine are "
-          f"disturbed; rerun on an idle one)")
+        print(
+            f"| {name} | {r['images_per_s']:.1f}{spread} | {r['step_ms']:.0f} | "
+            f"{100 * r['teacher_share']:.0f} % | {ratio} |"
+        )
+    print(
+        f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers on a shared machine are "
+        f"disturbed; rerun on an idle one)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ listing every missing key with the command that makes it.
 `global` (DFND's top-N), `no_drop`, `no_feat`, `no_rel` switch parts off; `,smoke` runs a few
 steps (tests, tiny shards).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import eikd
 
@@ -25,15 +26,19 @@ DATASET = "cifar10"
 
 def build(arg, config_file, dataset):
     flags = set(filter(None, (arg or "").split(",")))
-    config_utils.parse_arg(arg, tuple(config_utils.CIFAR_PAIRS) + (
-        "global", "no_drop", "no_feat", "no_rel", "smoke"), config_file)
+    config_utils.parse_arg(
+        arg,
+        tuple(config_utils.CIFAR_PAIRS) + ("global", "no_drop", "no_feat", "no_rel", "smoke"),
+        config_file,
+    )
     teacher, student = config_utils.cifar_pair(flags, config_file)
     c = config_utils.base_config()
     c.method = "eikd"
     c.model.name, c.teacher.model = student, teacher
     # Trained first into <workdir>/teacher unless --config.teacher.workdir names a finished one.
-    c.teacher.train = config_utils.sibling(config_file, f"teacher_{dataset}.py",
-                                           teacher + (",smoke" if "smoke" in flags else ""))
+    c.teacher.train = config_utils.sibling(
+        config_file, f"teacher_{dataset}.py", teacher + (",smoke" if "smoke" in flags else "")
+    )
     config_utils.cifar_data(c, dataset)
     c.data.transfer.source = "shards"
     c.eikd = eikd.default_config()  # N = 600k, balanced, confidence, top-⌈C/2⌉ dropping, ...

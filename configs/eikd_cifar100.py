@@ -11,6 +11,7 @@ ResNet-34 -> 18. `global`, `no_drop`, `no_feat`, `no_rel`, `smoke` as there. Wit
 `--config.teacher.workdir` the teacher is trained first into <workdir>/teacher with
 configs/teacher_cifar100.py's settings; TFDS `cifar100` must be prepared (`tfds build cifar100`).
 """
+
 import importlib.util
 import os
 

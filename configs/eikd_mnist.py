@@ -20,13 +20,15 @@ Arguments (comma-separated, for the offline table's baselines and ablations):
   no_rel    no relation (RKD) terms
   smoke     seconds-long run (tests): smoke teacher, N = 500, 80 steps of batch 64
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import eikd
 
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(
-        arg, ("dfnd", "global", "no_drop", "no_feat", "no_rel", "smoke"), __file__)
+        arg, ("dfnd", "global", "no_drop", "no_feat", "no_rel", "smoke"), __file__
+    )
     c = config_utils.offline_student(__file__, "eikd", smoke="smoke" in flags)
     c.eikd = eikd.default_config()
     c.eikd.selection.size = 4000

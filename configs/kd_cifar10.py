@@ -15,6 +15,7 @@ ResNet-34: about 1.5 h on a v4-8). TFDS `cifar10` must be prepared (`tfds build 
 the config stops at once listing every missing one with the command that makes it.
 `,smoke` runs a few steps (tests, mock data / tiny shards).
 """
+
 from kd_jax import config_utils
 
 
@@ -25,14 +26,16 @@ def get_config(arg="r34_r18,pool"):
 def build(arg, config_file, dataset):
     flags = set(filter(None, (arg or "").split(",")))
     teacher, student = config_utils.cifar_pair(flags, config_file)
-    config_utils.parse_arg(arg, tuple(config_utils.CIFAR_PAIRS) + ("original", "pool", "random",
-                                                                    "smoke"), config_file)
+    config_utils.parse_arg(
+        arg, tuple(config_utils.CIFAR_PAIRS) + ("original", "pool", "random", "smoke"), config_file
+    )
     c = config_utils.base_config()
     c.method = "kd"
     c.model.name, c.teacher.model = student, teacher
     # Trained first into <workdir>/teacher unless --config.teacher.workdir names a finished one.
-    c.teacher.train = config_utils.sibling(config_file, f"teacher_{dataset}.py",
-                                           teacher + (",smoke" if "smoke" in flags else ""))
+    c.teacher.train = config_utils.sibling(
+        config_file, f"teacher_{dataset}.py", teacher + (",smoke" if "smoke" in flags else "")
+    )
     config_utils.cifar_data(c, dataset)
     if "original" in flags:
         c.data.transfer.source = "original"

@@ -4,6 +4,7 @@ configs/teacher_cifar100.py's, trained first into <workdir>/teacher unless
 
     python -m kd_jax.main --config=configs/kd_cifar100.py:r34_r18,pool --config.teacher.workdir=gs://.../teacher_cifar100 --config.data.transfer.pattern='gs://.../imagenet32/pool-*.tfrecord' --workdir=gs://.../kd
 """
+
 import importlib.util
 import os
 

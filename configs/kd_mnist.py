@@ -9,6 +9,7 @@ a seconds-long run. The teacher is trained first into <workdir>/teacher unless
 `--config.teacher.workdir` names a finished teacher run. About 2 minutes on 2 CPU cores
 (+2 minutes for the teacher: 124 s measured on 2 idle cores).
 """
+
 from kd_jax import config_utils
 
 

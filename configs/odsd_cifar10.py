@@ -18,6 +18,7 @@ them (78,125 steps of batch 128, SGD 0.1 / 0.9 / 5e-4, ×0.1 at epochs 120 / 150
 with colour jitter for L_SR. The teacher pass over 1.28M 32-px images takes a few minutes on a
 v4-8; training about 3 h for ResNet-34 -> ResNet-18. `,smoke` runs a few steps (tests).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import odsd
 
@@ -34,8 +35,9 @@ def cifar_config(arg, dataset, config_file):
     c.method = "odsd"
     c.model.name, c.teacher.model = student, teacher
     # Trained first into <workdir>/teacher unless --config.teacher.workdir names a finished one.
-    c.teacher.train = config_utils.sibling(config_file, f"teacher_{dataset}.py",
-                                           teacher + (",smoke" if "smoke" in flags else ""))
+    c.teacher.train = config_utils.sibling(
+        config_file, f"teacher_{dataset}.py", teacher + (",smoke" if "smoke" in flags else "")
+    )
     config_utils.cifar_data(c, dataset)
     c.data.transfer.source = "shards"
     c.odsd = odsd.default_config()

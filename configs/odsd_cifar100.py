@@ -12,6 +12,7 @@ v4-8 for ResNet-34 -> ResNet-18. Without `--config.teacher.workdir` the teacher 
 into <workdir>/teacher with configs/teacher_cifar100.py's settings. TFDS `cifar100` must be
 prepared (`tfds build cifar100`). `,smoke` runs a few steps (tests).
 """
+
 import importlib.util
 import os
 

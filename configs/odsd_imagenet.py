@@ -29,6 +29,7 @@ teacher (trained for 2 steps into <workdir>/teacher) and student at 32 px, 10 cl
 (mock) imagenet2012, N = 32, 2 steps — the same code path otherwise (inception crop, eval crop
 0.875, ImageNet normalisation, TFDS target, pool shards, BatchNorm diagnostics).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import odsd
 

@@ -20,13 +20,15 @@ confidence top-N: α = 0, gate none, no balancing, KD loss only), `all` (the who
 the student's disagreement with the teacher).
 Every other switch is `--config.odsd.<part>.<key>` (see kd_jax/methods/odsd.py).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import odsd
 
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(
-        arg, ("smoke", "no_aps", "no_lnr", "no_tr", "no_sr", "dfnd", "all", "refresh"), __file__)
+        arg, ("smoke", "no_aps", "no_lnr", "no_tr", "no_sr", "dfnd", "all", "refresh"), __file__
+    )
     c = config_utils.offline_student(__file__, "odsd", smoke="smoke" in flags)
     c.odsd = odsd.default_config()
     c.odsd.aps.size = 4000  # N = the original train-set size (400 per class)

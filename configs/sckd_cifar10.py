@@ -11,6 +11,7 @@ wd 1.5e-4, 200 epochs (10 warm-up, cosine to 1e-3), 4 heads + over-clustering, p
 A100-class GPU (untimed here: no GPU in this environment). TFDS `cifar10` must be prepared
 (`tfds build cifar10`). `:smoke` shrinks everything to seconds (tests).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import sckd
 
@@ -19,8 +20,7 @@ TRAIN_IMAGES = {"pretrain": 25000, "discover": 50000}
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
-    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
-                                   __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags, __file__)
 
 
 def _config(stage, smoke):
@@ -29,12 +29,28 @@ def _config(stage, smoke):
     c.update(sckd.default_config(num_known=5, num_novel=5))
     c.model.name = "resnet18_cifar"
     if stage == "pretrain":
-        config_utils.ncd_schedule(c, images=TRAIN_IMAGES[stage], batch=256, epochs=200, lr=0.1,
-                                  weight_decay=1e-4, warmup_epochs=10, end_lr=1e-3)
+        config_utils.ncd_schedule(
+            c,
+            images=TRAIN_IMAGES[stage],
+            batch=256,
+            epochs=200,
+            lr=0.1,
+            weight_decay=1e-4,
+            warmup_epochs=10,
+            end_lr=1e-3,
+        )
     else:
-        config_utils.ncd_schedule(c, images=TRAIN_IMAGES[stage], batch=512, epochs=200, lr=0.4,
-                                  weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3,
-                                  ramp_epochs=10)
+        config_utils.ncd_schedule(
+            c,
+            images=TRAIN_IMAGES[stage],
+            batch=512,
+            epochs=200,
+            lr=0.4,
+            weight_decay=1.5e-4,
+            warmup_epochs=10,
+            end_lr=1e-3,
+            ramp_epochs=10,
+        )
     if smoke:
         config_utils.ncd_smoke(c)
     return c

@@ -11,6 +11,7 @@ and SCKD). Stage 2: batch 512, SGD 0.4 (10 warm-up epochs, cosine to 1e-3), wd 1
 3× over-clustering heads, projector 512 → 2048 → 128, SCKD ramp over 10 epochs. About 1.5 hours
 per split on one A100-class GPU (untimed here). `:smoke` shrinks it to seconds (tests).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import sckd
 
@@ -30,12 +31,28 @@ def get_config(arg="80_20"):
         c.update(sckd.default_config(num_known=num_known, num_novel=num_novel))
         c.model.name = "resnet18_cifar"
         if stage == "pretrain":
-            config_utils.ncd_schedule(c, images=500 * num_known, batch=256, epochs=200, lr=0.1,
-                                      weight_decay=1e-4, warmup_epochs=10, end_lr=1e-3)
+            config_utils.ncd_schedule(
+                c,
+                images=500 * num_known,
+                batch=256,
+                epochs=200,
+                lr=0.1,
+                weight_decay=1e-4,
+                warmup_epochs=10,
+                end_lr=1e-3,
+            )
         else:
-            config_utils.ncd_schedule(c, images=50000, batch=512, epochs=200, lr=0.4,
-                                      weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3,
-                                      ramp_epochs=10)
+            config_utils.ncd_schedule(
+                c,
+                images=50000,
+                batch=512,
+                epochs=200,
+                lr=0.4,
+                weight_decay=1.5e-4,
+                warmup_epochs=10,
+                end_lr=1e-3,
+                ramp_epochs=10,
+            )
         if "smoke" in flags:
             config_utils.ncd_smoke(c)
         return c

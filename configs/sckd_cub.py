@@ -13,14 +13,14 @@ uses goes in `--config.ncd.known_classes=(...)` / `--config.ncd.novel_classes=(.
 stages). Protocol: `kd_jax.config_utils.ncd_fine_grained`. About 1 hour on one A100-class GPU (untimed
 here). `:uno` for the UNO base, `:pretrain` for stage 1 only, `:smoke` for seconds (tests).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import sckd
 
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
-    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
-                                   __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags, __file__)
 
 
 def _config(stage, smoke):

@@ -16,6 +16,7 @@ Each stream is filtered by class from the full train split: the first pass count
 (one read of the split). Roughly a day on one A100-class GPU (untimed here).
 `:smoke` shrinks it to seconds (tests, on `tfds.testing.mock_data`).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import sckd
 
@@ -24,8 +25,7 @@ IMAGES_PER_CLASS = 1300  # ImageNet-1k train images per class (about; for the sc
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
-    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
-                                   __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags, __file__)
 
 
 def _config(stage, smoke):
@@ -39,12 +39,28 @@ def _config(stage, smoke):
     c.ncd.subset_seed, c.ncd.total_classes = 0, 1000
     c.model.name = "resnet18"
     if stage == "pretrain":
-        config_utils.ncd_schedule(c, images=50 * IMAGES_PER_CLASS, batch=256, epochs=100,
-                                  lr=0.1, weight_decay=1e-4, warmup_epochs=5, end_lr=1e-3)
+        config_utils.ncd_schedule(
+            c,
+            images=50 * IMAGES_PER_CLASS,
+            batch=256,
+            epochs=100,
+            lr=0.1,
+            weight_decay=1e-4,
+            warmup_epochs=5,
+            end_lr=1e-3,
+        )
     else:
-        config_utils.ncd_schedule(c, images=100 * IMAGES_PER_CLASS, batch=512, epochs=60,
-                                  lr=0.4, weight_decay=1.5e-4, warmup_epochs=10, end_lr=1e-3,
-                                  ramp_epochs=10)
+        config_utils.ncd_schedule(
+            c,
+            images=100 * IMAGES_PER_CLASS,
+            batch=512,
+            epochs=60,
+            lr=0.4,
+            weight_decay=1.5e-4,
+            warmup_epochs=10,
+            end_lr=1e-3,
+            ramp_epochs=10,
+        )
     if smoke:
         config_utils.ncd_smoke(c)
     return c

@@ -9,14 +9,14 @@ Stage 1 (`ncd_pretrain`, supervised on 0–4) is trained into <workdir>/pretrain
 cores, stage 1 included. Arguments: `uno` (the UNO base: no SCKD terms), `pretrain` (stage 1
 only), `smoke` (seconds; tests).
 """
+
 from kd_jax import config_utils
 from kd_jax.methods import sckd
 
 
 def get_config(arg=None):
     flags = config_utils.parse_arg(arg, config_utils.NCD_ARGS, __file__)
-    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags,
-                                   __file__)
+    return config_utils.ncd_stages(lambda stage: _config(stage, "smoke" in flags), flags, __file__)
 
 
 def _config(stage, smoke):

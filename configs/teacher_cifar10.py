@@ -5,6 +5,7 @@
 Argument: any model name (resnet34_cifar default; vgg11, wrn40_2, resnet18_cifar, ...).
 About 1.5 h on a v4-8 for ResNet-34; `,smoke` runs a few steps (tests, mock data).
 """
+
 from kd_jax import config_utils
 
 

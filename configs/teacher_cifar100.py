@@ -1,7 +1,8 @@
 """configs/teacher_cifar10.py on CIFAR-100: same arguments, schedule and runtime.
 
-    python -m kd_jax.main --config=configs/teacher_cifar100.py:resnet34_cifar --workdir=gs://.../teacher
+python -m kd_jax.main --config=configs/teacher_cifar100.py:resnet34_cifar --workdir=gs://.../teacher
 """
+
 from kd_jax import config_utils
 
 

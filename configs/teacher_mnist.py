@@ -6,6 +6,7 @@ About 2 minutes on 2 idle CPU cores (124 s measured). `:smoke` shrinks it to sec
 LeNet-5 at ~0.95). `:half` trains LeNet-5-half instead (the "student trained with data"
 reference).
 """
+
 from kd_jax import config_utils
 
 

@@ -8,6 +8,7 @@ local path and renames, which gcsfuse carries out as a non-atomic copy of every 
 always resumes from the latest complete step of its workdir. Teachers are never saved with the student: a KD run reads them from the teacher's own
 workdir (`load_variables`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,7 +34,8 @@ def _manager(directory: str, **kwargs) -> ocp.CheckpointManager:
         raise ImportError(
             f"checkpoints in {directory!r}: Orbax reads gs:// checkpoint directories through "
             f"the google-cloud-storage package, which is not installed: "
-            f"`pip install 'kd_jax[gcs]'` (or google-cloud-storage) ({e})") from e
+            f"`pip install 'kd_jax[gcs]'` (or google-cloud-storage) ({e})"
+        ) from e
 
 
 class Checkpointer:
@@ -44,7 +46,9 @@ class Checkpointer:
         self._manager = _manager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            ),
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -74,7 +78,8 @@ def load_variables(workdir: str, step: int | None = None) -> dict:
     if not fileio.isdir(directory):
         raise FileNotFoundError(
             f"No checkpoints in {directory!r}: the teacher workdir must hold a finished "
-            f"`teacher` run (or a converted teacher, see kd_jax.tools.convert_torch).")
+            f"`teacher` run (or a converted teacher, see kd_jax.tools.convert_torch)."
+        )
     with _manager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -83,8 +88,10 @@ def load_variables(workdir: str, step: int | None = None) -> dict:
         # on one topology (1 GPU, 8 fake CPUs) is read on another (a pod, 2 processes), where
         # the saved device ids do not exist and a target-less restore fails.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                manager.item_metadata(step))
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            manager.item_metadata(step),
+        )
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     restored = jax.device_get(restored)
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
@@ -112,8 +119,10 @@ def warm_start(params: Any, batch_stats: Any, source_workdir: str):
             return out
         loaded = np.asarray(loaded)
         if tuple(loaded.shape) != tuple(init.shape):
-            raise ValueError(f"{source_workdir}: {path} has shape {loaded.shape}, this config "
-                             f"builds {tuple(init.shape)} (check config.model / config.ncd)")
+            raise ValueError(
+                f"{source_workdir}: {path} has shape {loaded.shape}, this config "
+                f"builds {tuple(init.shape)} (check config.model / config.ncd)"
+            )
         return jax.device_put(loaded.astype(init.dtype), init.sharding)
 
     params = merge(dict(params), dict(saved["params"]), "params")

@@ -1,4 +1,5 @@
 """Config helpers: load a sibling config file, check keys, and record a config as JSON."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,10 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...], config_file: str) -> se
     flags = set(filter(None, (arg or "").split(",")))
     unknown = flags - set(allowed)
     if unknown:
-        raise ValueError(f"{os.path.basename(config_file)}: unknown argument(s) {sorted(unknown)}; "
-                         f"allowed: {list(allowed)}")
+        raise ValueError(
+            f"{os.path.basename(config_file)}: unknown argument(s) {sorted(unknown)}; "
+            f"allowed: {list(allowed)}"
+        )
     return flags
 
 
@@ -62,39 +65,74 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = ""
     c.seed = 0
     c.num_classes = 10
-    c.dtype = "float32"                 # compute dtype of the models (bfloat16 on TPU)
-    c.distributed = False               # jax.distributed.initialize() (launch/ sets it)
-    c.model = ml_collections.ConfigDict({
-        "name": "",      # the network being trained (kd_jax.models.list_models)
-        "conv": "auto",  # convolution: auto | xla | im2col | winograd (models/cpu_conv.py)
-    })
-    c.teacher = ml_collections.ConfigDict({
-        "model": "",     # architecture; checked against the teacher workdir
-        "workdir": "",   # finished teacher run / converted checkpoint; "" = <workdir>/teacher
-        "train": ml_collections.ConfigDict(),  # teacher config, trained first when workdir == ""
-    })
-    c.data = ml_collections.ConfigDict({
-        # The teacher's domain: every image (target or pool) is mapped into it.
-        "image_size": 32, "channels": 3, "normalization": "cifar10", "eval_crop": 1.0,
-        "augment": "crop_flip", "shuffle_buffer": 16384, "cache": False,
-        # Labeled target set: teacher training and every reported accuracy.
-        "target": ml_collections.ConfigDict({
-            "source": "tfds", "name": "", "data_dir": "", "path": "",
-            "train_split": "train", "eval_split": "test",
-            "max_eval_examples": 0}),  # 0 = the whole eval split
-        # The student's transfer set (KD methods): original | offline_pool | shards.
-        "transfer": ml_collections.ConfigDict({
-            "source": "original", "pattern": "", "cache_dir": "", "split": "train",
-            "subset": "all", "subset_size": 0}),
-    })
-    c.batch_size = 256                  # global, over all devices and hosts
+    c.dtype = "float32"  # compute dtype of the models (bfloat16 on TPU)
+    c.distributed = False  # jax.distributed.initialize() (launch/ sets it)
+    c.model = ml_collections.ConfigDict(
+        {
+            "name": "",  # the network being trained (kd_jax.models.list_models)
+            "conv": "auto",  # convolution: auto | xla | im2col | winograd (models/cpu_conv.py)
+        }
+    )
+    c.teacher = ml_collections.ConfigDict(
+        {
+            "model": "",  # architecture; checked against the teacher workdir
+            "workdir": "",  # finished teacher run / converted checkpoint; "" = <workdir>/teacher
+            "train": ml_collections.ConfigDict(),  # teacher config, trained first when workdir == ""
+        }
+    )
+    c.data = ml_collections.ConfigDict(
+        {
+            # The teacher's domain: every image (target or pool) is mapped into it.
+            "image_size": 32,
+            "channels": 3,
+            "normalization": "cifar10",
+            "eval_crop": 1.0,
+            "augment": "crop_flip",
+            "shuffle_buffer": 16384,
+            "cache": False,
+            # Labeled target set: teacher training and every reported accuracy.
+            "target": ml_collections.ConfigDict(
+                {
+                    "source": "tfds",
+                    "name": "",
+                    "data_dir": "",
+                    "path": "",
+                    "train_split": "train",
+                    "eval_split": "test",
+                    "max_eval_examples": 0,
+                }
+            ),  # 0 = the whole eval split
+            # The student's transfer set (KD methods): original | offline_pool | shards.
+            "transfer": ml_collections.ConfigDict(
+                {
+                    "source": "original",
+                    "pattern": "",
+                    "cache_dir": "",
+                    "split": "train",
+                    "subset": "all",
+                    "subset_size": 0,
+                }
+            ),
+        }
+    )
+    c.batch_size = 256  # global, over all devices and hosts
     c.eval_batch_size = 512
     c.num_steps = 1000
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
-        "schedule": "cosine", "warmup_steps": 0, "end_lr": 0.0,
-        "decay_at": (0.4, 0.8), "decay_factor": 0.1,
-        "grad_clip": 0.0})             # clip the global gradient norm (0 = off)
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "warmup_steps": 0,
+            "end_lr": 0.0,
+            "decay_at": (0.4, 0.8),
+            "decay_factor": 0.1,
+            "grad_clip": 0.0,
+        }
+    )  # clip the global gradient norm (0 = off)
     c.kd = ml_collections.ConfigDict({"temperature": 4.0})
     c.label_smoothing = 0.0
     c.log_every = 50
@@ -176,16 +214,30 @@ def epochs_to_steps(images: int, batch: int, epochs: float) -> int:
     return max(1, int(round(images / batch * epochs)))
 
 
-def ncd_schedule(c: ml_collections.ConfigDict, *, images: int, batch: int, epochs: float,
-                 lr: float, weight_decay: float, warmup_epochs: float = 0.0, end_lr: float = 0.0,
-                 ramp_epochs: float = 0.0) -> None:
+def ncd_schedule(
+    c: ml_collections.ConfigDict,
+    *,
+    images: int,
+    batch: int,
+    epochs: float,
+    lr: float,
+    weight_decay: float,
+    warmup_epochs: float = 0.0,
+    end_lr: float = 0.0,
+    ramp_epochs: float = 0.0,
+) -> None:
     """SGD with warm-up + cosine, sized in epochs of `images` training images (UNO style)."""
     c.batch_size = batch
     c.num_steps = epochs_to_steps(images, batch, epochs)
-    c.optimizer.update(name="sgd", lr=lr, momentum=0.9, weight_decay=weight_decay,
-                       schedule="cosine", end_lr=end_lr,
-                       warmup_steps=epochs_to_steps(images, batch, warmup_epochs)
-                       if warmup_epochs else 0)
+    c.optimizer.update(
+        name="sgd",
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        schedule="cosine",
+        end_lr=end_lr,
+        warmup_steps=epochs_to_steps(images, batch, warmup_epochs) if warmup_epochs else 0,
+    )
     c.sckd.ramp_steps = epochs_to_steps(images, batch, ramp_epochs) if ramp_epochs else 0
     c.log_every = min(100, max(1, c.num_steps // 20))
     c.eval_every = max(1, c.num_steps // 10)
@@ -208,8 +260,9 @@ def ncd_smoke(c: ml_collections.ConfigDict) -> None:
     c.log_every, c.eval_every, c.checkpoint_every = 1, 2, 2
 
 
-def ncd_fine_grained(c: ml_collections.ConfigDict, stage: str, smoke: bool, *,
-                     train_images: int) -> None:
+def ncd_fine_grained(
+    c: ml_collections.ConfigDict, stage: str, smoke: bool, *, train_images: int
+) -> None:
     """The fine-grained protocol (CUB, Stanford Cars, FGVC-Aircraft) on DINO ViT-B/16, for
     `stage` "pretrain" or "discover" of a config holding the NCD keys.
 
@@ -226,10 +279,21 @@ def ncd_fine_grained(c: ml_collections.ConfigDict, stage: str, smoke: bool, *,
     c.ncd.trainable = ("blocks_11", "norm")
     c.ncd.num_heads, c.ncd.proj_dim = 2, 256
     c.data.target.train_split, c.data.target.eval_split = "train", "test"
-    images = train_images * (num_known if stage == "pretrain" else num_known + num_novel) \
+    images = (
+        train_images
+        * (num_known if stage == "pretrain" else num_known + num_novel)
         // (num_known + num_novel)
-    ncd_schedule(c, images=images, batch=512 if stage == "discover" else 256, epochs=100,
-                 lr=1e-3, weight_decay=1.5e-4, warmup_epochs=0, end_lr=1e-4,
-                 ramp_epochs=10 if stage == "discover" else 0)
+    )
+    ncd_schedule(
+        c,
+        images=images,
+        batch=512 if stage == "discover" else 256,
+        epochs=100,
+        lr=1e-3,
+        weight_decay=1.5e-4,
+        warmup_epochs=0,
+        end_lr=1e-4,
+        ramp_epochs=10 if stage == "discover" else 0,
+    )
     if smoke:
         ncd_smoke(c)

@@ -16,9 +16,10 @@ and the confusion plot of novel class discovery.
 `confidence` and optionally `sources`, aligned); `selection` a `kd_jax.pool.Selection` or an
 array of selected ids. Source tags are read only here, never by a selection rule.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -50,8 +51,9 @@ def _sources(pool_scores):
     return sources if len(sources) and (sources != "").any() else None
 
 
-def selection_report(pool_scores, selection, num_classes: int,
-                     related_sources: Sequence[str] | None = None) -> dict:
+def selection_report(
+    pool_scores, selection, num_classes: int, related_sources: Sequence[str] | None = None
+) -> dict:
     """Numbers that describe a selection (all JSON-able).
 
     Keys: `selection_size`, `pool_size`, `selection_per_class` (list of C counts by the teacher
@@ -74,8 +76,9 @@ def selection_report(pool_scores, selection, num_classes: int,
     if sources is not None:
         tags = sorted(set(sources))
         sel = sources[mask]
-        report["selection_source_share"] = {t: float((sel == t).mean()) if len(sel) else 0.0
-                                            for t in tags}
+        report["selection_source_share"] = {
+            t: float((sel == t).mean()) if len(sel) else 0.0 for t in tags
+        }
         report["pool_source_share"] = {t: float((sources == t).mean()) for t in tags}
         if related_sources is not None:
             related = np.isin(sources, list(related_sources))
@@ -84,8 +87,9 @@ def selection_report(pool_scores, selection, num_classes: int,
     return report
 
 
-def plot_selection(path: str, pool_scores, selection, num_classes: int | None = None,
-                   title: str = "pool selection") -> str:
+def plot_selection(
+    path: str, pool_scores, selection, num_classes: int | None = None, title: str = "pool selection"
+) -> str:
     """Writes `path` (e.g. <workdir>/sampling.png): three panels —
 
     1. histogram of the teacher confidence max_c p_T of selected vs rejected pool images;
@@ -106,10 +110,16 @@ def plot_selection(path: str, pool_scores, selection, num_classes: int | None = 
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
     bins = np.linspace(0.0, 1.0, 41)
-    axes[0].hist(conf[~mask], bins=bins, alpha=0.6, label=f"rejected ({int((~mask).sum())})",
-                 color="tab:gray")
-    axes[0].hist(conf[mask], bins=bins, alpha=0.6, label=f"selected ({int(mask.sum())})",
-                 color="tab:blue")
+    axes[0].hist(
+        conf[~mask],
+        bins=bins,
+        alpha=0.6,
+        label=f"rejected ({int((~mask).sum())})",
+        color="tab:gray",
+    )
+    axes[0].hist(
+        conf[mask], bins=bins, alpha=0.6, label=f"selected ({int(mask.sum())})", color="tab:blue"
+    )
     axes[0].set_xlabel("teacher confidence max p_T")
     axes[0].set_ylabel("images")
     axes[0].legend(fontsize=8)
@@ -117,8 +127,9 @@ def plot_selection(path: str, pool_scores, selection, num_classes: int | None = 
     sel_counts = np.bincount(np.asarray(classes, np.int64), minlength=num_classes)[:num_classes]
     pool_counts = np.bincount(pred.astype(np.int64), minlength=num_classes)[:num_classes]
     if num_classes <= 20:
-        axes[1].bar(x - 0.2, pool_counts, width=0.4, label="pool (teacher argmax)",
-                    color="tab:gray")
+        axes[1].bar(
+            x - 0.2, pool_counts, width=0.4, label="pool (teacher argmax)", color="tab:gray"
+        )
         axes[1].bar(x + 0.2, sel_counts, width=0.4, label="selected", color="tab:blue")
         axes[1].set_xticks(x)
     else:  # many classes: sorted counts read better than 1000 bars
@@ -131,10 +142,20 @@ def plot_selection(path: str, pool_scores, selection, num_classes: int | None = 
         tags = sorted(set(sources))
         sel = sources[mask]
         y = np.arange(len(tags))
-        axes[2].barh(y + 0.2, [(sources == t).mean() for t in tags], height=0.4, label="pool",
-                     color="tab:gray")
-        axes[2].barh(y - 0.2, [(sel == t).mean() if len(sel) else 0 for t in tags], height=0.4,
-                     label="selected", color="tab:blue")
+        axes[2].barh(
+            y + 0.2,
+            [(sources == t).mean() for t in tags],
+            height=0.4,
+            label="pool",
+            color="tab:gray",
+        )
+        axes[2].barh(
+            y - 0.2,
+            [(sel == t).mean() if len(sel) else 0 for t in tags],
+            height=0.4,
+            label="selected",
+            color="tab:blue",
+        )
         axes[2].set_yticks(y)
         axes[2].set_yticklabels(tags, fontsize=8)
         axes[2].set_xlabel("share")
@@ -150,9 +171,11 @@ def plot_selection(path: str, pool_scores, selection, num_classes: int | None = 
 # BN-statistics distance
 # ---------------------------------------------------------------------------------------------
 
+
 def has_batch_norm(variables) -> bool:
     """Whether a model's variables hold BatchNorm running statistics."""
     import jax
+
     stats = variables.get("batch_stats") if hasattr(variables, "get") else None
     return bool(stats) and len(jax.tree.leaves(stats)) > 0
 
@@ -178,10 +201,13 @@ def _moments_fn(model):
                 axes = tuple(range(x.ndim - 1))
                 per_item = float(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1.0
                 key = "/".join(str(p) for p in module.scope.path)
-                records[key] = (jnp.sum(x * m, axes), jnp.sum(x * x * m, axes),
-                                jnp.sum(mask) * per_item,
-                                module.get_variable("batch_stats", "mean"),
-                                module.get_variable("batch_stats", "var"))
+                records[key] = (
+                    jnp.sum(x * m, axes),
+                    jnp.sum(x * x * m, axes),
+                    jnp.sum(mask) * per_item,
+                    module.get_variable("batch_stats", "mean"),
+                    module.get_variable("batch_stats", "var"),
+                )
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
@@ -216,9 +242,16 @@ def bn_statistics_distance(teacher_model, teacher_vars, images_batches: Iterable
             images, mask = np.asarray(batch), np.ones(len(batch), np.float32)
         out = jax.device_get(step(teacher_vars, jnp.asarray(images), jnp.asarray(mask)))
         if totals is None:
-            totals = {k: [np.asarray(v[0], np.float64), np.asarray(v[1], np.float64),
-                          float(v[2]), np.asarray(v[3], np.float64), np.asarray(v[4], np.float64)]
-                      for k, v in out.items()}
+            totals = {
+                k: [
+                    np.asarray(v[0], np.float64),
+                    np.asarray(v[1], np.float64),
+                    float(v[2]),
+                    np.asarray(v[3], np.float64),
+                    np.asarray(v[4], np.float64),
+                ]
+                for k, v in out.items()
+            }
         else:
             for k, v in out.items():
                 totals[k][0] += v[0]
@@ -231,17 +264,19 @@ def bn_statistics_distance(teacher_model, teacher_vars, images_batches: Iterable
         if n <= 0:
             continue
         mean = s1 / n
-        var = np.maximum(s2 / n - mean ** 2, 0.0)
+        var = np.maximum(s2 / n - mean**2, 0.0)
         distance += float(np.sum((mean - run_mean) ** 2) + np.sum((var - run_var) ** 2))
     return distance
 
 
-def plot_confusion(path: str, y_true, y_pred, mapping: dict, num_known: int,
-                   num_novel: int) -> None:
+def plot_confusion(
+    path: str, y_true, y_pred, mapping: dict, num_known: int, num_novel: int
+) -> None:
     """Writes `path` (<workdir>/confusion.png of an NCD run): the task-agnostic confusion
     matrix on the test set after Hungarian matching (`mapping`: prediction -> class), the
     known | novel boundary drawn in red."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -28,6 +28,7 @@ Semantics on the two kinds of path:
   delete, the destination object appearing whole (only the TFRecord shard writer uses it, to
   publish complete shards). Directories are never renamed by kd_jax on a remote path.
 """
+
 from __future__ import annotations
 
 import glob as glob_lib
@@ -37,7 +38,8 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -139,6 +141,7 @@ def replace_file(src, dst) -> None:
 
 # ----- reading ------------------------------------------------------------------------------
 
+
 def read_bytes(path) -> bytes:
     with _p(path).open("rb") as f:
         return f.read()
@@ -165,6 +168,7 @@ def load_npy(path) -> np.ndarray:
 
 
 # ----- atomic writes ------------------------------------------------------------------------
+
 
 def write_bytes_atomic(path, data: bytes) -> None:
     """`path` holds `data`, or (killed midway) what it held before; see the module docstring."""
@@ -202,8 +206,9 @@ def json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_json_atomic(path, obj: Any, default: Callable[[Any], Any] | None = json_default,
-                      indent: int = 2) -> None:
+def write_json_atomic(
+    path, obj: Any, default: Callable[[Any], Any] | None = json_default, indent: int = 2
+) -> None:
     """JSON (indented, sorted keys; numpy values as numbers / lists) written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=default))
 
@@ -229,6 +234,7 @@ def save_figure_atomic(path, fig, **savefig_kwargs) -> None:
 
 
 # ----- append-only line logs ------------------------------------------------------------------
+
 
 class LineLog:
     """An append-only text file of lines (`metrics.jsonl`), local or remote.

@@ -6,9 +6,10 @@ dict of host arrays with a `mask` (1 = a real row, 0 = padding, e.g. from
 `pipeline.eval_batches`); its numeric entries are sharded along the batch axis of the mesh
 (`parallel.global_batch`), string entries stay on the host.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -27,8 +28,8 @@ class BatchedApply:
 
     def _device_batch(self, local: dict) -> dict:
         return parallel.global_batch(
-            {k: v for k, v in local.items() if np.asarray(v).dtype.kind not in "OSU"},
-            self.mesh)
+            {k: v for k, v in local.items() if np.asarray(v).dtype.kind not in "OSU"}, self.mesh
+        )
 
     def sums(self, *args, batches) -> dict:
         """Every (scalar) output summed over the batches as Python floats; `fn` applies the
@@ -39,8 +40,15 @@ class BatchedApply:
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals
 
-    def gather(self, *args, batches, keep: tuple = (), batch_axes: dict | None = None,
-               pad_to: int | None = None, carry=None):
+    def gather(
+        self,
+        *args,
+        batches,
+        keep: tuple = (),
+        batch_axes: dict | None = None,
+        pad_to: int | None = None,
+        carry=None,
+    ):
         """The real rows (mask > 0) of every output, concatenated over the batches as host
         numpy arrays, plus the host batch entries named in `keep` (e.g. `id`, `source`).
 
@@ -66,8 +74,9 @@ class BatchedApply:
             real = np.concatenate(masks)
             for k in parts[0]:
                 axis = axes.get(k, 0) if k not in keep else 0
-                rows[k] = np.compress(real, np.concatenate([p[k] for p in parts], axis=axis),
-                                      axis=axis)
+                rows[k] = np.compress(
+                    real, np.concatenate([p[k] for p in parts], axis=axis), axis=axis
+                )
         return (rows, carry) if self.carry else rows
 
 
@@ -81,6 +90,9 @@ def _pad(local: dict, rows: int) -> dict:
     n = len(local["mask"])
     if n >= rows:
         return local
-    return {k: np.concatenate([np.asarray(v), np.zeros((rows - n,) + np.shape(v)[1:],
-                                                       np.asarray(v).dtype)])
-            for k, v in local.items()}
+    return {
+        k: np.concatenate(
+            [np.asarray(v), np.zeros((rows - n,) + np.shape(v)[1:], np.asarray(v).dtype)]
+        )
+        for k, v in local.items()
+    }

@@ -5,13 +5,15 @@ the teacher are replicated, and every batch-level quantity (BatchNorm statistics
 losses, Sinkhorn-Knopp, top-k) is computed over the *global* batch, so a run gives the same
 numbers on 1 CPU, 8 devices or a pod slice.
 """
+
 from __future__ import annotations
 
 import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -59,7 +61,8 @@ def check_batch_size(global_batch: int, mesh: Mesh, key: str = "batch_size") -> 
         raise ValueError(
             f"config.{key}={global_batch} must be divisible by the number of devices ({n_dev}): "
             f"each device takes an equal share of the global batch. Try "
-            f"{max(n_dev, global_batch // n_dev * n_dev)}.")
+            f"{max(n_dev, global_batch // n_dev * n_dev)}."
+        )
     return global_batch // n_proc
 
 
@@ -67,15 +70,21 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     """Host-local numpy arrays -> global jax.Arrays sharded along the batch axis."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+    )
 
 
 def replicate(tree, mesh: Mesh):
     """Places a pytree (identical on every process) replicated on the mesh."""
     sharding = replicated(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
-        if jax.process_count() > 1 else jax.device_put(x, sharding), tree)
+        lambda x: (
+            jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            if jax.process_count() > 1
+            else jax.device_put(x, sharding)
+        ),
+        tree,
+    )
 
 
 def allgather_ints(value: int) -> np.ndarray:
@@ -83,14 +92,18 @@ def allgather_ints(value: int) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray([value])
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(np.asarray([value]))).reshape(-1)
 
 
 def to_host(tree):
     """Fully-replicated or addressable global arrays -> numpy on this host."""
+
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
+
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
+
     return jax.tree.map(fetch, tree)

@@ -7,15 +7,16 @@ score the pool with one streamed teacher pass (`score_pool`), apply the method's
 `workdir/selection_report.json` (and `sampling.png`), which results.json carries under
 `selection`. `open_transfer_set` reads a selection back for training.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from kd_jax import fileio
+from kd_jax import fileio, log
 
 SELECTION_FILE = "selection.npz"
 REPORT_FILE = "selection_report.json"
@@ -27,17 +28,18 @@ CACHE_BYTES = 4 << 30
 
 @dataclasses.dataclass
 class Selection:
-    ids: np.ndarray                      # [N] int64 pool ids
-    classes: np.ndarray | None = None    # [N] teacher-assigned class
-    scores: np.ndarray | None = None     # [N] selection score (higher = more wanted)
+    ids: np.ndarray  # [N] int64 pool ids
+    classes: np.ndarray | None = None  # [N] teacher-assigned class
+    scores: np.ndarray | None = None  # [N] selection score (higher = more wanted)
 
     def save(self, path: str) -> None:
         """Atomically (a killed run never leaves half a file under `path`), local or gs://."""
-        fileio.save_npz_atomic(path, {k: v for k, v in dataclasses.asdict(self).items()
-                                      if v is not None})
+        fileio.save_npz_atomic(
+            path, {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        )
 
     @classmethod
-    def load(cls, path: str) -> "Selection":
+    def load(cls, path: str) -> Selection:
         return cls(**fileio.load_npz(path))
 
 
@@ -46,14 +48,18 @@ def pool_pattern(spec) -> str:
     glob of TFRecord shards) or the bundled `offline_pool`."""
     if spec.source == "offline_pool":
         from kd_jax.data import offline
+
         return offline.ensure_offline_pool_shards(cache_dir=spec.get("cache_dir") or None)
     if spec.source == "shards":
         if not spec.get("pattern"):
-            raise ValueError("config.data.transfer.pattern must name the pool: the directory "
-                             "make_shards wrote, or a glob of its TFRecord shards")
+            raise ValueError(
+                "config.data.transfer.pattern must name the pool: the directory "
+                "make_shards wrote, or a glob of its TFRecord shards"
+            )
         return spec.pattern
-    raise ValueError(f"config.data.transfer.source={spec.source!r} is not a pool "
-                     f"(use shards or offline_pool)")
+    raise ValueError(
+        f"config.data.transfer.source={spec.source!r} is not a pool (use shards or offline_pool)"
+    )
 
 
 def lookup(sorted_ids, values, query_ids) -> np.ndarray:
@@ -61,8 +67,9 @@ def lookup(sorted_ids, values, query_ids) -> np.ndarray:
     sorted_ids = np.asarray(sorted_ids)
     query_ids = np.asarray(query_ids)
     pos = np.searchsorted(sorted_ids, query_ids)
-    if len(query_ids) and (pos.max() >= len(sorted_ids)
-                           or not np.array_equal(sorted_ids[pos], query_ids)):
+    if len(query_ids) and (
+        pos.max() >= len(sorted_ids) or not np.array_equal(sorted_ids[pos], query_ids)
+    ):
         raise KeyError("a selected id is missing from the pool scores")
     return np.asarray(values)[pos]
 
@@ -71,24 +78,36 @@ def lookup(sorted_ids, values, query_ids) -> np.ndarray:
 # The lifecycle: load or score, select, save, report
 # ---------------------------------------------------------------------------------------------
 
-def random_rule(size: int, seed: int, size_key: str = "config.data.transfer.subset_size"
-                ) -> Callable[["PoolScores"], Selection]:
+
+def random_rule(
+    size: int, seed: int, size_key: str = "config.data.transfer.subset_size"
+) -> Callable[[PoolScores], Selection]:
     """N pool images drawn uniformly without replacement (the "random unlabeled data" baseline),
     with their teacher classes. `size_key` names the config key of N in errors."""
+
     def rule(scores: PoolScores) -> Selection:
         ids = np.asarray(scores.ids)
         if not 0 < size <= len(ids):
-            raise ValueError(f"{size_key}={size} must be in "
-                             f"[1, {len(ids)}] (the pool holds {len(ids)} images)")
+            raise ValueError(
+                f"{size_key}={size} must be in [1, {len(ids)}] (the pool holds {len(ids)} images)"
+            )
         chosen = np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
         return Selection(ids=chosen, classes=lookup(ids, scores.pred, chosen).astype(np.int32))
+
     return rule
 
 
-def select_transfer_set(workdir: str, spec, rule: Callable[["PoolScores"], Selection], *,
-                        score_fn: Callable[[], "PoolScores"], num_classes: int, rule_name: str,
-                        report_fn: Callable[["PoolScores", Selection], dict] | None = None,
-                        plot_title: str | None = None) -> tuple[Selection, dict]:
+def select_transfer_set(
+    workdir: str,
+    spec,
+    rule: Callable[[PoolScores], Selection],
+    *,
+    score_fn: Callable[[], PoolScores],
+    num_classes: int,
+    rule_name: str,
+    report_fn: Callable[[PoolScores, Selection], dict] | None = None,
+    plot_title: str | None = None,
+) -> tuple[Selection, dict]:
     """The selection of `workdir` and its report: loaded when a run resumes, else made now.
 
     `score_fn()` runs the (collective, per-shard resumable) teacher pass, so every process calls
@@ -99,6 +118,7 @@ def select_transfer_set(workdir: str, spec, rule: Callable[["PoolScores"], Selec
     report is {} on the other processes.
     """
     import jax
+
     path = fileio.join(workdir, SELECTION_FILE)
     scores = None
     if fileio.exists(path):  # a resumed run trains on exactly the same images
@@ -112,8 +132,9 @@ def select_transfer_set(workdir: str, spec, rule: Callable[["PoolScores"], Selec
     scores = scores if scores is not None else score_fn()  # cached per shard: cheap
     report = {}
     if jax.process_index() == 0:
-        report = _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn,
-                         plot_title)
+        report = _report(
+            workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title
+        )
         fileio.write_json_atomic(fileio.join(workdir, REPORT_FILE), report)
         if not fileio.exists(path):
             selection.save(path)
@@ -131,23 +152,30 @@ def read_report(workdir: str) -> dict | None:
 
 def _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title):
     from kd_jax import diagnostics
+
     related = None
     if spec.source == "offline_pool":
         from kd_jax.data import offline
+
         related = offline.RELATED_SOURCES
-    report = diagnostics.selection_report(scores, selection, num_classes,
-                                          related_sources=related)
+    report = diagnostics.selection_report(scores, selection, num_classes, related_sources=related)
     report["rule"] = rule_name
-    report["pool_per_class"] = np.bincount(np.asarray(scores.pred, np.int64),
-                                           minlength=num_classes)[:num_classes].tolist()
+    report["pool_per_class"] = np.bincount(
+        np.asarray(scores.pred, np.int64), minlength=num_classes
+    )[:num_classes].tolist()
     if report_fn is not None:
         report.update(report_fn(scores, selection))
     if plot_title:
         try:
-            diagnostics.plot_selection(fileio.join(workdir, "sampling.png"), scores, selection,
-                                       num_classes=num_classes, title=plot_title)
+            diagnostics.plot_selection(
+                fileio.join(workdir, "sampling.png"),
+                scores,
+                selection,
+                num_classes=num_classes,
+                title=plot_title,
+            )
         except Exception as e:  # a figure must never stop a run
-            print(f"[pool] sampling.png not written: {e}", flush=True)
+            log.info(f"sampling.png not written: {e}", tag="pool")
     return report
 
 
@@ -159,8 +187,10 @@ def open_transfer_set(spec, ids, process_index: int = 0, process_count: int = 1)
     it. Caching does not change the order of the elements, only where they come from.
     """
     from kd_jax.data import pipeline, shards
-    ds, count = pipeline.open_source(spec, spec.get("split", "train"), process_index,
-                                     process_count, keep_ids=ids)
+
+    ds, count = pipeline.open_source(
+        spec, spec.get("split", "train"), process_index, process_count, keep_ids=ids
+    )
     if ids is not None:
         shape = shards.image_shape(pool_pattern(spec))
         if shape is not None and count * int(np.prod(shape)) <= CACHE_BYTES:
@@ -172,33 +202,40 @@ def open_transfer_set(spec, ids, process_index: int = 0, process_count: int = 1)
 # The streamed teacher pass: one scorer for every selection rule (EIKD, DFND, ODSD's APS)
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class PoolScores:
     """Per-item teacher statistics over a whole pool (O(M) scalars) plus, when asked for, a
     bounded per-class candidate set with features (O(C·L·d), independent of the pool size)."""
-    ids: np.ndarray          # [M] int64
-    pred: np.ndarray         # [M] teacher argmax
-    confidence: np.ndarray   # [M] max_c p_T(c|x)
-    entropy: np.ndarray      # [M] H(p_T)
-    energy: np.ndarray       # [M] logsumexp(z_T)
-    margin: np.ndarray       # [M] p_1 - p_2
-    sources: np.ndarray      # [M] source tag (diagnostics only; no selection rule reads it)
-    cand_ids: np.ndarray     # [K] candidate ids (per-class top-L by confidence)
-    cand_class: np.ndarray   # [K] their teacher class
-    cand_feat: np.ndarray    # [K, d] L2-normalised teacher penultimate features (float16)
-    cand_logp: np.ndarray    # [K] log p_T(class|x)
+
+    ids: np.ndarray  # [M] int64
+    pred: np.ndarray  # [M] teacher argmax
+    confidence: np.ndarray  # [M] max_c p_T(c|x)
+    entropy: np.ndarray  # [M] H(p_T)
+    energy: np.ndarray  # [M] logsumexp(z_T)
+    margin: np.ndarray  # [M] p_1 - p_2
+    sources: np.ndarray  # [M] source tag (diagnostics only; no selection rule reads it)
+    cand_ids: np.ndarray  # [K] candidate ids (per-class top-L by confidence)
+    cand_class: np.ndarray  # [K] their teacher class
+    cand_feat: np.ndarray  # [K, d] L2-normalised teacher penultimate features (float16)
+    cand_logp: np.ndarray  # [K] log p_T(class|x)
 
     _SCALARS = ("ids", "pred", "confidence", "entropy", "energy", "margin", "sources")
 
     def score(self, kind: str) -> np.ndarray:
         """Score per item, higher = more wanted (kd_jax.sampling's sign convention)."""
-        return {"confidence": self.confidence, "entropy": -self.entropy,
-                "energy": self.energy, "margin": self.margin}[kind]
+        return {
+            "confidence": self.confidence,
+            "entropy": -self.entropy,
+            "energy": self.energy,
+            "margin": self.margin,
+        }[kind]
 
 
 def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int):
     import jax
     import jax.numpy as jnp
+
     from kd_jax import sampling
 
     def stats(variables, images, ids, mask, heaps):
@@ -207,22 +244,36 @@ def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int):
         logp = jax.nn.log_softmax(logits)
         p = jnp.exp(logp)
         top2 = jax.lax.top_k(p, 2)[0]
-        out = {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "confidence": top2[:, 0],
-               "entropy": -jnp.sum(p * logp, -1), "energy": jax.nn.logsumexp(logits, -1),
-               "margin": top2[:, 0] - top2[:, 1]}
+        out = {
+            "pred": jnp.argmax(logits, -1).astype(jnp.int32),
+            "confidence": top2[:, 0],
+            "entropy": -jnp.sum(p * logp, -1),
+            "energy": jax.nn.logsumexp(logits, -1),
+            "margin": top2[:, 0] - top2[:, 1],
+        }
         if heap_size:
             f = feats["pre_logits"].astype(jnp.float32)
             f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
             payload = {"feat": f.astype(jnp.float16), "logp": jnp.log(out["confidence"])}
-            heaps = sampling.merge_class_top_k(heaps, out["confidence"], out["pred"], ids,
-                                               payload=payload, mask=mask > 0)
+            heaps = sampling.merge_class_top_k(
+                heaps, out["confidence"], out["pred"], ids, payload=payload, mask=mask > 0
+            )
         return out, heaps
 
     return stats
 
 
-def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_classes: int,
-               batch_size: int, heap_size: int = 0) -> PoolScores:
+def score_pool(
+    workdir: str,
+    spec,
+    *,
+    teacher_model,
+    teacher_vars,
+    domain,
+    num_classes: int,
+    batch_size: int,
+    heap_size: int = 0,
+) -> PoolScores:
     """One streamed teacher pass over this host's pool shards, resumable shard by shard.
 
     Each host scores its own files on its *local* devices (scoring needs no cross-host
@@ -235,7 +286,9 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
     import jax.numpy as jnp
     import tensorflow as tf
     from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from kd_jax import inference, sampling
     from kd_jax.data import pipeline, shards
 
@@ -243,17 +296,24 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
     out_dir = fileio.join(workdir, "pool_scores")
     local_mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     local_batch = -(-batch_size // len(jax.local_devices())) * len(jax.local_devices())
-    variables = jax.device_put(jax.tree.map(np.asarray, teacher_vars),
-                               NamedSharding(local_mesh, P()))
-    d = teacher_model.apply(jax.tree.map(np.asarray, teacher_vars),
-                            np.zeros((1, domain.image_size, domain.image_size, domain.channels),
-                                     np.float32), train=False)[1]["pre_logits"].shape[-1]
-    spec_payload = {"feat": jax.ShapeDtypeStruct((d,), jnp.float16),
-                    "logp": jax.ShapeDtypeStruct((), jnp.float32)}
+    variables = jax.device_put(
+        jax.tree.map(np.asarray, teacher_vars), NamedSharding(local_mesh, P())
+    )
+    d = teacher_model.apply(
+        jax.tree.map(np.asarray, teacher_vars),
+        np.zeros((1, domain.image_size, domain.image_size, domain.channels), np.float32),
+        train=False,
+    )[1]["pre_logits"].shape[-1]
+    spec_payload = {
+        "feat": jax.ShapeDtypeStruct((d,), jnp.float16),
+        "logp": jax.ShapeDtypeStruct((), jnp.float32),
+    }
     stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes)
     stats = inference.BatchedApply(
-        lambda v, b, heaps: stats_fn(v, b["image"], b["id"], b["mask"], heaps), local_mesh,
-        carry=True)
+        lambda v, b, heaps: stats_fn(v, b["image"], b["id"], b["mask"], heaps),
+        local_mesh,
+        carry=True,
+    )
 
     t0, scored = time.perf_counter(), 0
     for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
@@ -261,29 +321,50 @@ def score_pool(workdir: str, spec, *, teacher_model, teacher_vars, domain, num_c
         if fileio.exists(done):
             continue
         ds = shards.read_shards(path).map(
-            lambda e: {"image": pipeline.preprocess(e, domain, "none"), "id": e["id"],
-                       "source": e["source"], "mask": tf.constant(1.0)},
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.padded_batch(local_batch, padding_values={
-            "image": 0.0, "id": np.int64(-1), "source": "", "mask": 0.0})
-        heaps = sampling.init_class_top_k(num_classes, max(heap_size, 1), spec_payload) \
-            if heap_size else None
-        rows, heaps = stats.gather(variables, batches=ds, keep=("id", "source"),
-                                   pad_to=local_batch, carry=heaps)
+            lambda e: {
+                "image": pipeline.preprocess(e, domain, "none"),
+                "id": e["id"],
+                "source": e["source"],
+                "mask": tf.constant(1.0),
+            },
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        ds = ds.padded_batch(
+            local_batch,
+            padding_values={"image": 0.0, "id": np.int64(-1), "source": "", "mask": 0.0},
+        )
+        heaps = (
+            sampling.init_class_top_k(num_classes, max(heap_size, 1), spec_payload)
+            if heap_size
+            else None
+        )
+        rows, heaps = stats.gather(
+            variables, batches=ds, keep=("id", "source"), pad_to=local_batch, carry=heaps
+        )
         record = {}
         if rows:
             record = {"ids": rows.pop("id"), "sources": rows.pop("source").astype(str), **rows}
         if heap_size:
             s, ids, cls, payload, valid = jax.device_get(sampling.flatten_class_top_k(heaps))
-            record.update(cand_ids=ids[valid].astype(np.int64), cand_class=cls[valid],
-                          cand_feat=payload["feat"][valid], cand_logp=payload["logp"][valid],
-                          cand_score=s[valid])
-        fileio.save_npz_atomic(done, record)  # a shard counts as scored only once its file is complete
+            record.update(
+                cand_ids=ids[valid].astype(np.int64),
+                cand_class=cls[valid],
+                cand_feat=payload["feat"][valid],
+                cand_logp=payload["logp"][valid],
+                cand_score=s[valid],
+            )
+        fileio.save_npz_atomic(
+            done, record
+        )  # a shard counts as scored only once its file is complete
         scored += len(record.get("ids", ()))
     if scored:
         seconds = time.perf_counter() - t0
-        print(f"[pool] process {jax.process_index()}: scored {scored} images in {seconds:.1f}s "
-              f"({scored / seconds:.0f} images/s, teacher pass + scores + heaps)", flush=True)
+        log.info(
+            f"process {jax.process_index()}: scored {scored} images in {seconds:.1f}s "
+            f"({scored / seconds:.0f} images/s, teacher pass + scores + heaps)",
+            tag="pool",
+        )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("kd_jax_pool_scored")
     return _merge_scored_shards(pattern, out_dir, num_classes, heap_size)
@@ -294,8 +375,10 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
     candidates are reduced to the per-class top-L after each file, so memory holds at most
     2·C·L feature rows however many shards (≈ pool size / shard size) there are."""
     from kd_jax.data import shards
-    files = [fileio.join(out_dir, fileio.basename(p) + ".npz")
-             for p in shards.list_shard_files(pattern)]
+
+    files = [
+        fileio.join(out_dir, fileio.basename(p) + ".npz") for p in shards.list_shard_files(pattern)
+    ]
     cand_keys = ("cand_ids", "cand_class", "cand_feat", "cand_logp", "cand_score")
     parts = {k: [] for k in PoolScores._SCALARS}
     cand = None
@@ -306,15 +389,20 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
                 parts[k].append(z[k])
         if heap_size and "cand_ids" in z:
             new = {k: z[k] for k in cand_keys}
-            cand = new if cand is None else {k: np.concatenate([cand[k], new[k]])
-                                             for k in cand_keys}
+            cand = (
+                new if cand is None else {k: np.concatenate([cand[k], new[k]]) for k in cand_keys}
+            )
             cand = _class_top(cand, num_classes, heap_size)
     cat = lambda k: np.concatenate(parts[k]) if parts[k] else np.zeros(0)
     order = np.argsort(cat("ids").astype(np.int64), kind="stable")
     scalars = {k: cat(k)[order] for k in PoolScores._SCALARS}
     if cand is None or not len(cand["cand_ids"]):
-        cand = {"cand_ids": np.zeros(0, np.int64), "cand_class": np.zeros(0, np.int32),
-                "cand_feat": np.zeros((0, 1), np.float16), "cand_logp": np.zeros(0, np.float32)}
+        cand = {
+            "cand_ids": np.zeros(0, np.int64),
+            "cand_class": np.zeros(0, np.int32),
+            "cand_feat": np.zeros((0, 1), np.float16),
+            "cand_logp": np.zeros(0, np.float32),
+        }
     cand.pop("cand_score", None)
     return PoolScores(**scalars, **cand)
 
@@ -323,11 +411,16 @@ def _class_top(cand: dict, num_classes: int, heap_size: int) -> dict:
     """Per teacher class, the `heap_size` best candidates by (score desc, id asc), in input
     order (so merging file by file keeps the order a one-shot merge gives)."""
     from kd_jax import sampling
+
     cls = np.asarray(cand["cand_class"])
     if not len(cls):
         return cand
-    rank = np.asarray(sampling.within_class_rank(
-        np.asarray(cand["cand_score"], np.float32), cls,
-        np.asarray(cand["cand_ids"]).astype(np.int32)))
+    rank = np.asarray(
+        sampling.within_class_rank(
+            np.asarray(cand["cand_score"], np.float32),
+            cls,
+            np.asarray(cand["cand_ids"]).astype(np.int32),
+        )
+    )
     keep = np.flatnonzero((rank < heap_size) & (cls >= 0) & (cls < num_classes))
     return {k: v[keep] for k, v in cand.items()}

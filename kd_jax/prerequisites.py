@@ -28,6 +28,7 @@ The walk is driven by the config alone (no table of config files):
 Only what is certainly missing is reported: a remote path (`gs://...`) is left to the loaders
 and the input pipeline, which read it (a lookup here could wait on network timeouts).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,10 +47,11 @@ POOL_PATTERN = "DIR/pool-*-of-*.tfrecord"
 class Missing:
     """One missing prerequisite: the config keys that supply it (dotted, as after `--config.`),
     what is wrong, and how to make it (command lines / hints)."""
+
     keys: tuple[str, ...]
     problem: str
     fix: tuple[str, ...] = ()
-    value: str = "DIR"   # the placeholder shown in the flag
+    value: str = "DIR"  # the placeholder shown in the flag
 
     def flags(self) -> str:
         return " ".join(f"--config.{k}={self.value}" for k in self.keys)
@@ -92,9 +94,11 @@ class MissingPrerequisites(FileNotFoundError, ValueError):
     def __init__(self, missing, heading: str = ""):
         self.missing = list(missing)
         n = len(self.missing)
-        head = heading or (f"{n} prerequisite{'s' if n != 1 else ''} of this run "
-                           f"{'are' if n != 1 else 'is'} missing (nothing was built, trained "
-                           f"or downloaded); set or make each:")
+        head = heading or (
+            f"{n} prerequisite{'s' if n != 1 else ''} of this run "
+            f"{'are' if n != 1 else 'is'} missing (nothing was built, trained "
+            f"or downloaded); set or make each:"
+        )
         super().__init__("\n".join([head] + [m.render(i + 1) for i, m in enumerate(self.missing)]))
 
     def keys(self) -> list[str]:
@@ -105,6 +109,7 @@ class MissingPrerequisites(FileNotFoundError, ValueError):
 class Stage:
     """One training run of the plan: `config` trained into `workdir`. `key` is where its config
     sits in the top-level config ("" for the run asked for, e.g. "teacher.train")."""
+
     method: str
     workdir: str
     config: ml_collections.ConfigDict
@@ -112,14 +117,14 @@ class Stage:
 
     def __str__(self) -> str:
         where = f" (config.{self.key})" if self.key else ""
-        return (f"{self.method}{where}: {self.config.get('num_steps', '?')} steps in "
-                f"{self.workdir}")
+        return f"{self.method}{where}: {self.config.get('num_steps', '?')} steps in {self.workdir}"
 
 
 @dataclasses.dataclass
 class Plan:
     """The stages a run trains, in order; the last is the run asked for. Empty: the run in
     `workdir` has already finished."""
+
     stages: list[Stage]
 
     def describe(self) -> str:
@@ -139,7 +144,8 @@ class UnfinishedPrerequisites(RuntimeError):
             f"{last.method} in {last.workdir} needs stages that have not finished: "
             + "; ".join(str(s) for s in before)
             + ". train.train_and_evaluate trains one stage; kd_jax.run.run(config, workdir) "
-              "(what python -m kd_jax.main --config=... --workdir=... calls) trains them first.")
+            "(what python -m kd_jax.main --config=... --workdir=... calls) trains them first."
+        )
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, teacher_given: bool = False) -> Plan:
@@ -151,16 +157,16 @@ def check(config: ml_collections.ConfigDict, workdir: str, teacher_given: bool =
     return found
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str,
-         teacher_given: bool = False) -> tuple[Plan, list[Missing]]:
+def plan(
+    config: ml_collections.ConfigDict, workdir: str, teacher_given: bool = False
+) -> tuple[Plan, list[Missing]]:
     """(the stages to train, everything missing); never raises for a missing prerequisite."""
     workdir = fileio.absolute(workdir)
     stages: list[Stage] = []
     missing = _Collector()
     # A remote workdir is not looked up here: the loop reads its results.json.
     if _is_remote(workdir) or not finished(workdir, config):
-        _walk(config, workdir, "", stages, missing, check_target=True,
-              teacher_given=teacher_given)
+        _walk(config, workdir, "", stages, missing, check_target=True, teacher_given=teacher_given)
     return Plan(stages), missing.items
 
 
@@ -168,8 +174,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
 # The walk
 # ---------------------------------------------------------------------------------------------
 
+
 def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=False):
     from kd_jax import methods
+
     name = config.get("method", "")
     try:
         cls = methods.get_method(name)
@@ -191,12 +199,17 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
             splits.insert(0, target.train_split)
         _source(target, prefix + "data.target", splits, missing)
         if ncd is not None and ncd.get("classes_file") and _exists(ncd.classes_file) is False:
-            missing.add(Missing(
-                (prefix + "ncd.classes_file",),
-                f"config.{prefix}ncd.classes_file={ncd.classes_file!r} does not exist.",
-                ("One class per line: an integer label or a class name of the dataset (e.g. a "
-                 "WordNet id); or leave it empty for the config's default split.",),
-                value="FILE"))
+            missing.add(
+                Missing(
+                    (prefix + "ncd.classes_file",),
+                    f"config.{prefix}ncd.classes_file={ncd.classes_file!r} does not exist.",
+                    (
+                        "One class per line: an integer label or a class name of the dataset (e.g. a "
+                        "WordNet id); or leave it empty for the config's default split.",
+                    ),
+                    value="FILE",
+                )
+            )
     if cls.uses_teacher and transfer.source != "original":
         _source(transfer, prefix + "data.transfer", [transfer.get("split", "train")], missing)
     if ncd is not None and not chains_stage1:
@@ -225,44 +238,56 @@ def missing_teacher(config, workdir: str, prefix: str = "") -> Missing:
     path = config.teacher.workdir or fileio.join(workdir, "teacher")
     trainable = bool(config.teacher.get("train") and config.teacher.train.get("method"))
     if config.teacher.workdir:
-        problem = (f"config.{key}={path!r} holds no finished teacher run (results.json "
-                   f"missing).")
+        problem = f"config.{key}={path!r} holds no finished teacher run (results.json missing)."
     elif trainable:  # reached only by a method built directly (a notebook, a test)
-        problem = (f"{path!r} holds no finished teacher run yet: kd_jax.run.run(config, "
-                   f"workdir) (python -m kd_jax.main) trains config.{prefix}teacher.train "
-                   f"there first.")
+        problem = (
+            f"{path!r} holds no finished teacher run yet: kd_jax.run.run(config, "
+            f"workdir) (python -m kd_jax.main) trains config.{prefix}teacher.train "
+            f"there first."
+        )
     else:
-        problem = (f"The {config.method} student needs a teacher: config.{key} is empty and "
-                   f"config.{prefix}teacher.train holds no teacher config to train into {path} "
-                   f"first.")
+        problem = (
+            f"The {config.method} student needs a teacher: config.{key} is empty and "
+            f"config.{prefix}teacher.train holds no teacher config to train into {path} "
+            f"first."
+        )
     fix = _teacher_fix(config, prefix)
     if config.teacher.workdir and trainable:
-        fix += (f"Or leave config.{key} empty: config.{prefix}teacher.train is then trained "
-                f"first into {fileio.join(workdir, 'teacher')}.",)
+        fix += (
+            f"Or leave config.{key} empty: config.{prefix}teacher.train is then trained "
+            f"first into {fileio.join(workdir, 'teacher')}.",
+        )
     return Missing((key,), problem, fix)
 
 
 def _teacher_fix(config, prefix) -> tuple[str, ...]:
     from kd_jax import models
+
     arch = config.teacher.model or "ARCH"
     classes = config.num_classes
     try:
         description = models.model_description(arch)
     except (KeyError, ValueError):
         description = ""
-    convert = (f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes={classes} "
-               f"--src={arch}.pth --out=DIR")
+    convert = (
+        f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes={classes} "
+        f"--src={arch}.pth --out=DIR"
+    )
     if description.startswith("torchvision") and classes == 1000:
-        return (f"DIR: torchvision's ImageNet {arch} converted (torch and torchvision needed, "
-                f"CPU wheels are enough):",
-                f"$ python -c \"import torch, torchvision; torch.save(torchvision.models.{arch}("
-                f"weights='IMAGENET1K_V1').state_dict(), '{arch}.pth')\"",
-                convert,
-                f"(also set --config.{prefix}teacher.model if DIR holds another architecture)")
+        return (
+            f"DIR: torchvision's ImageNet {arch} converted (torch and torchvision needed, "
+            f"CPU wheels are enough):",
+            f'$ python -c "import torch, torchvision; torch.save(torchvision.models.{arch}('
+            f"weights='IMAGENET1K_V1').state_dict(), '{arch}.pth')\"",
+            convert,
+            f"(also set --config.{prefix}teacher.model if DIR holds another architecture)",
+        )
     what = f"a PyTorch {description}" if description else "a PyTorch teacher"
-    return (f"DIR: a finished kd_jax `teacher` run (python -m kd_jax.main "
-            f"--config=configs/teacher_*.py --workdir=DIR), or {what} state dict converted:",
-            convert)
+    return (
+        f"DIR: a finished kd_jax `teacher` run (python -m kd_jax.main "
+        f"--config=configs/teacher_*.py --workdir=DIR), or {what} state dict converted:",
+        convert,
+    )
 
 
 def _stage1(cls, config, workdir, prefix, stages, missing):
@@ -271,15 +296,28 @@ def _stage1(cls, config, workdir, prefix, stages, missing):
     if (pre.workdir and _is_remote(path)) or finished(path):  # as for the teacher
         return
     key = prefix + "ncd.pretrain.workdir"
-    fix = ("DIR: a finished stage-1 run of this config's `pretrain` argument "
-           "(python -m kd_jax.main --config=configs/<this config>.py:pretrain --workdir=DIR).",)
+    fix = (
+        "DIR: a finished stage-1 run of this config's `pretrain` argument "
+        "(python -m kd_jax.main --config=configs/<this config>.py:pretrain --workdir=DIR).",
+    )
     if pre.workdir:
-        missing.add(Missing((key,), f"config.{key}={path!r} holds no finished ncd_pretrain run "
-                            f"(results.json missing).", fix))
+        missing.add(
+            Missing(
+                (key,),
+                f"config.{key}={path!r} holds no finished ncd_pretrain run (results.json missing).",
+                fix,
+            )
+        )
     elif not pre.get("train") or not pre.train.get("method"):
-        missing.add(Missing((key,), f"The {config.method} run starts from NCD stage 1: "
-                            f"config.{key} is empty and config.{prefix}ncd.pretrain.train holds "
-                            f"no stage-1 config to train into {path} first.", fix))
+        missing.add(
+            Missing(
+                (key,),
+                f"The {config.method} run starts from NCD stage 1: "
+                f"config.{key} is empty and config.{prefix}ncd.pretrain.train holds "
+                f"no stage-1 config to train into {path} first.",
+                fix,
+            )
+        )
     else:
         # Stage 1 runs on this run's dataset and class split (the method's own rule), so its
         # target is the one this stage checks: not checked twice, nor named under its key.
@@ -289,6 +327,7 @@ def _stage1(cls, config, workdir, prefix, stages, missing):
 
 def _backbone(config, prefix, missing):
     from kd_jax import models
+
     ncd = config.ncd
     key = prefix + "ncd.backbone_workdir"
     arch = config.model.name
@@ -297,31 +336,49 @@ def _backbone(config, prefix, missing):
     except (KeyError, ValueError):
         description = arch
     if "DINO" in description:  # a headless backbone: DINO's self-supervised weights
-        fix = (f"DIR: DINO's released {arch} backbone converted (its checkpoint from the DINO "
-               f"repository, e.g. dino_vitbase16_pretrain.pth for ViT-B/16; torch needed, the "
-               f"CPU wheel is enough):",
-               f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes=0 "
-               f"--src=DINO_CHECKPOINT.pth --out=DIR")
+        fix = (
+            f"DIR: DINO's released {arch} backbone converted (its checkpoint from the DINO "
+            f"repository, e.g. dino_vitbase16_pretrain.pth for ViT-B/16; torch needed, the "
+            f"CPU wheel is enough):",
+            f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes=0 "
+            f"--src=DINO_CHECKPOINT.pth --out=DIR",
+        )
     else:
-        fix = (f"DIR: pretrained {description} weights converted:",
-               f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes=N "
-               f"--src=WEIGHTS.pth --out=DIR")
+        fix = (
+            f"DIR: pretrained {description} weights converted:",
+            f"$ python -m kd_jax.tools.convert_torch --arch={arch} --num_classes=N "
+            f"--src=WEIGHTS.pth --out=DIR",
+        )
     if ncd.get("backbone_workdir"):
         if _exists(fileio.join(ncd.backbone_workdir, "checkpoints")) is False:
-            missing.add(Missing((key,), f"config.{key}={ncd.backbone_workdir!r} holds no "
-                                f"checkpoint (checkpoints/ missing).", fix))
+            missing.add(
+                Missing(
+                    (key,),
+                    f"config.{key}={ncd.backbone_workdir!r} holds no "
+                    f"checkpoint (checkpoints/ missing).",
+                    fix,
+                )
+            )
     elif ncd.get("trainable"):
-        missing.add(Missing(
-            (key,), f"config.{prefix}ncd.trainable={tuple(ncd.trainable)} fine-tunes only part "
-                    f"of the {config.model.name} backbone, so it must start from pretrained "
-                    f"weights: config.{key} is empty.",
-            fix + (f"(Or --config.{prefix}ncd.trainable=() trains the whole backbone from "
-                   f"scratch.)",)))
+        missing.add(
+            Missing(
+                (key,),
+                f"config.{prefix}ncd.trainable={tuple(ncd.trainable)} fine-tunes only part "
+                f"of the {config.model.name} backbone, so it must start from pretrained "
+                f"weights: config.{key} is empty.",
+                fix
+                + (
+                    f"(Or --config.{prefix}ncd.trainable=() trains the whole backbone from "
+                    f"scratch.)",
+                ),
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Data sources
 # ---------------------------------------------------------------------------------------------
+
 
 def _source(spec, key, splits, missing):
     kind = spec.get("source", "")
@@ -329,62 +386,112 @@ def _source(spec, key, splits, missing):
         _tfds(spec, key, splits[0], missing)
     elif kind == "shards":
         pattern = spec.get("pattern", "")
-        fix = ("DIR: the pool written once from an image folder (searched recursively) or an "
-               ".npz of uint8 `images` [N,H,W(,C)]:",
-               "$ python -m kd_jax.data.make_shards --src=IMAGES --out=DIR --num_shards=256")
+        fix = (
+            "DIR: the pool written once from an image folder (searched recursively) or an "
+            ".npz of uint8 `images` [N,H,W(,C)]:",
+            "$ python -m kd_jax.data.make_shards --src=IMAGES --out=DIR --num_shards=256",
+        )
         value = f"'{POOL_PATTERN}'"
         if not pattern:
-            missing.add(Missing((key + ".pattern",), f"config.{key}.source='shards' reads an "
-                                f"open-world pool of TFRecord shards, but config.{key}.pattern "
-                                f"is empty.", fix, value))
+            missing.add(
+                Missing(
+                    (key + ".pattern",),
+                    f"config.{key}.source='shards' reads an "
+                    f"open-world pool of TFRecord shards, but config.{key}.pattern "
+                    f"is empty.",
+                    fix,
+                    value,
+                )
+            )
         elif _glob(pattern) == []:
-            missing.add(Missing((key + ".pattern",), f"config.{key}.pattern={pattern!r} matches "
-                                f"no file.", fix, value))
+            missing.add(
+                Missing(
+                    (key + ".pattern",),
+                    f"config.{key}.pattern={pattern!r} matches no file.",
+                    fix,
+                    value,
+                )
+            )
     elif kind == "npz":
         path = spec.get("path", "")
         paths = [path.format(split=s) if "{split}" in path else path for s in splits]
-        fix = ("An .npz with uint8 `images` [N,H,W(,C)] and optional `labels` [N] "
-               "(`{split}` in the path is replaced by the split name).",)
+        fix = (
+            "An .npz with uint8 `images` [N,H,W(,C)] and optional `labels` [N] "
+            "(`{split}` in the path is replaced by the split name).",
+        )
         if not path:
-            missing.add(Missing((key + ".path",), f"config.{key}.source='npz' but "
-                                f"config.{key}.path is empty.", fix, "FILE.npz"))
+            missing.add(
+                Missing(
+                    (key + ".path",),
+                    f"config.{key}.source='npz' but config.{key}.path is empty.",
+                    fix,
+                    "FILE.npz",
+                )
+            )
         for p in sorted(set(paths)) if path else ():
             if _exists(p) is False:
-                missing.add(Missing((key + ".path",), f"config.{key}.path: {p!r} does not "
-                                    f"exist.", fix, "FILE.npz"))
+                missing.add(
+                    Missing(
+                        (key + ".path",),
+                        f"config.{key}.path: {p!r} does not exist.",
+                        fix,
+                        "FILE.npz",
+                    )
+                )
     elif kind == "folder":
         path = spec.get("path", "")
-        layout = "/".join(["DIR", "{" + ",".join(dict.fromkeys(splits)) + "}", "<class>",
-                           "<image files>"])
+        layout = "/".join(
+            ["DIR", "{" + ",".join(dict.fromkeys(splits)) + "}", "<class>", "<image files>"]
+        )
         fix = (f"An image folder laid out as {layout} (sorted class folder names = labels).",)
         if not path:
-            missing.add(Missing((key + ".path",), f"config.{key}.source='folder' but "
-                                f"config.{key}.path is empty.", fix))
+            missing.add(
+                Missing(
+                    (key + ".path",),
+                    f"config.{key}.source='folder' but config.{key}.path is empty.",
+                    fix,
+                )
+            )
         else:
-            absent = [s for s in dict.fromkeys(splits)
-                      if _exists(fileio.join(path, s)) is False]
+            absent = [s for s in dict.fromkeys(splits) if _exists(fileio.join(path, s)) is False]
             if absent:
-                missing.add(Missing((key + ".path",), f"config.{key}.path={path!r} has no "
-                                    f"split folder {absent}.", fix))
+                missing.add(
+                    Missing(
+                        (key + ".path",),
+                        f"config.{key}.path={path!r} has no split folder {absent}.",
+                        fix,
+                    )
+                )
     # offline_mnist / offline_pool are bundled; an unknown source is named by the pipeline.
 
 
 def _tfds(spec, key, split, missing):
     name = spec.get("name", "")
     if not name:
-        missing.add(Missing((key + ".name",), f"config.{key}.source='tfds' but "
-                            f"config.{key}.name is empty.", value="NAME"))
+        missing.add(
+            Missing(
+                (key + ".name",),
+                f"config.{key}.source='tfds' but config.{key}.name is empty.",
+                value="NAME",
+            )
+        )
         return
-    data_dir = spec.get("data_dir") or None   # None: TFDS_DATA_DIR or ~/tensorflow_datasets
+    data_dir = spec.get("data_dir") or None  # None: TFDS_DATA_DIR or ~/tensorflow_datasets
     if _is_remote(data_dir or os.environ.get("TFDS_DATA_DIR", "")):
         return  # e.g. gs://: read (and its absence reported) by the pipeline
     import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- tfds raises DatasetNotFoundError (a ValueError), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        missing.add(Missing((key + ".name",), f"config.{key}.name={name!r} is not a TFDS "
-                            f"dataset ({first}).", value="NAME"))
+        missing.add(
+            Missing(
+                (key + ".name",),
+                f"config.{key}.name={name!r} is not a TFDS dataset ({first}).",
+                value="NAME",
+            )
+        )
         return
     if _tfds_prepared(builder, split):
         return
@@ -392,15 +499,25 @@ def _tfds(spec, key, split, missing):
     manual = getattr(type(builder), "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     build = f"$ tfds build {name} --data_dir={root}"
     if manual:
-        fix = ("It needs a manual download: " + " ".join(str(manual).split()),
-               f"$ tfds build {name} --data_dir={root} --manual_dir=MANUAL_DIR",
-               f"(MANUAL_DIR defaults to {root}/downloads/manual)")
+        fix = (
+            "It needs a manual download: " + " ".join(str(manual).split()),
+            f"$ tfds build {name} --data_dir={root} --manual_dir=MANUAL_DIR",
+            f"(MANUAL_DIR defaults to {root}/downloads/manual)",
+        )
     else:
         fix = (build,)
-    fix += ("Or point the flag above at a data dir where it is prepared (TFDS_DATA_DIR=DIR "
-            "is the default of every empty data_dir).",)
-    missing.add(Missing((key + ".data_dir",), f"TFDS dataset {name!r} ({builder.version}) is "
-                        f"not prepared in {root}.", fix), merge=("tfds", name, root))
+    fix += (
+        "Or point the flag above at a data dir where it is prepared (TFDS_DATA_DIR=DIR "
+        "is the default of every empty data_dir).",
+    )
+    missing.add(
+        Missing(
+            (key + ".data_dir",),
+            f"TFDS dataset {name!r} ({builder.version}) is not prepared in {root}.",
+            fix,
+        ),
+        merge=("tfds", name, root),
+    )
 
 
 def _tfds_prepared(builder, split) -> bool:
@@ -421,6 +538,7 @@ def _tfds_prepared(builder, split) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
 
 class _Collector:
     """Missing items in order; items with the same `merge` key become one naming all keys

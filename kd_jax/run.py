@@ -3,12 +3,13 @@ results.json says so: a teacher into `<workdir>/teacher`, then the student; NCD 
 `<workdir>/pretrain`, then discovery. `run` trains every unfinished stage of the plan
 (`prerequisites.check`) in order, each through `train.train_and_evaluate`; `kd_jax.main` calls it.
 """
+
 from __future__ import annotations
 
 import jax
 import ml_collections
 
-from kd_jax import parallel, prerequisites, train
+from kd_jax import log, parallel, prerequisites, train
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
@@ -18,7 +19,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     plan = prerequisites.check(config, workdir)  # every missing item named before any work
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     if jax.process_index() == 0 and len(plan.stages) > 1:
-        print(plan.describe(), flush=True)
+        log.info(plan.describe())
     for stage in plan.stages[:-1]:
         out = train.train_and_evaluate(stage.config, stage.workdir)
         if "stopped_at" in out:  # preempted (SIGTERM): the next invocation resumes this stage

@@ -1,6 +1,7 @@
 """The frozen teacher a distillation method is handed: its model, its variables and what its run
 recorded. `load_teacher` only reads a finished teacher workdir; `kd_jax.run` trains one first.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from kd_jax import checkpoint, fileio, models, parallel, prerequisites
 class FrozenTeacher:
     """`variables` = {"params", "batch_stats"} (replicated over the mesh); `info` = the teacher
     run's results.json ({} or None values for a teacher not read from disk)."""
+
     model: nn.Module
     variables: Any
     info: dict = dataclasses.field(default_factory=dict)
@@ -30,8 +32,7 @@ def teacher_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.teacher.workdir or fileio.join(workdir, "teacher")
 
 
-def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh, *,
-                 dtype) -> FrozenTeacher:
+def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh, *, dtype) -> FrozenTeacher:
     """The teacher of the run in `workdir`, read from its finished workdir (never trained here:
     `MissingPrerequisites` when it has not finished). `dtype`: the run's compute dtype."""
     tcfg = config.teacher
@@ -44,11 +45,16 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh, *,
         raise ValueError(f"config.teacher.model={tcfg.model!r} but {path!r} holds a {arch!r}")
     num_classes = info.get("num_classes", config.num_classes)
     if num_classes != config.num_classes:
-        raise ValueError(f"the teacher in {path!r} has {num_classes} classes but "
-                         f"config.num_classes={config.num_classes}")
-    model = models.create_model(arch, num_classes, dtype=dtype,
-                                conv=config.model.get("conv", "auto"), conv_groups=mesh.size)
+        raise ValueError(
+            f"the teacher in {path!r} has {num_classes} classes but "
+            f"config.num_classes={config.num_classes}"
+        )
+    model = models.create_model(
+        arch, num_classes, dtype=dtype, conv=config.model.get("conv", "auto"), conv_groups=mesh.size
+    )
     variables = checkpoint.load_variables(path)
-    variables = {"params": variables["params"]["model"],
-                 "batch_stats": variables["batch_stats"].get("model", {})}
+    variables = {
+        "params": variables["params"]["model"],
+        "batch_stats": variables["batch_stats"].get("model", {}),
+    }
     return FrozenTeacher(model, parallel.replicate(variables, mesh), info)

@@ -5,6 +5,7 @@ finished: `kd_jax.run.run` trains a whole chain); `build` gives benchmarks and t
 its fresh state and the jitted step. A method (kd_jax/methods/<paper>.py) supplies the models,
 the data and a pure `train_step`; this file knows no paper.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,13 @@ import json
 import math
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_utils, fileio, methods, parallel, prerequisites
+from kd_jax import checkpoint, config_utils, fileio, log, methods, parallel, prerequisites
 from kd_jax.methods.base import Method, TrainState, evaluate_variables
 from kd_jax.teacher import FrozenTeacher
 
@@ -64,6 +65,7 @@ class _Logger:
         self._tb = None
         if self.enabled:
             import tensorflow as tf  # takes gs:// logdirs natively
+
             self._tb = tf.summary.create_file_writer(fileio.join(workdir, "tensorboard"))
 
     def history(self) -> list[dict]:
@@ -81,6 +83,7 @@ class _Logger:
         record = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
         self.log.append(json.dumps(record))
         import tensorflow as tf
+
         with self._tb.as_default(step=int(step)):
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -102,13 +105,19 @@ class Built:
     """A method ready to train: `train_step(state, method.teacher_vars, global_batch, rng)` ->
     (state, metrics), jitted over the mesh with the state donated; `state` is freshly
     initialised (not restored, not warm-started)."""
+
     method: Method
     state: TrainState
     train_step: Callable
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, mesh,
-          teacher: FrozenTeacher | None = None, prepare: bool = True) -> Built:
+def build(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh,
+    teacher: FrozenTeacher | None = None,
+    prepare: bool = True,
+) -> Built:
     """The method of `config.method` (handed `teacher`, else reading its finished teacher
     workdir), its initial state and its jitted step. `prepare=False` skips the method's
     one-off data work (e.g. pool selection), for a step on synthetic batches."""
@@ -119,14 +128,18 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh,
     replicated = parallel.replicated(mesh)
     method.build_optimizer(method.num_steps())
     state = jax.jit(method.init_state, out_shardings=replicated)(init_rng)
-    train_step = jax.jit(method.train_step, donate_argnums=(0,),
-                         out_shardings=(replicated, replicated))
+    train_step = jax.jit(
+        method.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated)
+    )
     return Built(method, state, train_step)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None,
-                       teacher: FrozenTeacher | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stop_after: int | None = None,
+    teacher: FrozenTeacher | None = None,
+) -> dict:
     """Trains `config.method` in `workdir` (one stage), resuming from its latest checkpoint.
 
     Returns the results dict (also written to `workdir/results.json` when training finishes).
@@ -152,8 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if prerequisites.finished(workdir, config):
         done = fileio.read_json(results_path)
         if is_main:
-            print(f"[kd_jax] {workdir} already finished ({config.method}); "
-                  f"final_accuracy={done.get('final_accuracy')}")
+            log.info(
+                f"{workdir} already finished ({config.method}); "
+                f"final_accuracy={done.get('final_accuracy')}"
+            )
         return done
 
     # ----- method (models, teacher, data), fresh state, jitted step ---------------------------
@@ -165,12 +180,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # ----- state: resume, or warm start ---------------------------------------------------------
     _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 2),
-                                   async_save=config.get("async_checkpoints", True))
+    ckpt = checkpoint.Checkpointer(
+        workdir,
+        keep=config.get("keep_checkpoints", 2),
+        async_save=config.get("async_checkpoints", True),
+    )
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         if is_main:
-            print(f"[kd_jax] resumed {workdir} at step {int(state.step)}")
+            log.info(f"resumed {workdir} at step {int(state.step)}")
     else:  # a fresh run may start from another run's weights (e.g. NCD stage 1 -> stage 2)
         state = method.warm_start(state)
     start_step = int(state.step)
@@ -192,8 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if method.teacher_model is not None:
         teacher_accuracy = method.teacher_info.get("final_accuracy")
         if teacher_accuracy is None:
-            teacher_accuracy = evaluate_variables(method.teacher_model.apply, method.teacher_vars,
-                                                  method.eval_dataset(), mesh)
+            teacher_accuracy = evaluate_variables(
+                method.teacher_model.apply, method.teacher_vars, method.eval_dataset(), mesh
+            )
 
     # ----- loop -------------------------------------------------------------------------------
     batches = method.train_batches(start_step)
@@ -211,15 +230,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if method.update_transfer_set(state, step):
                 batches = method.train_batches(step)
             local = next(batches)
-            state, metrics = train_step(state, method.teacher_vars,
-                                        parallel.global_batch(local, mesh), step_rng)
+            state, metrics = train_step(
+                state, method.teacher_vars, parallel.global_batch(local, mesh), step_rng
+            )
             step += 1
             pending = metrics
             if step == start_step + 1:  # throughput excludes compilation
                 jax.block_until_ready(metrics)
                 t_first = time.time()
             last = step == num_steps
-            stopping = (stop_after is not None and step - start_step >= stop_after)
+            stopping = stop_after is not None and step - start_step >= stop_after
             preempted = (step % log_every == 0 or last) and preemption.any_process()
             if step % log_every == 0 or last or stopping or preempted or step % ckpt_every == 0:
                 values = {k: float(v) for k, v in jax.device_get(pending).items()}
@@ -229,13 +249,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     ckpt.wait()
                     raise FloatingPointError(
                         f"non-finite {bad} at step {step} ({values}); the last good checkpoint "
-                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+                        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept"
+                    )
                 now = time.time()
                 ips = (step - step_log) * images_per_step / max(now - t_log, 1e-9)
                 eta = (num_steps - step) * (now - t_log) / max(step - step_log, 1)
                 t_log, step_log = now, step
-                values.update(images_per_second=ips, wall_seconds=previous_wall + now - t0,
-                              lr=float(method.schedule(step - 1)))
+                values.update(
+                    images_per_second=ips,
+                    wall_seconds=previous_wall + now - t0,
+                    lr=float(method.schedule(step - 1)),
+                )
                 if step % eval_every == 0 or last:
                     eval_values = run_eval(state)
                     accuracy = eval_values["accuracy"]
@@ -244,16 +268,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 logger.write(step, values)
                 if is_main:
                     acc = f" acc {accuracy:.4f}" if "accuracy" in values else ""
-                    print(f"[{config.method}] step {step}/{num_steps} loss "
-                          f"{values['loss']:.4f}{acc} | {ips:.0f} img/s | ETA {eta:.0f}s",
-                          flush=True)
+                    log.info(
+                        f"step {step}/{num_steps} loss "
+                        f"{values['loss']:.4f}{acc} | {ips:.0f} img/s | ETA {eta:.0f}s",
+                        tag=config.method,
+                    )
             if step % ckpt_every == 0 or last or stopping or preempted:
                 logger.flush()  # a resumed run reads the metrics up to its checkpoint
                 ckpt.save(step, state, force=True)
             if stopping or preempted:
                 ckpt.close()
                 if preempted and is_main:
-                    print(f"[kd_jax] SIGTERM: saved step {step} in {ckpt.directory}; exiting")
+                    log.info(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting")
                 return {"stopped_at": step}
     ckpt.close()
     logger.flush()
@@ -272,8 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "best_accuracy": best,
         "steps": num_steps,
         "wall_seconds": wall,
-        "images_per_second": (num_steps - start_step - 1) * images_per_step / max(
-            time.time() - t_first, 1e-9),
+        "images_per_second": (num_steps - start_step - 1)
+        * images_per_step
+        / max(time.time() - t_first, 1e-9),
     }
     if teacher_accuracy is not None:
         results["teacher_accuracy"] = teacher_accuracy
@@ -281,6 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results.update(method.results(state))
     if is_main:
         fileio.write_json_atomic(results_path, results)
-        print(f"[kd_jax] done: final_accuracy={accuracy:.4f} best={best:.4f} "
-              f"wall={wall:.0f}s -> {results_path}")
+        log.info(
+            f"done: final_accuracy={accuracy:.4f} best={best:.4f} "
+            f"wall={wall:.0f}s -> {results_path}"
+        )
     return results

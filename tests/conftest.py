@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere; a persistent XLA cache;
 one small offline teacher shared by the end-to-end student tests."""
+
 import fcntl
 import os
 import tempfile
@@ -14,8 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # XLA:CPU compiles dominate the suite (e.g. ~12 s for LeNet's random init): many tests build the
 # same programs, and subprocess tests inherit the cache through the environment.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "kd_jax_test_xla_cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kd_jax_test_xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +29,7 @@ def offline_teacher(tmp_path_factory, worker_id):
     trained once per test session; under pytest-xdist the workers share it (a file lock, and a
     finished run is not trained again)."""
     from kd_jax import config_utils, train
+
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base
     workdir = shared / "offline_teacher"

@@ -1,4 +1,5 @@
 """Helpers shared by the test modules (pytest puts this folder on sys.path)."""
+
 import os
 
 from kd_jax import config_utils
@@ -23,8 +24,11 @@ def max_distance(a, b) -> float:
     """Largest absolute difference between two pytrees of arrays (compared in float64)."""
     import jax
     import numpy as np
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def record(what: str, distance: float) -> float:
@@ -33,6 +37,7 @@ def record(what: str, distance: float) -> float:
     path = os.environ.get("KD_TEST_RECORD")
     if path:
         import json
+
         with open(path, "a") as f:
             f.write(json.dumps({"what": what, "distance": float(distance)}) + "\n")
     return distance
@@ -44,6 +49,12 @@ def as64(tree):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     return jax.tree.map(
-        lambda a: jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
-        else jnp.asarray(a), tree)
+        lambda a: (
+            jnp.asarray(a, jnp.float64)
+            if np.issubdtype(np.asarray(a).dtype, np.floating)
+            else jnp.asarray(a)
+        ),
+        tree,
+    )

@@ -11,6 +11,7 @@ host-local batch it trained on (images, labels, ids) into `--out`; the test repl
 batches in one 8-device process. The hooks wrap the method's data functions only; the loop, the
 step, the mesh and the checkpoints are the production code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ def parse_args(argv=None):
 
 def make_config(args):
     from kd_jax import config_utils
+
     c = config_utils.load_config(os.path.join(ROOT, "configs", "kd_mnist.py"), "smoke")
     c.model.name = args.model
     c.teacher.workdir = args.teacher_workdir
@@ -81,15 +83,22 @@ def main(argv=None):
 
     KD.transfer_source, KD.train_batches = transfer_source, train_batches
     results = train.train_and_evaluate(config, args.workdir)
-    print(f"[worker {jax.process_index()}/{jax.process_count()}] devices "
-          f"{jax.local_device_count()}/{jax.device_count()} results {results.get('final_accuracy')}",
-          flush=True)
+    print(
+        f"[worker {jax.process_index()}/{jax.process_count()}] devices "
+        f"{jax.local_device_count()}/{jax.device_count()} results {results.get('final_accuracy')}",
+        flush=True,
+    )
     b = record["batches"]
-    np.savez(args.out, process_index=jax.process_index(), process_count=jax.process_count(),
-             device_count=jax.device_count(), share_ids=np.asarray(record["share_ids"], np.int64),
-             batch_ids=np.stack([x["id"] for x in b]),
-             batch_labels=np.stack([x["label"] for x in b]),
-             batch_images=np.stack([x["image"] for x in b]))
+    np.savez(
+        args.out,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
+        share_ids=np.asarray(record["share_ids"], np.int64),
+        batch_ids=np.stack([x["id"] for x in b]),
+        batch_labels=np.stack([x["label"] for x in b]),
+        batch_images=np.stack([x["image"] for x in b]),
+    )
 
 
 if __name__ == "__main__":

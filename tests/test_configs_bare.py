@@ -7,6 +7,7 @@ There is no TFDS data here (the default data dir points at an empty folder), as 
 training" stops each run when its first batch is ready and the step is about to run (after the
 state is built), so the offline MNIST configs take seconds, not their teachers' minutes.
 """
+
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def no_tfds_data(tmp_path, monkeypatch):
     """TFDS's default data dir (the one TFDS_DATA_DIR sets) is an empty folder."""
     empty = str(tmp_path / "tensorflow_datasets")
     monkeypatch.setattr(tfds_constants, "DATA_DIR", empty)  # read when a builder is made
-    monkeypatch.setenv("TFDS_DATA_DIR", empty)              # for subprocesses
+    monkeypatch.setenv("TFDS_DATA_DIR", empty)  # for subprocesses
     return empty
 
 
@@ -79,8 +80,9 @@ def _tfds_names(node, found=None):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_bare_config_starts_training_or_names_every_missing_key(name, tmp_path, no_tfds_data,
-                                                               stop_at_first_step):
+def test_bare_config_starts_training_or_names_every_missing_key(
+    name, tmp_path, no_tfds_data, stop_at_first_step
+):
     config = config_utils.load_config(os.path.join(CONFIG_DIR, name))  # get_config()
     workdir = str(tmp_path / "run")
     plan, missing = prerequisites.plan(config, workdir)
@@ -91,7 +93,8 @@ def test_bare_config_starts_training_or_names_every_missing_key(name, tmp_path, 
         first = plan.stages[0]  # e.g. the teacher, trained first into <workdir>/teacher
         assert (started.method, started.workdir) == (first.method, first.workdir)
         assert started.batch["image"].shape[0] == parallel.check_batch_size(
-            first.config.batch_size, parallel.make_mesh())
+            first.config.batch_size, parallel.make_mesh()
+        )
     except prerequisites.MissingPrerequisites as e:
         assert missing and e.keys() == [k for m in missing for k in m.keys]
         assert not os.path.exists(workdir), "nothing is made before the check"
@@ -109,16 +112,21 @@ def test_odsd_imagenet_names_teacher_pool_and_data_at_once(tmp_path, no_tfds_dat
     c = config_utils.load_config(os.path.join(CONFIG_DIR, "odsd_imagenet.py"))
     with pytest.raises(prerequisites.MissingPrerequisites) as err:
         prerequisites.check(c, str(tmp_path / "run"))
-    assert err.value.keys() == ["teacher.workdir", "data.target.data_dir",
-                                "data.transfer.pattern"]
+    assert err.value.keys() == ["teacher.workdir", "data.target.data_dir", "data.transfer.pattern"]
     message = str(err.value)
-    for expected in ("3 prerequisites", "--config.teacher.workdir=DIR",
-                     "python -m kd_jax.tools.convert_torch --arch=resnet50 --num_classes=1000 "
-                     "--src=resnet50.pth --out=DIR", "torchvision.models.resnet50(",
-                     "--config.data.transfer.pattern='DIR/pool-*-of-*.tfrecord'",
-                     "python -m kd_jax.data.make_shards --src=IMAGES --out=DIR",
-                     "--config.data.target.data_dir=DIR", "tfds build imagenet2012",
-                     "--manual_dir=", "ILSVRC2012_img_train.tar"):
+    for expected in (
+        "3 prerequisites",
+        "--config.teacher.workdir=DIR",
+        "python -m kd_jax.tools.convert_torch --arch=resnet50 --num_classes=1000 "
+        "--src=resnet50.pth --out=DIR",
+        "torchvision.models.resnet50(",
+        "--config.data.transfer.pattern='DIR/pool-*-of-*.tfrecord'",
+        "python -m kd_jax.data.make_shards --src=IMAGES --out=DIR",
+        "--config.data.target.data_dir=DIR",
+        "tfds build imagenet2012",
+        "--manual_dir=",
+        "ILSVRC2012_img_train.tar",
+    ):
         assert expected in message, expected
     assert isinstance(err.value, ValueError) and isinstance(err.value, FileNotFoundError)
 
@@ -127,14 +135,27 @@ def test_design_card_command_fails_in_one_block(tmp_path, no_tfds_data):
     """`python -m kd_jax.main --config=configs/odsd_imagenet.py --workdir=DIR`, nothing else."""
     workdir = tmp_path / "x"
     proc = subprocess.run(
-        [sys.executable, "-m", "kd_jax.main", "--config=configs/odsd_imagenet.py",
-         f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "kd_jax.main",
+            "--config=configs/odsd_imagenet.py",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    block = proc.stderr[proc.stderr.index("configs/odsd_imagenet.py: 3 prerequisites"):]
+    block = proc.stderr[proc.stderr.index("configs/odsd_imagenet.py: 3 prerequisites") :]
     assert block.rstrip().endswith("--num_shards=256")  # the whole message, and nothing after
-    for flag in ("--config.teacher.workdir=", "--config.data.transfer.pattern=",
-                 "--config.data.target.data_dir="):
+    for flag in (
+        "--config.teacher.workdir=",
+        "--config.data.transfer.pattern=",
+        "--config.data.target.data_dir=",
+    ):
         assert flag in block
     assert not workdir.exists()
 
@@ -142,10 +163,12 @@ def test_design_card_command_fails_in_one_block(tmp_path, no_tfds_data):
 def test_cifar_student_trains_its_teacher_config_first(tmp_path):
     """teacher.train is configs/teacher_<dataset>.py's config for the pair's teacher."""
     for student, dataset in (("kd", "cifar10"), ("odsd", "cifar100"), ("eikd", "cifar100")):
-        c = config_utils.load_config(os.path.join(CONFIG_DIR, f"{student}_{dataset}.py"),
-                                     "wrn40_2_wrn16_1")
-        expected = config_utils.load_config(os.path.join(CONFIG_DIR, f"teacher_{dataset}.py"),
-                                            "wrn40_2")
+        c = config_utils.load_config(
+            os.path.join(CONFIG_DIR, f"{student}_{dataset}.py"), "wrn40_2_wrn16_1"
+        )
+        expected = config_utils.load_config(
+            os.path.join(CONFIG_DIR, f"teacher_{dataset}.py"), "wrn40_2"
+        )
         assert config_utils.to_json(c.teacher.train) == config_utils.to_json(expected)
         assert c.teacher.train.num_classes == c.num_classes
     with tfds.testing.mock_data(num_examples=8):  # as the mock-data tests see TFDS
@@ -154,7 +177,8 @@ def test_cifar_student_trains_its_teacher_config_first(tmp_path):
         plan = prerequisites.check(c, str(tmp_path / "run"))
     assert [(s.method, s.key, s.workdir) for s in plan.stages] == [
         ("teacher", "teacher.train", str(tmp_path / "run" / "teacher")),
-        ("eikd", "", str(tmp_path / "run"))]
+        ("eikd", "", str(tmp_path / "run")),
+    ]
 
 
 def test_a_finished_teacher_or_stage_one_is_not_planned_again(tmp_path):
@@ -166,7 +190,9 @@ def test_a_finished_teacher_or_stage_one_is_not_planned_again(tmp_path):
     assert [s.method for s in prerequisites.check(c, str(tmp_path / "kd")).stages] == ["kd"]
     c = config_utils.load_config(os.path.join(CONFIG_DIR, "sckd_mnist.py"))
     assert [(s.method, s.key) for s in prerequisites.check(c, str(tmp_path / "s")).stages] == [
-        ("ncd_pretrain", "ncd.pretrain.train"), ("sckd", "")]
+        ("ncd_pretrain", "ncd.pretrain.train"),
+        ("sckd", ""),
+    ]
     c.ncd.pretrain.workdir = str(tmp_path / "nope")
     with pytest.raises(prerequisites.MissingPrerequisites, match="ncd.pretrain.workdir"):
         prerequisites.check(c, str(tmp_path / "s"))
@@ -188,4 +214,5 @@ def test_load_teacher_without_workdir_or_train_config_names_both_keys(tmp_path):
         methods.get_method("kd")(c, str(tmp_path), parallel.make_mesh())
     assert err.value.keys() == ["teacher.workdir"]
     assert "config.teacher.workdir is empty and config.teacher.train holds no teacher" in " ".join(
-        str(err.value).split())
+        str(err.value).split()
+    )

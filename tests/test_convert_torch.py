@@ -4,6 +4,7 @@ the CLI's teacher workdir as a KD teacher, and bad input named key by key with n
 Fixtures (tests/fixtures/torch) come from `python -m kd_jax.tools.make_torch_fixtures` (torch);
 these tests need torch only for the `.pth` case.
 """
+
 import json
 import os
 import struct
@@ -22,8 +23,16 @@ from kd_jax.tools import convert_torch as ct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "torch")
-FAMILIES = ("lenet", "resnet_cifar", "resnet_imagenet", "resnet_imagenet_basic", "wrn", "vgg",
-            "mobilenet_v2", "vit")
+FAMILIES = (
+    "lenet",
+    "resnet_cifar",
+    "resnet_imagenet",
+    "resnet_imagenet_basic",
+    "wrn",
+    "vgg",
+    "mobilenet_v2",
+    "vit",
+)
 
 
 def fixture(family):
@@ -31,7 +40,7 @@ def fixture(family):
         data = {k: f[k] for k in f.files}
     meta = json.loads(str(data.pop("meta")))
     kwargs = {k: _tuples(v) for k, v in meta["model_kwargs"].items()}
-    sd = {k[len("state_dict/"):]: v for k, v in data.items() if k.startswith("state_dict/")}
+    sd = {k[len("state_dict/") :]: v for k, v in data.items() if k.startswith("state_dict/")}
     return meta["arch"], meta["num_classes"], kwargs, sd, data
 
 
@@ -67,10 +76,21 @@ def test_converted_logits_equal_pytorch(family):
 def test_bn_statistics_are_used_in_eval_mode():
     # Parity must not hold by accident: with default BN statistics the logits differ.
     arch, num_classes, kwargs, sd, data = fixture("resnet_cifar")
-    reset = ct.convert_state_dict(arch, num_classes, {
-        k: (np.zeros_like(v) if k.endswith("running_mean") else
-            np.ones_like(v) if k.endswith("running_var") else v) for k, v in sd.items()},
-        **kwargs)
+    reset = ct.convert_state_dict(
+        arch,
+        num_classes,
+        {
+            k: (
+                np.zeros_like(v)
+                if k.endswith("running_mean")
+                else np.ones_like(v)
+                if k.endswith("running_var")
+                else v
+            )
+            for k, v in sd.items()
+        },
+        **kwargs,
+    )
     logits, _ = apply(arch, num_classes, kwargs, reset, data["input"])
     assert np.abs(logits - data["logits"]).max() > 1e-2
 
@@ -78,8 +98,11 @@ def test_bn_statistics_are_used_in_eval_mode():
 def test_dino_style_headless_vit_backbone():
     # DINO checkpoints: no classifier (head = Identity), keys under 'teacher' / 'backbone.'.
     arch, _, kwargs, sd, data = fixture("vit")
-    wrapped = {"teacher": {"backbone." + k: v for k, v in sd.items() if not k.startswith("head.")}
-               | {"head.mlp.0.weight": np.ones((4, 16), np.float32)}, "epoch": 99}
+    wrapped = {
+        "teacher": {"backbone." + k: v for k, v in sd.items() if not k.startswith("head.")}
+        | {"head.mlp.0.weight": np.ones((4, 16), np.float32)},
+        "epoch": 99,
+    }
     backbone, info = ct.unwrap(wrapped, prefix="backbone.")
     assert info["outside_prefix"] == ["head.mlp.0.weight"]
     variables = ct.convert_state_dict(arch, 0, backbone, **kwargs)
@@ -100,9 +123,11 @@ def test_safetensors_file_equals_the_state_dict():
 
 def test_safetensors_reader_decodes_bf16_and_f16(tmp_path):
     # Bytes written by hand from the format spec (independent of ct.write_safetensors).
-    header = {"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
-              "b": {"dtype": "F16", "shape": [1, 2], "data_offsets": [4, 8]},
-              "__metadata__": {"format": "pt"}}
+    header = {
+        "a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
+        "b": {"dtype": "F16", "shape": [1, 2], "data_offsets": [4, 8]},
+        "__metadata__": {"format": "pt"},
+    }
     blob = json.dumps(header).encode()
     data = struct.pack("<HH", 0x3F80, 0xC020) + np.array([[0.5, -3.0]], "<f2").tobytes()
     path = tmp_path / "x.safetensors"
@@ -122,8 +147,9 @@ def test_pth_with_cmi_lenet_naming_and_dfkd_wrapper():
     sd, info = ct.read_state_dict(os.path.join(FIXTURES, "lenet5_half_cmi.pth"))
     assert info["container"] == ["state_dict"] and info["scalars"]["best_acc"] == 0.9876
     assert any(k.startswith("features.") for k in sd)  # CMI / Fast-Datafree naming
-    logits, _ = apply(arch, num_classes, kwargs, ct.convert_state_dict(arch, num_classes, sd),
-                      data["input"])
+    logits, _ = apply(
+        arch, num_classes, kwargs, ct.convert_state_dict(arch, num_classes, sd), data["input"]
+    )
     np.testing.assert_allclose(logits, data["logits"], rtol=0, atol=1e-4)
 
 
@@ -136,18 +162,25 @@ def test_pth_without_torch_says_how_to_proceed(monkeypatch):
 def test_wrappers_are_unwrapped():
     sd = {"conv1.weight": np.zeros((3, 1, 5, 5), np.float32)}
     # RepDistiller ckpt_epoch_240.pth: {'model': sd, ...}; DataParallel 'module.' prefix.
-    got, info = ct.unwrap({"epoch": 240, "model": {"module." + k: v for k, v in sd.items()},
-                           "optimizer": {"state": {}}})
+    got, info = ct.unwrap(
+        {
+            "epoch": 240,
+            "model": {"module." + k: v for k, v in sd.items()},
+            "optimizer": {"state": {}},
+        }
+    )
     assert list(got) == ["conv1.weight"] and info["container"] == ["model"]
     with pytest.raises(ct.ConversionError, match="no state dict found.*'optimizer'"):
         ct.unwrap({"epoch": 1, "optimizer": {"lr": 0.1}})
 
 
 def test_reading_npz_and_safetensors_never_imports_torch():
-    code = ("import sys; from kd_jax.tools import convert_torch as ct; "
-            f"ct.read_state_dict({os.path.join(FIXTURES, 'lenet.npz')!r}); "
-            f"ct.read_state_dict({os.path.join(FIXTURES, 'lenet5_half.safetensors')!r}); "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from kd_jax.tools import convert_torch as ct; "
+        f"ct.read_state_dict({os.path.join(FIXTURES, 'lenet.npz')!r}); "
+        f"ct.read_state_dict({os.path.join(FIXTURES, 'lenet5_half.safetensors')!r}); "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
@@ -197,12 +230,24 @@ def test_wrong_architecture_names_keys_and_the_matching_arch():
 
 def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     out = tmp_path / "teacher"
-    rc = ct.main(["--arch=resnet18_cifar", "--num_classes=10", f"--out={out}",
-                  f"--src={os.path.join(FIXTURES, 'lenet5_half.safetensors')}"])
+    rc = ct.main(
+        [
+            "--arch=resnet18_cifar",
+            "--num_classes=10",
+            f"--out={out}",
+            f"--src={os.path.join(FIXTURES, 'lenet5_half.safetensors')}",
+        ]
+    )
     assert rc == 1 and not out.exists() and os.listdir(tmp_path) == []
     assert "conv3.weight (60, 8, 5, 5)" in capsys.readouterr().err
-    rc = ct.main(["--arch=no_such_net", "--num_classes=10", f"--out={out}",
-                  f"--src={os.path.join(FIXTURES, 'lenet.npz')}"])
+    rc = ct.main(
+        [
+            "--arch=no_such_net",
+            "--num_classes=10",
+            f"--out={out}",
+            f"--src={os.path.join(FIXTURES, 'lenet.npz')}",
+        ]
+    )
     assert rc == 2 and "known models" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
@@ -210,8 +255,10 @@ def test_cli_teacher_is_loaded_and_used_by_a_kd_run(tmp_path, capsys):
     arch, num_classes, kwargs, _, data = fixture("lenet")
     out = tmp_path / "teacher"
     src = os.path.join(FIXTURES, "lenet5_half.safetensors")
-    assert ct.main([f"--arch={arch}", f"--num_classes={num_classes}", f"--src={src}",
-                    f"--out={out}"]) == 0
+    assert (
+        ct.main([f"--arch={arch}", f"--num_classes={num_classes}", f"--src={src}", f"--out={out}"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "parameters: 15,738;" in printed and "unmapped keys: none" in printed
     results = json.loads((out / "results.json").read_text())
@@ -219,8 +266,10 @@ def test_cli_teacher_is_loaded_and_used_by_a_kd_run(tmp_path, capsys):
     assert results["num_classes"] == 10 and results["num_params"] == 15738
     assert results["source"] == src and "final_accuracy" not in results
     variables = checkpoint.load_variables(str(out))
-    teacher = {"params": variables["params"]["model"],
-               "batch_stats": variables["batch_stats"].get("model", {})}
+    teacher = {
+        "params": variables["params"]["model"],
+        "batch_stats": variables["batch_stats"].get("model", {}),
+    }
     logits, _ = apply(arch, num_classes, kwargs, teacher, data["input"])
     np.testing.assert_allclose(logits, data["logits"], rtol=0, atol=1e-4)
 
@@ -242,10 +291,12 @@ def test_cli_teacher_is_loaded_and_used_by_a_kd_run(tmp_path, capsys):
     method = get_method("kd")(c, str(tmp_path / "student"), mesh)
     assert method.teacher_info["method"] == "converted"
     x = np.concatenate([data["input"]] * 8)[:8]  # a batch the 8 devices divide
-    logits, _ = jax.jit(method.teacher_apply)(method.teacher_vars,
-                                              parallel.global_batch({"x": x}, mesh)["x"])
+    logits, _ = jax.jit(method.teacher_apply)(
+        method.teacher_vars, parallel.global_batch({"x": x}, mesh)["x"]
+    )
     np.testing.assert_allclose(np.asarray(logits)[:3], data["logits"], rtol=0, atol=1e-4)
-    acc = evaluate_variables(method.teacher_model.apply, method.teacher_vars,
-                             method.eval_dataset(), mesh)
+    acc = evaluate_variables(
+        method.teacher_model.apply, method.teacher_vars, method.eval_dataset(), mesh
+    )
     assert 0.0 <= acc <= 1.0
     assert sorted(os.listdir(tmp_path)) == ["teacher"]  # no temporary directories left behind

@@ -1,4 +1,5 @@
 """TFRecord shards: writer, streaming per-process reader, corrupt records, make_shards CLI."""
+
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ def test_roundtrip_png_ids_labels_sources(tmp_path):
     man = shards.write_shards(tmp_path, imgs, labels=labels, sources=sources, num_shards=4)
 
     names = sorted(os.listdir(tmp_path))
-    assert names == ["pool-0000%d-of-00004.tfrecord" % i for i in range(4)] + ["pool.json"]
+    assert names == [f"pool-0000{i}-of-00004.tfrecord" for i in range(4)] + ["pool.json"]
     assert man == json.loads((tmp_path / "pool.json").read_text())
     assert man["count"] == n and man["shard_counts"] == [10, 9, 9, 9]
     assert man["image_shape"] == [9, 7, 3] and man["has_labels"]
@@ -75,8 +76,10 @@ def test_process_shares_disjoint_and_complete(tmp_path, count):
     n = 50
     shards.write_shards(tmp_path, _images(n), num_shards=6)
     pattern = shards.shard_pattern(tmp_path)
-    shares = [[e["id"] for e in _read_all(pattern, process_index=i, process_count=count)]
-              for i in range(count)]
+    shares = [
+        [e["id"] for e in _read_all(pattern, process_index=i, process_count=count)]
+        for i in range(count)
+    ]
     flat = [i for s in shares for i in s]
     assert len(flat) == len(set(flat)) == n and set(flat) == set(range(n))
     for i, share in enumerate(shares):
@@ -90,10 +93,12 @@ def test_process_shares_disjoint_and_complete(tmp_path, count):
 def test_shuffle_files_keep_ids_and_count_ids(tmp_path):
     shards.write_shards(tmp_path, _images(40), num_shards=5)
     pattern = shards.shard_pattern(tmp_path)
-    a = [e["id"] for e in shards.iter_numpy(shards.read_shards(pattern, shuffle_files=True,
-                                                               seed=3))]
-    b = [e["id"] for e in shards.iter_numpy(shards.read_shards(pattern, shuffle_files=True,
-                                                               seed=3))]
+    a = [
+        e["id"] for e in shards.iter_numpy(shards.read_shards(pattern, shuffle_files=True, seed=3))
+    ]
+    b = [
+        e["id"] for e in shards.iter_numpy(shards.read_shards(pattern, shuffle_files=True, seed=3))
+    ]
     assert a == b and sorted(a) == list(range(40))
     keep = lambda i: tf.equal(i % 4, 0)  # noqa: E731
     kept = _read_all(pattern, keep_id_fn=keep)
@@ -119,7 +124,8 @@ def test_directory_opens_the_shards_its_manifest_lists(tmp_path):
     (tmp_path / "pool" / "notes.txt").write_text("not a shard")
     listed = shards.list_shard_files(tmp_path / "pool")
     assert [os.path.basename(f) for f in listed] == [
-        "pool-0000%d-of-00003.tfrecord" % i for i in range(3)]
+        f"pool-0000{i}-of-00003.tfrecord" for i in range(3)
+    ]
     assert shards.count_records(tmp_path / "pool") == 13
     assert sorted(shards.read_ids(str(tmp_path / "pool"))) == list(range(13))
     assert len(_read_all(str(tmp_path / "pool"))) == 13
@@ -132,8 +138,12 @@ def test_directory_opens_the_shards_its_manifest_lists(tmp_path):
 def test_foreign_file_in_a_glob_skipped_by_every_pass(tmp_path, caplog):
     shards.write_shards(tmp_path, _images(10), num_shards=2)
     pattern, manifest = str(tmp_path / "*"), str(tmp_path / "pool.json")
-    for count in (lambda: shards.count_records(pattern), lambda: shards.count_ids(pattern),
-                  lambda: len(shards.read_ids(pattern)), lambda: len(_read_all(pattern))):
+    for count in (
+        lambda: shards.count_records(pattern),
+        lambda: shards.count_ids(pattern),
+        lambda: len(shards.read_ids(pattern)),
+        lambda: len(_read_all(pattern)),
+    ):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kd_jax.data.shards"):
             assert count() == 10
@@ -178,8 +188,11 @@ def test_writer_refuses_existing_overwrites_and_leaves_no_partial(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         shards.write_shards(tmp_path, _images(10), num_shards=4)
     shards.write_shards(tmp_path, _images(10), num_shards=2, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["pool-00000-of-00002.tfrecord",
-                                            "pool-00001-of-00002.tfrecord", "pool.json"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "pool-00000-of-00002.tfrecord",
+        "pool-00001-of-00002.tfrecord",
+        "pool.json",
+    ]
 
     class Exploding:  # a lazy source that dies half way: nothing must look written
         def __len__(self):
@@ -203,8 +216,9 @@ def test_make_shards_cli_npz(tmp_path, capsys):
     src = np.array(["a"] * 5 + ["b"] * 7)
     np.savez(tmp_path / "d.npz", images=imgs[..., 0], labels=labels, source=src)
     out = tmp_path / "out"
-    rc = make_shards.main([f"--src={tmp_path / 'd.npz'}", f"--out={out}", "--num_shards=3",
-                           "--prefix=mine"])
+    rc = make_shards.main(
+        [f"--src={tmp_path / 'd.npz'}", f"--out={out}", "--num_shards=3", "--prefix=mine"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 12 images to 3 shard(s)" in printed and "a=5, b=7" in printed
@@ -215,13 +229,21 @@ def test_make_shards_cli_npz(tmp_path, capsys):
         assert e["image"].tobytes() == imgs[e["id"]].tobytes()
         assert e["label"] == labels[e["id"]] and e["source"] == src[e["id"]]
 
-    rc = make_shards.main([f"--src={tmp_path / 'd.npz'}", f"--out={out}", "--prefix=small",
-                           "--image_size=6", "--num_shards=2"])
+    rc = make_shards.main(
+        [
+            f"--src={tmp_path / 'd.npz'}",
+            f"--out={out}",
+            "--prefix=small",
+            "--image_size=6",
+            "--num_shards=2",
+        ]
+    )
     assert rc == 0 and shards.read_manifest(out, "small")["image_shape"] == [6, 6, 1]
 
 
 def test_make_shards_cli_image_folder(tmp_path, capsys):
     from PIL import Image
+
     root = tmp_path / "imgs"
     rng = np.random.RandomState(1)
     expected = {}
@@ -232,8 +254,9 @@ def test_make_shards_cli_image_folder(tmp_path, capsys):
             Image.fromarray(arr).save(root / cls / f"{k}.png")
             expected[f"{cls}/{k}.png"] = arr
     out = tmp_path / "out"
-    rc = make_shards.main([f"--src={root}", f"--out={out}", "--num_shards=2",
-                           "--labels_from_folders"])
+    rc = make_shards.main(
+        [f"--src={root}", f"--out={out}", "--num_shards=2", "--labels_from_folders"]
+    )
     assert rc == 0
     assert "classes: 0=cat, 1=zebra" in capsys.readouterr().out
     man = shards.read_manifest(out)
@@ -246,8 +269,16 @@ def test_make_shards_cli_image_folder(tmp_path, capsys):
         assert e["label"] == (0 if rel.startswith("cat") else 1)
         np.testing.assert_array_equal(e["image"][..., 0], expected[rel])
 
-    rc = make_shards.main([f"--src={root}", f"--out={out}", "--prefix=rgb", "--channels=3",
-                           "--image_size=4x6", "--num_shards=1"])
+    rc = make_shards.main(
+        [
+            f"--src={root}",
+            f"--out={out}",
+            "--prefix=rgb",
+            "--channels=3",
+            "--image_size=4x6",
+            "--num_shards=1",
+        ]
+    )
     assert rc == 0 and shards.read_manifest(out, "rgb")["image_shape"] == [4, 6, 3]
 
 
@@ -255,11 +286,18 @@ def test_make_shards_bad_inputs_name_file_and_key(tmp_path, capsys):
     np.savez(tmp_path / "nokey.npz", pictures=np.zeros((2, 4, 4), np.uint8))
     np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4), np.float32))
     np.savez(tmp_path / "rank.npz", images=np.zeros((4, 4), np.uint8))
-    np.savez(tmp_path / "labels.npz", images=np.zeros((2, 4, 4), np.uint8),
-             labels=np.zeros((3,), np.int64))
-    cases = {"nokey.npz": "missing key 'images'", "float.npz": "dtype float32",
-             "rank.npz": "shape (4, 4)", "labels.npz": "key 'labels'",
-             "absent.npz": "no such file"}
+    np.savez(
+        tmp_path / "labels.npz",
+        images=np.zeros((2, 4, 4), np.uint8),
+        labels=np.zeros((3,), np.int64),
+    )
+    cases = {
+        "nokey.npz": "missing key 'images'",
+        "float.npz": "dtype float32",
+        "rank.npz": "shape (4, 4)",
+        "labels.npz": "key 'labels'",
+        "absent.npz": "no such file",
+    }
     for name, needle in cases.items():
         rc = make_shards.main([f"--src={tmp_path / name}", f"--out={tmp_path / 'o'}"])
         err = capsys.readouterr().err
@@ -269,8 +307,17 @@ def test_make_shards_bad_inputs_name_file_and_key(tmp_path, capsys):
 
     # The real command line, once (bad input fails before TensorFlow is imported: fast).
     proc = subprocess.run(
-        [sys.executable, "-m", "kd_jax.data.make_shards", f"--src={tmp_path / 'nokey.npz'}",
-         f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "kd_jax.data.make_shards",
+            f"--src={tmp_path / 'nokey.npz'}",
+            f"--out={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "nokey.npz" in proc.stderr and "'images'" in proc.stderr
 

@@ -1,6 +1,7 @@
 """Every dataset config the users run on real data (TFDS / image folders / pool shards) builds
 its whole pipeline and trains a step or two on mock data: tfds.testing.mock_data, tiny TFRecord
 shards and image folders written in a temp dir."""
+
 import json
 import os
 
@@ -19,10 +20,17 @@ def test_one_teacher_step_on_tfds_mock_data(tmp_path):
         results = train.train_and_evaluate(c, str(tmp_path))
     assert results["steps"] == 2 and 0.0 <= results["final_accuracy"] <= 1.0
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("method", "config", "final_accuracy", "best_accuracy", "steps", "wall_seconds",
-                "images_per_second"):
+    for key in (
+        "method",
+        "config",
+        "final_accuracy",
+        "best_accuracy",
+        "steps",
+        "wall_seconds",
+        "images_per_second",
+    ):
         assert key in saved, key
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 2 and "accuracy" in lines[-1]
     assert os.listdir(tmp_path / "tensorboard")
     # A finished run is not trained again.
@@ -50,8 +58,10 @@ def _write_pool(path, images):
 
 # ----- every dataset config: pipeline on mock data, one step ----------------------------------
 
+
 def _folder(root, num_classes=100, per_class=1):
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for split in ("trainval", "test"):
         for k in range(num_classes):
@@ -62,14 +72,17 @@ def _folder(root, num_classes=100, per_class=1):
     return str(root)
 
 
-@pytest.mark.parametrize("name,arg,examples", [
-    ("sckd_cifar10.py", "smoke", 64),
-    ("sckd_cifar100.py", "50_50,uno,smoke", 64),
-    ("sckd_imagenet100.py", "smoke", 400),
-    ("sckd_cub.py", "smoke", 64),
-    ("sckd_scars.py", "uno,smoke", 64),
-    ("sckd_aircraft.py", "smoke", 0),
-])
+@pytest.mark.parametrize(
+    "name,arg,examples",
+    [
+        ("sckd_cifar10.py", "smoke", 64),
+        ("sckd_cifar100.py", "50_50,uno,smoke", 64),
+        ("sckd_imagenet100.py", "smoke", 400),
+        ("sckd_cub.py", "smoke", 64),
+        ("sckd_scars.py", "uno,smoke", 64),
+        ("sckd_aircraft.py", "smoke", 0),
+    ],
+)
 def test_dataset_config_runs_one_step_on_mock_data(tmp_path, name, arg, examples):
     c = config(name, arg, num_steps=1, eval_every=1, checkpoint_every=1)
     # Discovery only (stage chaining is covered end to end on MNIST).

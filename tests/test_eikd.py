@@ -1,5 +1,6 @@
 """EIKD (issue 5): class dropping, selection, the relation pieces as the method uses them, and an
 end-to-end `configs/eikd_mnist.py:smoke` run on the offline benchmark."""
+
 import json
 import os
 
@@ -17,11 +18,13 @@ GOLDEN = os.path.join(ROOT, "tests", "golden", "losses_golden.npz")
 
 def _logits(b=16, c=10, seed=0, scale=3.0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(b, c)) * scale).astype(np.float32), \
-        (rng.normal(size=(b, c)) * scale).astype(np.float32)
+    return (rng.normal(size=(b, c)) * scale).astype(np.float32), (
+        rng.normal(size=(b, c)) * scale
+    ).astype(np.float32)
 
 
 # ----- class dropping (§2) -------------------------------------------------------------------
+
 
 def test_k_equal_to_num_classes_is_plain_kd():
     with jax.enable_x64(True):  # two programs for one value: compared in float64
@@ -63,13 +66,17 @@ def test_relation_terms_match_library_golden_values():
     z = np.load(GOLDEN)
     weights = {"rkd_distance": 25.0, "rkd_angle": 50.0, "sp": 1.0, "relation_kl": 1.0}
     got = eikd.relation_terms(z["in/fs"], z["in/ft"], weights, relation_kl_temperature=0.5)
-    for name, key in (("rkd_distance", "rkd_distance"), ("rkd_angle", "rkd_angle"),
-                      ("sp", "sp"), ("relation_kl", "relation_kl")):
+    for name, key in (
+        ("rkd_distance", "rkd_distance"),
+        ("rkd_angle", "rkd_angle"),
+        ("sp", "sp"),
+        ("relation_kl", "relation_kl"),
+    ):
         np.testing.assert_allclose(got[name], z[f"out/{key}"], rtol=1e-5, atol=1e-7)
     # Zero-weight terms are not computed at all (the O(B³) angle term is skipped).
-    assert set(eikd.relation_terms(z["in/fs"], z["in/ft"], {**weights, "rkd_angle": 0.0,
-                                                              "sp": 0.0})) == \
-        {"rkd_distance", "relation_kl"}
+    assert set(
+        eikd.relation_terms(z["in/fs"], z["in/ft"], {**weights, "rkd_angle": 0.0, "sp": 0.0})
+    ) == {"rkd_distance", "relation_kl"}
 
 
 def test_batch_keep_fraction_keeps_the_best_rows():
@@ -81,6 +88,7 @@ def test_batch_keep_fraction_keeps_the_best_rows():
 
 # ----- selection (§1) ------------------------------------------------------------------------
 
+
 def _fake_pool(counts, seed=0):
     """PoolScores with `counts[c]` items predicted as class c, shuffled ids, random confidences."""
     rng = np.random.default_rng(seed)
@@ -90,10 +98,19 @@ def _fake_pool(counts, seed=0):
     conf = rng.uniform(0.1, 1.0, m)
     order = np.argsort(ids)
     empty = np.zeros(0)
-    return pool.PoolScores(ids=ids[order], pred=pred[order], confidence=conf[order],
-                           entropy=-conf[order], energy=conf[order], margin=conf[order],
-                           sources=np.full(m, ""), cand_ids=empty, cand_class=empty,
-                           cand_feat=np.zeros((0, 1)), cand_logp=empty)
+    return pool.PoolScores(
+        ids=ids[order],
+        pred=pred[order],
+        confidence=conf[order],
+        entropy=-conf[order],
+        energy=conf[order],
+        margin=conf[order],
+        sources=np.full(m, ""),
+        cand_ids=empty,
+        cand_class=empty,
+        cand_feat=np.zeros((0, 1)),
+        cand_logp=empty,
+    )
 
 
 def test_balanced_selection_gives_floor_n_over_c_per_class():
@@ -182,15 +199,25 @@ def test_method_loss_uses_projected_features(smoke_run):
         assert state.params["projector"]["dense"]["kernel"].dtype == jnp.float64
         assert "bias" not in state.params["projector"]["dense"]
         images = np.random.default_rng(0).normal(size=(16, 32, 32, 1))
-        _, (_, m) = method.loss(state.params, state.batch_stats, {"image": images},
-                                jax.random.PRNGKey(1), method.teacher_vars, 0)
+        _, (_, m) = method.loss(
+            state.params,
+            state.batch_stats,
+            {"image": images},
+            jax.random.PRNGKey(1),
+            method.teacher_vars,
+            0,
+        )
         _, t_feats = method.teacher_apply(method.teacher_vars, images)
-        (_, s_feats), _ = method.student_apply(state.params, state.batch_stats, images, True,
-                                             rng=jax.random.PRNGKey(1))
-        proj = method.heads["projector"][0].apply({"params": state.params["projector"]},
-                                                  s_feats["pre_logits"])
+        (_, s_feats), _ = method.student_apply(
+            state.params, state.batch_stats, images, True, rng=jax.random.PRNGKey(1)
+        )
+        proj = method.heads["projector"][0].apply(
+            {"params": state.params["projector"]}, s_feats["pre_logits"]
+        )
         t = t_feats["pre_logits"]
-        for name, want in (("rkd_distance", losses.rkd_distance_loss(proj, t)),
-                           ("rkd_angle", losses.rkd_angle_loss(proj, t)),
-                           ("feature", losses.feature_loss(proj, t))):
+        for name, want in (
+            ("rkd_distance", losses.rkd_distance_loss(proj, t)),
+            ("rkd_angle", losses.rkd_angle_loss(proj, t)),
+            ("feature", losses.feature_loss(proj, t)),
+        ):
             np.testing.assert_allclose(m[name], want, rtol=1e-12, err_msg=name)

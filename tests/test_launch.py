@@ -10,6 +10,7 @@ the jax requirement is plain `jax` (KD_JAX_JAX_EXTRA=none), no kd_jax extras (KD
 the default gcs client), and pip reuses this test's
 installed packages through PYTHONPATH with PIP_NO_INDEX=1, so nothing is downloaded.
 """
+
 import configparser
 import glob
 import os
@@ -63,8 +64,12 @@ esac
 
 def _version(python):
     try:
-        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            [python, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
         return tuple(map(int, out))
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
@@ -74,8 +79,11 @@ def _python310():
     """Any Python 3.10 on this machine (pyenv's on the dev machines and CI), or None."""
     candidates = sorted(glob.glob("/root/.pyenv/versions/3.10*/bin/python"))
     candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python")))
-    candidates += [p for p in (shutil.which("python3.10"), "/usr/bin/python3.10",
-                               "/usr/local/bin/python3.10") if p]
+    candidates += [
+        p
+        for p in (shutil.which("python3.10"), "/usr/bin/python3.10", "/usr/local/bin/python3.10")
+        if p
+    ]
     for c in candidates:
         if os.path.exists(c) and _version(c) == (3, 10):
             return c
@@ -83,8 +91,11 @@ def _python310():
 
 
 PY310 = _python310()
-needs_py310 = pytest.mark.skipif(PY310 is None, reason="no Python 3.10 on this machine (looked in "
-                                 "~/.pyenv/versions/3.10*, python3.10 on PATH, /usr/bin)")
+needs_py310 = pytest.mark.skipif(
+    PY310 is None,
+    reason="no Python 3.10 on this machine (looked in "
+    "~/.pyenv/versions/3.10*, python3.10 on PATH, /usr/bin)",
+)
 
 
 def _setup_cfg():
@@ -114,19 +125,28 @@ def _fake_cloud(tmp_path, workers=1):
         os.symlink(PY310, bin_dir / "python3")
     root = tmp_path / "slice"
     root.mkdir()
-    return _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                      FAKE_GCLOUD_ROOT=str(root), FAKE_GCLOUD_WORKERS=str(workers),
-                      TMPDIR=str(tmp_path)), root
+    return _clean_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_GCLOUD_ROOT=str(root),
+        FAKE_GCLOUD_WORKERS=str(workers),
+        TMPDIR=str(tmp_path),
+    ), root
 
 
 def _offline_pip_env(env):
     """This test's interpreter and installed packages, pip without any index or download."""
     env = dict(env)
-    env.update(KD_JAX_PYTHON=sys.executable, KD_JAX_JAX_EXTRA="none", KD_JAX_EXTRAS="",
-               PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull,
-               # pip's inverted spelling: "0" turns build isolation off (no setuptools download).
-               PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    env.update(
+        KD_JAX_PYTHON=sys.executable,
+        KD_JAX_JAX_EXTRA="none",
+        KD_JAX_EXTRAS="",
+        PIP_NO_INDEX="1",
+        PIP_CONFIG_FILE=os.devnull,
+        # pip's inverted spelling: "0" turns build isolation off (no setuptools download).
+        PIP_NO_BUILD_ISOLATION="0",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PYTHONPATH=os.pathsep.join(site.getsitepackages()),
+    )
     return env
 
 
@@ -142,8 +162,9 @@ def test_tpu_install_builds_its_own_python_env_where_python3_is_3_10(tmp_path):
     assert _version(shutil.which("python3", path=env["PATH"])) == (3, 10)
     env = _offline_pip_env(env)
     t0 = time.time()
-    r = _run(["bash", TPU_POD, "install", "--name=kd-test", "--zone=z", "--project=p"], env,
-             cwd=ROOT)
+    r = _run(
+        ["bash", TPU_POD, "install", "--name=kd-test", "--zone=z", "--project=p"], env, cwd=ROOT
+    )
     took = time.time() - t0
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
@@ -164,9 +185,11 @@ def test_tpu_install_builds_its_own_python_env_where_python3_is_3_10(tmp_path):
         assert (home / "kd_jax" / "setup.cfg").exists()  # the copied tarball, unpacked
     # The versions line, from worker 0 only.
     import jax
+
     line = [ln for ln in out.splitlines() if ln.startswith("fake-tpu-w-0: ") and "jaxlib" in ln]
-    assert len(line) == 1 and not any(ln.startswith("fake-tpu-w-1: ") and "jaxlib" in ln
-                                      for ln in out.splitlines()), out
+    assert len(line) == 1 and not any(
+        ln.startswith("fake-tpu-w-1: ") and "jaxlib" in ln for ln in out.splitlines()
+    ), out
     assert f"{py}" in line[0] and f"jax {jax.__version__}," in line[0], line
     assert "libtpu" in line[0] and "kd_jax 0.1.0" in line[0], line
 
@@ -177,8 +200,12 @@ def test_tpu_install_builds_its_own_python_env_where_python3_is_3_10(tmp_path):
     # absl's --help exits with 1 after printing the flags of the module it ran.
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert f"{home}/kd_jax_venv/lib/" in r.stdout and "--workdir" in r.stdout, r.stdout
-    r = _run([venv_py, "-c", "import jax, kd_jax, kd_jax.losses; print(kd_jax.__file__)"], env,
-             cwd=home, timeout=120)
+    r = _run(
+        [venv_py, "-c", "import jax, kd_jax, kd_jax.losses; print(kd_jax.__file__)"],
+        env,
+        cwd=home,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(home / "kd_jax_venv")), r.stdout
 
@@ -214,15 +241,25 @@ def test_worker_setup_reads_the_ranges_from_setup_cfg(tmp_path):
 
 # ----- tpu_pod.sh dry runs ---------------------------------------------------------------------
 def _dry(*args):
-    r = _run(["bash", TPU_POD, "--zone=us-central2-b", "--project=p", "--dry-run", *args],
-             _clean_env(), cwd=ROOT)
+    r = _run(
+        ["bash", TPU_POD, "--zone=us-central2-b", "--project=p", "--dry-run", *args],
+        _clean_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
 
 def test_tpu_dry_run_all_installs_an_env_and_passes_gs_workdir_through():
-    out = _dry("all", "--name=kd-v4-32", "--type=v4-32", "--config=configs/odsd_imagenet.py",
-               "--workdir=gs://my-bucket/kd/odsd_r50_r18", "--", "--config.batch_size=1024")
+    out = _dry(
+        "all",
+        "--name=kd-v4-32",
+        "--type=v4-32",
+        "--config=configs/odsd_imagenet.py",
+        "--workdir=gs://my-bucket/kd/odsd_r50_r18",
+        "--",
+        "--config.batch_size=1024",
+    )
     assert "gcsfuse" not in out and "mount" not in out.lower() and "/tmp/gcs" not in out
     assert "python3 -m pip" not in out
     assert "--version=tpu-ubuntu2204-base" in out
@@ -236,8 +273,10 @@ def test_tpu_dry_run_all_installs_an_env_and_passes_gs_workdir_through():
     assert any("--worker=0" in ln and "kd_jax_worker_setup.sh versions" in ln for ln in lines)
     run = [ln for ln in lines if "setsid nohup" in ln]
     assert len(run) == 1 and "--worker=all" in run[0]
-    assert ("$HOME/kd_jax_venv/bin/python -m kd_jax.main --config=configs/odsd_imagenet.py "
-            "--workdir=gs://my-bucket/kd/odsd_r50_r18 --config.batch_size=1024 ") in run[0]
+    assert (
+        "$HOME/kd_jax_venv/bin/python -m kd_jax.main --config=configs/odsd_imagenet.py "
+        "--workdir=gs://my-bucket/kd/odsd_r50_r18 --config.batch_size=1024 "
+    ) in run[0]
     assert "mkdir" not in run[0]
     # Order: create, then install, then run.
     assert out.index("tpu-vm create") < out.index(" scp ") < out.index("setsid nohup")
@@ -249,23 +288,46 @@ def test_tpu_dry_run_install_from_git():
     scp = [ln for ln in lines if " scp " in ln]
     assert len(scp) == 1 and "kd_jax_worker_setup.sh" in scp[0] and "tar.gz" not in scp[0]
     install = [ln for ln in lines if "kd_jax_worker_setup.sh install" in ln][0]
-    assert ("git clone -q https://example.invalid/kd_jax.git $HOME/kd_jax && "
-            "git -C $HOME/kd_jax checkout -q v1 && ") in install
+    assert (
+        "git clone -q https://example.invalid/kd_jax.git $HOME/kd_jax && "
+        "git -C $HOME/kd_jax checkout -q v1 && "
+    ) in install
     assert "git archive" not in out
 
 
 def test_tpu_dry_run_shared_path_workdir_and_default_versions():
-    out = _dry("run", "--name=kd", "--type=v6e-8", "--config=configs/kd_cifar10.py",
-               "--workdir=/mnt/nfs/kd/c10")
+    out = _dry(
+        "run",
+        "--name=kd",
+        "--type=v6e-8",
+        "--config=configs/kd_cifar10.py",
+        "--workdir=/mnt/nfs/kd/c10",
+    )
     run = [ln for ln in out.splitlines() if "setsid nohup" in ln][0]
     assert "mkdir -p /mnt/nfs/kd/c10 && " in run and "--workdir=/mnt/nfs/kd/c10" in run
-    for tpu_type, version in [("v4-8", "tpu-ubuntu2204-base"), ("v5litepod-16",
-                              "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
-                              ("v6e-8", "v2-alpha-tpuv6e")]:
+    for tpu_type, version in [
+        ("v4-8", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-8", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ]:
         assert f"--version={version}" in _dry("create", "--name=kd", f"--type={tpu_type}")
     assert "--version=my-image" in _dry("create", "--name=kd", "--version=my-image")
-    r = _run(["bash", TPU_POD, "run", "--name=kd", "--zone=z", "--project=p", "--dry-run",
-              "--config=configs/kd_cifar10.py", "--workdir=relative/dir"], _clean_env(), cwd=ROOT)
+    r = _run(
+        [
+            "bash",
+            TPU_POD,
+            "run",
+            "--name=kd",
+            "--zone=z",
+            "--project=p",
+            "--dry-run",
+            "--config=configs/kd_cifar10.py",
+            "--workdir=relative/dir",
+        ],
+        _clean_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "gs://bucket/path URL or an absolute path" in r.stderr
 
 
@@ -288,8 +350,9 @@ def test_gpu_refuses_a_too_old_interpreter_and_dry_run_still_works():
 def test_gpu_says_cpu_only_jax_with_the_fix():
     """This test's interpreter has jax on the CPU only (JAX_PLATFORMS=cpu, no GPU here)."""
     _, jax_req = _setup_cfg()
-    r = _run(["bash", GPU, *GPU_ARGS, f"--python={sys.executable}"],
-             _clean_env(JAX_PLATFORMS="cpu"))
+    r = _run(
+        ["bash", GPU, *GPU_ARGS, f"--python={sys.executable}"], _clean_env(JAX_PLATFORMS="cpu")
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"interpreter {sys.executable} has jax" in r.stderr
     assert "CPU-only jax installed" in r.stderr

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from helpers import as64, max_distance, record
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kd_jax import losses as L
 
@@ -232,8 +232,10 @@ def ref_sinkhorn(logits, n_iters, eps):
 
 
 def ref_swapped(l1, l2, t1, t2, tau):
-    def ce(l, t):
-        return np.mean([-np.sum(t[i] * np_log_softmax(l[i] / tau)) for i in range(len(l))])
+    def ce(logits, t):
+        return np.mean(
+            [-np.sum(t[i] * np_log_softmax(logits[i] / tau)) for i in range(len(logits))]
+        )
 
     l1, l2, t1, t2 = (np.asarray(a, np.float64) for a in (l1, l2, t1, t2))
     return 0.5 * (ce(l1, t2) + ce(l2, t1))
@@ -609,8 +611,10 @@ def test_rkd_scale_invariance():
     v = values64()
     for kind in ("d", "a"):
         base = v["rkd_distance" if kind == "d" else "rkd_angle"]
-        record(f"RKD-{kind} scale invariance (float64, relative)",
-               np.max(np.abs(v[f"scaled_rkd_{kind}"] / base - 1)))
+        record(
+            f"RKD-{kind} scale invariance (float64, relative)",
+            np.max(np.abs(v[f"scaled_rkd_{kind}"] / base - 1)),
+        )
         close(v[f"scaled_rkd_{kind}"], np.full(len(SCALES), base), rtol=1e-10, atol=0)
 
 
@@ -804,27 +808,43 @@ def test_jit_equals_eager_and_vmap():
     with jax.enable_x64(True):
         inputs = as64({k[3:]: data[k] for k in data.files if k.startswith("in/")})
         jitted = {k: np.asarray(v) for k, v in compute_all(inputs).items()}
-        nudged = {k: np.asarray(v) for k, v in
-                  compute_all({**inputs, "fs": inputs["fs"].at[0, 0].add(1e-7)}).items()}
+        nudged = {
+            k: np.asarray(v)
+            for k, v in compute_all({**inputs, "fs": inputs["fs"].at[0, 0].add(1e-7)}).items()
+        }
         worst = 0.0
         # eager, op by op: one case per public function (the rest share their code paths)
-        names = ("kd_mask_k3", "lnr_loss", "feat_cosine", "rkd_distance", "rkd_angle", "sp",
-                 "pkt", "relation_kl", "info_nce", "supcon", "swapped", "smi", "sc")
+        names = (
+            "kd_mask_k3",
+            "lnr_loss",
+            "feat_cosine",
+            "rkd_distance",
+            "rkd_angle",
+            "sp",
+            "pkt",
+            "relation_kl",
+            "info_nce",
+            "supcon",
+            "swapped",
+            "smi",
+            "sc",
+        )
         for name in names:
             eager = np.asarray(golden_cases()[name](inputs))
             close(eager, jitted[name], name=name, **TIGHT)
-            worst = max(worst, float(np.max(np.abs(eager - jitted[name]) /
-                                            np.abs(jitted[name]))))
+            worst = max(worst, float(np.max(np.abs(eager - jitted[name]) / np.abs(jitted[name]))))
         record("eager vs jit, 13 losses (relative)", worst)
-        moved = [float(np.max(np.abs(nudged[n] - jitted[n]) / np.abs(jitted[n]))) for n in
-                 ("rkd_distance", "rkd_angle", "sp", "relation_kl")]
+        moved = [
+            float(np.max(np.abs(nudged[n] - jitted[n]) / np.abs(jitted[n])))
+            for n in ("rkd_distance", "rkd_angle", "sp", "relation_kl")
+        ]
         record("one input + 1e-7 (broken), smallest relative change", min(moved))
         assert min(moved) > 100 * TIGHT["rtol"], moved
         # vmap over a leading axis (e.g. heads / groups)
         s, t, zs, zt = _base64()
-        got = jax.jit(jax.vmap(lambda a, b, c, d: (L.relation_kl_loss(a, b, 0.5),
-                                                   L.kd_loss(c, d))))(
-            jnp.stack([s, 2 * s]), jnp.stack([t, t]), jnp.stack([zs, zt]), jnp.stack([zt, zs]))
+        got = jax.jit(
+            jax.vmap(lambda a, b, c, d: (L.relation_kl_loss(a, b, 0.5), L.kd_loss(c, d)))
+        )(jnp.stack([s, 2 * s]), jnp.stack([t, t]), jnp.stack([zs, zt]), jnp.stack([zt, zs]))
         close(got[0], [L.relation_kl_loss(s, t, 0.5), L.relation_kl_loss(2 * s, t, 0.5)], **TIGHT)
         close(got[1], [L.kd_loss(zs, zt), L.kd_loss(zt, zs)], **TIGHT)
 

@@ -1,5 +1,6 @@
 """The engine pieces every method uses: batched inference over padded batches, feature shapes,
 partial freezing and the warm start from another run."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,9 +17,13 @@ def _batches(n, batch):
     """Padded batches of rows 0..n-1 (mask 0 on the padding), ids and host-only strings."""
     rows = np.arange(-(-n // batch) * batch)
     for i in range(0, len(rows), batch):
-        r = rows[i:i + batch]
-        yield {"x": r.astype(np.float32), "id": r.astype(np.int64),
-               "mask": (r < n).astype(np.float32), "name": np.asarray([f"r{k}" for k in r])}
+        r = rows[i : i + batch]
+        yield {
+            "x": r.astype(np.float32),
+            "id": r.astype(np.int64),
+            "mask": (r < n).astype(np.float32),
+            "name": np.asarray([f"r{k}" for k in r]),
+        }
 
 
 def test_batched_apply_keeps_real_rows_once_across_devices():
@@ -30,7 +35,8 @@ def test_batched_apply_keeps_real_rows_once_across_devices():
     np.testing.assert_array_equal(rows["id"], np.arange(21))
     assert rows["id"].dtype == np.int64 and rows["name"][-1] == "r20"
     count = inference.BatchedApply(
-        lambda b: {"sum": jnp.sum(b["x"] * b["mask"]), "n": jnp.sum(b["mask"])}, mesh)
+        lambda b: {"sum": jnp.sum(b["x"] * b["mask"]), "n": jnp.sum(b["mask"])}, mesh
+    )
     assert count.sums(batches=_batches(21, 8)) == {"sum": float(sum(range(21))), "n": 21.0}
     assert double.gather(2.0, batches=[]) == {}
 
@@ -38,9 +44,12 @@ def test_batched_apply_keeps_real_rows_once_across_devices():
 def test_batched_apply_pads_short_batches_and_threads_a_carry():
     mesh = parallel.make_mesh()
     running = inference.BatchedApply(
-        lambda b, total: ({"x": b["x"]}, total + jnp.sum(b["x"] * b["mask"])), mesh, carry=True)
-    short = [{"x": np.arange(8, dtype=np.float32), "mask": np.ones(8, np.float32)},
-             {"x": np.asarray([8, 9, 10], np.float32), "mask": np.ones(3, np.float32)}]
+        lambda b, total: ({"x": b["x"]}, total + jnp.sum(b["x"] * b["mask"])), mesh, carry=True
+    )
+    short = [
+        {"x": np.arange(8, dtype=np.float32), "mask": np.ones(8, np.float32)},
+        {"x": np.asarray([8, 9, 10], np.float32), "mask": np.ones(3, np.float32)},
+    ]
     rows, total = running.gather(batches=short, pad_to=8, carry=jnp.zeros(()))
     np.testing.assert_array_equal(rows["x"], np.arange(11))
     assert float(total) == sum(range(11))
@@ -59,13 +68,16 @@ def test_feature_shapes_per_image():
 
 
 def _opt():
-    return ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.9,
-                                      "weight_decay": 5e-4, "grad_clip": 1.0})
+    return ml_collections.ConfigDict(
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "grad_clip": 1.0}
+    )
 
 
 def test_trainable_freezes_the_other_student_modules_only():
-    params = {"model": {"block_a": {"w": jnp.ones(3)}, "block_b": {"w": jnp.ones(3)}},
-              "head": {"w": jnp.ones(3)}}
+    params = {
+        "model": {"block_a": {"w": jnp.ones(3)}, "block_b": {"w": jnp.ones(3)}},
+        "head": {"w": jnp.ones(3)},
+    }
     grads = jax.tree.map(jnp.ones_like, params)
     tx = make_optimizer(_opt(), optax.constant_schedule(0.1), trainable=("block_b",))
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -78,8 +90,10 @@ def test_trainable_freezes_the_other_student_modules_only():
 
 
 def test_warm_start_loads_shared_subtrees_and_names_the_rest(tmp_path):
-    saved = {"params": {"model": {"w": np.full(3, 2.0, np.float32)}},
-             "batch_stats": {"model": {"mean": np.full(3, 5.0, np.float32)}}}
+    saved = {
+        "params": {"model": {"w": np.full(3, 2.0, np.float32)}},
+        "batch_stats": {"model": {"mean": np.full(3, 5.0, np.float32)}},
+    }
     ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
     ckpt.save(1, saved, force=True)
     ckpt.close()
@@ -100,6 +114,7 @@ def test_heads_are_built_once_and_survive_a_traced_init():
     from helpers import config
 
     from kd_jax.methods import get_method
+
     c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False})
     c.method = "uno"
     method = get_method("uno")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))

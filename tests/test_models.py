@@ -5,6 +5,7 @@ Counts and shapes come from `jax.eval_shape`, so nothing large is materialised; 
 run only on small models. The counts were checked against PyTorch reference definitions (and
 logits parity after weight copying) by `tools_dev/torch_param_counts.py --parity`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,16 @@ PARAM_COUNTS = {
 CONTRACT = {
     "lenet5": (10, 84, {"stage1": (14, 14, 6), "stage2": (5, 5, 16), "stage3": (1, 1, 120)}),
     "lenet5_half": (10, 42, {"stage1": (14, 14, 3), "stage2": (5, 5, 8), "stage3": (1, 1, 60)}),
-    "resnet18_cifar": (10, 512, {"stage1": (32, 32, 64), "stage2": (16, 16, 128),
-                                 "stage3": (8, 8, 256), "stage4": (4, 4, 512)}),
+    "resnet18_cifar": (
+        10,
+        512,
+        {
+            "stage1": (32, 32, 64),
+            "stage2": (16, 16, 128),
+            "stage3": (8, 8, 256),
+            "stage4": (4, 4, 512),
+        },
+    ),
     "resnet34_cifar": (100, 512, {"stage4": (4, 4, 512)}),
     "wrn10_1": (10, 64, {"stage1": (32, 32, 16), "stage2": (16, 16, 32), "stage3": (8, 8, 64)}),
     "wrn10_1_half": (10, 32, {"stage1": (32, 32, 8), "stage2": (16, 16, 16), "stage3": (8, 8, 32)}),
@@ -66,15 +75,23 @@ CONTRACT = {
     "resnet18": (1000, 512, {"stage1": (56, 56, 64), "stage4": (7, 7, 512)}),
     "resnet34": (1000, 512, {"stage4": (7, 7, 512)}),
     "resnet50": (1000, 2048, {"stage1": (56, 56, 256), "stage4": (7, 7, 2048)}),
-    "mobilenet_v2": (1000, 1280, {"stage1": (112, 112, 16), "stage2": (56, 56, 24),
-                                  "stage3": (28, 28, 32), "stage4": (14, 14, 96),
-                                  "stage5": (7, 7, 1280)}),
+    "mobilenet_v2": (
+        1000,
+        1280,
+        {
+            "stage1": (112, 112, 16),
+            "stage2": (56, 56, 24),
+            "stage3": (28, 28, 32),
+            "stage4": (14, 14, 96),
+            "stage5": (7, 7, 1280),
+        },
+    ),
     "vit_b16": (1000, 768, {}),
     "vit_s16": (1000, 384, {}),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract(name: str, num_classes: int, batch: int = 2):
     """(abstract variables, abstract (logits, features)) without materialising anything."""
     model = create_model(name, num_classes)
@@ -251,8 +268,9 @@ def test_lenet_forward_and_jit_equals_eager(name):
         jitted, jfeats = jax.jit(model64.apply)(variables, x)
     assert jitted.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(logits), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(jfeats["stage2"]), np.asarray(feats["stage2"]),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(jfeats["stage2"]), np.asarray(feats["stage2"]), rtol=1e-12, atol=1e-14
+    )
     with pytest.raises(ValueError, match="32x32"):
         model.apply(variables, jnp.zeros((1, 28, 28, 1)))
 
@@ -272,11 +290,18 @@ def test_train_mode_updates_batch_stats_and_eval_is_deterministic():
 
     # PyTorch's momentum 0.1: the stem conv output feeds block1/layer_0/bn1 directly, so its
     # running mean after one step is 0.9 * 0 + 0.1 * (batch mean of the stem output).
-    _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
-                                                mutable=["intermediates"]))(variables, x)
+    _, state = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
+    )(variables, x)
     stem_out = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
-    np.testing.assert_allclose(np.asarray(new["block1/layer_0/bn1/mean"]),
-                               0.1 * stem_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(new["block1/layer_0/bn1/mean"]),
+        0.1 * stem_out.mean(axis=(0, 1, 2)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
     v2 = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
     a, fa = evaluate(v2, x)
@@ -290,8 +315,11 @@ def test_train_mode_updates_batch_stats_and_eval_is_deterministic():
 def test_dropout_needs_rng_only_in_training():
     model = _tiny_wrn(dropout_rate=0.3)
     variables, x = _init(model, (32, 32, 3), batch=2)
-    train = jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                rngs={"dropout": k})[0][0])
+    train = jax.jit(
+        lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})[
+            0
+        ][0]
+    )
     a = train(variables, x, jax.random.key(1, impl="rbg"))
     b = train(variables, x, jax.random.key(2, impl="rbg"))
     assert not np.allclose(np.asarray(a), np.asarray(b))
@@ -318,32 +346,38 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_small_vit_forward():
-    model = VisionTransformer(num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=2,
-                              num_heads=4)
+    model = VisionTransformer(
+        num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4
+    )
     variables, x = _init(model, (32, 32, 3), batch=2)
     logits, feats = jax.jit(model.apply)(variables, x)
     assert logits.shape == (2, 5) and np.all(np.isfinite(np.asarray(logits)))
     assert feats["tokens"].shape == (2, 17, 32) and feats["pre_logits"].shape == (2, 32)
-    np.testing.assert_array_equal(np.asarray(feats["pre_logits"]),
-                                  np.asarray(feats["tokens"][:, 0]))
+    np.testing.assert_array_equal(
+        np.asarray(feats["pre_logits"]), np.asarray(feats["tokens"][:, 0])
+    )
     with pytest.raises(ValueError, match="img_size"):
         jax.eval_shape(model.apply, variables, jnp.zeros((1, 64, 64, 3)))
-    headless = VisionTransformer(num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=1,
-                                 num_heads=4)
+    headless = VisionTransformer(
+        num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4
+    )
     v = jax.eval_shape(lambda x: headless.init(jax.random.key(0), x), x)
     out, _ = jax.eval_shape(headless.apply, v, x)
     assert out.shape == (2, 32) and "head" not in v["params"]
 
 
-@pytest.mark.parametrize("shape,kernel,stride,pad,auto", [
-    ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # odd size: no Winograd; chunks of 1
-    ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1, "im2col-backward"),  # strided, last column not reached
-    ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0, "im2col-backward"),  # 1x1 strided shortcut
-    ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0, "im2col-backward"),  # LeNet-style 5x5 valid
-    ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1, "im2col"),        # deep: the im2col forward
-    ((3, 8, 6, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # Winograd fits, too thin for auto
-    ((2, 8, 8, 64), (3, 3, 64, 72), 1, 1, "winograd"),      # Winograd under the automatic rule
-])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,pad,auto",
+    [
+        ((3, 9, 9, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # odd size: no Winograd; chunks of 1
+        ((2, 9, 7, 4), (3, 3, 4, 6), 2, 1, "im2col-backward"),  # strided, last column not reached
+        ((2, 8, 8, 6), (1, 1, 6, 3), 2, 0, "im2col-backward"),  # 1x1 strided shortcut
+        ((2, 12, 12, 1), (5, 5, 1, 4), 1, 0, "im2col-backward"),  # LeNet-style 5x5 valid
+        ((16, 6, 6, 32), (3, 3, 32, 8), 1, 1, "im2col"),  # deep: the im2col forward
+        ((3, 8, 6, 5), (3, 3, 5, 7), 1, 1, "im2col-backward"),  # Winograd fits, too thin for auto
+        ((2, 8, 8, 64), (3, 3, 64, 72), 1, 1, "winograd"),  # Winograd under the automatic rule
+    ],
+)
 def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, auto):
     """The chunked im2col and Winograd convolutions (XLA:CPU speed-ups) are the same convolution:
     in float64, forward and input/kernel gradients equal XLA's own to ~1e-15 of their scale,
@@ -357,19 +391,29 @@ def test_chunked_convolutions_equal_xla_convolution(shape, kernel, stride, pad, 
         dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
 
         def loss(x, w, conv):  # a non-trivial output gradient
-            y = cpu_conv.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                              dimension_numbers=dn, conv=conv)
+            y = cpu_conv.conv_general_dilated(
+                x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=dn, conv=conv
+            )
             return jnp.sum(jnp.sin(y) * probe), y
 
         fits = cpu_conv.winograd_fits(shape, kernel, (stride, stride), ((pad, pad),) * 2)
         results = {}
         for mode in ("xla", "im2col", "winograd", "auto"):
-            method = cpu_conv.conv_method(shape, kernel, (stride, stride), ((pad, pad),) * 2,
-                                          conv=mode)
-            assert method == cpu_conv.conv_method(shape, kernel, (stride, stride),
-                                                  ((pad, pad),) * 2, jnp.float64, mode)
-            assert method == {"xla": "xla", "im2col": "im2col", "auto": auto,
-                              "winograd": "winograd" if fits else "im2col"}[mode]
+            method = cpu_conv.conv_method(
+                shape, kernel, (stride, stride), ((pad, pad),) * 2, conv=mode
+            )
+            assert method == cpu_conv.conv_method(
+                shape, kernel, (stride, stride), ((pad, pad),) * 2, jnp.float64, mode
+            )
+            assert (
+                method
+                == {
+                    "xla": "xla",
+                    "im2col": "im2col",
+                    "auto": auto,
+                    "winograd": "winograd" if fits else "im2col",
+                }[mode]
+            )
             grad = jax.grad(functools.partial(loss, conv=mode), argnums=(0, 1), has_aux=True)
             (gx, gw), y = grad(x, w)
             (jx, jw), _ = jax.jit(grad)(x, w)
@@ -392,7 +436,8 @@ def test_chunked_convolutions_on_a_sharded_batch():
     block, the weight gradient summed across blocks) the im2col and Winograd convolutions'
     gradients equal XLA's on one device, in float64; one device's block scaled by 1.01 does
     not."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     assert jax.device_count() == 8
     rng = np.random.default_rng(1)
@@ -404,26 +449,47 @@ def test_chunked_convolutions_on_a_sharded_batch():
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
 
         def grads(conv):
-            return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.cos(cpu_conv.conv_general_dilated(
-                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=conv, groups=8))),
-                (0, 1)))
+            return jax.jit(
+                jax.grad(
+                    lambda x, w: jnp.sum(
+                        jnp.cos(
+                            cpu_conv.conv_general_dilated(
+                                x,
+                                w,
+                                (1, 1),
+                                ((1, 1), (1, 1)),
+                                dimension_numbers=dn,
+                                conv=conv,
+                                groups=8,
+                            )
+                        )
+                    ),
+                    (0, 1),
+                )
+            )
 
         want = grads("xla")(x, w)
         # the weight gradient's running sum has one block per device
         blocks = {"im2col": "tensor<8x144x8xf64>", "winograd": "tensor<8x16x16x8xf64>"}
         for mode in ("im2col", "winograd"):
-            assert cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
-                                        jnp.float64, mode) == mode
+            assert (
+                cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)), jnp.float64, mode)
+                == mode
+            )
             chunked = grads(mode)
             program = str(chunked.lower(xs, w).as_text())
             assert "while" in program and blocks[mode] in program  # the chunked loop runs
             got = chunked(xs, w)
             broken = chunked(jax.device_put(x.at[4:8].multiply(1.01), xs.sharding), w)
             scale = max(float(jnp.max(jnp.abs(g))) for g in want)
-            same = record(f"{mode} convolution gradients, batch on 8 devices vs XLA on 1 "
-                          f"(relative)", max_distance(got, want) / scale)
-            off = record(f"{mode} convolution gradients, one block x1.01 (broken, relative)",
-                         max_distance(broken[1], want[1]) / scale)
+            same = record(
+                f"{mode} convolution gradients, batch on 8 devices vs XLA on 1 (relative)",
+                max_distance(got, want) / scale,
+            )
+            off = record(
+                f"{mode} convolution gradients, one block x1.01 (broken, relative)",
+                max_distance(broken[1], want[1]) / scale,
+            )
             assert same < 1e-12, (mode, same)
             assert off > 1e-6, (mode, off)
             assert got[0].sharding.spec == P("data")
@@ -440,13 +506,25 @@ def test_im2col_weight_gradient_against_float64():
     g = rng.normal(size=(32, 32, 32, 16)).astype(np.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want = np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 32, j:j + 32], g.astype(np.float64))
-                     for i in range(3) for j in range(3)]).reshape(w.shape)
+    want = np.stack(
+        [
+            np.einsum("bhwc,bhwo->co", xp[:, i : i + 32, j : j + 32], g.astype(np.float64))
+            for i in range(3)
+            for j in range(3)
+        ]
+    ).reshape(w.shape)
     err = {}
     for mode in ("xla", "im2col"):
-        dw = jax.jit(jax.grad(lambda w: jnp.sum(cpu_conv.conv_general_dilated(
-            jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
-            conv=mode) * g)))(w)
+        dw = jax.jit(
+            jax.grad(
+                lambda w: jnp.sum(
+                    cpu_conv.conv_general_dilated(
+                        jnp.asarray(x), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode
+                    )
+                    * g
+                )
+            )
+        )(w)
         err[mode] = float(np.max(np.abs(np.asarray(dw, np.float64) - want)) / np.abs(want).max())
     record("im2col weight gradient, float32 error / XLA's", err["im2col"] / err["xla"])
     assert err["xla"] < 1e-5, err  # the reference is right
@@ -469,21 +547,31 @@ def test_winograd_convolution_against_float64():
     x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
     xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
     shifts = [(i, j) for i in range(3) for j in range(3)]
-    want_y = sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + 16, j:j + 16], w64[i, j])
-                 for i, j in shifts)
-    want_dw = np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 16, j:j + 16], g64)
-                        for i, j in shifts]).reshape(w.shape)
+    want_y = sum(
+        np.einsum("bhwc,co->bhwo", xp[:, i : i + 16, j : j + 16], w64[i, j]) for i, j in shifts
+    )
+    want_dw = np.stack(
+        [np.einsum("bhwc,bhwo->co", xp[:, i : i + 16, j : j + 16], g64) for i, j in shifts]
+    ).reshape(w.shape)
     gp = np.pad(g64, ((0, 0), (1, 1), (1, 1), (0, 0)))  # dx: g correlated with the flipped kernel
-    want_dx = sum(np.einsum("bhwo,co->bhwc", gp[:, 2 - i:18 - i, 2 - j:18 - j], w64[i, j])
-                  for i, j in shifts)
+    want_dx = sum(
+        np.einsum("bhwo,co->bhwc", gp[:, 2 - i : 18 - i, 2 - j : 18 - j], w64[i, j])
+        for i, j in shifts
+    )
     err = {}
     for mode in ("xla", "winograd"):
-        y, vjp = jax.vjp(lambda x, w: cpu_conv.conv_general_dilated(
-            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode),
-            jnp.asarray(x), jnp.asarray(w))
+        y, vjp = jax.vjp(
+            lambda x, w: cpu_conv.conv_general_dilated(
+                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode
+            ),
+            jnp.asarray(x),
+            jnp.asarray(w),
+        )
         dx, dw = vjp(jnp.asarray(g))
-        err[mode] = [float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.abs(want).max())
-                     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw))]
+        err[mode] = [
+            float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.abs(want).max())
+            for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw))
+        ]
     for name, xla, winograd in zip(("forward", "dx", "dW"), err["xla"], err["winograd"]):
         record(f"Winograd {name}, float32 error / XLA's", winograd / xla)
         assert xla < 1e-5, (name, err)  # the reference is right
@@ -503,10 +591,19 @@ def test_chunked_convolutions_in_float64():
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
         results = {}
         for mode in ("xla", "im2col", "winograd"):
-            assert cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)),
-                                        jnp.float64, mode) == mode
-            y, vjp = jax.vjp(jax.jit(lambda x, w: cpu_conv.conv_general_dilated(
-                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode)), x, w)
+            assert (
+                cpu_conv.conv_method(x.shape, w.shape, (1, 1), ((1, 1), (1, 1)), jnp.float64, mode)
+                == mode
+            )
+            y, vjp = jax.vjp(
+                jax.jit(
+                    lambda x, w: cpu_conv.conv_general_dilated(
+                        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv=mode
+                    )
+                ),
+                x,
+                w,
+            )
             results[mode] = (y, *vjp(g))
         for mode in ("im2col", "winograd"):
             for name, got, want in zip(("forward", "dx", "dW"), results[mode], results["xla"]):
@@ -525,8 +622,7 @@ def test_winograd_transforms_are_transposes():
         assert v.shape == (16, 2 * 3 * 4, 3)
         dv = jnp.asarray(rng.normal(size=v.shape), jnp.float64)
         (want,) = jax.linear_transpose(cpu_conv.winograd_tiles, x)(dv)
-        np.testing.assert_allclose(cpu_conv.winograd_tiles_transpose(dv, x.shape), want,
-                                   atol=1e-13)
+        np.testing.assert_allclose(cpu_conv.winograd_tiles_transpose(dv, x.shape), want, atol=1e-13)
         g = jnp.asarray(rng.normal(size=(2, 6, 8, 5)), jnp.float64)
         out = functools.partial(cpu_conv.winograd_output, shape=g.shape)
         (want,) = jax.linear_transpose(out, jnp.zeros((16, 2 * 3 * 4, 5)))(g)
@@ -545,8 +641,10 @@ def test_conv_method_rule_on_resnet_layers():
     assert cpu_conv.conv_method((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), same) == "im2col-backward"
     assert cpu_conv.conv_method((64, 16, 16, 32), (3, 3, 32, 32), (1, 1), same) == "im2col"
     assert cpu_conv.conv_method((0, 8, 8, 64), (3, 3, 64, 64), (1, 1), same) == "xla"
-    assert cpu_conv.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same,
-                                jnp.bfloat16) == "im2col"  # no Winograd transforms in bfloat16
+    assert (
+        cpu_conv.conv_method((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), same, jnp.bfloat16)
+        == "im2col"
+    )  # no Winograd transforms in bfloat16
 
 
 def test_conv_choice_is_checked():
@@ -556,8 +654,9 @@ def test_conv_choice_is_checked():
     with pytest.raises(ValueError, match="config.model.conv='fast'"):
         create_model("lenet5", 10, conv="fast")
     with pytest.raises(ValueError, match="config.model.conv"):
-        cpu_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
-                                      conv="fast")
+        cpu_conv.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv="fast"
+        )
 
 
 def test_models_pass_the_conv_choice_to_their_layers(monkeypatch):
@@ -571,8 +670,9 @@ def test_models_pass_the_conv_choice_to_their_layers(monkeypatch):
         variables = model.init(jax.random.key(0), x[:1])
 
         def loss(params):
-            (logits, _), _ = model.apply({**variables, "params": params}, x, train=True,
-                                         mutable=["batch_stats"])
+            (logits, _), _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return jnp.sum(logits)
 
         return jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()

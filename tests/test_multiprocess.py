@@ -6,6 +6,7 @@ it; the parameters equal a 1-process × 8-device run (this pytest process) on th
 batches; the Orbax checkpoint the 2-process run wrote restores in a 1-process run. Takes about a
 minute on an idle 2-core machine (mostly XLA compiles in three processes).
 """
+
 import os
 import socket
 import subprocess
@@ -15,7 +16,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from helpers import max_distance, record
 
 from kd_jax import checkpoint, parallel, train
@@ -42,13 +42,24 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
-    for key in ("KD_JAX_DISTRIBUTED", "KD_JAX_COORDINATOR", "KD_JAX_NUM_PROCESSES",
-                "KD_JAX_PROCESS_ID"):
+    env.update(
+        JAX_PLATFORMS="cpu",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")]),
+    )
+    for key in (
+        "KD_JAX_DISTRIBUTED",
+        "KD_JAX_COORDINATOR",
+        "KD_JAX_NUM_PROCESSES",
+        "KD_JAX_PROCESS_ID",
+    ):
         env.pop(key, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -59,8 +70,9 @@ def _run_all(commands, envs, logs, timeout=TIMEOUT_S):
     procs = []
     try:
         for cmd, env, log in zip(commands, envs, logs):
-            procs.append(subprocess.Popen(cmd, env=env, stdout=open(log, "w"),
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            )
         deadline = time.time() + timeout
         while any(p.poll() is None for p in procs):
             if time.time() > deadline:
@@ -82,20 +94,30 @@ def _run_all(commands, envs, logs, timeout=TIMEOUT_S):
 
 
 def _worker_cmd(workdir, teacher, pattern, out):
-    return [sys.executable, WORKER, f"--workdir={workdir}", f"--teacher_workdir={teacher}",
-            f"--pool_pattern={pattern}", f"--out={out}", f"--num_steps={NUM_STEPS}",
-            f"--batch_size={BATCH}"]
+    return [
+        sys.executable,
+        WORKER,
+        f"--workdir={workdir}",
+        f"--teacher_workdir={teacher}",
+        f"--pool_pattern={pattern}",
+        f"--out={out}",
+        f"--num_steps={NUM_STEPS}",
+        f"--batch_size={BATCH}",
+    ]
 
 
 def _replay(config, workdir, records, scale_second=1.0):
     """The 1-process × 8-device run (this process, float64), on the recorded global batches:
     process 0's local batch then process 1's, the row order of the global array.
     `scale_second` != 1 scales process 1's images: a deliberately broken replay."""
+
     def train_batches(self, start_step):
         for t in range(start_step, records[0]["batch_ids"].shape[0]):
-            batch = {k: np.concatenate([r[f"batch_{k}s"][t] for r in records])
-                     for k in ("image", "label", "id")}
-            batch["image"][len(records[0]["batch_ids"][t]):] *= scale_second
+            batch = {
+                k: np.concatenate([r[f"batch_{k}s"][t] for r in records])
+                for k in ("image", "label", "id")
+            }
+            batch["image"][len(records[0]["batch_ids"][t]) :] *= scale_second
             yield batch
         raise RuntimeError("the loop asked for more steps than were recorded")
 
@@ -118,9 +140,18 @@ def runs(tmp_path_factory):
     pattern = shards.shard_pattern(tmp / "pool")
     # A tiny teacher, trained once in this (8-device) process.
     teacher = str(tmp / "teacher")
-    c = multiprocess_worker.make_config(multiprocess_worker.parse_args(
-        [f"--workdir={tmp / 'run1'}", f"--teacher_workdir={teacher}", f"--pool_pattern={pattern}",
-         "--out=unused", f"--num_steps={NUM_STEPS}", f"--batch_size={BATCH}"]))
+    c = multiprocess_worker.make_config(
+        multiprocess_worker.parse_args(
+            [
+                f"--workdir={tmp / 'run1'}",
+                f"--teacher_workdir={teacher}",
+                f"--pool_pattern={pattern}",
+                "--out=unused",
+                f"--num_steps={NUM_STEPS}",
+                f"--batch_size={BATCH}",
+            ]
+        )
+    )
     tcfg = c.teacher.train
     tcfg.num_steps, tcfg.batch_size = 2, 64
     tcfg.log_every = tcfg.eval_every = tcfg.checkpoint_every = 2
@@ -132,9 +163,19 @@ def runs(tmp_path_factory):
     port = _free_port()
     _run_all(
         [_worker_cmd(str(tmp / "run2"), teacher, pattern, paths[i]) for i in range(2)],
-        [_env(4, JAX_ENABLE_X64=1, KD_JAX_DISTRIBUTED=1, KD_JAX_COORDINATOR=f"127.0.0.1:{port}",
-              KD_JAX_NUM_PROCESSES=2, KD_JAX_PROCESS_ID=i) for i in range(2)],
-        [str(tmp / f"record{i}.log") for i in range(2)])
+        [
+            _env(
+                4,
+                JAX_ENABLE_X64=1,
+                KD_JAX_DISTRIBUTED=1,
+                KD_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                KD_JAX_NUM_PROCESSES=2,
+                KD_JAX_PROCESS_ID=i,
+            )
+            for i in range(2)
+        ],
+        [str(tmp / f"record{i}.log") for i in range(2)],
+    )
     records = [dict(np.load(p)) for p in paths]
     _replay(c, str(tmp / "run1"), records)
     _replay(c, str(tmp / "run1_broken"), records, scale_second=1.01)
@@ -181,8 +222,9 @@ def test_two_process_checkpoint_restores_and_equals_one_process_run(runs):
             finally:
                 ckpt.close()
 
-        two, one, broken = (restore(str(runs["tmp"] / name))
-                            for name in ("run2", "run1", "run1_broken"))
+        two, one, broken = (
+            restore(str(runs["tmp"] / name)) for name in ("run2", "run1", "run1_broken")
+        )
     assert int(two.step) == int(one.step) == NUM_STEPS
     assert jax.tree.leaves(two.params)[0].dtype == np.float64
     # Training moved the parameters (else the equality below would be vacuous) ...
@@ -190,7 +232,9 @@ def test_two_process_checkpoint_restores_and_equals_one_process_run(runs):
     # ... and both runs moved them identically, up to float reduction order.
     fields = lambda s: (s.params, s.batch_stats, s.opt_state)  # noqa: E731
     same = record("2 processes vs 1 process", max_distance(fields(two), fields(one)))
-    off = record("2 processes vs 1 process, process 1's images x1.01 (broken)",
-                 max_distance(fields(two), fields(broken)))
+    off = record(
+        "2 processes vs 1 process, process 1's images x1.01 (broken)",
+        max_distance(fields(two), fields(broken)),
+    )
     assert same < 1e-10, same
     assert off > 1e-6, off

@@ -1,4 +1,5 @@
 """ODSD (odsd.md): APS invariants, LNR and DCRD properties, end-to-end offline and ImageNet runs."""
+
 import json
 import os
 
@@ -49,8 +50,9 @@ def _pool_images(n=240, seed=0):
 
 
 def _write_pool(path, images, ids, num_shards=3):
-    shards.write_shards(path, images, ids=ids, num_shards=num_shards,
-                        sources=["a" if i % 3 else "b" for i in ids])
+    shards.write_shards(
+        path, images, ids=ids, num_shards=num_shards, sources=["a" if i % 3 else "b" for i in ids]
+    )
     return shards.shard_pattern(path)
 
 
@@ -58,8 +60,16 @@ def _score(workdir, pattern, heap):
     model, variables = _teacher()
     spec = ml_collections.ConfigDict({"source": "shards", "pattern": pattern})
     domain = pipeline.Domain(32, 1, "mnist")
-    return pool.score_pool(str(workdir), spec, teacher_model=model, teacher_vars=variables,
-                           domain=domain, num_classes=C, batch_size=64, heap_size=heap)
+    return pool.score_pool(
+        str(workdir),
+        spec,
+        teacher_model=model,
+        teacher_vars=variables,
+        domain=domain,
+        num_classes=C,
+        batch_size=64,
+        heap_size=heap,
+    )
 
 
 def _top_l_per_class(ids, classes, confidence, num_classes, heap_len):
@@ -76,13 +86,27 @@ def _top_l_per_class(ids, classes, confidence, num_classes, heap_len):
 def _select(scores, aps, size, gamma=None):
     model, variables = _teacher()
     if gamma is None:
-        gamma = np.asarray(odsd.sampling.quantile_gate(
-            jnp.asarray(scores.confidence, jnp.float32), jnp.asarray(scores.pred), C,
-            q=aps.gate_quantile)[0])
+        gamma = np.asarray(
+            odsd.sampling.quantile_gate(
+                jnp.asarray(scores.confidence, jnp.float32),
+                jnp.asarray(scores.pred),
+                C,
+                q=aps.gate_quantile,
+            )[0]
+        )
     conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
     head = odsd.head_kernel(variables["params"], 84, C)
-    return odsd.aps_select(scores.cand_ids, scores.cand_class, scores.cand_feat, conf,
-                           num_classes=C, size=size, aps=aps, gamma=gamma, head_weight=head)
+    return odsd.aps_select(
+        scores.cand_ids,
+        scores.cand_class,
+        scores.cand_feat,
+        conf,
+        num_classes=C,
+        size=size,
+        aps=aps,
+        gamma=gamma,
+        head_weight=head,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +150,16 @@ def test_aps_quota_exact_when_supply_suffices():
     conf = rng.uniform(0.2, 1.0, k).astype(np.float32)
     ids = rng.permutation(10 * k)[:k]
     for size in (50, 100, 200):
-        out = odsd.aps_select(ids, cls, feats, conf, num_classes=C, size=size,
-                              aps=_aps(init="confident_mean"), gamma=np.full(C, 0.5))
+        out = odsd.aps_select(
+            ids,
+            cls,
+            feats,
+            conf,
+            num_classes=C,
+            size=size,
+            aps=_aps(init="confident_mean"),
+            gamma=np.full(C, 0.5),
+        )
         assert len(out["ids"]) == size
         assert (np.bincount(out["classes"], minlength=C) == size // C).all()
         # Inside each class the gate (conf >= 0.5) is honoured first.
@@ -144,8 +176,12 @@ def test_streaming_selection_equals_in_memory(scored):
     spec = ml_collections.ConfigDict({"source": "shards", "pattern": scored["pattern"]})
     ds, _ = pipeline.open_source(spec, "train")
     domain = pipeline.Domain(32, 1, "mnist")
-    elems = sorted(ds.map(lambda e: {"image": pipeline.preprocess(
-        e, domain, "none"), "id": e["id"]}).as_numpy_iterator(), key=lambda e: e["id"])
+    elems = sorted(
+        ds.map(
+            lambda e: {"image": pipeline.preprocess(e, domain, "none"), "id": e["id"]}
+        ).as_numpy_iterator(),
+        key=lambda e: e["id"],
+    )
     xs = np.stack([e["image"] for e in elems])
     ids = np.asarray([e["id"] for e in elems])
     logits, feats = model.apply(variables, xs)
@@ -156,9 +192,17 @@ def test_streaming_selection_equals_in_memory(scored):
     keep = _top_l_per_class(ids, pred, conf, C, heap)
     np.testing.assert_array_equal(np.sort(a.cand_ids), ids[keep])
     gamma = np.asarray(odsd.sampling.quantile_gate(jnp.asarray(conf), jnp.asarray(pred), C)[0])
-    mem = odsd.aps_select(ids[keep], pred[keep], f[keep].astype(np.float16), conf[keep],
-                          num_classes=C, size=size, aps=_aps(), gamma=gamma,
-                          head_weight=odsd.head_kernel(variables["params"], 84, C))
+    mem = odsd.aps_select(
+        ids[keep],
+        pred[keep],
+        f[keep].astype(np.float16),
+        conf[keep],
+        num_classes=C,
+        size=size,
+        aps=_aps(),
+        gamma=gamma,
+        head_weight=odsd.head_kernel(variables["params"], 84, C),
+    )
     streamed = _select(a, _aps(), size)
     np.testing.assert_array_equal(mem["ids"], streamed["ids"])
 
@@ -168,14 +212,16 @@ def test_dfnd_special_case_is_global_confidence_top_n(tmp_path):
     ids = np.arange(len(images)) * 7 + 3
     size = 50
     aps = _aps(alpha=0.0, gate="none", balance=False)
-    scores = _score(tmp_path / "w", _write_pool(tmp_path / "p", images, ids),
-                    odsd.heap_size(aps, size, C))
+    scores = _score(
+        tmp_path / "w", _write_pool(tmp_path / "p", images, ids), odsd.heap_size(aps, size, C)
+    )
     out = _select(scores, aps, size, gamma=np.zeros(C))
     order = np.lexsort((scores.ids, -scores.confidence))
     np.testing.assert_array_equal(out["ids"], np.sort(scores.ids[order[:size]]))
 
 
 # ----- LNR ----------------------------------------------------------------------------------
+
 
 def test_lnr_rho_one_equals_kd_and_keeps_argmax():
     rng = np.random.default_rng(0)
@@ -185,8 +231,11 @@ def test_lnr_rho_one_equals_kd_and_keeps_argmax():
         zt64, zs64 = jnp.asarray(zt, jnp.float64), jnp.asarray(zs, jnp.float64)
         t, kept = losses.low_noise_targets(zt64, 4.0, rule="top_p", rho=1.0, k_max=C)
         assert bool(kept.all())
-        np.testing.assert_allclose(losses.soft_target_cross_entropy(zs64, t, 4.0),
-                                   losses.kd_loss(zs64, zt64, 4.0), rtol=1e-12)
+        np.testing.assert_allclose(
+            losses.soft_target_cross_entropy(zs64, t, 4.0),
+            losses.kd_loss(zs64, zt64, 4.0),
+            rtol=1e-12,
+        )
     for rho in (0.3, 0.9):
         _, kept = losses.low_noise_targets(zt, 4.0, rule="top_p", rho=rho)
         assert bool(kept[jnp.arange(32), jnp.argmax(zt, -1)].all())
@@ -208,14 +257,16 @@ def test_lnr_uniform_tail_against_float64_reference():
     out = (p * ~kept).sum(-1, keepdims=True) / np.maximum((~kept).sum(-1, keepdims=True), 1)
     np.testing.assert_allclose(np.asarray(t), np.where(kept, p, out), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(t).sum(-1), 1.0, rtol=1e-5)
-    t1, _ = losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, rho=1.0, k_max=C,
-                                     tail="uniform")
+    t1, _ = losses.low_noise_targets(
+        jnp.asarray(zt, jnp.float32), tau, rho=1.0, k_max=C, tail="uniform"
+    )
     np.testing.assert_allclose(np.asarray(t1), p, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="tail"):
         losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, tail="flat")
 
 
 # ----- DCRD ---------------------------------------------------------------------------------
+
 
 def test_dcrd_zero_for_teacher_features_and_permutation_invariant():
     """Zero at equality and permutation invariance, in float64 (reordering moves ~1e-16)."""
@@ -228,14 +279,18 @@ def test_dcrd_zero_for_teacher_features_and_permutation_invariant():
         perm = rng.permutation(16)
         np.testing.assert_allclose(
             losses.relation_kl_loss(fs, ft, 0.5, weights=w),
-            losses.relation_kl_loss(fs[perm], ft[perm], 0.5, weights=w[perm]), rtol=1e-12)
+            losses.relation_kl_loss(fs[perm], ft[perm], 0.5, weights=w[perm]),
+            rtol=1e-12,
+        )
         z1 = jnp.asarray(rng.normal(size=(16, 8)))
         z2 = jnp.asarray(rng.normal(size=(16, 8)))
-        np.testing.assert_allclose(losses.nt_xent(z1, z2), losses.nt_xent(z1[perm], z2[perm]),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            losses.nt_xent(z1, z2), losses.nt_xent(z1[perm], z2[perm]), rtol=1e-12
+        )
 
 
 # ----- diagnostics --------------------------------------------------------------------------
+
 
 def test_bn_statistics_distance_is_zero_on_matching_statistics():
     model = models.create_model("wrn16_1", C)
@@ -248,6 +303,7 @@ def test_bn_statistics_distance_is_zero_on_matching_statistics():
 
 
 # ----- end to end ---------------------------------------------------------------------------
+
 
 def _config(name, arg):
     return config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
@@ -273,8 +329,7 @@ def test_odsd_mnist_smoke_end_to_end(smoke_run):
     assert (tmp_path / "sampling.png").stat().st_size > 0
     assert results["final_accuracy"] >= SMOKE_ACCURACY, results["final_accuracy"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["selection"]["selection_source_share"].keys() >= {"font_digits",
-                                                                   "sklearn_digits"}
+    assert saved["selection"]["selection_source_share"].keys() >= {"font_digits", "sklearn_digits"}
     assert json.loads((tmp_path / "selection_report.json").read_text()) == saved["selection"]
 
 
@@ -283,8 +338,9 @@ def test_adaptive_refresh_reranks_candidates_and_resumes_on_them(smoke_run):
     first = pool.Selection.load(str(tmp_path / "selection.npz"))
     every = 3 * (1000 // 64 + 1)  # 3 epochs of ceil(N / batch) steps
     refreshed = sorted(tmp_path.glob("selection_step*.npz"))
-    assert [p.name for p in refreshed] == [f"selection_step{s:08d}.npz"
-                                           for s in range(every, c.num_steps, every)]
+    assert [p.name for p in refreshed] == [
+        f"selection_step{s:08d}.npz" for s in range(every, c.num_steps, every)
+    ]
     for p in refreshed:
         sel = pool.Selection.load(str(p))
         assert len(sel.ids) == 1000 and len(np.unique(sel.ids)) == 1000

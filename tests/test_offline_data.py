@@ -1,4 +1,5 @@
 """The offline benchmark data: MNIST-5k split and the bundled-image open-world pool."""
+
 import os
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_pool_deterministic_shapes_sources():
     assert dict(zip(tags.tolist(), counts.tolist())) == expected
     related = np.isin(a["sources"], offline.RELATED_SOURCES)
     assert offline.related_fraction(a["sources"]) == pytest.approx(
-        (expected["sklearn_digits"] + expected["font_digits"]) / 300)
+        (expected["sklearn_digits"] + expected["font_digits"]) / 300
+    )
     assert (a["digit_labels"][related] >= 0).all() and (a["digit_labels"][~related] == -1).all()
     assert set(a["digit_labels"][related].tolist()) == set(range(10))
     # Shuffled: the first items are not all one source.
@@ -68,8 +70,9 @@ def test_pool_deterministic_shapes_sources():
     imgs = a["images"][..., 0].astype(float)
     for s in ("sklearn_digits", "font_digits", "font_letters"):
         g = imgs[a["sources"] == s]
-        border = np.concatenate([g[:, :2].ravel(), g[:, -2:].ravel(), g[:, :, :2].ravel(),
-                                 g[:, :, -2:].ravel()])
+        border = np.concatenate(
+            [g[:, :2].ravel(), g[:, -2:].ravel(), g[:, :, :2].ravel(), g[:, :, -2:].ravel()]
+        )
         assert border.mean() < 10, s  # glyphs: white on black, centred
         assert g.mean() < 90 and g.max() == 255, s
     photos = imgs[a["sources"] == "photo_crops"]
@@ -77,10 +80,14 @@ def test_pool_deterministic_shapes_sources():
 
 
 def test_changing_one_group_keeps_the_others():
-    a = offline.build_offline_pool(seed=0, sizes={"sklearn_digits": 20, "font_digits": 20,
-                                                  "font_letters": 20, "photo_crops": 20})
-    b = offline.build_offline_pool(seed=0, sizes={"sklearn_digits": 20, "font_digits": 20,
-                                                  "font_letters": 5, "photo_crops": 20})
+    a = offline.build_offline_pool(
+        seed=0,
+        sizes={"sklearn_digits": 20, "font_digits": 20, "font_letters": 20, "photo_crops": 20},
+    )
+    b = offline.build_offline_pool(
+        seed=0,
+        sizes={"sklearn_digits": 20, "font_digits": 20, "font_letters": 5, "photo_crops": 20},
+    )
     for s in ("font_digits", "photo_crops"):
         x = a["images"][a["sources"] == s]
         y = b["images"][b["sources"] == s]
@@ -92,9 +99,16 @@ def test_ensure_offline_pool_shards_cache_and_race(tmp_path, monkeypatch):
     from kd_jax.data import shards
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        offline.ensure_offline_pool_shards(cache_dir=str(tmp_path), seed=0, num_shards=4,
-                                           size=120))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                offline.ensure_offline_pool_shards(
+                    cache_dir=str(tmp_path), seed=0, num_shards=4, size=120
+                )
+            )
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -118,8 +132,10 @@ def test_ensure_offline_pool_shards_cache_and_race(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although cached")
 
     monkeypatch.setattr(offline, "build_offline_pool", boom)
-    assert offline.ensure_offline_pool_shards(cache_dir=str(tmp_path), seed=0, num_shards=4,
-                                              size=120) == pattern
+    assert (
+        offline.ensure_offline_pool_shards(cache_dir=str(tmp_path), seed=0, num_shards=4, size=120)
+        == pattern
+    )
     monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path))
     assert offline.ensure_offline_pool_shards(seed=0, num_shards=4, size=120) == pattern
 
@@ -134,6 +150,7 @@ def test_ensure_mnist5k_npz(tmp_path):
 
 def test_save_pool_preview(tmp_path):
     from PIL import Image
+
     pool = offline.build_offline_pool(seed=0, size=80)
     path = offline.save_pool_preview(str(tmp_path / "preview.png"), pool, per_source=6)
     with Image.open(path) as im:
@@ -141,6 +158,8 @@ def test_save_pool_preview(tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, kd_jax.data, kd_jax.data.offline; "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    code = (
+        "import sys, kd_jax.data, kd_jax.data.offline; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

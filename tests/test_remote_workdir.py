@@ -38,6 +38,7 @@ into a local one (`os.path.abspath("gs://b/x")` is `<cwd>/gs:/b/x`, `os.makedirs
 creates `./gs:/b/x`) cannot be written either. Afterwards the working directory must hold that
 file only: nothing was written to the local path a remote name maps to by accident.
 """
+
 import builtins
 import importlib
 import io
@@ -58,6 +59,7 @@ class FakeGcs:
 
     def __init__(self, root):
         from etils.epath import backend
+
         self.root = str(root)
         self._os = backend.os_backend
         self.writes, self.file_renames, self.foreign = [], [], []
@@ -66,7 +68,7 @@ class FakeGcs:
     def local(self, path) -> str:
         path = os.fspath(path)
         assert path.startswith("gs://"), path
-        return os.path.join(self.root, path[len("gs://"):])
+        return os.path.join(self.root, path[len("gs://") :])
 
     def remote(self, local: str) -> str:
         return "gs://" + os.path.relpath(local, self.root)
@@ -106,8 +108,7 @@ class FakeGcs:
         return [self.remote(p) for p in self._os.glob(self.local(path))]
 
     def walk(self, top, *, top_down=True, on_error=None):
-        for d, dirs, files in self._os.walk(self.local(top), top_down=top_down,
-                                            on_error=on_error):
+        for d, dirs, files in self._os.walk(self.local(top), top_down=top_down, on_error=on_error):
             yield self.remote(os.fspath(d)), dirs, files
 
     def makedirs(self, path, *, exist_ok=False, mode=None):
@@ -125,8 +126,9 @@ class FakeGcs:
     def _move(self, path, dst, overwrite):
         src, to = self.local(path), self.local(dst)
         if os.path.isdir(src):
-            raise AssertionError(f"directory rename on GCS (a non-atomic copy of every object): "
-                                 f"{path} -> {dst}")
+            raise AssertionError(
+                f"directory rename on GCS (a non-atomic copy of every object): {path} -> {dst}"
+            )
         if not overwrite and os.path.exists(to):
             raise FileExistsError(dst)
         os.makedirs(os.path.dirname(to), exist_ok=True)
@@ -187,12 +189,18 @@ def fake_gcs(tmp_path, monkeypatch):
 
     # 1. epath: gs:// paths -> the fake backend (every other path keeps its own).
     original = gpath._GPath._backend
-    monkeypatch.setattr(gpath._GPath, "_backend", property(
-        lambda p: fake if p._uri_scheme == "gs" else original.fget(p)))
+    monkeypatch.setattr(
+        gpath._GPath,
+        "_backend",
+        property(lambda p: fake if p._uri_scheme == "gs" else original.fget(p)),
+    )
 
     # 2. Orbax -> TensorStore: the `file` driver at the mapped directory, not the `gcs` one.
-    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs",
-                        lambda ckpt_path: {"driver": "file", "path": fake.local(ckpt_path)})
+    monkeypatch.setattr(
+        gcs_utils,
+        "get_kvstore_for_gcs",
+        lambda ckpt_path: {"driver": "file", "path": fake.local(ckpt_path)},
+    )
 
     # 3. The bucket has a flat namespace (no request to GCS).
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
@@ -212,11 +220,15 @@ def fake_gcs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.io, "TFRecordWriter", record_writer)
     for module, name in ((tf.summary, "create_file_writer"), (tf.data, "TFRecordDataset")):
-        monkeypatch.setattr(module, name, lambda path, *a, _fn=getattr(module, name), **k:
-                            _fn(tf_local(path), *a, **k))
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda path, *a, _fn=getattr(module, name), **k: _fn(tf_local(path), *a, **k),
+        )
 
     # Guards: a gs:// string reaching the local file API or TF's real GCS client fails.
     gs_aware = tuple(d + os.sep for m in _GS_AWARE for d in importlib.import_module(m).__path__)
+
     def guard(module, name):
         fn = getattr(module, name)
 
@@ -227,18 +239,44 @@ def fake_gcs(tmp_path, monkeypatch):
                     if caller is None or caller.startswith(gs_aware):
                         fake.foreign.append((f"{module.__name__}.{name}", os.fspath(a), caller))
                         break  # e.g. Orbax's os.path.islink probe: False, as on a real pod
-                    raise AssertionError(f"{module.__name__}.{name}({a!r}) from {caller}: a "
-                                         f"gs:// path reached the local file API")
+                    raise AssertionError(
+                        f"{module.__name__}.{name}({a!r}) from {caller}: a "
+                        f"gs:// path reached the local file API"
+                    )
             return fn(*args, **kwargs)
 
         monkeypatch.setattr(module, name, guarded)
 
     guard(builtins, "open")
-    for name in ("stat", "lstat", "mkdir", "makedirs", "listdir", "scandir", "remove",
-                 "unlink", "rename", "replace", "rmdir"):
+    for name in (
+        "stat",
+        "lstat",
+        "mkdir",
+        "makedirs",
+        "listdir",
+        "scandir",
+        "remove",
+        "unlink",
+        "rename",
+        "replace",
+        "rmdir",
+    ):
         guard(os, name)
-    for name in ("exists", "glob", "GFile", "makedirs", "mkdir", "isdir", "listdir", "remove",
-                 "rename", "rmtree", "stat", "walk", "copy"):
+    for name in (
+        "exists",
+        "glob",
+        "GFile",
+        "makedirs",
+        "mkdir",
+        "isdir",
+        "listdir",
+        "remove",
+        "rename",
+        "rmtree",
+        "stat",
+        "walk",
+        "copy",
+    ):
         guard(tf.io.gfile, name)
 
     # The working directory: a file named `gs:` blocks every path mangled into a local one.
@@ -252,6 +290,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 def _load(name, arg):
     from kd_jax import config_utils
+
     return config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
 
 
@@ -281,8 +320,7 @@ def test_kd_run_with_its_teacher_resumes_on_a_gs_workdir(fake_gcs, capsys):
     # Everything lies on the fake remote, in the files the run reads back.
     with open(os.path.join(local, "results.json")) as f:
         assert json.load(f)["final_accuracy"] == results["final_accuracy"]
-    assert [r["step"] for r in _lines(os.path.join(local, "metrics.jsonl"))] == [10, 15, 20,
-                                                                                 30]
+    assert [r["step"] for r in _lines(os.path.join(local, "metrics.jsonl"))] == [10, 15, 20, 30]
     assert os.path.isfile(os.path.join(local, "config.json"))
     assert any(f.startswith("events.") for f in os.listdir(os.path.join(local, "tensorboard")))
     # Orbax's gs:// path: steps committed by a marker, the oldest one deleted (keep 2).
@@ -294,7 +332,13 @@ def test_kd_run_with_its_teacher_resumes_on_a_gs_workdir(fake_gcs, capsys):
     assert t["steps"] == 300 and results["teacher_accuracy"] == t["final_accuracy"]
     assert os.listdir(os.path.join(teacher, "checkpoints")) == ["300"]
     assert [r["step"] for r in _lines(os.path.join(teacher, "metrics.jsonl"))] == [
-        50, 100, 150, 200, 250, 300]
+        50,
+        100,
+        150,
+        200,
+        250,
+        300,
+    ]
     # kd_jax wrote its small files as single objects and renamed nothing on the remote.
     assert f"{workdir}/results.json" in fake_gcs.writes
     assert f"{workdir}/teacher/results.json" in fake_gcs.writes
@@ -304,6 +348,7 @@ def test_kd_run_with_its_teacher_resumes_on_a_gs_workdir(fake_gcs, capsys):
 def test_pool_converter_and_file_kinds_on_gs(fake_gcs):
     import jax
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -353,8 +398,9 @@ def test_pool_converter_and_file_kinds_on_gs(fake_gcs):
 
     # A converted teacher workdir on gs:// (no temporary directory renamed into place).
     arch = "lenet5_half"
-    sd, _ = ct.read_state_dict(os.path.join(ROOT, "tests", "fixtures", "torch",
-                                            "lenet5_half.safetensors"))
+    sd, _ = ct.read_state_dict(
+        os.path.join(ROOT, "tests", "fixtures", "torch", "lenet5_half.safetensors")
+    )
     conv = ct.convert(arch, 10, sd)
     teacher = f"{BUCKET}/teachers/lenet"
     assert ct.write_teacher(teacher, conv, accuracy=0.5) == teacher
@@ -363,8 +409,9 @@ def test_pool_converter_and_file_kinds_on_gs(fake_gcs):
     ct.write_teacher(teacher, conv, accuracy=0.75, overwrite=True)
     assert fileio.read_json(f"{teacher}/results.json")["final_accuracy"] == 0.75
     variables = checkpoint.load_variables(teacher)
-    jax.tree.map(np.testing.assert_array_equal, variables["params"]["model"],
-                 conv.variables["params"])
+    jax.tree.map(
+        np.testing.assert_array_equal, variables["params"]["model"], conv.variables["params"]
+    )
 
 
 def test_local_files_keep_their_semantics(tmp_path):

@@ -1,5 +1,6 @@
 """NCD / SCKD: metrics, λ = 0 equals UNO, SCKD term invariants, an end-to-end MNIST run (the
 dataset configs' one-step mock runs are in test_dataset_configs.py)."""
+
 import json
 
 import jax
@@ -13,6 +14,7 @@ from kd_jax.data import splits
 from kd_jax.methods import get_method
 
 # ----- Hungarian clustering accuracy ----------------------------------------------------------
+
 
 def test_cluster_accuracy_relabeling_invariant_and_perfect_under_permutation():
     rng = np.random.default_rng(0)
@@ -28,6 +30,7 @@ def test_cluster_accuracy_relabeling_invariant_and_perfect_under_permutation():
 
 # ----- the class split ------------------------------------------------------------------------
 
+
 def test_class_split_rules():
     c = config("sckd_mnist.py", "smoke")
     assert splits.class_split(c) == ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
@@ -42,10 +45,14 @@ def test_class_split_rules():
 
 # ----- λ = 0 is UNO; SCKD term invariants -----------------------------------------------------
 
+
 def _loss_and_grads(method_name, step=5, **overrides):
     """Loss, gradients and metrics of one float64 SCKD/UNO step on noise (half unlabeled)."""
-    c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False, "batch_size": 16,
-                                             "dtype": "float64", **overrides})
+    c = config(
+        "sckd_mnist.py",
+        "smoke",
+        **{"ncd.pretrain.enabled": False, "batch_size": 16, "dtype": "float64", **overrides},
+    )
     c.method = method_name
     mesh = parallel.make_mesh(jax.devices()[:1])
     with jax.enable_x64(True):
@@ -55,12 +62,14 @@ def _loss_and_grads(method_name, step=5, **overrides):
         rng = np.random.default_rng(0)
         labels = rng.integers(0, 5, 16)
         labels[8:] = -1  # half unlabeled
-        batch = {"image": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
-                 "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
-                 "label": jnp.asarray(labels)}
+        batch = {
+            "image": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+            "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+            "label": jnp.asarray(labels),
+        }
         (loss, (_, mets)), grads = jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
-            state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None,
-            jnp.asarray(step))
+            state.params, state.batch_stats, batch, jax.random.PRNGKey(1), None, jnp.asarray(step)
+        )
     assert jax.tree.leaves(grads)[0].dtype == np.float64
     return float(loss), jax.device_get(grads), jax.device_get(mets)
 
@@ -73,13 +82,16 @@ def test_sckd_with_zero_weights_equals_uno():
     jax.tree.map(np.testing.assert_array_equal, uno_grads, grads)
     # At ramp weight 0 (step 0) the terms are computed but contribute nothing: equal up to
     # float64 summation order.
-    loss, grads, mets = _loss_and_grads("sckd", step=0, **{"sckd.lambda_smi": 1.0,
-                                                           "sckd.lambda_sc": 1.0})
+    loss, grads, mets = _loss_and_grads(
+        "sckd", step=0, **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}
+    )
     assert float(mets["smi"]) > 0 and float(mets["sc"]) > 0 and float(mets["ramp"]) == 0
     assert loss == pytest.approx(uno_loss, rel=1e-12)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(uno_grads))
-    same = record("SCKD at ramp weight 0 vs UNO, gradients (relative to their scale)",
-                  max_distance(uno_grads, grads) / scale)
+    same = record(
+        "SCKD at ramp weight 0 vs UNO, gradients (relative to their scale)",
+        max_distance(uno_grads, grads) / scale,
+    )
     assert same < 1e-12, same
     on_loss, _, _ = _loss_and_grads("sckd", **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0})
     assert on_loss > uno_loss + 1e-3
@@ -87,9 +99,17 @@ def test_sckd_with_zero_weights_equals_uno():
 
 def _sckd_terms(outs, labels, **overrides):
     """(L_SMI, L_SC) of SCKD.extra_loss on given head outputs, λ = 1, past the ramp, float64."""
-    c = config("sckd_mnist.py", "smoke", **{"ncd.pretrain.enabled": False,
-                                             "sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0,
-                                             "dtype": "float64", **overrides})
+    c = config(
+        "sckd_mnist.py",
+        "smoke",
+        **{
+            "ncd.pretrain.enabled": False,
+            "sckd.lambda_smi": 1.0,
+            "sckd.lambda_sc": 1.0,
+            "dtype": "float64",
+            **overrides,
+        },
+    )
     with jax.enable_x64(True):
         m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
         outs = [{k: jnp.asarray(v, jnp.float64) for k, v in o.items()} for o in outs]
@@ -108,15 +128,24 @@ def test_sckd_row_restrictions_equal_the_terms_on_those_rows():
     rng = np.random.default_rng(3)
     b, h = 12, 2
     labels = jnp.asarray(np.where(np.arange(b) % 2 == 0, rng.integers(0, 5, b), -1))
-    outs = [{"known": jnp.asarray(rng.normal(size=(b, 5)), jnp.float32),
-             "novel": jnp.asarray(rng.normal(size=(h, b, 5)), jnp.float32)} for _ in range(2)]
+    outs = [
+        {
+            "known": jnp.asarray(rng.normal(size=(b, 5)), jnp.float32),
+            "novel": jnp.asarray(rng.normal(size=(h, b, 5)), jnp.float32),
+        }
+        for _ in range(2)
+    ]
     unl, lab = np.flatnonzero(np.asarray(labels) < 0), np.flatnonzero(np.asarray(labels) >= 0)
     both = {"sckd.direction": "both"}
     np.testing.assert_allclose(
         _sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
-        _sckd_terms(_rows(outs, unl), labels[unl], **both), rtol=1e-12)
-    assert not np.allclose(_sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
-                           _sckd_terms(outs, labels, **both))
+        _sckd_terms(_rows(outs, unl), labels[unl], **both),
+        rtol=1e-12,
+    )
+    assert not np.allclose(
+        _sckd_terms(outs, labels, **both, **{"sckd.samples": "unlabeled"}),
+        _sckd_terms(outs, labels, **both),
+    )
     k2n = _sckd_terms(_rows(outs, lab), labels[lab], **{"sckd.direction": "known_to_novel"})
     n2k = _sckd_terms(_rows(outs, unl), labels[unl], **{"sckd.direction": "novel_to_known"})
     reliable = _sckd_terms(outs, labels, **{"sckd.direction": "reliable"})
@@ -142,19 +171,22 @@ def test_smi_and_sc_invariants():
                 assert float(fn(rk[perm], rn[perm])) == pytest.approx(v, rel=1e-12, abs=1e-14)
             # Equal relation matrices (here: the same vectors in both spaces) -> L_SC = 0.
             assert float(losses.self_cooperation_loss(rk, rk)) == pytest.approx(0.0, abs=1e-12)
-            assert float(losses.self_cooperation_loss(rk, rk, direction="known_to_novel")) == \
-                pytest.approx(0.0, abs=1e-12)
+            assert float(
+                losses.self_cooperation_loss(rk, rk, direction="known_to_novel")
+            ) == pytest.approx(0.0, abs=1e-12)
             # The two one-way terms are mirror images and add up to `both`.
             k2n = float(losses.self_cooperation_loss(rk, rn, direction="known_to_novel"))
             n2k = float(losses.self_cooperation_loss(rk, rn, direction="novel_to_known"))
             assert n2k == pytest.approx(
-                float(losses.self_cooperation_loss(rn, rk, direction="known_to_novel")), rel=1e-12)
+                float(losses.self_cooperation_loss(rn, rk, direction="known_to_novel")), rel=1e-12
+            )
             both = float(losses.self_cooperation_loss(rk, rn))
             assert both == pytest.approx(k2n + n2k, rel=1e-12)
         # Identical rows (a degenerate batch) stay finite, with finite gradients.
         same = jnp.ones((4, 5)) / 5
-        g = jax.grad(lambda x: losses.spatial_mutual_information(x, x) +
-                     losses.self_cooperation_loss(x, x))(same)
+        g = jax.grad(
+            lambda x: losses.spatial_mutual_information(x, x) + losses.self_cooperation_loss(x, x)
+        )(same)
         assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -164,9 +196,15 @@ def test_smi_and_sc_invariants():
 def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
     c = config("sckd_mnist.py", "smoke")
     from kd_jax import run
+
     results = run.run(c, str(tmp_path))
-    for key in ("novel_train_accuracy", "novel_test_accuracy", "all_accuracy",
-                "known_accuracy", "novel_accuracy"):
+    for key in (
+        "novel_train_accuracy",
+        "novel_test_accuracy",
+        "all_accuracy",
+        "known_accuracy",
+        "novel_accuracy",
+    ):
         assert 0.0 <= results[key] <= 1.0, key
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["novel_classes"] == [5, 6, 7, 8, 9]

@@ -1,5 +1,6 @@
 """A run is a chain of stages: `kd_jax.run` trains the unfinished ones, `train.train_and_evaluate`
 trains exactly one, and a method only reads finished workdirs (or is handed its teacher)."""
+
 import json
 
 import jax
@@ -48,9 +49,15 @@ def test_discovery_reads_stage_one_and_never_trains_it(tmp_path):
 
 
 def test_stage_one_config_is_built_from_the_discovery_config():
-    c = config("sckd_mnist.py", "smoke", **{"ncd.known_classes": (0, 2, 4, 6, 8),
-                                            "ncd.novel_classes": (1, 3, 5, 7, 9),
-                                            "data.target.max_eval_examples": 32})
+    c = config(
+        "sckd_mnist.py",
+        "smoke",
+        **{
+            "ncd.known_classes": (0, 2, 4, 6, 8),
+            "ncd.novel_classes": (1, 3, 5, 7, 9),
+            "data.target.max_eval_examples": 32,
+        },
+    )
     stage1 = sckd.stage1_config(c)
     assert stage1.method == "ncd_pretrain" and not stage1.ncd.pretrain.enabled
     assert tuple(stage1.ncd.known_classes) == (0, 2, 4, 6, 8)
@@ -66,14 +73,21 @@ def test_build_with_a_handed_in_teacher_needs_no_teacher_workdir(tmp_path):
     model = models.create_model("lenet5", 10)
     v = model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 1), np.float32), train=False)
     teacher = FrozenTeacher(model, parallel.replicate(dict(v), mesh))
-    assert [s.method for s in prerequisites.check(c, str(tmp_path), teacher_given=True)
-            .stages] == ["kd"]
+    assert [s.method for s in prerequisites.check(c, str(tmp_path), teacher_given=True).stages] == [
+        "kd"
+    ]
     built = train.build(c, str(tmp_path), mesh, teacher=teacher, prepare=False)
     assert built.method.teacher is teacher and built.method.teacher_vars is teacher.variables
-    batch = {"image": np.zeros((8, 32, 32, 1), np.float32), "label": np.zeros(8, np.int64),
-             "id": np.arange(8)}
-    state, metrics = built.train_step(built.state, teacher.variables,
-                                      parallel.global_batch(batch, mesh),
-                                      parallel.replicate(jax.random.PRNGKey(0), mesh))
+    batch = {
+        "image": np.zeros((8, 32, 32, 1), np.float32),
+        "label": np.zeros(8, np.int64),
+        "id": np.arange(8),
+    }
+    state, metrics = built.train_step(
+        built.state,
+        teacher.variables,
+        parallel.global_batch(batch, mesh),
+        parallel.replicate(jax.random.PRNGKey(0), mesh),
+    )
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
     assert not (tmp_path / "teacher").exists()

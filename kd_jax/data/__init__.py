@@ -13,6 +13,7 @@ datasets. Submodules load what they need:
 The names below are also reachable as attributes (``kd_jax.data.read_shards``), loaded on
 first use.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -26,14 +26,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from kd_jax import fileio
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F", "P-gray")
 
 
@@ -41,7 +52,7 @@ class InputError(ValueError):
     """Bad input to the shard writer (message names the file / key and the problem)."""
 
 
-def _parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+def _parse_size(text: str | None) -> tuple[int, int] | None:
     if text is None or text == "":
         return None
     try:
@@ -55,11 +66,12 @@ def _parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
-def _resize(img: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
+def _resize(img: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """uint8 [H,W,C] → [size[0], size[1], C] (Lanczos, antialiased); unchanged when no size."""
     if size is None or img.shape[:2] == tuple(size):
         return img
     from PIL import Image
+
     pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
     out = np.asarray(pil.resize((size[1], size[0]), Image.LANCZOS))
     return out[..., None] if out.ndim == 2 else out
@@ -68,6 +80,7 @@ def _resize(img: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # npz input
 # ---------------------------------------------------------------------------------------------
+
 
 class _ResizedArray:
     """Lazy ``images[i]`` resized on access (keeps memory flat for big arrays)."""
@@ -93,37 +106,49 @@ def load_npz(path: str) -> dict:
     with z:
         keys = sorted(z.files)
         if "images" not in z.files:
-            raise InputError(f"{path}: missing key 'images' (keys present: {keys}); expected "
-                             f"'images' uint8 [N,H,W] or [N,H,W,C]")
+            raise InputError(
+                f"{path}: missing key 'images' (keys present: {keys}); expected "
+                f"'images' uint8 [N,H,W] or [N,H,W,C]"
+            )
         images = z["images"]
         if images.dtype != np.uint8:
-            raise InputError(f"{path}: key 'images' has dtype {images.dtype}; expected uint8 "
-                             f"(0..255). Convert first, e.g. (x * 255).round().astype(np.uint8)")
+            raise InputError(
+                f"{path}: key 'images' has dtype {images.dtype}; expected uint8 "
+                f"(0..255). Convert first, e.g. (x * 255).round().astype(np.uint8)"
+            )
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.shape[0] == 0:
-            raise InputError(f"{path}: key 'images' has shape {z['images'].shape}; expected "
-                             f"[N,H,W] or [N,H,W,C] with N > 0 and C in (1, 3, 4)")
+            raise InputError(
+                f"{path}: key 'images' has shape {z['images'].shape}; expected "
+                f"[N,H,W] or [N,H,W,C] with N > 0 and C in (1, 3, 4)"
+            )
         n = images.shape[0]
         out = {"images": images, "labels": None, "sources": None, "ids": None}
         if "labels" in z.files:
             labels = z["labels"]
             if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-                raise InputError(f"{path}: key 'labels' has dtype {labels.dtype} shape "
-                                 f"{labels.shape}; expected integers of shape [{n}]")
+                raise InputError(
+                    f"{path}: key 'labels' has dtype {labels.dtype} shape "
+                    f"{labels.shape}; expected integers of shape [{n}]"
+                )
             out["labels"] = labels.astype(np.int64)
         skey = "source" if "source" in z.files else ("sources" if "sources" in z.files else None)
         if skey:
             src = z[skey]
             if src.shape != (n,) or src.dtype.kind not in "US":
-                raise InputError(f"{path}: key '{skey}' has dtype {src.dtype} shape {src.shape}; "
-                                 f"expected strings of shape [{n}]")
+                raise InputError(
+                    f"{path}: key '{skey}' has dtype {src.dtype} shape {src.shape}; "
+                    f"expected strings of shape [{n}]"
+                )
             out["sources"] = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in src]
         if "ids" in z.files:
             ids = z["ids"]
             if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-                raise InputError(f"{path}: key 'ids' has dtype {ids.dtype} shape {ids.shape}; "
-                                 f"expected integers of shape [{n}]")
+                raise InputError(
+                    f"{path}: key 'ids' has dtype {ids.dtype} shape {ids.shape}; "
+                    f"expected integers of shape [{n}]"
+                )
             if len(np.unique(ids)) != n:
                 raise InputError(f"{path}: key 'ids' holds duplicates; ids must be unique")
             out["ids"] = ids.astype(np.int64)
@@ -133,6 +158,7 @@ def load_npz(path: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Image-folder input
 # ---------------------------------------------------------------------------------------------
+
 
 class _FolderImages:
     """Lazy ``[i] -> uint8 [H,W,C]`` over image files (converted / resized on access)."""
@@ -145,6 +171,7 @@ class _FolderImages:
 
     def __getitem__(self, i):
         from PIL import Image
+
         path = self.files[i]
         try:
             with Image.open(path) as im:
@@ -169,17 +196,24 @@ def scan_folder(root: str, labels_from_folders: bool = False) -> dict:
                 rel_files.append(os.path.relpath(os.path.join(dirpath, f), root))
     rel_files.sort(key=lambda p: p.replace(os.sep, "/"))
     if not rel_files:
-        raise InputError(f"{root}: no image files found (looked recursively for "
-                         f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(
+            f"{root}: no image files found (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
     sources = [os.path.dirname(p).replace(os.sep, "/") for p in rel_files]
-    out = {"files": [os.path.join(root, p) for p in rel_files], "sources": sources,
-           "labels": None, "class_names": None}
+    out = {
+        "files": [os.path.join(root, p) for p in rel_files],
+        "sources": sources,
+        "labels": None,
+        "class_names": None,
+    }
     if labels_from_folders:
         at_root = [p for p in rel_files if os.sep not in p]
         if at_root:
-            raise InputError(f"{os.path.join(root, at_root[0])}: --labels_from_folders needs "
-                             f"every image inside a class folder ({root}/<class_name>/...), "
-                             f"but {len(at_root)} file(s) sit directly in {root}")
+            raise InputError(
+                f"{os.path.join(root, at_root[0])}: --labels_from_folders needs "
+                f"every image inside a class folder ({root}/<class_name>/...), "
+                f"but {len(at_root)} file(s) sit directly in {root}"
+            )
         top = [p.split(os.sep, 1)[0] for p in rel_files]
         class_names = sorted(set(top))
         index = {c: k for k, c in enumerate(class_names)}
@@ -191,6 +225,7 @@ def scan_folder(root: str, labels_from_folders: bool = False) -> dict:
 def _folder_channels(files: Sequence[str]) -> int:
     """1 when every file is grayscale (header only, no decoding), else 3."""
     from PIL import Image
+
     for path in files:
         try:
             with Image.open(path) as im:
@@ -210,9 +245,19 @@ def _folder_channels(files: Sequence[str]) -> int:
 # Entry points
 # ---------------------------------------------------------------------------------------------
 
-def make_shards(src: str, out: str, *, num_shards: int = 8, prefix: str = "pool",
-                image_size=None, image_format: str = "png", channels: Optional[int] = None,
-                labels_from_folders: bool = False, overwrite: bool = False) -> dict:
+
+def make_shards(
+    src: str,
+    out: str,
+    *,
+    num_shards: int = 8,
+    prefix: str = "pool",
+    image_size=None,
+    image_format: str = "png",
+    channels: int | None = None,
+    labels_from_folders: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Library form of the CLI; returns the manifest. Raises InputError on bad input."""
     if image_size is None or isinstance(image_size, str):
         size = _parse_size(image_size)
@@ -236,23 +281,35 @@ def make_shards(src: str, out: str, *, num_shards: int = 8, prefix: str = "pool"
         if not src.lower().endswith(".npz"):
             raise InputError(f"{src}: expected an image folder or a .npz file")
         if labels_from_folders:
-            raise InputError(f"{src}: --labels_from_folders applies to image folders only; an "
-                             f".npz carries its labels in the key 'labels'")
+            raise InputError(
+                f"{src}: --labels_from_folders applies to image folders only; an "
+                f".npz carries its labels in the key 'labels'"
+            )
         d = load_npz(src)
         images = d["images"]
         if channels is not None and channels != images.shape[-1]:
-            raise InputError(f"{src}: key 'images' has {images.shape[-1]} channel(s) but "
-                             f"--channels={channels}; convert the array first")
+            raise InputError(
+                f"{src}: key 'images' has {images.shape[-1]} channel(s) but "
+                f"--channels={channels}; convert the array first"
+            )
         if size is not None:
             images = _ResizedArray(images, size)
         labels, sources, ids = d["labels"], d["sources"], d["ids"]
     from kd_jax.data import shards  # TensorFlow is imported only once the input looks sane
 
     try:
-        return shards.write_shards(out, images, labels=labels, sources=sources, ids=ids,
-                                   num_shards=num_shards, prefix=prefix,
-                                   image_format=image_format, overwrite=overwrite,
-                                   metadata=metadata)
+        return shards.write_shards(
+            out,
+            images,
+            labels=labels,
+            sources=sources,
+            ids=ids,
+            num_shards=num_shards,
+            prefix=prefix,
+            image_format=image_format,
+            overwrite=overwrite,
+            metadata=metadata,
+        )
     except InputError:
         raise
     except (FileExistsError, ValueError, TypeError) as e:
@@ -274,8 +331,10 @@ def describe(manifest: dict, out: str) -> str:
         f"  sources: {srcs}",
     ]
     if manifest["has_labels"]:
-        lines.append(f"  labels: {manifest['num_labeled']:,} labeled, "
-                     f"{len(manifest['label_counts'])} classes")
+        lines.append(
+            f"  labels: {manifest['num_labeled']:,} labeled, "
+            f"{len(manifest['label_counts'])} classes"
+        )
         names = manifest.get("metadata", {}).get("class_names")
         if names:
             lines.append(f"  classes: {', '.join(f'{i}={c}' for i, c in enumerate(names))}")
@@ -288,32 +347,55 @@ def describe(manifest: dict, out: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kd_jax.data.make_shards",
-        description="Write an image folder or an .npz as TFRecord shards plus a JSON manifest.")
+        description="Write an image folder or an .npz as TFRecord shards plus a JSON manifest.",
+    )
     p.add_argument("--src", required=True, help="image folder (recursive) or .npz file")
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument("--num_shards", type=int, default=8, help="number of shard files (default 8)")
     p.add_argument("--prefix", default="pool", help="file-name prefix (default pool)")
     p.add_argument("--image_size", default=None, help="resize to H (square) or HxW")
-    p.add_argument("--format", dest="image_format", choices=("png", "jpeg"), default="png",
-                   help="encoding (png is lossless; default png)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="folder images as gray (1) or RGB (3); default: 1 if all are gray")
-    p.add_argument("--labels_from_folders", action="store_true",
-                   help="label = index of the first-level subfolder among sorted class names")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace shards already written with this prefix in --out")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=("png", "jpeg"),
+        default="png",
+        help="encoding (png is lossless; default png)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="folder images as gray (1) or RGB (3); default: 1 if all are gray",
+    )
+    p.add_argument(
+        "--labels_from_folders",
+        action="store_true",
+        help="label = index of the first-level subfolder among sorted class names",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards already written with this prefix in --out",
+    )
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        manifest = make_shards(args.src, args.out, num_shards=args.num_shards,
-                               prefix=args.prefix, image_size=args.image_size,
-                               image_format=args.image_format, channels=args.channels,
-                               labels_from_folders=args.labels_from_folders,
-                               overwrite=args.overwrite)
+        manifest = make_shards(
+            args.src,
+            args.out,
+            num_shards=args.num_shards,
+            prefix=args.prefix,
+            image_size=args.image_size,
+            image_format=args.image_format,
+            channels=args.channels,
+            labels_from_folders=args.labels_from_folders,
+            overwrite=args.overwrite,
+        )
     except InputError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2

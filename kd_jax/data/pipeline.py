@@ -8,11 +8,12 @@ the augmentation. Train streams are deterministic functions of (seed, step), so 
 sees exactly the batches an uninterrupted one would; eval streams are padded with `mask = 0` rows
 so every process runs the same number of steps and each example counts exactly once.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -22,11 +23,13 @@ from kd_jax import fileio
 class _LazyTensorFlow:
     """`tensorflow`, imported at its first use: the train steps and their benchmarks run without
     it (an accelerator host may have JAX but no TF), the input pipelines need it."""
+
     _module = None
 
     def __getattr__(self, name):
         if _LazyTensorFlow._module is None:
             import tensorflow
+
             # tf.data runs on the host CPU only; keep TF away from accelerators.
             tensorflow.config.set_visible_devices([], "GPU")
             _LazyTensorFlow._module = tensorflow
@@ -50,6 +53,7 @@ AUGMENTATIONS = ("none", "crop", "crop_flip", "inception")
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """How the teacher sees an image; every stream (target or pool) is mapped into it."""
+
     image_size: int
     channels: int
     normalization: str
@@ -57,24 +61,36 @@ class Domain:
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATION:
-            raise ValueError(f"config.data.normalization={self.normalization!r} is not one of "
-                             f"{sorted(NORMALIZATION)}")
+            raise ValueError(
+                f"config.data.normalization={self.normalization!r} is not one of "
+                f"{sorted(NORMALIZATION)}"
+            )
         if self.channels not in (1, 3):
             raise ValueError(f"config.data.channels must be 1 or 3, got {self.channels}")
 
 
 def domain_from_config(data_cfg) -> Domain:
-    return Domain(image_size=data_cfg.image_size, channels=data_cfg.channels,
-                  normalization=data_cfg.normalization,
-                  eval_crop=data_cfg.get("eval_crop", 1.0))
+    return Domain(
+        image_size=data_cfg.image_size,
+        channels=data_cfg.channels,
+        normalization=data_cfg.normalization,
+        eval_crop=data_cfg.get("eval_crop", 1.0),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources: spec -> (host-local tf.data.Dataset of raw elements, number of elements on this host)
 # ---------------------------------------------------------------------------------------------
 
-def open_source(spec, split: str, process_index: int = 0, process_count: int = 1,
-                keep_ids: np.ndarray | None = None, classes: tuple[int, ...] | None = None):
+
+def open_source(
+    spec,
+    split: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    keep_ids: np.ndarray | None = None,
+    classes: tuple[int, ...] | None = None,
+):
     """Opens a labeled set or a pool as this host's share.
 
     spec.source: `tfds` (spec.name, spec.data_dir), `offline_mnist` (bundled MNIST-5k),
@@ -89,24 +105,31 @@ def open_source(spec, split: str, process_index: int = 0, process_count: int = 1
         ds, n = _tfds_source(spec, split, process_index, process_count)
     elif kind == "offline_mnist":
         from kd_jax.data import offline
+
         d = offline.mnist5k()
         key = "train" if split.startswith("train") else "test"
         ds, n = _array_source(d[f"{key}_images"], d[f"{key}_labels"], process_index, process_count)
     elif kind == "npz":
-        ds, n = _npz_source(spec.path if "{split}" not in spec.path else spec.path.format(split=split),
-                            process_index, process_count)
+        ds, n = _npz_source(
+            spec.path if "{split}" not in spec.path else spec.path.format(split=split),
+            process_index,
+            process_count,
+        )
     elif kind == "folder":
         ds, n = _folder_source(fileio.join(spec.path, split), process_index, process_count)
     elif kind in ("shards", "offline_pool"):
         pattern = spec.get("pattern", "")
         if kind == "offline_pool":
             from kd_jax.data import offline
+
             pattern = offline.ensure_offline_pool_shards(cache_dir=spec.get("cache_dir") or None)
         ds, n = _shard_source(pattern, process_index, process_count, keep_ids)
         keep_ids = None  # already applied before decoding
     else:
-        raise ValueError(f"config.data source={kind!r}: expected one of tfds, offline_mnist, npz, "
-                         f"folder, shards, offline_pool")
+        raise ValueError(
+            f"config.data source={kind!r}: expected one of tfds, offline_mnist, npz, "
+            f"folder, shards, offline_pool"
+        )
     if keep_ids is not None:
         ds, n = _filter_ids(ds, keep_ids), None
     if classes is not None:
@@ -127,8 +150,9 @@ def _array_source(images, labels, process_index, process_count):
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(
+            f"images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}"
+        )
     labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
     ids = np.arange(len(images), dtype=np.int64)
     sl = slice(process_index, None, process_count)
@@ -148,8 +172,9 @@ def _npz_source(path, process_index, process_count):
 
 def _folder_source(root, process_index, process_count):
     if not fileio.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist (expected "
-                                f"<path>/<split>/<class>/<image files>)")
+        raise FileNotFoundError(
+            f"image folder {root!r} does not exist (expected <path>/<split>/<class>/<image files>)"
+        )
     class_names = [d for d in fileio.listdir(root) if fileio.isdir(fileio.join(root, d))]
     files, labels = [], []
     for label, name in enumerate(class_names):
@@ -168,18 +193,21 @@ def _folder_source(root, process_index, process_count):
         return _element(image, label, idx)
 
     ds = tf.data.Dataset.from_tensor_slices((files, labels, ids)).map(
-        load, num_parallel_calls=tf.data.AUTOTUNE)
+        load, num_parallel_calls=tf.data.AUTOTUNE
+    )
     return ds, len(ids)
 
 
 def _tfds_source(spec, split, process_index, process_count):
     import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder(spec.name, data_dir=spec.get("data_dir") or None)
     except Exception as e:  # unknown name: tfds lists close matches in its message
         raise ValueError(f"config.data TFDS dataset {spec.name!r} is unknown: {e}") from e
-    host_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                            process_count=process_count)
+    host_split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count
+    )
     try:
         ds = builder.as_dataset(split=host_split, shuffle_files=False)
     except AssertionError as e:  # tfds raises AssertionError when not prepared
@@ -187,15 +215,17 @@ def _tfds_source(spec, split, process_index, process_count):
             f"TFDS dataset {spec.name!r} is not prepared in data_dir={builder.data_dir!r}. "
             f"Run `tfds build {spec.name} --data_dir=...` (imagenet2012 needs the manual "
             f"download in <data_dir>/downloads/manual, see the TFDS catalog), or set "
-            f"config.data.*.data_dir. ({e})") from e
+            f"config.data.*.data_dir. ({e})"
+        ) from e
     try:
         n = builder.info.splits[host_split].num_examples
     except Exception:
         n = None
     image_key = spec.get("image_key", "image")
     label_key = spec.get("label_key", "label")
-    ds = ds.enumerate().map(lambda i, e: _element(
-        e[image_key], e.get(label_key, tf.constant(-1, tf.int64)), i))
+    ds = ds.enumerate().map(
+        lambda i, e: _element(e[image_key], e.get(label_key, tf.constant(-1, tf.int64)), i)
+    )
     if n is None:
         n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
     return ds, n
@@ -212,6 +242,7 @@ def _filter_ids(ds, keep_ids):
 
 def _shard_source(pattern, process_index, process_count, keep_ids):
     from kd_jax.data import shards
+
     before_decode = None
     if keep_ids is not None:
         keep_ids = np.asarray(keep_ids, np.int64)
@@ -220,17 +251,20 @@ def _shard_source(pattern, process_index, process_count, keep_ids):
         table_t = tf.constant(table)
         limit = tf.cast(tf.shape(table_t)[0] - 1, tf.int64)
         before_decode = lambda i: tf.gather(table_t, tf.minimum(i, limit))
-    ds = shards.read_shards(pattern, process_index=process_index, process_count=process_count,
-                            keep_id_fn=before_decode)
+    ds = shards.read_shards(
+        pattern, process_index=process_index, process_count=process_count, keep_id_fn=before_decode
+    )
     ds = ds.map(lambda e: {"image": e["image"], "label": e["label"], "id": e["id"]})
-    n = shards.count_ids(pattern, process_index=process_index, process_count=process_count,
-                         keep_id_fn=before_decode)
+    n = shards.count_ids(
+        pattern, process_index=process_index, process_count=process_count, keep_id_fn=before_decode
+    )
     return ds, n
 
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 # ---------------------------------------------------------------------------------------------
+
 
 def _to_domain_channels(image, channels):
     have = image.shape[-1]
@@ -264,9 +298,15 @@ def preprocess(element, domain: Domain, augment: str, seed=None, strong: bool = 
         s = tf.random.experimental.stateless_split(seed, 6)
     if train and augment == "inception":
         begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
-            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+            tf.shape(image),
+            bounding_boxes=tf.zeros([1, 0, 4]),
+            seed=s[0],
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         image = tf.slice(image, begin, box_size)
         image = tf.image.resize(image, (size, size), antialias=True)
     else:
@@ -309,9 +349,20 @@ def _colour_jitter(image, seed_apply, seed_jitter, seed_gray):
 # Streams
 # ---------------------------------------------------------------------------------------------
 
-def train_iterator(ds, *, local_batch: int, steps_per_epoch: int, domain: Domain, augment: str,
-                   seed: int, start_step: int = 0, views: int = 1, shuffle_buffer: int = 16384,
-                   cache: bool = False) -> Iterator[dict]:
+
+def train_iterator(
+    ds,
+    *,
+    local_batch: int,
+    steps_per_epoch: int,
+    domain: Domain,
+    augment: str,
+    seed: int,
+    start_step: int = 0,
+    views: int = 1,
+    shuffle_buffer: int = 16384,
+    cache: bool = False,
+) -> Iterator[dict]:
     """Infinite per-host stream of `{"image"[, "image2"], "label", "id"}` numpy batches.
 
     Epoch e shuffles with seed (seed, e) and augments element k with seed (seed, e, k), so batch
@@ -321,25 +372,35 @@ def train_iterator(ds, *, local_batch: int, steps_per_epoch: int, domain: Domain
     if steps_per_epoch < 1:
         raise ValueError(
             f"this host holds fewer examples than one local batch ({local_batch}); lower "
-            f"config.batch_size or use a larger transfer set")
+            f"config.batch_size or use a larger transfer set"
+        )
     if cache:
         ds = ds.cache()
     epoch = start_step // steps_per_epoch
     skip = (start_step % steps_per_epoch) * local_batch
     while True:
-        epoch_ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch,
-                              reshuffle_each_iteration=False)
+        epoch_ds = ds.shuffle(
+            shuffle_buffer, seed=seed * 100003 + epoch, reshuffle_each_iteration=False
+        )
         epoch_ds = epoch_ds.take(steps_per_epoch * local_batch).enumerate().skip(skip)
 
         def prep(k, e, epoch=epoch):
             elem_seed = tf.random.experimental.stateless_fold_in(
-                tf.constant([seed, epoch], tf.int64), k)
-            out = {"image": preprocess(e, domain, augment, elem_seed),
-                   "label": e["label"], "id": e["id"]}
+                tf.constant([seed, epoch], tf.int64), k
+            )
+            out = {
+                "image": preprocess(e, domain, augment, elem_seed),
+                "label": e["label"],
+                "id": e["id"],
+            }
             if views == 2:
                 out["image2"] = preprocess(
-                    e, domain, augment,
-                    tf.random.experimental.stateless_fold_in(elem_seed, 1), strong=True)
+                    e,
+                    domain,
+                    augment,
+                    tf.random.experimental.stateless_fold_in(elem_seed, 1),
+                    strong=True,
+                )
             return out
 
         epoch_ds = epoch_ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -351,12 +412,23 @@ def train_iterator(ds, *, local_batch: int, steps_per_epoch: int, domain: Domain
 def eval_batches(ds, *, host_count: int, max_host_count: int, local_batch: int, domain: Domain):
     """Per-host padded eval batches with a `mask`; every host yields the same number."""
     num_batches = max(1, math.ceil(max_host_count / local_batch))
-    real = ds.map(lambda e: {"image": preprocess(e, domain, "none"), "label": e["label"],
-                             "id": e["id"], "mask": tf.constant(1.0)},
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pad = tf.data.Dataset.from_tensors({
-        "image": tf.zeros((domain.image_size, domain.image_size, domain.channels)),
-        "label": tf.constant(-1, tf.int64), "id": tf.constant(-1, tf.int64),
-        "mask": tf.constant(0.0)}).repeat()
+    real = ds.map(
+        lambda e: {
+            "image": preprocess(e, domain, "none"),
+            "label": e["label"],
+            "id": e["id"],
+            "mask": tf.constant(1.0),
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    pad = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros((domain.image_size, domain.image_size, domain.channels)),
+            "label": tf.constant(-1, tf.int64),
+            "id": tf.constant(-1, tf.int64),
+            "mask": tf.constant(0.0),
+        }
+    ).repeat()
     full = real.take(host_count).concatenate(pad).take(num_batches * local_batch)
     return full.batch(local_batch, drop_remainder=True).prefetch(2)

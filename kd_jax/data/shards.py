@@ -46,29 +46,33 @@ the same protocol plus ``__getitem__(ids)`` later without changing its callers;
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import threading
 import uuid
-from typing import (Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union,
-                    runtime_checkable)
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import (
+    Any,
+    Protocol,
+    runtime_checkable,
+)
 
 import numpy as np
 import tensorflow as tf
 
 from kd_jax import fileio
+from kd_jax import log as kd_log
 
 try:  # tf.data runs on the host CPU only; JAX owns the accelerators.
     tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # TF already initialised elsewhere: leave it as it is.
     pass
 
-log = logging.getLogger(__name__)
+log = kd_log.get(__name__)
 
 MANIFEST_FORMAT = "kd_jax.image_shards"
 MANIFEST_VERSION = 1
 IMAGE_FORMATS = ("png", "jpeg")
-PathPattern = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+PathPattern = str | os.PathLike | Sequence[str | os.PathLike]
 KeepIdFn = Callable[[tf.Tensor], tf.Tensor]
 # The tf.data functions below use explicit tf.cond: skipping AutoGraph's conversion makes
 # building a reader several times cheaper.
@@ -79,22 +83,23 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 # Names and manifests
 # ---------------------------------------------------------------------------------------------
 
+
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
     """File name of shard ``index`` of ``num_shards``: ``{prefix}-00003-of-00008.tfrecord``."""
     return f"{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def shard_pattern(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> str:
+def shard_pattern(out_dir: str | os.PathLike, prefix: str = "pool") -> str:
     """The glob matching every shard written with ``prefix`` into ``out_dir``."""
     return fileio.join(out_dir, f"{prefix}-*-of-*.tfrecord")
 
 
-def manifest_path(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> str:
+def manifest_path(out_dir: str | os.PathLike, prefix: str = "pool") -> str:
     """``{out_dir}/{prefix}.json``."""
     return fileio.join(out_dir, f"{prefix}.json")
 
 
-def read_manifest(out_dir: Union[str, os.PathLike], prefix: str = "pool") -> dict:
+def read_manifest(out_dir: str | os.PathLike, prefix: str = "pool") -> dict:
     """Loads the manifest written by :func:`write_shards`; FileNotFoundError naming the path."""
     path = manifest_path(out_dir, prefix)
     if not fileio.exists(path):
@@ -108,7 +113,7 @@ def _partial_name(path: str) -> str:
     return fileio.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.partial")
 
 
-def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list], bool]]:
+def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, list | None, bool]]:
     """{shard path: (record count, image_shape, intact)} from the manifests beside ``files``;
     `intact` is False when the file's size is not the one the manifest records (truncated)."""
     known = {}
@@ -128,11 +133,10 @@ def _manifest_index(files: Sequence[str]) -> dict[str, tuple[int, Optional[list]
     return known
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Writer
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_hwc(img: Any, where: str) -> np.ndarray:
     a = np.asarray(img)
@@ -141,8 +145,9 @@ def _as_hwc(img: Any, where: str) -> np.ndarray:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"{where}: expected an image [H,W] or [H,W,C] with C in 1..4, got "
-                         f"shape {a.shape}")
+        raise ValueError(
+            f"{where}: expected an image [H,W] or [H,W,C] with C in 1..4, got shape {a.shape}"
+        )
     return a
 
 
@@ -154,12 +159,15 @@ def _check_images(images: Any) -> tuple[Any, int]:
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4):
-            raise ValueError("images must have shape [N,H,W] or [N,H,W,C] with C in 1..4, got "
-                             f"{images.shape}")
+            raise ValueError(
+                f"images must have shape [N,H,W] or [N,H,W,C] with C in 1..4, got {images.shape}"
+            )
         return images, images.shape[0]
     if not hasattr(images, "__len__") or not hasattr(images, "__getitem__"):
-        raise TypeError("images must be a uint8 array [N,H,W(,C)] or a sequence of uint8 images "
-                        f"supporting len() and indexing, got {type(images).__name__}")
+        raise TypeError(
+            "images must be a uint8 array [N,H,W(,C)] or a sequence of uint8 images "
+            f"supporting len() and indexing, got {type(images).__name__}"
+        )
     return images, len(images)
 
 
@@ -174,8 +182,7 @@ def encode_image(img: np.ndarray, image_format: str = "png") -> bytes:
     raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
 
 
-def make_example(encoded: bytes, id_: int, label: int = -1,
-                 source: Union[str, bytes] = b"") -> bytes:
+def make_example(encoded: bytes, id_: int, label: int = -1, source: str | bytes = b"") -> bytes:
     """One serialized ``tf.train.Example`` record in the shard format."""
     if isinstance(source, str):
         source = source.encode("utf-8")
@@ -189,17 +196,17 @@ def make_example(encoded: bytes, id_: int, label: int = -1,
 
 
 def write_shards(
-    out_dir: Union[str, os.PathLike],
+    out_dir: str | os.PathLike,
     images: Any,
     *,
-    labels: Optional[Sequence[int]] = None,
-    sources: Optional[Sequence[str]] = None,
-    ids: Optional[Sequence[int]] = None,
+    labels: Sequence[int] | None = None,
+    sources: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
     num_shards: int = 8,
     prefix: str = "pool",
     image_format: str = "png",
     overwrite: bool = False,
-    metadata: Optional[Mapping[str, Any]] = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict:
     """Writes images (+ ids, labels, source tags) as TFRecord shards and a JSON manifest.
 
@@ -239,8 +246,10 @@ def write_shards(
     else:
         labels_arr = np.asarray(labels)
         if labels_arr.shape != (n,) or not np.issubdtype(labels_arr.dtype, np.integer):
-            raise ValueError(f"labels must be integers of shape [{n}], got dtype "
-                             f"{labels_arr.dtype} shape {labels_arr.shape}")
+            raise ValueError(
+                f"labels must be integers of shape [{n}], got dtype "
+                f"{labels_arr.dtype} shape {labels_arr.shape}"
+            )
         labels_arr = labels_arr.astype(np.int64)
     if sources is None:
         source_list = [b""] * n
@@ -253,14 +262,15 @@ def write_shards(
     else:
         ids_arr = np.asarray(ids)
         if ids_arr.shape != (n,) or not np.issubdtype(ids_arr.dtype, np.integer):
-            raise ValueError(f"ids must be integers of shape [{n}], got dtype {ids_arr.dtype} "
-                             f"shape {ids_arr.shape}")
+            raise ValueError(
+                f"ids must be integers of shape [{n}], got dtype {ids_arr.dtype} "
+                f"shape {ids_arr.shape}"
+            )
         ids_arr = ids_arr.astype(np.int64)
         if len(np.unique(ids_arr)) != n:
             raise ValueError("ids must be unique")
     if num_shards > n:
-        log.warning("write_shards: %d shards requested for %d images; writing %d",
-                    num_shards, n, n)
+        log.warning("write_shards: %d shards requested for %d images; writing %d", num_shards, n, n)
         num_shards = n
 
     out_dir = os.fspath(out_dir)
@@ -270,7 +280,8 @@ def write_shards(
         raise FileExistsError(
             f"{out_dir!r} already holds {len(existing)} shard(s) with prefix {prefix!r} (e.g. "
             f"{fileio.basename(existing[0])}); pass overwrite=True (--overwrite) or another "
-            f"prefix")
+            f"prefix"
+        )
     if overwrite and fileio.exists(manifest_path(out_dir, prefix)):
         fileio.remove(manifest_path(out_dir, prefix))
 
@@ -285,8 +296,14 @@ def write_shards(
                 for i in range(s, n, num_shards):
                     img = _as_hwc(images[i], f"image {i}")
                     shapes.add(img.shape)
-                    writer.write(make_example(encode_image(img, image_format), ids_arr[i],
-                                              labels_arr[i], source_list[i]))
+                    writer.write(
+                        make_example(
+                            encode_image(img, image_format),
+                            ids_arr[i],
+                            labels_arr[i],
+                            source_list[i],
+                        )
+                    )
                     count += 1
             shard_counts.append(count)
             shard_bytes.append(fileio.size(tmp))
@@ -318,7 +335,7 @@ def write_shards(
         "sources": {str(t): int(c) for t, c in zip(tags, tag_counts)},
         "has_labels": bool(labeled.any()),
         "num_labeled": int(labeled.sum()),
-        "label_counts": {str(int(l)): int(c) for l, c in zip(lab, lab_counts)},
+        "label_counts": {str(int(label)): int(c) for label, c in zip(lab, lab_counts)},
         "id_min": int(ids_arr.min()),
         "id_max": int(ids_arr.max()),
         "metadata": dict(metadata or {}),
@@ -330,6 +347,7 @@ def write_shards(
 # ---------------------------------------------------------------------------------------------
 # Reader
 # ---------------------------------------------------------------------------------------------
+
 
 def _manifest_shards(directory: str) -> list[str]:
     """The shard files that the manifests in ``directory`` (written by :func:`write_shards`)
@@ -343,9 +361,11 @@ def _manifest_shards(directory: str) -> list[str]:
         if isinstance(man, dict) and man.get("format") == MANIFEST_FORMAT:
             files += [fileio.join(directory, name) for name in man.get("shards", [])]
     if not files:
-        raise ValueError(f"{directory!r} is a directory without a shard manifest (the "
-                         f"<prefix>.json that kd_jax.data.make_shards writes); name its shards "
-                         f"with a glob instead, e.g. {fileio.join(directory, '*.tfrecord')!r}")
+        raise ValueError(
+            f"{directory!r} is a directory without a shard manifest (the "
+            f"<prefix>.json that kd_jax.data.make_shards writes); name its shards "
+            f"with a glob instead, e.g. {fileio.join(directory, '*.tfrecord')!r}"
+        )
     return files
 
 
@@ -377,7 +397,7 @@ def list_shard_files(file_pattern: PathPattern) -> list[str]:
     return sorted(files)
 
 
-def image_shape(file_pattern: PathPattern) -> Optional[tuple[int, int, int]]:
+def image_shape(file_pattern: PathPattern) -> tuple[int, int, int] | None:
     """The (H, W, C) of every image in the pool when its manifests say so, else None."""
     files = list_shard_files(file_pattern)
     known = _manifest_index(files)
@@ -385,25 +405,29 @@ def image_shape(file_pattern: PathPattern) -> Optional[tuple[int, int, int]]:
     return shapes.pop() if len(shapes) == 1 and None not in shapes else None
 
 
-def process_files(file_pattern: PathPattern, process_index: int = 0,
-                  process_count: int = 1) -> list[str]:
+def process_files(
+    file_pattern: PathPattern, process_index: int = 0, process_count: int = 1
+) -> list[str]:
     """This process's files: sorted matches ``[process_index::process_count]``."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count="
-                         f"{process_count})")
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})"
+        )
     files = list_shard_files(file_pattern)
     if len(files) < process_count:
         raise ValueError(
             f"{len(files)} file(s) match {file_pattern!r} but there are {process_count} "
             f"processes: file-level sharding needs at least one file per process. Rewrite the "
             f"shards with --num_shards >= {process_count} (a multiple of it keeps the shares "
-            f"balanced)")
+            f"balanced)"
+        )
     return files[process_index::process_count]
 
 
 @dataclasses.dataclass
 class ReadStats:
     """Corrupt records skipped by :func:`read_shards` datasets (thread-safe counter)."""
+
     skipped: int = 0
     by_file: dict = dataclasses.field(default_factory=dict)
     _lock: Any = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
@@ -433,12 +457,12 @@ def read_shards(
     shuffle_files: bool = False,
     seed: int = 0,
     num_parallel: int = tf.data.AUTOTUNE,
-    cycle_length: Optional[int] = None,
+    cycle_length: int | None = None,
     on_corrupt: str = "skip",
-    channels: Optional[int] = None,
-    image_size: Optional[Union[int, tuple[int, int]]] = None,
-    keep_id_fn: Optional[KeepIdFn] = None,
-    stats: Optional[ReadStats] = None,
+    channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    keep_id_fn: KeepIdFn | None = None,
+    stats: ReadStats | None = None,
     decode: bool = True,
 ) -> tf.data.Dataset:
     """Streams this process's share of TFRecord image shards.
@@ -492,9 +516,14 @@ def read_shards(
         gap, first_bad = int(gap.numpy()), int(first_bad.numpy())
         for s in sinks:
             s.add(filename, gap)
-        log.warning("read_shards: skipped %d corrupt record(s) in %s (from record #%d of that "
-                    "file); %d skipped so far in this process", gap, filename, first_bad,
-                    TOTAL_SKIPPED.skipped)
+        log.warning(
+            "read_shards: skipped %d corrupt record(s) in %s (from record #%d of that "
+            "file); %d skipped so far in this process",
+            gap,
+            filename,
+            first_bad,
+            TOTAL_SKIPPED.skipped,
+        )
         return np.int64(0)
 
     c_out = (channels or 1) if decode else 1
@@ -506,8 +535,9 @@ def read_shards(
         return tf.zeros([*(image_size or static_hw or (1, 1)), c_out], tf.uint8)
 
     def decode_image(encoded):
-        img = tf.io.decode_image(encoded, channels=channels or 0, dtype=tf.uint8,
-                                 expand_animations=False)
+        img = tf.io.decode_image(
+            encoded, channels=channels or 0, dtype=tf.uint8, expand_animations=False
+        )
         if static_hw is not None:
             img = tf.ensure_shape(img, [*static_hw, None])
         if image_size is not None:
@@ -519,19 +549,37 @@ def read_shards(
     def parse_decode(idx, record, is_end):
         def real():
             ex = tf.io.parse_single_example(record, _FEATURES)
-            keep = tf.constant(True) if keep_id_fn is None else tf.reshape(
-                tf.cast(keep_id_fn(ex["id"]), tf.bool), [])
-            img = (tf.cond(keep, lambda: decode_image(ex["image"]), dummy_image) if decode
-                   else dummy_image())
+            keep = (
+                tf.constant(True)
+                if keep_id_fn is None
+                else tf.reshape(tf.cast(keep_id_fn(ex["id"]), tf.bool), [])
+            )
+            img = (
+                tf.cond(keep, lambda: decode_image(ex["image"]), dummy_image)
+                if decode
+                else dummy_image()
+            )
             return img, ex["id"], ex["label"], ex["source"], keep
 
         def end():
-            return (dummy_image(), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
-                    tf.constant(""), tf.constant(False))
+            return (
+                dummy_image(),
+                tf.constant(-1, tf.int64),
+                tf.constant(-1, tf.int64),
+                tf.constant(""),
+                tf.constant(False),
+            )
 
         img, id_, label, source, keep = tf.cond(is_end, end, real)
-        return {"image": img, "id": id_, "label": label, "source": source, "_idx": idx,
-                "_keep": keep, "_end": is_end}
+        return {
+            "image": img,
+            "id": id_,
+            "label": label,
+            "source": source,
+            "_idx": idx,
+            "_keep": keep,
+            "_end": is_end,
+        }
 
     @_no_autograph
     def one_file(filename, manifest_count):
@@ -542,19 +590,23 @@ def read_shards(
         # with it) and a truncated file just ends early, so at the end marker the records the
         # manifest promises but the file did not deliver count as well. Only a gap calls back
         # into Python.
-        recs = tf.data.TFRecordDataset(filename).map(_no_autograph(
-            lambda r: (r, tf.constant(False))))
-        recs = recs.concatenate(
-            tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True))))
-        ds = recs.enumerate().map(_no_autograph(lambda i, x: parse_decode(i, x[0], x[1])),
-                                  num_parallel_calls=num_parallel, deterministic=True)
+        recs = tf.data.TFRecordDataset(filename).map(
+            _no_autograph(lambda r: (r, tf.constant(False)))
+        )
+        recs = recs.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True))))
+        ds = recs.enumerate().map(
+            _no_autograph(lambda i, x: parse_decode(i, x[0], x[1])),
+            num_parallel_calls=num_parallel,
+            deterministic=True,
+        )
         ds = ds.ignore_errors()
 
         @_no_autograph
         def step(expected, ex):
             idx = ex["_idx"]
-            missing = tf.where(ex["_end"], tf.maximum(manifest_count - idx, 0),
-                               tf.constant(0, tf.int64))
+            missing = tf.where(
+                ex["_end"], tf.maximum(manifest_count - idx, 0), tf.constant(0, tf.int64)
+            )
             return idx + 1, (ex, idx - expected + missing, expected)
 
         ds = ds.scan(tf.constant(0, tf.int64), step)
@@ -564,49 +616,77 @@ def read_shards(
             if on_corrupt == "fail":
                 noted = tf.debugging.Assert(
                     tf.equal(gap, 0),
-                    ["kd_jax.data.shards.read_shards: corrupt record(s) in file", filename,
-                     "from record #", first_bad, "count", gap,
-                     "(on_corrupt='skip' skips and counts them)"])
+                    [
+                        "kd_jax.data.shards.read_shards: corrupt record(s) in file",
+                        filename,
+                        "from record #",
+                        first_bad,
+                        "count",
+                        gap,
+                        "(on_corrupt='skip' skips and counts them)",
+                    ],
+                )
             else:
-                noted = tf.cond(gap > 0,
-                                lambda: tf.py_function(report, [filename, gap, first_bad],
-                                                       tf.int64),
-                                lambda: tf.constant(0, tf.int64))
+                noted = tf.cond(
+                    gap > 0,
+                    lambda: tf.py_function(report, [filename, gap, first_bad], tf.int64),
+                    lambda: tf.constant(0, tf.int64),
+                )
             with tf.control_dependencies([noted]):
                 return tf.logical_and(ex["_keep"], tf.logical_not(ex["_end"]))
 
         ds = ds.filter(keep)
-        return ds.map(_no_autograph(
-            lambda ex, gap, first: {k: v for k, v in ex.items() if k[0] != "_"}))
+        return ds.map(
+            _no_autograph(lambda ex, gap, first: {k: v for k, v in ex.items() if k[0] != "_"})
+        )
 
     # Records each file should hold (-1: unknown, no manifest lists it).
     expected = np.array([known[f][0] if f in known else -1 for f in mine], np.int64)
     files_ds = tf.data.Dataset.from_tensor_slices((mine, expected))
     if shuffle_files:
         files_ds = files_ds.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True)
-    return files_ds.interleave(one_file, cycle_length=cycle_length or min(len(mine), 16),
-                               block_length=1, num_parallel_calls=num_parallel,
-                               deterministic=True)
+    return files_ds.interleave(
+        one_file,
+        cycle_length=cycle_length or min(len(mine), 16),
+        block_length=1,
+        num_parallel_calls=num_parallel,
+        deterministic=True,
+    )
 
 
-def _id_dataset(file_pattern: PathPattern, process_index: int = 0, process_count: int = 1,
-                keep_id_fn: Optional[KeepIdFn] = None) -> tf.data.Dataset:
+def _id_dataset(
+    file_pattern: PathPattern,
+    process_index: int = 0,
+    process_count: int = 1,
+    keep_id_fn: KeepIdFn | None = None,
+) -> tf.data.Dataset:
     """ids of this process's records (no image decoding), with the corrupt-record handling of
     :func:`read_shards`: what training skips, the id and count passes skip too."""
-    return read_shards(file_pattern, process_index=process_index, process_count=process_count,
-                       keep_id_fn=keep_id_fn, decode=False).map(lambda e: e["id"])
+    return read_shards(
+        file_pattern,
+        process_index=process_index,
+        process_count=process_count,
+        keep_id_fn=keep_id_fn,
+        decode=False,
+    ).map(lambda e: e["id"])
 
 
-def read_ids(file_pattern: PathPattern, *, process_index: int = 0,
-             process_count: int = 1) -> np.ndarray:
+def read_ids(
+    file_pattern: PathPattern, *, process_index: int = 0, process_count: int = 1
+) -> np.ndarray:
     """int64 ids of this process's records, in reading order (no image decoding)."""
     ids = _id_dataset(file_pattern, process_index, process_count).batch(65536)
     parts = [b for b in ids.as_numpy_iterator()]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
 
 
-def count_ids(file_pattern: PathPattern, *, process_index: int = 0, process_count: int = 1,
-              keep_id_fn: Optional[KeepIdFn] = None) -> int:
+def count_ids(
+    file_pattern: PathPattern,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    keep_id_fn: KeepIdFn | None = None,
+) -> int:
     """Records in this process's share (that ``keep_id_fn`` keeps, when given).
 
     Without ``keep_id_fn`` this reads the manifests when they cover the files (no record I/O).
@@ -638,6 +718,7 @@ def count_records(file_pattern: PathPattern, *, use_manifest: bool = True) -> in
 # A small source interface (room for a random-access backend later)
 # ---------------------------------------------------------------------------------------------
 
+
 @runtime_checkable
 class PoolSource(Protocol):
     """What a method needs from an unlabeled pool.
@@ -652,9 +733,15 @@ class PoolSource(Protocol):
 
     def ids(self) -> np.ndarray: ...
 
-    def stream(self, *, process_index: int = 0, process_count: int = 1,
-               shuffle_files: bool = False, seed: int = 0,
-               keep_id_fn: Optional[KeepIdFn] = None) -> tf.data.Dataset: ...
+    def stream(
+        self,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle_files: bool = False,
+        seed: int = 0,
+        keep_id_fn: KeepIdFn | None = None,
+    ) -> tf.data.Dataset: ...
 
 
 class TFRecordPool:
@@ -663,7 +750,7 @@ class TFRecordPool:
     def __init__(self, file_pattern: PathPattern, **read_kwargs):
         self.files = list_shard_files(file_pattern)
         self.read_kwargs = read_kwargs
-        self._len: Optional[int] = None
+        self._len: int | None = None
 
     def __len__(self) -> int:
         if self._len is None:
@@ -673,12 +760,24 @@ class TFRecordPool:
     def ids(self) -> np.ndarray:
         return np.sort(read_ids(self.files))
 
-    def stream(self, *, process_index: int = 0, process_count: int = 1,
-               shuffle_files: bool = False, seed: int = 0,
-               keep_id_fn: Optional[KeepIdFn] = None) -> tf.data.Dataset:
-        return read_shards(self.files, process_index=process_index,
-                           process_count=process_count, shuffle_files=shuffle_files, seed=seed,
-                           keep_id_fn=keep_id_fn, **self.read_kwargs)
+    def stream(
+        self,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle_files: bool = False,
+        seed: int = 0,
+        keep_id_fn: KeepIdFn | None = None,
+    ) -> tf.data.Dataset:
+        return read_shards(
+            self.files,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle_files=shuffle_files,
+            seed=seed,
+            keep_id_fn=keep_id_fn,
+            **self.read_kwargs,
+        )
 
 
 def iter_numpy(ds: tf.data.Dataset) -> Iterator[dict]:

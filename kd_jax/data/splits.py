@@ -4,6 +4,7 @@
 `remap_labels` maps the original labels to 0..C_l-1 (known) and C_l..C_l+C_u-1 (novel);
 `hide_labels` makes a stream unlabeled (label -1).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,16 @@ from kd_jax import fileio
 from kd_jax.data.pipeline import tf  # imported at first use
 
 # The `config.ncd` keys that define the split (a stage-1 run must share them with stage 2).
-SPLIT_KEYS = ("known_classes", "novel_classes", "classes", "classes_file", "subset_seed",
-              "total_classes", "num_known", "num_novel")
+SPLIT_KEYS = (
+    "known_classes",
+    "novel_classes",
+    "classes",
+    "classes_file",
+    "subset_seed",
+    "total_classes",
+    "num_known",
+    "num_novel",
+)
 
 
 def read_classes_file(path: str, spec) -> list[int]:
@@ -21,23 +30,31 @@ def read_classes_file(path: str, spec) -> list[int]:
     feature of `spec` (e.g. ImageNet WordNet ids `n01558993`)."""
     if not fileio.isfile(path):
         raise FileNotFoundError(f"config.ncd.classes_file={path!r} does not exist")
-    names = [line.strip() for line in fileio.read_text(path).splitlines()
-             if line.strip() and not line.startswith("#")]
+    names = [
+        line.strip()
+        for line in fileio.read_text(path).splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     if all(n.lstrip("-").isdigit() for n in names):
         return [int(n) for n in names]
     if spec.source != "tfds":
-        raise ValueError(f"config.ncd.classes_file={path!r} holds class names; names are only "
-                         f"resolved for TFDS sources (use integer labels for {spec.source!r})")
+        raise ValueError(
+            f"config.ncd.classes_file={path!r} holds class names; names are only "
+            f"resolved for TFDS sources (use integer labels for {spec.source!r})"
+        )
     import tensorflow_datasets as tfds
+
     feature = tfds.builder(spec.name, data_dir=spec.get("data_dir") or None).info.features[
-        spec.get("label_key", "label")]
+        spec.get("label_key", "label")
+    ]
     out = []
     for n in names:
         try:
             out.append(int(feature.str2int(n)))
         except Exception as e:
-            raise ValueError(f"config.ncd.classes_file={path!r}: {n!r} is not a class of "
-                             f"{spec.name!r}") from e
+            raise ValueError(
+                f"config.ncd.classes_file={path!r}: {n!r} is not a class of {spec.name!r}"
+            ) from e
     return out
 
 
@@ -51,11 +68,14 @@ def class_split(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """
     n = config.ncd
     if n.known_classes or n.novel_classes:
-        known, novel = tuple(int(c) for c in n.known_classes), tuple(
-            int(c) for c in n.novel_classes)
+        known, novel = (
+            tuple(int(c) for c in n.known_classes),
+            tuple(int(c) for c in n.novel_classes),
+        )
         if not known or not novel:
-            raise ValueError("config.ncd.known_classes and config.ncd.novel_classes must be "
-                             "given together")
+            raise ValueError(
+                "config.ncd.known_classes and config.ncd.novel_classes must be given together"
+            )
     else:
         total = n.num_known + n.num_novel
         if n.get("classes_file"):
@@ -63,17 +83,22 @@ def class_split(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
         elif n.classes:
             order = [int(c) for c in n.classes]
         elif n.get("subset_seed", -1) >= 0:
-            order = np.random.RandomState(n.subset_seed).choice(
-                n.total_classes, total, replace=False).tolist()
+            order = (
+                np.random.RandomState(n.subset_seed)
+                .choice(n.total_classes, total, replace=False)
+                .tolist()
+            )
         else:
             order = list(range(total))
         if len(order) < total:
-            raise ValueError(f"config.ncd: {len(order)} classes listed but num_known + "
-                             f"num_novel = {total}")
-        known, novel = tuple(order[:n.num_known]), tuple(order[n.num_known:total])
+            raise ValueError(
+                f"config.ncd: {len(order)} classes listed but num_known + num_novel = {total}"
+            )
+        known, novel = tuple(order[: n.num_known]), tuple(order[n.num_known : total])
     if set(known) & set(novel):
-        raise ValueError(f"config.ncd: classes {sorted(set(known) & set(novel))} are both "
-                         f"known and novel")
+        raise ValueError(
+            f"config.ncd: classes {sorted(set(known) & set(novel))} are both known and novel"
+        )
     if len(set(known)) != len(known) or len(set(novel)) != len(novel):
         raise ValueError("config.ncd: repeated class in the known or novel list")
     return known, novel

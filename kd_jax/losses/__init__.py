@@ -21,6 +21,7 @@ Modules: `distill` (KD, class dropping, low-noise targets, features), `relationa
 PKT, relation KL, InfoNCE, NT-Xent/SupCon), `ncd` (Sinkhorn-Knopp, swapped prediction,
 spatial mutual information, self-cooperation).
 """
+
 from kd_jax.losses.distill import (
     class_drop_mask,
     feature_loss,

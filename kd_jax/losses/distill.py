@@ -103,7 +103,13 @@ def class_drop_mask(teacher_logits, k=None, threshold=None):
 
 
 def low_noise_targets(
-    teacher_logits, temperature, rule="top_p", rho=0.9, k=None, threshold=None, k_max=None,
+    teacher_logits,
+    temperature,
+    rule="top_p",
+    rho=0.9,
+    k=None,
+    threshold=None,
+    k_max=None,
     tail="drop",
 ):
     """ODSD §2 low-noise representation: per-sample truncated, renormalised teacher targets.

@@ -139,9 +139,7 @@ def self_cooperation_loss(r_known, r_novel, temperature=0.1, direction="both", w
         raise ValueError(f"unknown direction {direction!r}")
     total = 0.0
     if direction in ("both", "known_to_novel"):
-        total += rel.relation_kl_loss(r_novel, jax.lax.stop_gradient(r_known), temperature,
-                                      weights)
+        total += rel.relation_kl_loss(r_novel, jax.lax.stop_gradient(r_known), temperature, weights)
     if direction in ("both", "novel_to_known"):
-        total += rel.relation_kl_loss(r_known, jax.lax.stop_gradient(r_novel), temperature,
-                                      weights)
+        total += rel.relation_kl_loss(r_known, jax.lax.stop_gradient(r_novel), temperature, weights)
     return total

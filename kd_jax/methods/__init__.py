@@ -1,4 +1,5 @@
 """Method registry: one module per paper, one shared loop (kd_jax.train)."""
+
 from __future__ import annotations
 
 import importlib

@@ -2,10 +2,12 @@
 the target-domain streams and the eval step. A method module subclasses `Method` and writes
 only its paper: its transfer data and its `loss`.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax
 import jax
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kd_jax import checkpoint, inference, models, parallel
+from kd_jax import checkpoint, inference, log, models, parallel
 from kd_jax.data import pipeline
 from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 
@@ -22,6 +24,7 @@ from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 class TrainState:
     """Everything a train step changes. `params` / `batch_stats` hold `{"model": student, ...
     extra trainable heads}`; the teacher is never here (never differentiated or checkpointed)."""
+
     step: jnp.ndarray
     params: Any
     batch_stats: Any
@@ -33,22 +36,27 @@ def make_schedule(opt: ml_collections.ConfigDict, num_steps: int):
     fractions `decay_at` of training, the DFND/CIFAR convention) or `constant`."""
     lr, warmup = opt.lr, int(opt.get("warmup_steps", 0))
     if opt.schedule == "cosine":
-        base = optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1),
-                                           alpha=opt.get("end_lr", 0.0) / lr)
+        base = optax.cosine_decay_schedule(
+            lr, max(num_steps - warmup, 1), alpha=opt.get("end_lr", 0.0) / lr
+        )
     elif opt.schedule == "step":
         base = optax.piecewise_constant_schedule(
-            lr, {int(f * num_steps) - warmup: opt.get("decay_factor", 0.1) for f in opt.decay_at})
+            lr, {int(f * num_steps) - warmup: opt.get("decay_factor", 0.1) for f in opt.decay_at}
+        )
     elif opt.schedule == "constant":
         base = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"config.optimizer.schedule={opt.schedule!r}: use cosine, step or constant")
+        raise ValueError(
+            f"config.optimizer.schedule={opt.schedule!r}: use cosine, step or constant"
+        )
     if warmup:
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), base], [warmup])
     return base
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, schedule,
-                   trainable=None) -> optax.GradientTransformation:
+def make_optimizer(
+    opt: ml_collections.ConfigDict, schedule, trainable=None
+) -> optax.GradientTransformation:
     """SGD with PyTorch's coupled weight decay (decay added to the gradient before momentum),
     or AdamW; `grad_clip` > 0 first clips the global gradient norm (PyTorch's
     `clip_grad_norm_` order: before weight decay and momentum).
@@ -57,9 +65,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule,
     other student parameter; the heads beside the student always train. Empty: all train.
     """
     if opt.name == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                         optax.sgd(schedule, momentum=opt.momentum or None,
-                                   nesterov=opt.get("nesterov", False)))
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay),
+            optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.get("nesterov", False)),
+        )
     elif opt.name == "adamw":
         tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
     else:
@@ -84,7 +93,8 @@ def freeze(tx: optax.GradientTransformation, trainable) -> optax.GradientTransfo
 
     return optax.multi_transform(
         {"train": tx, "freeze": optax.set_to_zero()},
-        lambda params: jax.tree_util.tree_map_with_path(label, params))
+        lambda params: jax.tree_util.tree_map_with_path(label, params),
+    )
 
 
 class Method:
@@ -94,23 +104,35 @@ class Method:
     uses_teacher = True
     views = 1  # augmented views per transfer image (2 for contrastive terms)
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
-                 teacher: FrozenTeacher | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        mesh,
+        teacher: FrozenTeacher | None = None,
+    ):
         """`teacher`: the frozen teacher of a method that `uses_teacher`; None reads it from the
         finished teacher workdir (`kd_jax.teacher.load_teacher`)."""
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.domain = pipeline.domain_from_config(config.data)
         self.local_batch = parallel.check_batch_size(config.batch_size, mesh)
-        self.local_eval_batch = parallel.check_batch_size(config.eval_batch_size, mesh,
-                                                          "eval_batch_size")
-        self.student = models.create_model(config.model.name, config.num_classes,
-                                           dtype=_dtype(config),
-                                           conv=config.model.get("conv", "auto"),
-                                           conv_groups=mesh.size)
+        self.local_eval_batch = parallel.check_batch_size(
+            config.eval_batch_size, mesh, "eval_batch_size"
+        )
+        self.student = models.create_model(
+            config.model.name,
+            config.num_classes,
+            dtype=_dtype(config),
+            conv=config.model.get("conv", "auto"),
+            conv_groups=mesh.size,
+        )
         self.teacher = None
         if self.uses_teacher:
-            self.teacher = (teacher if teacher is not None
-                            else load_teacher(config, workdir, mesh, dtype=_dtype(config)))
+            self.teacher = (
+                teacher
+                if teacher is not None
+                else load_teacher(config, workdir, mesh, dtype=_dtype(config))
+            )
         self.teacher_model = self.teacher.model if self.teacher else None
         self.teacher_vars = self.teacher.variables if self.teacher else None
         self.teacher_info = self.teacher.info if self.teacher else {}
@@ -137,11 +159,13 @@ class Method:
             return state
         params, stats, kept = checkpoint.warm_start(state.params, state.batch_stats, src)
         if jax.process_index() == 0:
-            print(f"[{self.name}] warm start from {src}; kept the initialisation of "
-                  f"{[k for k in kept if not k.startswith('batch_stats')]}", flush=True)
+            log.info(
+                f"warm start from {src}; kept the initialisation of "
+                f"{[k for k in kept if not k.startswith('batch_stats')]}",
+                tag=self.name,
+            )
         opt_state = jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params)
-        return TrainState(step=state.step, params=params, batch_stats=stats,
-                          opt_state=opt_state)
+        return TrainState(step=state.step, params=params, batch_stats=stats, opt_state=opt_state)
 
     @functools.cached_property
     def heads(self) -> dict:
@@ -169,8 +193,12 @@ class Method:
             # A float64 run is float64 throughout: parameters (float32 at init), BatchNorm
             # statistics and, through them, the optimizer state.
             params, batch_stats = _as_dtype((params, batch_stats), jnp.float64)
-        return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                          batch_stats=batch_stats, opt_state=self.tx.init(params))
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=self.tx.init(params),
+        )
 
     def student_apply(self, params, batch_stats, images, train: bool, rng=None):
         """Student forward -> ((logits, features), new student batch_stats); `rng` feeds
@@ -179,7 +207,8 @@ class Method:
         if train:
             rngs = {"dropout": rng} if rng is not None else {"dropout": jax.random.PRNGKey(0)}
             outputs, updates = self.student.apply(
-                variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+                variables, images, train=True, mutable=["batch_stats"], rngs=rngs
+            )
             return outputs, updates["batch_stats"]
         return self.student.apply(variables, images, train=False), batch_stats["model"]
 
@@ -205,17 +234,18 @@ class Method:
         rng = jax.random.fold_in(base_rng, state.step)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         (loss, (batch_stats, metrics)), grads = grad_fn(
-            state.params, state.batch_stats, batch, rng, teacher_vars, state.step)
+            state.params, state.batch_stats, batch, rng, teacher_vars, state.step
+        )
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
-        return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state), metrics
+        return TrainState(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        ), metrics
 
     def eval_step(self, state: TrainState, batch):
-        (logits, _), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
-                                            False)
+        (logits, _), _ = self.student_apply(state.params, state.batch_stats, batch["image"], False)
         return _masked_hits(logits, batch)
 
     @functools.cached_property
@@ -251,21 +281,34 @@ class Method:
         steps_per_epoch = int(counts.min()) // self.local_batch
         self.transfer_size = int(counts.sum())
         return pipeline.train_iterator(
-            ds, local_batch=self.local_batch, steps_per_epoch=steps_per_epoch, domain=self.domain,
-            augment=self.config.data.augment, seed=self.config.seed, start_step=start_step,
-            views=self.views, shuffle_buffer=self.config.data.get("shuffle_buffer", 16384),
-            cache=self.config.data.get("cache", False))
+            ds,
+            local_batch=self.local_batch,
+            steps_per_epoch=steps_per_epoch,
+            domain=self.domain,
+            augment=self.config.data.augment,
+            seed=self.config.seed,
+            start_step=start_step,
+            views=self.views,
+            shuffle_buffer=self.config.data.get("shuffle_buffer", 16384),
+            cache=self.config.data.get("cache", False),
+        )
 
     def eval_dataset(self):
         target = self.config.data.target
-        ds, count = pipeline.open_source(target, target.eval_split, jax.process_index(),
-                                         jax.process_count())
+        ds, count = pipeline.open_source(
+            target, target.eval_split, jax.process_index(), jax.process_count()
+        )
         limit = target.get("max_eval_examples", 0)
         if limit:  # a quick eval on the first examples of each host's share
             count = min(count, -(-limit // jax.process_count()))
         counts = parallel.allgather_ints(count)
-        return pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
-                                     local_batch=self.local_eval_batch, domain=self.domain)
+        return pipeline.eval_batches(
+            ds,
+            host_count=count,
+            max_host_count=int(counts.max()),
+            local_batch=self.local_eval_batch,
+            domain=self.domain,
+        )
 
     def results(self, state) -> dict:
         """Extra entries for results.json."""
@@ -278,15 +321,18 @@ def _dtype(config):
     if name not in dtypes:
         raise ValueError(f"config.dtype={name!r}: use float32, bfloat16 or float64")
     if name == "float64" and not jax.config.read("jax_enable_x64"):
-        raise ValueError("config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run "
-                         "inside `jax.enable_x64(True)` (float64 runs are for invariance tests)")
+        raise ValueError(
+            "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or run "
+            "inside `jax.enable_x64(True)` (float64 runs are for invariance tests)"
+        )
     return dtypes[name]
 
 
 def _as_dtype(tree, dtype):
     """Floating leaves of `tree` cast to `dtype` (integers, e.g. step counters, unchanged)."""
     return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
 def _masked_hits(logits, batch) -> dict:
@@ -297,6 +343,7 @@ def _masked_hits(logits, batch) -> dict:
 
 def evaluate_variables(apply_fn, variables, batches, mesh) -> float:
     """Accuracy of a (teacher) model on padded eval batches; used for teacher_accuracy."""
+
     def step(variables, batch):
         logits, _ = apply_fn(variables, batch["image"], train=False)
         return _masked_hits(logits, batch)

@@ -20,10 +20,10 @@ key of `config.odsd` (defaults as in the paper, see `default_config()`):
 
 L = L_LN + λ_TR·L_TR + λ_SR·L_SR; no labels anywhere.
 """
+
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import jax
@@ -31,15 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import diagnostics, fileio, inference, losses, parallel, pool, sampling
+from kd_jax import diagnostics, fileio, inference, log, losses, parallel, pool, sampling
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 from kd_jax.models.heads import MLPHead, Projector
 from kd_jax.models.layers import at_least_float32
 from kd_jax.models.shapes import feature_shapes
-
-log = logging.getLogger(__name__)
 
 SELECTIONS = ("aps", "random", "all")
 INITS = ("fc_weight", "confident_mean")
@@ -52,63 +50,76 @@ SR_POSITIVES = ("instance", "pseudo_label")
 
 def default_config() -> ml_collections.ConfigDict:
     """`config.odsd`: every switch of the method with the paper's defaults."""
-    return ml_collections.ConfigDict({
-        "aps": ml_collections.ConfigDict({
-            "selection": "aps",       # aps | random (same N, "ODSD w/o APS") | all (whole pool)
-            "size": 0,                # N = |D|; 0 = the original train-set size (must be set)
-            "init": "fc_weight",      # prototype init: fc_weight | confident_mean (§1B)
-            "refine_rounds": 2,       # K rounds of prototype refinement on the heaps
-            "gate": "quantile",       # quantile | global | none (§1C)
-            "gate_quantile": 0.5,     # q of the per-class quantile gate
-            "gate_threshold": 0.9,    # γ of gate = global
-            "alpha": 0.5,             # α·rank01(cos) + (1-α)·rank01(log p_T) (§1D)
-            "balance": True,          # class-balanced quota n_c = ⌈N/C⌉ (False: global top-N)
-            "heap_factor": 3.0,       # L = heap_factor·n_c candidates kept per class
-            "score_batch_size": 512,  # teacher-pass batch per host
-            # §1F adaptive refresh: every R epochs over D, re-rank the candidates (the per-class
-            # heaps, L = heap_factor·n_c) by APS score + η·rank01(KL(p_T ‖ p_S)), preferring
-            # what the student has not learned yet. 0 = off (the paper's default).
-            "refresh_epochs": 0,
-            "refresh_eta": 0.5,
-        }),
-        "lnr": ml_collections.ConfigDict({
-            "rule": "top_p",          # top_p | top_k | threshold | none (= plain KD) (§2)
-            "rho": 0.9,
-            "k": 0,                   # top_k: k (0 = ⌈C/2⌉)
-            "threshold": 0.01,        # threshold rule: keep p_T >= threshold (+ argmax)
-            "k_max": 0,               # cap on |K_i| (0 = ⌈C/2⌉ for top_p, none otherwise)
-            "apply_to": "teacher",    # teacher | both (EIKD's class dropping)
-            "confidence_weight": False,  # w_i = c1_i / mean(c1)
-            # drop (the paper: 0 outside K_i) | uniform (a kd_jax option: the tail's mass at τ
-            # spread evenly over the dropped classes, bounded like KD; see low_noise_targets)
-            "tail": "drop",
-        }),
-        "tr": ml_collections.ConfigDict({
-            "kind": "rel_kl",         # rel_kl | crd_nce | rkd (§3a)
-            "weight": 1.0,            # λ_TR
-            "temperature": 0.5,       # τ_r
-            "nce_temperature": 0.1,   # τ_c of crd_nce
-            "rkd_distance": 25.0,
-            "rkd_angle": 50.0,
-            "rel_space": "feature",   # feature | lnr_prob
-            "confidence_weight": True,  # w_i = c1_i (denoising); False = uniform
-        }),
-        "sr": ml_collections.ConfigDict({
-            "weight": 0.1,            # λ_SR (0 switches the second view off)
-            "temperature": 0.5,       # τ_s
-            "positives": "instance",  # instance | pseudo_label (§3b)
-            "proj_dim": 128,
-        }),
-        "diagnostics": ml_collections.ConfigDict({
-            "plot": True,             # sampling.png in the workdir
-            "bn_images": 10000,       # images per set for the BN-statistics distance (0 = off)
-        }),
-    })
+    return ml_collections.ConfigDict(
+        {
+            "aps": ml_collections.ConfigDict(
+                {
+                    "selection": "aps",  # aps | random (same N, "ODSD w/o APS") | all (whole pool)
+                    "size": 0,  # N = |D|; 0 = the original train-set size (must be set)
+                    "init": "fc_weight",  # prototype init: fc_weight | confident_mean (§1B)
+                    "refine_rounds": 2,  # K rounds of prototype refinement on the heaps
+                    "gate": "quantile",  # quantile | global | none (§1C)
+                    "gate_quantile": 0.5,  # q of the per-class quantile gate
+                    "gate_threshold": 0.9,  # γ of gate = global
+                    "alpha": 0.5,  # α·rank01(cos) + (1-α)·rank01(log p_T) (§1D)
+                    "balance": True,  # class-balanced quota n_c = ⌈N/C⌉ (False: global top-N)
+                    "heap_factor": 3.0,  # L = heap_factor·n_c candidates kept per class
+                    "score_batch_size": 512,  # teacher-pass batch per host
+                    # §1F adaptive refresh: every R epochs over D, re-rank the candidates (the per-class
+                    # heaps, L = heap_factor·n_c) by APS score + η·rank01(KL(p_T ‖ p_S)), preferring
+                    # what the student has not learned yet. 0 = off (the paper's default).
+                    "refresh_epochs": 0,
+                    "refresh_eta": 0.5,
+                }
+            ),
+            "lnr": ml_collections.ConfigDict(
+                {
+                    "rule": "top_p",  # top_p | top_k | threshold | none (= plain KD) (§2)
+                    "rho": 0.9,
+                    "k": 0,  # top_k: k (0 = ⌈C/2⌉)
+                    "threshold": 0.01,  # threshold rule: keep p_T >= threshold (+ argmax)
+                    "k_max": 0,  # cap on |K_i| (0 = ⌈C/2⌉ for top_p, none otherwise)
+                    "apply_to": "teacher",  # teacher | both (EIKD's class dropping)
+                    "confidence_weight": False,  # w_i = c1_i / mean(c1)
+                    # drop (the paper: 0 outside K_i) | uniform (a kd_jax option: the tail's mass at τ
+                    # spread evenly over the dropped classes, bounded like KD; see low_noise_targets)
+                    "tail": "drop",
+                }
+            ),
+            "tr": ml_collections.ConfigDict(
+                {
+                    "kind": "rel_kl",  # rel_kl | crd_nce | rkd (§3a)
+                    "weight": 1.0,  # λ_TR
+                    "temperature": 0.5,  # τ_r
+                    "nce_temperature": 0.1,  # τ_c of crd_nce
+                    "rkd_distance": 25.0,
+                    "rkd_angle": 50.0,
+                    "rel_space": "feature",  # feature | lnr_prob
+                    "confidence_weight": True,  # w_i = c1_i (denoising); False = uniform
+                }
+            ),
+            "sr": ml_collections.ConfigDict(
+                {
+                    "weight": 0.1,  # λ_SR (0 switches the second view off)
+                    "temperature": 0.5,  # τ_s
+                    "positives": "instance",  # instance | pseudo_label (§3b)
+                    "proj_dim": 128,
+                }
+            ),
+            "diagnostics": ml_collections.ConfigDict(
+                {
+                    "plot": True,  # sampling.png in the workdir
+                    "bn_images": 10000,  # images per set for the BN-statistics distance (0 = off)
+                }
+            ),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # APS: selection from the candidate heaps (pure; the streamed and the in-memory path share it)
 # ---------------------------------------------------------------------------------------------
+
 
 def per_class_quota(size: int, num_classes: int) -> int:
     """n_c = ⌈N / C⌉."""
@@ -123,8 +134,18 @@ def heap_size(aps: ml_collections.ConfigDict, size: int, num_classes: int) -> in
     return int(math.ceil(aps.heap_factor * per_class_quota(size, num_classes)))
 
 
-def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, size: int,
-               aps: ml_collections.ConfigDict, gamma=None, head_weight=None) -> dict:
+def aps_select(
+    cand_ids,
+    cand_class,
+    cand_feat,
+    cand_conf,
+    *,
+    num_classes: int,
+    size: int,
+    aps: ml_collections.ConfigDict,
+    gamma=None,
+    head_weight=None,
+) -> dict:
     """ODSD §1 B–D on the per-class candidates. Deterministic and invariant to their order.
 
     Args:
@@ -152,13 +173,15 @@ def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, 
         mu0 = jnp.asarray(np.asarray(head_weight, np.float32).T)
     else:
         if aps.init == "fc_weight":
-            log.warning("ODSD: no teacher head kernel of shape [d, C] found; prototypes start "
-                        "from the confident mean instead")
+            log.warning(
+                "ODSD: no teacher head kernel of shape [d, C] found; prototypes start "
+                "from the confident mean instead"
+            )
         top = np.asarray(sampling.within_class_rank(jnp.asarray(logp), jnp.asarray(cls), ids32))
-        mu0 = sampling.class_prototypes(f, jnp.asarray(np.where(top < n_c, cls, -1)),
-                                        num_classes)
-    mu = sampling.refine_prototypes(f, jnp.asarray(cls), mu0, n_c, rounds=aps.refine_rounds,
-                                    ids=ids32)
+        mu0 = sampling.class_prototypes(f, jnp.asarray(np.where(top < n_c, cls, -1)), num_classes)
+    mu = sampling.refine_prototypes(
+        f, jnp.asarray(cls), mu0, n_c, rounds=aps.refine_rounds, ids=ids32
+    )
     cos = sampling.prototype_score(f, mu, jnp.asarray(cls))
 
     # C. gate: ranked first inside each class's quota.
@@ -176,19 +199,30 @@ def aps_select(cand_ids, cand_class, cand_feat, cand_conf, *, num_classes: int, 
     scores = sampling.aps_scores(cos, jnp.asarray(logp), rank_classes, alpha=float(aps.alpha))
     prio = None if passed is None else jnp.asarray(passed)
     if aps.balance:
-        idx = sampling.select_class_balanced(scores, jnp.asarray(cls), n_c, num_classes,
-                                             ids=ids32, priority=prio, total=size)
+        idx = sampling.select_class_balanced(
+            scores, jnp.asarray(cls), n_c, num_classes, ids=ids32, priority=prio, total=size
+        )
     else:
-        idx = sampling.select_class_balanced(scores, jnp.zeros_like(jnp.asarray(cls)), size, 1,
-                                             ids=ids32, priority=prio, total=size)
+        idx = sampling.select_class_balanced(
+            scores, jnp.zeros_like(jnp.asarray(cls)), size, 1, ids=ids32, priority=prio, total=size
+        )
     idx = np.asarray(idx)
     idx = idx[np.argsort(cand_ids[idx], kind="stable")]
     all_passed = np.ones(len(cand_ids), bool) if passed is None else np.asarray(passed)
-    return {"ids": cand_ids[idx], "classes": cls[idx], "scores": np.asarray(scores)[idx],
-            "gated": all_passed[idx], "prototypes": np.asarray(mu),
-            # every candidate's score and gate: the adaptive refresh (§1F) re-ranks them
-            "candidates": {"ids": cand_ids, "classes": cls, "scores": np.asarray(scores),
-                           "passed": all_passed}}
+    return {
+        "ids": cand_ids[idx],
+        "classes": cls[idx],
+        "scores": np.asarray(scores)[idx],
+        "gated": all_passed[idx],
+        "prototypes": np.asarray(mu),
+        # every candidate's score and gate: the adaptive refresh (§1F) re-ranks them
+        "candidates": {
+            "ids": cand_ids,
+            "classes": cls,
+            "scores": np.asarray(scores),
+            "passed": all_passed,
+        },
+    }
 
 
 def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
@@ -198,18 +232,27 @@ def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
     APS score, which lies in [0, 1]). Returns (selection dict sorted by id, number filled)."""
     need = size - len(out["ids"])
     rest = np.flatnonzero(~np.isin(pool_ids, out["ids"]))
-    order = rest[np.asarray(sampling.select_top_k(
-        np.asarray(pool_conf)[rest], need, ids=np.asarray(pool_ids)[rest].astype(np.int32)))]
+    order = rest[
+        np.asarray(
+            sampling.select_top_k(
+                np.asarray(pool_conf)[rest], need, ids=np.asarray(pool_ids)[rest].astype(np.int32)
+            )
+        )
+    ]
     merged = {
         "ids": np.concatenate([out["ids"], np.asarray(pool_ids, np.int64)[order]]),
         "classes": np.concatenate([out["classes"], np.asarray(pool_pred, np.int32)[order]]),
-        "scores": np.concatenate([np.asarray(out["scores"], np.float32),
-                                  np.full(len(order), -1.0, np.float32)]),
+        "scores": np.concatenate(
+            [np.asarray(out["scores"], np.float32), np.full(len(order), -1.0, np.float32)]
+        ),
         "gated": np.concatenate([out["gated"], np.zeros(len(order), bool)]),
     }
     perm = np.argsort(merged["ids"], kind="stable")
-    return dict({k: v[perm] for k, v in merged.items()}, prototypes=out["prototypes"],
-                candidates=out.get("candidates")), len(order)
+    return dict(
+        {k: v[perm] for k, v in merged.items()},
+        prototypes=out["prototypes"],
+        candidates=out.get("candidates"),
+    ), len(order)
 
 
 def head_kernel(params, feature_dim: int, num_classes: int):
@@ -232,6 +275,7 @@ def head_kernel(params, feature_dim: int, num_classes: int):
 # The method
 # ---------------------------------------------------------------------------------------------
 
+
 class ODSD(Method):
     name = "odsd"
 
@@ -246,8 +290,10 @@ class ODSD(Method):
         check_choice(cfg.tr.rel_space, REL_SPACES, "odsd.tr.rel_space")
         check_choice(cfg.sr.positives, SR_POSITIVES, "odsd.sr.positives")
         if config.data.transfer.source not in ("offline_pool", "shards"):
-            raise ValueError(f"config.data.transfer.source={config.data.transfer.source!r}: "
-                             f"ODSD samples from a pool (offline_pool or shards)")
+            raise ValueError(
+                f"config.data.transfer.source={config.data.transfer.source!r}: "
+                f"ODSD samples from a pool (offline_pool or shards)"
+            )
         self.views = 2 if cfg.sr.weight > 0 else 1
         size, ch = self.domain.image_size, self.domain.channels
         self.d_student = feature_shapes(self.student, size, ch)["pre_logits"][-1]
@@ -257,27 +303,36 @@ class ODSD(Method):
     # ----- heads -------------------------------------------------------------------------------
     def _uses_projector(self) -> bool:
         tr = self.config.odsd.tr
-        return (tr.weight > 0 and tr.kind in ("rel_kl", "crd_nce") and tr.rel_space == "feature"
-                and self.d_student != self.d_teacher)
+        return (
+            tr.weight > 0
+            and tr.kind in ("rel_kl", "crd_nce")
+            and tr.rel_space == "feature"
+            and self.d_student != self.d_teacher
+        )
 
     @functools.cached_property
     def heads(self) -> dict:
         """L_TR's projector P (when the widths differ) and L_SR's MLP head."""
         heads = {}
         if self._uses_projector():
-            heads["projector"] = (Projector(self.d_teacher, dense_name="proj"),
-                                  np.zeros((2, self.d_student), np.float32))
+            heads["projector"] = (
+                Projector(self.d_teacher, dense_name="proj"),
+                np.zeros((2, self.d_student), np.float32),
+            )
         if self.config.odsd.sr.weight > 0:
-            heads["sr_head"] = (MLPHead(self.d_student, self.config.odsd.sr.proj_dim),
-                                np.zeros((2, self.d_student), np.float32))
+            heads["sr_head"] = (
+                MLPHead(self.d_student, self.config.odsd.sr.proj_dim),
+                np.zeros((2, self.d_student), np.float32),
+            )
         return heads
 
     # ----- APS ---------------------------------------------------------------------------------
     def _size(self) -> int:
         size = int(self.config.odsd.aps.size)
         if size <= 0:
-            raise ValueError("config.odsd.aps.size (N, the number of pool images to sample) "
-                             "must be > 0")
+            raise ValueError(
+                "config.odsd.aps.size (N, the number of pool images to sample) must be > 0"
+            )
         return size
 
     def prepare(self):
@@ -291,19 +346,32 @@ class ODSD(Method):
         def score_fn():
             heap = heap_size(aps, self._size(), num_classes) if aps.selection == "aps" else 0
             return pool.score_pool(
-                self.workdir, spec, teacher_model=self.teacher_model,
-                teacher_vars=self.teacher_vars, domain=self.domain, num_classes=num_classes,
-                batch_size=aps.score_batch_size, heap_size=heap)
+                self.workdir,
+                spec,
+                teacher_model=self.teacher_model,
+                teacher_vars=self.teacher_vars,
+                domain=self.domain,
+                num_classes=num_classes,
+                batch_size=aps.score_batch_size,
+                heap_size=heap,
+            )
 
         if aps.selection == "random":
             rule = pool.random_rule(self._size(), self.config.seed, "config.odsd.aps.size")
         else:
             rule = lambda scores: self._aps(scores, self._size())
         selection, self.report = pool.select_transfer_set(
-            self.workdir, spec, rule, score_fn=score_fn, num_classes=num_classes,
-            rule_name=aps.selection, report_fn=self._report_extras,
-            plot_title=(f"ODSD selection ({aps.selection})"
-                        if self.config.odsd.diagnostics.plot else None))
+            self.workdir,
+            spec,
+            rule,
+            score_fn=score_fn,
+            num_classes=num_classes,
+            rule_name=aps.selection,
+            report_fn=self._report_extras,
+            plot_title=(
+                f"ODSD selection ({aps.selection})" if self.config.odsd.diagnostics.plot else None
+            ),
+        )
         self.keep_ids = selection.ids
         gamma_path = fileio.join(self.workdir, "gate_thresholds.npy")
         if fileio.exists(gamma_path):  # the gate of the first selection (SR pseudo-labels)
@@ -313,11 +381,15 @@ class ODSD(Method):
         aps = self.config.odsd.aps
         num_classes = self.config.num_classes
         if len(scores.ids) < size:
-            raise ValueError(f"config.odsd.aps.size={size} exceeds the pool ({len(scores.ids)} "
-                             f"images)")
-        gamma, _ = sampling.quantile_gate(jnp.asarray(scores.confidence, jnp.float32),
-                                          jnp.asarray(scores.pred), num_classes,
-                                          q=aps.gate_quantile)
+            raise ValueError(
+                f"config.odsd.aps.size={size} exceeds the pool ({len(scores.ids)} images)"
+            )
+        gamma, _ = sampling.quantile_gate(
+            jnp.asarray(scores.confidence, jnp.float32),
+            jnp.asarray(scores.pred),
+            num_classes,
+            q=aps.gate_quantile,
+        )
         gamma = np.asarray(gamma, np.float32)
         if aps.gate == "global":
             gamma = np.full((num_classes,), aps.gate_threshold, np.float32)
@@ -325,36 +397,59 @@ class ODSD(Method):
             gamma = np.zeros((num_classes,), np.float32)
         cand_conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
         params = jax.tree.map(np.asarray, self.teacher_vars["params"])
-        out = aps_select(scores.cand_ids, scores.cand_class, scores.cand_feat, cand_conf,
-                         num_classes=num_classes, size=size, aps=aps, gamma=gamma,
-                         head_weight=head_kernel(params, self.d_teacher, num_classes))
+        out = aps_select(
+            scores.cand_ids,
+            scores.cand_class,
+            scores.cand_feat,
+            cand_conf,
+            num_classes=num_classes,
+            size=size,
+            aps=aps,
+            gamma=gamma,
+            head_weight=head_kernel(params, self.d_teacher, num_classes),
+        )
         filled = 0
         if len(out["ids"]) < size:  # the heaps ran dry: too few classes hold enough images
             out, filled = fill_from_pool(out, scores.ids, scores.pred, scores.confidence, size)
             if jax.process_index() == 0:
-                print(f"[odsd] APS: the per-class candidates held fewer than N={size} images; "
-                      f"{filled} filled by global teacher confidence", flush=True)
+                log.info(
+                    f"APS: the per-class candidates held fewer than N={size} images; "
+                    f"{filled} filled by global teacher confidence",
+                    tag="odsd",
+                )
         counts = np.bincount(out["classes"], minlength=num_classes)
-        short = {int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size,
-                                                                                    num_classes)}
+        short = {
+            int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size, num_classes)
+        }
         if short and jax.process_index() == 0:
-            print(f"[odsd] APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
-                  f"(filled from other classes): {short}", flush=True)
+            log.info(
+                f"APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
+                f"(filled from other classes): {short}",
+                tag="odsd",
+            )
         ungated = int((~out["gated"]).sum())
         if ungated and jax.process_index() == 0:
-            print(f"[odsd] APS: {ungated} selected images are below their class gate "
-                  f"(shortfall filled from A_c \\ G_c)", flush=True)
+            log.info(
+                f"APS: {ungated} selected images are below their class gate "
+                f"(shortfall filled from A_c \\ G_c)",
+                tag="odsd",
+            )
         self._candidates = out.get("candidates")  # every host holds them (§1F refresh)
         self.gamma = gamma
         if jax.process_index() == 0:  # written before selection.npz, which comes last
             fileio.save_npy_atomic(fileio.join(self.workdir, "gate_thresholds.npy"), gamma)
             if self._candidates is not None:
-                fileio.save_npz_atomic(fileio.join(self.workdir, "aps_candidates.npz"),
-                                       self._candidates)
-        self._aps_extra = {"selection_ungated": ungated, "selection_filled_by_confidence": filled,
-                           "selection_short_classes": {str(k): v for k, v in short.items()}}
-        return pool.Selection(ids=out["ids"], classes=out["classes"],
-                              scores=out["scores"].astype(np.float32))
+                fileio.save_npz_atomic(
+                    fileio.join(self.workdir, "aps_candidates.npz"), self._candidates
+                )
+        self._aps_extra = {
+            "selection_ungated": ungated,
+            "selection_filled_by_confidence": filled,
+            "selection_short_classes": {str(k): v for k, v in short.items()},
+        }
+        return pool.Selection(
+            ids=out["ids"], classes=out["classes"], scores=out["scores"].astype(np.float32)
+        )
 
     def _report_extras(self, scores, selection) -> dict:
         """APS's gate / fill counts and the BN-statistics distances of the selection and of a
@@ -369,9 +464,11 @@ class ODSD(Method):
             random_ids = np.sort(rng.choice(scores.ids, n, replace=False))
             variables = jax.tree.map(np.asarray, self.teacher_vars)
             report["selection_bn_distance"] = diagnostics.bn_statistics_distance(
-                self.teacher_model, variables, self._image_batches(spec, chosen))
+                self.teacher_model, variables, self._image_batches(spec, chosen)
+            )
             report["random_bn_distance"] = diagnostics.bn_statistics_distance(
-                self.teacher_model, variables, self._image_batches(spec, random_ids))
+                self.teacher_model, variables, self._image_batches(spec, random_ids)
+            )
             report["bn_distance_images"] = n
         else:
             report["selection_bn_distance"] = None
@@ -416,9 +513,11 @@ class ODSD(Method):
             selection, report = self._refreshed_selection(state)
             if jax.process_index() == 0:
                 selection.save(path)
-                print(f"[odsd] step {step}: APS refresh kept {report['kept']}/{report['size']} "
-                      f"images, mean KL(p_T||p_S) on candidates {report['mean_kl']:.4f}",
-                      flush=True)
+                log.info(
+                    f"step {step}: APS refresh kept {report['kept']}/{report['size']} "
+                    f"images, mean KL(p_T||p_S) on candidates {report['mean_kl']:.4f}",
+                    tag="odsd",
+                )
         self.keep_ids = selection.ids
         return True
 
@@ -433,47 +532,74 @@ class ODSD(Method):
                 raise FileNotFoundError(
                     f"config.odsd.aps.refresh_epochs={aps.refresh_epochs} needs the APS "
                     f"candidates {path}, written with the first selection; this workdir's "
-                    f"selection was made without them: start a new workdir")
+                    f"selection was made without them: start a new workdir"
+                )
             cand = self._candidates = fileio.load_npz(path)
         spec = self.config.data.transfer
-        ds, count = pipeline.open_source(spec, spec.get("split", "train"), jax.process_index(),
-                                         jax.process_count(), keep_ids=cand["ids"])
+        ds, count = pipeline.open_source(
+            spec,
+            spec.get("split", "train"),
+            jax.process_index(),
+            jax.process_count(),
+            keep_ids=cand["ids"],
+        )
         if count is None:
             count = int(ds.reduce(0, lambda n, _: n + 1))
         counts = parallel.allgather_ints(count)
-        batches = pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
-                                        local_batch=self.local_eval_batch, domain=self.domain)
-        rows = self._batched_disagreement.gather(state, self.teacher_vars, batches=batches,
-                                                 keep=("id",))
+        batches = pipeline.eval_batches(
+            ds,
+            host_count=count,
+            max_host_count=int(counts.max()),
+            local_batch=self.local_eval_batch,
+            domain=self.domain,
+        )
+        rows = self._batched_disagreement.gather(
+            state, self.teacher_vars, batches=batches, keep=("id",)
+        )
         ids, kls = rows["id"], rows["kl"]
         order = np.argsort(ids)
         kl = pool.lookup(ids[order], kls[order], cand["ids"]).astype(np.float32)
         cls = jnp.asarray(cand["classes"])
         score = jnp.asarray(cand["scores"]) + aps.refresh_eta * sampling.rank01(
-            jnp.asarray(kl), cls)
+            jnp.asarray(kl), cls
+        )
         size, num_classes = self._size(), self.config.num_classes
-        idx = np.asarray(sampling.select_class_balanced(
-            score, cls, per_class_quota(size, num_classes), num_classes,
-            ids=jnp.asarray(cand["ids"].astype(np.int32)), priority=jnp.asarray(cand["passed"]),
-            total=size))
+        idx = np.asarray(
+            sampling.select_class_balanced(
+                score,
+                cls,
+                per_class_quota(size, num_classes),
+                num_classes,
+                ids=jnp.asarray(cand["ids"].astype(np.int32)),
+                priority=jnp.asarray(cand["passed"]),
+                total=size,
+            )
+        )
         idx = idx[np.argsort(cand["ids"][idx], kind="stable")]
-        selection = pool.Selection(ids=cand["ids"][idx], classes=cand["classes"][idx],
-                                   scores=np.asarray(score)[idx].astype(np.float32))
+        selection = pool.Selection(
+            ids=cand["ids"][idx],
+            classes=cand["classes"][idx],
+            scores=np.asarray(score)[idx].astype(np.float32),
+        )
         if len(selection.ids) < len(self.keep_ids):  # heaps smaller than N: keep the fill-up
             extra = np.setdiff1d(self.keep_ids, cand["ids"])
             ids = np.concatenate([selection.ids, extra])
             classes = np.concatenate([selection.classes, np.full(len(extra), -1, np.int32)])
             order = np.argsort(ids, kind="stable")
             selection = pool.Selection(ids=ids[order], classes=classes[order])
-        report = {"kept": int(np.isin(selection.ids, self.keep_ids).sum()),
-                  "size": len(selection.ids), "mean_kl": float(kl.mean())}
+        report = {
+            "kept": int(np.isin(selection.ids, self.keep_ids).sum()),
+            "size": len(selection.ids),
+            "mean_kl": float(kl.mean()),
+        }
         return selection, report
 
     def _disagreement(self, state, teacher_vars, batch):
         """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student)."""
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
-        (s_logits, _), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
-                                              False)
+        (s_logits, _), _ = self.student_apply(
+            state.params, state.batch_stats, batch["image"], False
+        )
         logp_t = jax.nn.log_softmax(at_least_float32(t_logits), -1)
         logp_s = jax.nn.log_softmax(at_least_float32(s_logits), -1)
         return {"kl": jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)}
@@ -484,8 +610,9 @@ class ODSD(Method):
 
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
-        return pool.open_transfer_set(self.config.data.transfer, self.keep_ids,
-                                      jax.process_index(), jax.process_count())
+        return pool.open_transfer_set(
+            self.config.data.transfer, self.keep_ids, jax.process_index(), jax.process_count()
+        )
 
     # ----- the loss ----------------------------------------------------------------------------
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
@@ -495,8 +622,9 @@ class ODSD(Method):
         b = x1.shape[0]
         t_logits, t_feats = self.teacher_apply(teacher_vars, x1)
         x = jnp.concatenate([x1, batch["image2"]]) if self.views == 2 else x1
-        (s_logits_all, s_feats_all), model_stats = self.student_apply(params, batch_stats, x,
-                                                                      True, rng=rng)
+        (s_logits_all, s_feats_all), model_stats = self.student_apply(
+            params, batch_stats, x, True, rng=rng
+        )
         # Heads a step does not apply keep their (empty) statistics.
         new_stats = dict({name: batch_stats[name] for name in self.heads}, model=model_stats)
         s_logits = s_logits_all[:b]
@@ -505,18 +633,28 @@ class ODSD(Method):
         p_t = jax.nn.softmax(at_least_float32(t_logits), -1)
         conf = jnp.max(p_t, -1)
         pred = jnp.argmax(t_logits, -1)
-        metrics = {"teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
-                   "teacher_confidence": jnp.mean(conf)}
+        metrics = {
+            "teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
+            "teacher_confidence": jnp.mean(conf),
+        }
 
         # LNR (§2)
         lnr = cfg.lnr
         targets, kept = losses.low_noise_targets(
-            t_logits, tau, rule=lnr.rule, rho=lnr.rho, k=lnr.k or None,
-            threshold=lnr.threshold, k_max=lnr.k_max or None, tail=lnr.tail)
+            t_logits,
+            tau,
+            rule=lnr.rule,
+            rho=lnr.rho,
+            k=lnr.k or None,
+            threshold=lnr.threshold,
+            k_max=lnr.k_max or None,
+            tail=lnr.tail,
+        )
         w_ln = conf / jnp.mean(conf) if lnr.confidence_weight else None
         if lnr.apply_to == "both":
-            l_ln = losses.kd_loss(s_logits, t_logits, tau, class_mask=kept, weights=w_ln,
-                                  mask_student=True)
+            l_ln = losses.kd_loss(
+                s_logits, t_logits, tau, class_mask=kept, weights=w_ln, mask_student=True
+            )
         else:
             l_ln = losses.soft_target_cross_entropy(s_logits, targets, tau, weights=w_ln)
         metrics.update(lnr=l_ln, lnr_kept_classes=jnp.mean(jnp.sum(kept, -1)))
@@ -533,24 +671,26 @@ class ODSD(Method):
                 e_t = at_least_float32(t_feats["pre_logits"])
                 e_s = f_s
                 if "projector" in self.heads:
-                    e_s, new_stats["projector"] = self.apply_head("projector", params,
-                                                                  batch_stats, f_s, True)
+                    e_s, new_stats["projector"] = self.apply_head(
+                        "projector", params, batch_stats, f_s, True
+                    )
             if tr.kind == "rel_kl":
                 l_tr = losses.relation_kl_loss(e_s, e_t, tr.temperature, weights=w_tr)
             elif tr.kind == "crd_nce":
-                l_tr = losses.info_nce(e_s, jax.lax.stop_gradient(e_t), tr.nce_temperature,
-                                       weights=w_tr)
+                l_tr = losses.info_nce(
+                    e_s, jax.lax.stop_gradient(e_t), tr.nce_temperature, weights=w_tr
+                )
             else:
-                l_tr = (tr.rkd_distance * losses.rkd_distance_loss(e_s, e_t, weights=w_tr)
-                        + tr.rkd_angle * losses.rkd_angle_loss(e_s, e_t, weights=w_tr))
+                l_tr = tr.rkd_distance * losses.rkd_distance_loss(
+                    e_s, e_t, weights=w_tr
+                ) + tr.rkd_angle * losses.rkd_angle_loss(e_s, e_t, weights=w_tr)
             metrics["tr"] = l_tr
             total = total + tr.weight * l_tr
 
         # L_SR (§3b): student self-relations over two views
         sr = cfg.sr
         if sr.weight > 0:
-            z, new_stats["sr_head"] = self.apply_head("sr_head", params, batch_stats, f_s_all,
-                                                      True)
+            z, new_stats["sr_head"] = self.apply_head("sr_head", params, batch_stats, f_s_all, True)
             positives = None
             if sr.positives == "pseudo_label":
                 gamma = jnp.asarray(self.gamma)

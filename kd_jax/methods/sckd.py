@@ -35,10 +35,11 @@ The headline `accuracy` is the task-aware novel accuracy on the unlabeled train 
 number UNO's tables lead with); `confusion.png` in the workdir shows the matched task-agnostic
 confusion matrix on the test set.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -60,55 +61,71 @@ from kd_jax.models.shapes import feature_shapes
 def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.ConfigDict:
     """The `ncd` (class split, UNO heads, stage chaining) and `sckd` (the SCKD terms) keys every
     NCD config starts from: `c.update(sckd.default_config(num_known=..., num_novel=...))`."""
-    ncd = ml_collections.ConfigDict({
-        # Class split (original label ids). Explicit lists win; else the first `num_known`
-        # classes of `classes` / `classes_file` / a `subset_seed`-ed choice from
-        # `total_classes` / 0..num_known+num_novel-1 are known and the next `num_novel` novel.
-        "known_classes": (), "novel_classes": (), "classes": (), "classes_file": "",
-        "subset_seed": -1, "total_classes": 0,
-        "num_known": num_known, "num_novel": num_novel,
-        # Share of each batch from the labeled stream; 0 = proportional to the set sizes (UNO).
-        "labeled_fraction": 0.0,
-        # UNO heads: cosine logits / temperature, H novel heads + H over-clustering heads.
-        "temperature": 0.1, "num_heads": 4, "overcluster_factor": 3,
-        "hidden_dim": 2048, "proj_dim": 128,
-        "sk_iters": 3, "sk_epsilon": 0.05,
-        "head_loss_decay": 0.99,    # running per-head cluster loss -> the best head
-        "max_train_eval_examples": 0,  # 0 = the whole unlabeled train set in each eval
-        # Top-level backbone modules that train (empty = all), e.g. ("blocks_11", "norm").
-        "trainable": (),
-        # Stage 1 may start from converted weights (e.g. DINO via kd_jax.tools.convert_torch).
-        "backbone_workdir": "",
-        # Discovery starts from stage 1: a finished run in `workdir`, or kd_jax.run trains
-        # `stage1_config(config)` (from `train`) into <workdir>/pretrain first.
-        "pretrain": ml_collections.ConfigDict({
-            "enabled": True, "workdir": "", "train": ml_collections.ConfigDict()}),
-    })
-    sckd = ml_collections.ConfigDict({
-        "smi": "infonce",           # infonce | none
-        "sc": "rel_kl",             # rel_kl | none
-        # reliable (default): known -> novel among the labeled rows, novel -> known among the
-        # unlabeled rows, i.e. each space teaches where it has a training signal. The paper's
-        # `both` (every row, both ways) lets the known space, a poor clustering of the novel
-        # images, pull the novel heads towards it.
-        "direction": "reliable",    # reliable | both | known_to_novel | novel_to_known
-        "space": "probs",           # probs | embeddings
-        # all (the paper: the whole global batch) | unlabeled (a kd_jax option: the relations
-        # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
-        # direction=reliable, which picks its own rows.
-        "samples": "all",
-        "lambda_smi": 1.0, "lambda_sc": 1.0,
-        "ramp_steps": 0,            # linear 0 -> 1 ramp of both weights (0 = no ramp)
-        "space_temperature": 0.1,   # τ of r = softmax(logits / τ)
-        "smi_temperature": 0.1,     # τ_m
-        "sc_temperature": 0.1,      # τ_r
-    })
+    ncd = ml_collections.ConfigDict(
+        {
+            # Class split (original label ids). Explicit lists win; else the first `num_known`
+            # classes of `classes` / `classes_file` / a `subset_seed`-ed choice from
+            # `total_classes` / 0..num_known+num_novel-1 are known and the next `num_novel` novel.
+            "known_classes": (),
+            "novel_classes": (),
+            "classes": (),
+            "classes_file": "",
+            "subset_seed": -1,
+            "total_classes": 0,
+            "num_known": num_known,
+            "num_novel": num_novel,
+            # Share of each batch from the labeled stream; 0 = proportional to the set sizes (UNO).
+            "labeled_fraction": 0.0,
+            # UNO heads: cosine logits / temperature, H novel heads + H over-clustering heads.
+            "temperature": 0.1,
+            "num_heads": 4,
+            "overcluster_factor": 3,
+            "hidden_dim": 2048,
+            "proj_dim": 128,
+            "sk_iters": 3,
+            "sk_epsilon": 0.05,
+            "head_loss_decay": 0.99,  # running per-head cluster loss -> the best head
+            "max_train_eval_examples": 0,  # 0 = the whole unlabeled train set in each eval
+            # Top-level backbone modules that train (empty = all), e.g. ("blocks_11", "norm").
+            "trainable": (),
+            # Stage 1 may start from converted weights (e.g. DINO via kd_jax.tools.convert_torch).
+            "backbone_workdir": "",
+            # Discovery starts from stage 1: a finished run in `workdir`, or kd_jax.run trains
+            # `stage1_config(config)` (from `train`) into <workdir>/pretrain first.
+            "pretrain": ml_collections.ConfigDict(
+                {"enabled": True, "workdir": "", "train": ml_collections.ConfigDict()}
+            ),
+        }
+    )
+    sckd = ml_collections.ConfigDict(
+        {
+            "smi": "infonce",  # infonce | none
+            "sc": "rel_kl",  # rel_kl | none
+            # reliable (default): known -> novel among the labeled rows, novel -> known among the
+            # unlabeled rows, i.e. each space teaches where it has a training signal. The paper's
+            # `both` (every row, both ways) lets the known space, a poor clustering of the novel
+            # images, pull the novel heads towards it.
+            "direction": "reliable",  # reliable | both | known_to_novel | novel_to_known
+            "space": "probs",  # probs | embeddings
+            # all (the paper: the whole global batch) | unlabeled (a kd_jax option: the relations
+            # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
+            # direction=reliable, which picks its own rows.
+            "samples": "all",
+            "lambda_smi": 1.0,
+            "lambda_sc": 1.0,
+            "ramp_steps": 0,  # linear 0 -> 1 ramp of both weights (0 = no ramp)
+            "space_temperature": 0.1,  # τ of r = softmax(logits / τ)
+            "smi_temperature": 0.1,  # τ_m
+            "sc_temperature": 0.1,  # τ_r
+        }
+    )
     return ml_collections.ConfigDict({"ncd": ncd, "sckd": sckd})
 
 
 # ---------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------
+
 
 def _l2n(x, axis=-1):
     # F.normalize semantics (x / max(|x|, 1e-12)); a zero row stays zero.
@@ -121,13 +138,13 @@ class Prototypes(nn.Module):
     UNO renormalises the prototype weights in place before every step; normalising inside the
     forward gives the same logits (the gradient then also flows through the normalisation).
     """
+
     num_prototypes: int
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
-        w = self.param("kernel", nn.initializers.lecun_normal(),
-                       (x.shape[-1], self.num_prototypes))
+        w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.num_prototypes))
         return _l2n(at_least_float32(x)) @ _l2n(w, axis=0)
 
 
@@ -136,6 +153,7 @@ class MultiHead(nn.Module):
 
     Returns (logits [H, B, K] cosine similarities, embeddings [H, B, output_dim] L2-normalised).
     """
+
     num_heads: int
     num_prototypes: int
     hidden_dim: int
@@ -145,8 +163,11 @@ class MultiHead(nn.Module):
     def __call__(self, feats, train: bool = False):
         logits, embeds = [], []
         for h in range(self.num_heads):
-            z = _l2n(MLPHead(self.hidden_dim, self.output_dim, batch_norm=True,
-                             name=f"proj_{h}")(feats, train))
+            z = _l2n(
+                MLPHead(self.hidden_dim, self.output_dim, batch_norm=True, name=f"proj_{h}")(
+                    feats, train
+                )
+            )
             logits.append(Prototypes(self.num_prototypes, name=f"proto_{h}")(z))
             embeds.append(z)
         return jnp.stack(logits), jnp.stack(embeds)
@@ -154,6 +175,7 @@ class MultiHead(nn.Module):
 
 class DiscoveryHeads(nn.Module):
     """The novel heads and the over-clustering heads of UNO (separate projectors each)."""
+
     num_heads: int
     num_novel: int
     overcluster_factor: int
@@ -162,18 +184,25 @@ class DiscoveryHeads(nn.Module):
 
     @nn.compact
     def __call__(self, feats, train: bool = False):
-        novel = MultiHead(self.num_heads, self.num_novel, self.hidden_dim, self.output_dim,
-                          name="novel")(feats, train)
+        novel = MultiHead(
+            self.num_heads, self.num_novel, self.hidden_dim, self.output_dim, name="novel"
+        )(feats, train)
         if self.overcluster_factor <= 0:
             return novel, None
-        over = MultiHead(self.num_heads, self.num_novel * self.overcluster_factor,
-                         self.hidden_dim, self.output_dim, name="over")(feats, train)
+        over = MultiHead(
+            self.num_heads,
+            self.num_novel * self.overcluster_factor,
+            self.hidden_dim,
+            self.output_dim,
+            name="over",
+        )(feats, train)
         return novel, over
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage chaining
 # ---------------------------------------------------------------------------------------------
+
 
 def pretrain_workdir(config, workdir: str) -> str:
     """The stage-1 run a discovery run in `workdir` starts from."""
@@ -192,10 +221,10 @@ def stage1_config(config) -> ml_collections.ConfigDict:
     return cfg
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing of both stages
 # ---------------------------------------------------------------------------------------------
+
 
 class _NCDBase(Method):
     uses_teacher = False
@@ -204,8 +233,11 @@ class _NCDBase(Method):
         super().__init__(config, workdir, mesh, teacher)
         self.known, self.novel = class_split(config)
         self.num_known, self.num_novel = len(self.known), len(self.novel)
-        self.feature_dim = int(feature_shapes(self.student, self.domain.image_size,
-                                              self.domain.channels)["pre_logits"][-1])
+        self.feature_dim = int(
+            feature_shapes(self.student, self.domain.image_size, self.domain.channels)[
+                "pre_logits"
+            ][-1]
+        )
 
     @functools.cached_property
     def heads(self) -> dict:
@@ -218,11 +250,14 @@ class _NCDBase(Method):
     # ----- data --------------------------------------------------------------------------------
     def _source(self, split: str, classes, unlabeled=False):
         target = self.config.data.target
-        ds, n = pipeline.open_source(target, split, jax.process_index(), jax.process_count(),
-                                     classes=tuple(classes))
+        ds, n = pipeline.open_source(
+            target, split, jax.process_index(), jax.process_count(), classes=tuple(classes)
+        )
         if n == 0:
-            raise ValueError(f"config.data.target ({target.source} {target.get('name', '')!r} "
-                             f"split {split!r}) holds no image of classes {list(classes)[:10]}…")
+            raise ValueError(
+                f"config.data.target ({target.source} {target.get('name', '')!r} "
+                f"split {split!r}) holds no image of classes {list(classes)[:10]}…"
+            )
         ds = remap_labels(ds, self.known, self.novel)
         return (hide_labels(ds) if unlabeled else ds), n
 
@@ -231,8 +266,13 @@ class _NCDBase(Method):
         if limit:  # a quick eval on the first examples of each host's share
             count = min(count, -(-limit // jax.process_count()))
         counts = parallel.allgather_ints(count)
-        return pipeline.eval_batches(ds, host_count=count, max_host_count=int(counts.max()),
-                                     local_batch=self.local_eval_batch, domain=self.domain)
+        return pipeline.eval_batches(
+            ds,
+            host_count=count,
+            max_host_count=int(counts.max()),
+            local_batch=self.local_eval_batch,
+            domain=self.domain,
+        )
 
     def results(self, state):
         return {"known_classes": list(self.known), "novel_classes": list(self.novel)}
@@ -240,13 +280,15 @@ class _NCDBase(Method):
     def build_optimizer(self, num_steps: int) -> None:
         """As the base, but only the backbone modules named in `ncd.trainable` train."""
         self.schedule = make_schedule(self.config.optimizer, num_steps)
-        self.tx = make_optimizer(self.config.optimizer, self.schedule,
-                                 trainable=self.config.ncd.get("trainable", ()))
+        self.tx = make_optimizer(
+            self.config.optimizer, self.schedule, trainable=self.config.ncd.get("trainable", ())
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1
 # ---------------------------------------------------------------------------------------------
+
 
 class NCDPretrain(_NCDBase):
     """Supervised stage 1 on the labeled (known-class) training images.
@@ -255,6 +297,7 @@ class NCDPretrain(_NCDBase):
     backbone may start from `ncd.backbone_workdir` (e.g. DINO weights converted with
     `python -m kd_jax.tools.convert_torch`). Eval: accuracy on the known-class test images.
     """
+
     name = "ncd_pretrain"
 
     def warm_start_source(self):
@@ -264,10 +307,12 @@ class NCDPretrain(_NCDBase):
         return self._source(self.config.data.target.train_split, self.known)
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
-        (_, feats), model_stats = self.student_apply(params, batch_stats, batch["image"], True,
-                                                     rng=rng)
-        logits, known_stats = self.apply_head("known", params, batch_stats, feats["pre_logits"],
-                                              True)
+        (_, feats), model_stats = self.student_apply(
+            params, batch_stats, batch["image"], True, rng=rng
+        )
+        logits, known_stats = self.apply_head(
+            "known", params, batch_stats, feats["pre_logits"], True
+        )
         t = self.config.ncd.temperature
         ce = optax.softmax_cross_entropy_with_integer_labels(logits / t, batch["label"]).mean()
         acc = (logits.argmax(-1) == batch["label"]).mean()
@@ -275,25 +320,26 @@ class NCDPretrain(_NCDBase):
         return ce, (stats, {"ce": ce, "train_accuracy": acc})
 
     def eval_step(self, state, batch):
-        (_, feats), _ = self.student_apply(state.params, state.batch_stats, batch["image"],
-                                           False)
-        logits, _ = self.apply_head("known", state.params, state.batch_stats,
-                                    feats["pre_logits"], False)
+        (_, feats), _ = self.student_apply(state.params, state.batch_stats, batch["image"], False)
+        logits, _ = self.apply_head(
+            "known", state.params, state.batch_stats, feats["pre_logits"], False
+        )
         correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
         return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
     def eval_dataset(self):
         target = self.config.data.target
-        return self._eval_stream(target.eval_split, self.known,
-                                 target.get("max_eval_examples", 0))
+        return self._eval_stream(target.eval_split, self.known, target.get("max_eval_examples", 0))
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: UNO
 # ---------------------------------------------------------------------------------------------
 
+
 class UNO(_NCDBase):
     """UNO discovery (stage 2); see the module docstring."""
+
     name = "uno"
     views = 2
 
@@ -302,9 +348,15 @@ class UNO(_NCDBase):
         """The known head and the novel + over-clustering heads (`discovery`)."""
         n = self.config.ncd
         x = self._feature_example()
-        return {"known": (Prototypes(self.num_known), x),
-                "discovery": (DiscoveryHeads(n.num_heads, self.num_novel, n.overcluster_factor,
-                                             n.hidden_dim, n.proj_dim), x)}
+        return {
+            "known": (Prototypes(self.num_known), x),
+            "discovery": (
+                DiscoveryHeads(
+                    n.num_heads, self.num_novel, n.overcluster_factor, n.hidden_dim, n.proj_dim
+                ),
+                x,
+            ),
+        }
 
     # ----- stage chaining ------------------------------------------------------------------------
     stage1_config = staticmethod(stage1_config)  # the stage `kd_jax.run` trains first
@@ -322,11 +374,14 @@ class UNO(_NCDBase):
                 f"config.ncd.pretrain.workdir={workdir!r} holds no finished ncd_pretrain run "
                 f"(results.json missing): kd_jax.run.run(config, workdir) (python -m "
                 f"kd_jax.main) trains config.ncd.pretrain.train there first, or train one with "
-                f"this config's `pretrain` argument")
+                f"this config's `pretrain` argument"
+            )
         known = fileio.read_json(fileio.join(workdir, "results.json")).get("known_classes")
         if known is not None and tuple(known) != self.known:
-            raise ValueError(f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
-                             f"classes {known}, this run's are {list(self.known)}")
+            raise ValueError(
+                f"config.ncd.pretrain.workdir={workdir!r} was trained on known "
+                f"classes {known}, this run's are {list(self.known)}"
+            )
 
     def warm_start_source(self):
         return self.pretrain_workdir() if self.config.ncd.pretrain.get("enabled", True) else None
@@ -335,10 +390,13 @@ class UNO(_NCDBase):
         state = super().init_state(rng)
         # The running per-head cluster loss (best-head choice) rides in batch_stats: it is
         # carried by every step, replicated and checkpointed, and never differentiated.
-        stats = dict(state.batch_stats,
-                     head_loss={"ema": jnp.zeros((self.config.ncd.num_heads,), jnp.float32)})
-        return TrainState(step=state.step, params=state.params, batch_stats=stats,
-                          opt_state=state.opt_state)
+        stats = dict(
+            state.batch_stats,
+            head_loss={"ema": jnp.zeros((self.config.ncd.num_heads,), jnp.float32)},
+        )
+        return TrainState(
+            step=state.step, params=state.params, batch_stats=stats, opt_state=state.opt_state
+        )
 
     # ----- data: labeled + unlabeled streams in every batch ------------------------------------
     def transfer_source(self):
@@ -357,19 +415,33 @@ class UNO(_NCDBase):
         b_unl = self.local_batch - b_lab
         self.transfer_size = int(parallel.allgather_ints(n_lab + n_unl).sum())
         data = self.config.data
-        common = dict(domain=self.domain, augment=data.augment, start_step=start_step,
-                      views=2, shuffle_buffer=data.get("shuffle_buffer", 16384),
-                      cache=data.get("cache", False))
+        common = dict(
+            domain=self.domain,
+            augment=data.augment,
+            start_step=start_step,
+            views=2,
+            shuffle_buffer=data.get("shuffle_buffer", 16384),
+            cache=data.get("cache", False),
+        )
         streams = []
         for ds, n, b, salt in ((lab, n_lab, b_lab, 0), (unl, n_unl, b_unl, 1)):
             per_epoch = int(parallel.allgather_ints(n).min()) // b
             if per_epoch < 1:
-                raise ValueError(f"config.batch_size={self.config.batch_size}: a host holds "
-                                 f"{n} {'labeled' if salt == 0 else 'unlabeled'} images, fewer "
-                                 f"than its share of a batch ({b})")
+                raise ValueError(
+                    f"config.batch_size={self.config.batch_size}: a host holds "
+                    f"{n} {'labeled' if salt == 0 else 'unlabeled'} images, fewer "
+                    f"than its share of a batch ({b})"
+                )
             # Different seeds so the two streams do not shuffle/augment in lock-step.
-            streams.append(pipeline.train_iterator(ds, local_batch=b, steps_per_epoch=per_epoch,
-                                                   seed=self.config.seed * 2 + salt, **common))
+            streams.append(
+                pipeline.train_iterator(
+                    ds,
+                    local_batch=b,
+                    steps_per_epoch=per_epoch,
+                    seed=self.config.seed * 2 + salt,
+                    **common,
+                )
+            )
         lab_it, unl_it = streams
         while True:
             a, b = next(lab_it), next(unl_it)
@@ -381,10 +453,16 @@ class UNO(_NCDBase):
         (_, feats), model_stats = self.student_apply(params, batch_stats, images, train, rng=rng)
         f = feats["pre_logits"]
         known, known_stats = self.apply_head("known", params, batch_stats, f, train)
-        ((novel, novel_z), over), disc_stats = self.apply_head("discovery", params, batch_stats,
-                                                               f, train)
-        out = {"feats": f, "known": known, "novel": novel, "novel_z": novel_z,
-               "over": over[0] if over is not None else None}
+        ((novel, novel_z), over), disc_stats = self.apply_head(
+            "discovery", params, batch_stats, f, train
+        )
+        out = {
+            "feats": f,
+            "known": known,
+            "novel": novel,
+            "novel_z": novel_z,
+            "over": over[0] if over is not None else None,
+        }
         stats = dict(batch_stats, model=model_stats, known=known_stats, discovery=disc_stats)
         return out, stats
 
@@ -395,11 +473,21 @@ class UNO(_NCDBase):
         h, b, k = novel_logits.shape
         onehot = jax.nn.one_hot(jnp.where(labeled, labels, 0), self.num_known)
         onehot = onehot * labeled[:, None]
-        sk = jax.vmap(lambda l: losses.sinkhorn_knopp(
-            l, n_iters=n.sk_iters, epsilon=n.sk_epsilon, weights=(~labeled).astype(jnp.float32))
+        sk = jax.vmap(
+            lambda head_logits: losses.sinkhorn_knopp(
+                head_logits,
+                n_iters=n.sk_iters,
+                epsilon=n.sk_epsilon,
+                weights=(~labeled).astype(jnp.float32),
+            )
         )(novel_logits)
-        return jnp.concatenate([jnp.broadcast_to(onehot, (h, b, self.num_known)),
-                                jnp.where(labeled[None, :, None], 0.0, sk)], axis=-1)
+        return jnp.concatenate(
+            [
+                jnp.broadcast_to(onehot, (h, b, self.num_known)),
+                jnp.where(labeled[None, :, None], 0.0, sk),
+            ],
+            axis=-1,
+        )
 
     def uno_loss(self, outs, labels):
         """-> (scalar UNO loss, per-head cluster loss [H], metrics)."""
@@ -414,8 +502,9 @@ class UNO(_NCDBase):
                 logits.append(jnp.concatenate([kh, o[key]], axis=-1))
                 targets.append(self._targets(kh, o[key], labels, labeled))
             # View 1 predicts the targets made from view 2 and vice versa; per head.
-            return jax.vmap(lambda l1, l2, t1, t2: losses.swapped_prediction_loss(
-                l1, l2, t1, t2, temperature=t))(logits[0], logits[1], targets[0], targets[1])
+            return jax.vmap(
+                lambda l1, l2, t1, t2: losses.swapped_prediction_loss(l1, l2, t1, t2, temperature=t)
+            )(logits[0], logits[1], targets[0], targets[1])
 
         cluster = swapped("novel")
         if outs[0]["over"] is not None:
@@ -445,9 +534,15 @@ class UNO(_NCDBase):
         stats = dict(stats, head_loss={"ema": jax.lax.stop_gradient(ema)})
         labeled = batch["label"] >= 0
         known_acc = jnp.sum((out1["known"].argmax(-1) == batch["label"]) * labeled) / jnp.maximum(
-            labeled.sum(), 1)
-        m = dict(m, **m_extra, best_head=jnp.argmin(ema), known_train_accuracy=known_acc,
-                 labeled_fraction=labeled.mean())
+            labeled.sum(), 1
+        )
+        m = dict(
+            m,
+            **m_extra,
+            best_head=jnp.argmin(ema),
+            known_train_accuracy=known_acc,
+            labeled_fraction=labeled.mean(),
+        )
         return loss, (stats, m)
 
     # ----- evaluation --------------------------------------------------------------------------
@@ -457,22 +552,33 @@ class UNO(_NCDBase):
 
     def _predict(self, state, batches):
         """Known [N, C_l] and novel [H, N, C_u] logits and labels of the real images."""
-        return self._batched_eval.gather(state, batches=batches, keep=("label",),
-                                         batch_axes={"novel": 1})
+        return self._batched_eval.gather(
+            state, batches=batches, keep=("label",), batch_axes={"novel": 1}
+        )
 
     def evaluate(self, state):
         target, n = self.config.data.target, self.config.ncd
         best = int(np.argmin(np.asarray(jax.device_get(state.batch_stats["head_loss"]["ema"]))))
-        train_novel = self._predict(state, self._eval_stream(
-            target.train_split, self.novel, n.get("max_train_eval_examples", 0)))
-        test = self._predict(state, self._eval_stream(
-            target.eval_split, self.known + self.novel, target.get("max_eval_examples", 0)))
+        train_novel = self._predict(
+            state,
+            self._eval_stream(target.train_split, self.novel, n.get("max_train_eval_examples", 0)),
+        )
+        test = self._predict(
+            state,
+            self._eval_stream(
+                target.eval_split, self.known + self.novel, target.get("max_eval_examples", 0)
+            ),
+        )
         is_novel = test["label"] >= self.num_known
         res = {"best_head": best}
-        heads_train = [metrics.cluster_accuracy(train_novel["label"], p.argmax(-1))[0]
-                       for p in train_novel["novel"]]
-        heads_test = [metrics.task_aware_accuracy(test["label"], p.argmax(-1), is_novel)
-                      for p in test["novel"]]
+        heads_train = [
+            metrics.cluster_accuracy(train_novel["label"], p.argmax(-1))[0]
+            for p in train_novel["novel"]
+        ]
+        heads_test = [
+            metrics.task_aware_accuracy(test["label"], p.argmax(-1), is_novel)
+            for p in test["novel"]
+        ]
         res["novel_train_accuracy"] = heads_train[best]
         res["novel_test_accuracy"] = heads_test[best]
         res["novel_train_accuracy_heads"] = heads_train
@@ -480,12 +586,19 @@ class UNO(_NCDBase):
         # Task-agnostic: one Hungarian mapping over the whole test set, argmax over [known;novel].
         pred = np.concatenate([test["known"], test["novel"][best]], axis=-1).argmax(-1)
         agn = metrics.task_agnostic_accuracy(test["label"], pred, range(self.num_known))
-        res.update(all_accuracy=agn["all"], known_accuracy=agn["known"],
-                   novel_accuracy=agn["novel"])
+        res.update(
+            all_accuracy=agn["all"], known_accuracy=agn["known"], novel_accuracy=agn["novel"]
+        )
         res["accuracy"] = res["novel_train_accuracy"]
         if jax.process_index() == 0:
-            diagnostics.plot_confusion(fileio.join(self.workdir, "confusion.png"), test["label"],
-                                       pred, agn["mapping"], self.num_known, self.num_novel)
+            diagnostics.plot_confusion(
+                fileio.join(self.workdir, "confusion.png"),
+                test["label"],
+                pred,
+                agn["mapping"],
+                self.num_known,
+                self.num_novel,
+            )
         return res
 
     def results(self, state):
@@ -495,6 +608,7 @@ class UNO(_NCDBase):
 # ---------------------------------------------------------------------------------------------
 # SCKD
 # ---------------------------------------------------------------------------------------------
+
 
 class SCKD(UNO):
     """UNO + λ_SMI·L_SMI + λ_SC·L_SC over the known and novel spaces.
@@ -508,17 +622,19 @@ class SCKD(UNO):
     to the labeled / unlabeled rows) and averaged over views and heads; both weights follow a
     linear ramp 0 -> 1 over `sckd.ramp_steps`.
     """
+
     name = "sckd"
 
     def __init__(self, config, workdir, mesh, teacher=None):
         super().__init__(config, workdir, mesh, teacher)
         s = config.sckd
-        for key, value, allowed in (("smi", s.smi, ("infonce", "none")),
-                                    ("sc", s.sc, ("rel_kl", "none")),
-                                    ("direction", s.direction, ("both", "known_to_novel",
-                                                                "novel_to_known", "reliable")),
-                                    ("space", s.space, ("probs", "embeddings")),
-                                    ("samples", s.samples, ("all", "unlabeled"))):
+        for key, value, allowed in (
+            ("smi", s.smi, ("infonce", "none")),
+            ("sc", s.sc, ("rel_kl", "none")),
+            ("direction", s.direction, ("both", "known_to_novel", "novel_to_known", "reliable")),
+            ("space", s.space, ("probs", "embeddings")),
+            ("samples", s.samples, ("all", "unlabeled")),
+        ):
             check_choice(value, allowed, f"sckd.{key}")
 
     def spaces(self, out):
@@ -540,8 +656,11 @@ class SCKD(UNO):
             sc_parts = (("known_to_novel", lab), ("novel_to_known", 1.0 - lab))
         else:
             sc_parts = ((s.direction, w),)
-        ramp = (jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / s.ramp_steps)
-                if s.ramp_steps > 0 else jnp.asarray(1.0))
+        ramp = (
+            jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / s.ramp_steps)
+            if s.ramp_steps > 0
+            else jnp.asarray(1.0)
+        )
         smi = sc = jnp.asarray(0.0)
         # A term switched off or weighted 0 is not computed: then the graph, loss and gradients
         # are UNO's bit for bit (a weight-0 term would still reorder float sums).
@@ -549,11 +668,19 @@ class SCKD(UNO):
         for out in outs:
             r_k, r_n = self.spaces(out)
             if use_smi:
-                smi += jax.vmap(lambda rn: losses.spatial_mutual_information(
-                    r_k, rn, temperature=s.smi_temperature, weights=w))(r_n).mean() / len(outs)
+                smi += jax.vmap(
+                    lambda rn: losses.spatial_mutual_information(
+                        r_k, rn, temperature=s.smi_temperature, weights=w
+                    )
+                )(r_n).mean() / len(outs)
             if use_sc:
-                sc += jax.vmap(lambda rn: sum(losses.self_cooperation_loss(
-                    r_k, rn, temperature=s.sc_temperature, direction=d, weights=wd)
-                    for d, wd in sc_parts))(r_n).mean() / len(outs)
+                sc += jax.vmap(
+                    lambda rn: sum(
+                        losses.self_cooperation_loss(
+                            r_k, rn, temperature=s.sc_temperature, direction=d, weights=wd
+                        )
+                        for d, wd in sc_parts
+                    )
+                )(r_n).mean() / len(outs)
         extra = ramp * (s.lambda_smi * smi + s.lambda_sc * sc)
         return extra, {"smi": smi, "sc": sc, "ramp": ramp}

@@ -1,5 +1,6 @@
 """Supervised training (cross-entropy on the labeled target set): the teachers every KD method
 starts from, and the "student trained with data" reference."""
+
 from __future__ import annotations
 
 import jax
@@ -15,12 +16,14 @@ class Teacher(Method):
 
     def transfer_source(self):
         target = self.config.data.target
-        return pipeline.open_source(target, target.train_split, jax.process_index(),
-                                    jax.process_count())
+        return pipeline.open_source(
+            target, target.train_split, jax.process_index(), jax.process_count()
+        )
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
-        (logits, _), new_stats = self.student_apply(params, batch_stats, batch["image"],
-                                                    train=True, rng=rng)
+        (logits, _), new_stats = self.student_apply(
+            params, batch_stats, batch["image"], train=True, rng=rng
+        )
         smoothing = self.config.get("label_smoothing", 0.0)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()

@@ -22,9 +22,11 @@ LeNet, whose names are DAFL's `conv1..3, fc1, fc2`. Leaves: conv/linear `weight`
 `running_var` → `batch_stats` `mean` / `var`; `num_batches_tracked` has no counterpart.
 `kd_jax.tools.convert_torch` implements this rule (PyTorch checkpoint → teacher workdir).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -54,13 +56,18 @@ _IMAGENET = (224, 224, 3)
 _REGISTRY: dict[str, ModelSpec] = {
     "lenet5": ModelSpec(lenet.lenet5, _MNIST, "DAFL LeNet-5 (MNIST resized to 32x32)"),
     "lenet5_half": ModelSpec(lenet.lenet5_half, _MNIST, "DAFL LeNet-5-half"),
-    "resnet18_cifar": ModelSpec(resnet_cifar.resnet18_cifar, _CIFAR,
-                                "DAFL/CMI/Fast-Datafree CIFAR ResNet-18"),
-    "resnet34_cifar": ModelSpec(resnet_cifar.resnet34_cifar, _CIFAR,
-                                "DAFL/CMI/Fast-Datafree CIFAR ResNet-34"),
-    "wrn10_1": ModelSpec(wrn.wrn10_1, _MNIST, "WideResNet-10-1 (offline benchmark's ResNet teacher)"),
-    "wrn10_1_half": ModelSpec(wrn.wrn10_1_half, _MNIST,
-                              "WideResNet-10-1 at half width (its student)"),
+    "resnet18_cifar": ModelSpec(
+        resnet_cifar.resnet18_cifar, _CIFAR, "DAFL/CMI/Fast-Datafree CIFAR ResNet-18"
+    ),
+    "resnet34_cifar": ModelSpec(
+        resnet_cifar.resnet34_cifar, _CIFAR, "DAFL/CMI/Fast-Datafree CIFAR ResNet-34"
+    ),
+    "wrn10_1": ModelSpec(
+        wrn.wrn10_1, _MNIST, "WideResNet-10-1 (offline benchmark's ResNet teacher)"
+    ),
+    "wrn10_1_half": ModelSpec(
+        wrn.wrn10_1_half, _MNIST, "WideResNet-10-1 at half width (its student)"
+    ),
     "wrn16_1": ModelSpec(wrn.wrn16_1, _CIFAR, "WideResNet-16-1 (CMI/Fast-Datafree)"),
     "wrn16_2": ModelSpec(wrn.wrn16_2, _CIFAR, "WideResNet-16-2 (CMI/Fast-Datafree)"),
     "wrn40_1": ModelSpec(wrn.wrn40_1, _CIFAR, "WideResNet-40-1 (CMI/Fast-Datafree)"),
@@ -90,8 +97,14 @@ def _spec(name: str) -> ModelSpec:
         ) from None
 
 
-def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, conv: str = "auto",
-                 conv_groups: int = 1, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    dtype: Any = jnp.float32,
+    conv: str = "auto",
+    conv_groups: int = 1,
+    **kwargs,
+) -> nn.Module:
     """Build the registered model `name` with `num_classes` outputs and compute `dtype`.
 
     `conv` (`config.model.conv`, one of `cpu_conv.CONV_CHOICES`) chooses the convolution
@@ -102,8 +115,9 @@ def create_model(name: str, num_classes: int, dtype: Any = jnp.float32, conv: st
     """
     spec = _spec(name)
     cpu_conv.check_conv(conv)
-    return spec.constructor(num_classes=num_classes, dtype=dtype, conv=conv,
-                            conv_groups=int(conv_groups), **kwargs)
+    return spec.constructor(
+        num_classes=num_classes, dtype=dtype, conv=conv, conv_groups=int(conv_groups), **kwargs
+    )
 
 
 def model_input_shape(name: str) -> tuple[int, int, int]:

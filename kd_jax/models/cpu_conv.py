@@ -12,6 +12,7 @@ CPU and XLA's own convolution elsewhere, "xla" XLA's everywhere, "im2col" / "win
 (where the shape allows). `groups` is the number of data-parallel shards of the batch: each
 shard is chunked where it lies and the weight gradient summed across shards once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 CONV_CHOICES = ("auto", "xla", "im2col", "winograd")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_CHUNK_BYTES = 4 << 20           # im2col patches per chunk (fits the L3 cache)
-_MIN_CHUNK_ROWS = 512            # output pixels per matmul, so a big kernel is read rarely
+_CHUNK_BYTES = 4 << 20  # im2col patches per chunk (fits the L3 cache)
+_MIN_CHUNK_ROWS = 512  # output pixels per matmul, so a big kernel is read rarely
 _IM2COL_FORWARD_MIN_DEPTH = 256  # kh*kw*C_in from which the chunked forward beats XLA's
 
 
@@ -35,13 +36,15 @@ def check_conv(value: str) -> str:
 
 
 def _xla_conv(x, w, strides, padding, precision):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
-                                        precision=precision)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=_NHWC, precision=precision
+    )
 
 
 def _out_hw(x_shape, w_shape, strides, padding):
-    return tuple((n + sum(p) - k) // s + 1
-                 for n, p, k, s in zip(x_shape[1:3], padding, w_shape[:2], strides))
+    return tuple(
+        (n + sum(p) - k) // s + 1 for n, p, k, s in zip(x_shape[1:3], padding, w_shape[:2], strides)
+    )
 
 
 def _patches(x, kernel_hw, strides, padding, out_hw):
@@ -49,8 +52,13 @@ def _patches(x, kernel_hw, strides, padding, out_hw):
     (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
     b, c = x.shape[0], x.shape[-1]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    cols = [
+        jax.lax.slice(
+            xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
     return (cols[0] if len(cols) == 1 else jnp.concatenate(cols, -1)).reshape(-1, kh * kw * c)
 
 
@@ -88,16 +96,21 @@ def _from_chunks(a):  # (steps, groups, n, ...) -> (B, ...)
 # matmuls of depth C_in (one per tile position) where im2col takes one of depth 9 C_in for 4x as
 # many rows. The transforms only add, subtract and halve.
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINOGRAD_MIN_HW = 64            # output pixels per image (8x8) from which Winograd wins
-_WINOGRAD_MIN_CHANNELS = 64      # C_in and C_out from which Winograd wins
+_WINOGRAD_MIN_HW = 64  # output pixels per image (8x8) from which Winograd wins
+_WINOGRAD_MIN_CHANNELS = 64  # C_in and C_out from which Winograd wins
 _WINOGRAD_CHUNK_BYTES = 8 << 20  # transformed input tiles per chunk
 
 
 def winograd_fits(x_shape, w_shape, strides, padding) -> bool:
     """Whether F(2x2, 3x3) computes this convolution: 3x3, stride 1, pad 1, even H and W."""
     h, w = x_shape[1:3]
-    return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
-            and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and h % 2 == 0 and w % 2 == 0)
+    return (
+        tuple(w_shape[:2]) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+        and h % 2 == 0
+        and w % 2 == 0
+    )
 
 
 def _winograd_kernel(w):
@@ -110,14 +123,19 @@ def winograd_tiles(xc):
     """(m, H, W, C) -> (16, m*H/2*W/2, C): B^T d B of every 4x4 input tile (stride 2, pad 1)."""
     m, h, w, c = xc.shape
     xp = jnp.pad(xc, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    d = [[jax.lax.slice(xp, (0, i, j, 0), (m, i + h - 1, j + w - 1, c), (1, 2, 2, 1))
-          for j in range(4)] for i in range(4)]
+    d = [
+        [
+            jax.lax.slice(xp, (0, i, j, 0), (m, i + h - 1, j + w - 1, c), (1, 2, 2, 1))
+            for j in range(4)
+        ]
+        for i in range(4)
+    ]
 
     def bt(r):  # B^T along one tile axis
         return [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
 
-    cols = [bt([d[i][j] for i in range(4)]) for j in range(4)]      # cols[j][a]
-    v = [bt([cols[j][a] for j in range(4)]) for a in range(4)]      # v[a][b]
+    cols = [bt([d[i][j] for i in range(4)]) for j in range(4)]  # cols[j][a]
+    v = [bt([cols[j][a] for j in range(4)]) for a in range(4)]  # v[a][b]
     return jnp.stack([v[a][b] for a in range(4) for b in range(4)]).reshape(16, -1, c)
 
 
@@ -129,7 +147,7 @@ def winograd_output(m_tiles, shape):
     def at(r):  # A^T along one tile axis
         return [r[0] + r[1] + r[2], r[1] - r[2] - r[3]]
 
-    rows = [at([mt[a, b] for a in range(4)]) for b in range(4)]     # rows[b][p]
+    rows = [at([mt[a, b] for a in range(4)]) for b in range(4)]  # rows[b][p]
     y = [jnp.stack(at([rows[b][p] for b in range(4)]), 3) for p in range(2)]  # (m, h/2, w/2, 2, o)
     return jnp.stack(y, 2).reshape(m, h, w, o)
 
@@ -143,8 +161,8 @@ def winograd_grad_tiles(g):
     def a(r):  # A = (A^T)^T along one tile axis: 2 -> 4
         return [r[0], r[0] + r[1], r[0] - r[1], -r[1]]
 
-    cols = [a([gt[p][q] for p in range(2)]) for q in range(2)]       # cols[q][a]
-    mt = [a([cols[q][i] for q in range(2)]) for i in range(4)]       # mt[a][b]
+    cols = [a([gt[p][q] for p in range(2)]) for q in range(2)]  # cols[q][a]
+    mt = [a([cols[q][i] for q in range(2)]) for i in range(4)]  # mt[a][b]
     return jnp.stack([mt[i][j] for i in range(4) for j in range(4)]).reshape(16, -1, o)
 
 
@@ -158,18 +176,26 @@ def winograd_tiles_transpose(dv, shape):
     def b(r):  # B = (B^T)^T along one tile axis
         return [r[0], r[1] - r[2] + r[3], r[1] + r[2] - r[0], -r[3]]
 
-    cols = [b([dv[i, j] for i in range(4)]) for j in range(4)]       # cols[j][r]
-    d = [b([cols[j][r] for j in range(4)]) for r in range(4)]         # d[r][s], tile offsets
+    cols = [b([dv[i, j] for i in range(4)]) for j in range(4)]  # cols[j][r]
+    d = [b([cols[j][r] for j in range(4)]) for r in range(4)]  # d[r][s], tile offsets
+
     # padded pixel (2a + r, 2b + s), r, s in {0, 1}: from tiles (a, b), (a-1, b), (a, b-1),
     # (a-1, b-1) at offsets (r, s), (r+2, s), (r, s+2), (r+2, s+2); tile indices a < h2 + 1.
     def shifted(t, di, dj):  # t[a - di, b - dj] on the (h2+1, w2+1) grid, zero outside
         return jnp.pad(t, ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
 
-    planes = [[shifted(d[r][s], 0, 0) + shifted(d[r + 2][s], 1, 0)
-               + shifted(d[r][s + 2], 0, 1) + shifted(d[r + 2][s + 2], 1, 1)
-               for s in range(2)] for r in range(2)]                  # (m, h2+1, w2+1, c)
-    xp = jnp.stack([jnp.stack(planes[r], 3) for r in range(2)], 2)   # (m, h2+1, 2, w2+1, 2, c)
-    return xp.reshape(m, h + 2, w + 2, c)[:, 1:h + 1, 1:w + 1]
+    planes = [
+        [
+            shifted(d[r][s], 0, 0)
+            + shifted(d[r + 2][s], 1, 0)
+            + shifted(d[r][s + 2], 0, 1)
+            + shifted(d[r + 2][s + 2], 1, 1)
+            for s in range(2)
+        ]
+        for r in range(2)
+    ]  # (m, h2+1, w2+1, c)
+    xp = jnp.stack([jnp.stack(planes[r], 3) for r in range(2)], 2)  # (m, h2+1, 2, w2+1, 2, c)
+    return xp.reshape(m, h + 2, w + 2, c)[:, 1 : h + 1, 1 : w + 1]
 
 
 def _winograd_forward(x, w, precision, groups):
@@ -183,7 +209,8 @@ def _winograd_forward(x, w, precision, groups):
         xc = xc.reshape(-1, h, wd, c)
         mt = jnp.einsum("ktc,kco->kto", winograd_tiles(xc), u, precision=precision)
         return winograd_output(mt, (*xc.shape[:3], w.shape[-1])).reshape(
-            groups, n, h, wd, w.shape[-1])
+            groups, n, h, wd, w.shape[-1]
+        )
 
     return _from_chunks(jax.lax.map(chunk, _to_chunks(x, groups, n)))
 
@@ -195,8 +222,9 @@ def _winograd_backward(x, w, g, precision, groups):
     dd = B (M U^T) B^T overlap-added (the transpose of the tile transform); dW = G^T dU G."""
     b, h, wd, c = x.shape
     o = w.shape[-1]
-    groups, n = _chunking(b, (h, wd), 4 * max(c, o), x.dtype.itemsize, groups,
-                          _WINOGRAD_CHUNK_BYTES)
+    groups, n = _chunking(
+        b, (h, wd), 4 * max(c, o), x.dtype.itemsize, groups, _WINOGRAD_CHUNK_BYTES
+    )
     u, u_vjp = jax.vjp(_winograd_kernel, w)
 
     def chunk(du, xg):
@@ -204,11 +232,16 @@ def _winograd_backward(x, w, g, precision, groups):
         xc = xc.reshape(-1, h, wd, c)
         v, mg = winograd_tiles(xc), winograd_grad_tiles(gc.reshape(-1, h, wd, o))
         # dU per shard block (summed once at the end, not once per chunk across shards)
-        du = du + jnp.einsum("kgtc,kgto->gkco", v.reshape(16, groups, -1, c),
-                             mg.reshape(16, groups, -1, o), precision=precision,
-                             preferred_element_type=du.dtype)
+        du = du + jnp.einsum(
+            "kgtc,kgto->gkco",
+            v.reshape(16, groups, -1, c),
+            mg.reshape(16, groups, -1, o),
+            precision=precision,
+            preferred_element_type=du.dtype,
+        )
         dx = winograd_tiles_transpose(
-            jnp.einsum("kto,kco->ktc", mg, u, precision=precision).astype(v.dtype), xc.shape)
+            jnp.einsum("kto,kco->ktc", mg, u, precision=precision).astype(v.dtype), xc.shape
+        )
         return du, dx.reshape(groups, n, h, wd, c)
 
     du0 = jnp.zeros((groups, 16, c, o), _accumulation_dtype(x.dtype))
@@ -218,8 +251,9 @@ def _winograd_backward(x, w, g, precision, groups):
 
 def _im2col_forward(x, w, strides, padding, precision, groups):
     out_hw = _out_hw(x.shape, w.shape, strides, padding)
-    groups, n = _chunking(x.shape[0], out_hw, w.shape[0] * w.shape[1] * w.shape[2],
-                          x.dtype.itemsize, groups)
+    groups, n = _chunking(
+        x.shape[0], out_hw, w.shape[0] * w.shape[1] * w.shape[2], x.dtype.itemsize, groups
+    )
     w_mat = w.reshape(-1, w.shape[-1])
 
     def chunk(xc):
@@ -239,13 +273,20 @@ def _im2col_backward(x, w, g, strides, padding, precision, groups):
     def chunk(dw, xg):
         xc, gc = xg
         rows, rows_vjp = jax.vjp(
-            lambda xc: _patches(xc.reshape(-1, *x.shape[1:]), w.shape[:2], strides, padding,
-                                out_hw), xc)
+            lambda xc: _patches(
+                xc.reshape(-1, *x.shape[1:]), w.shape[:2], strides, padding, out_hw
+            ),
+            xc,
+        )
         g_rows = gc.reshape(-1, w.shape[-1])
         # dW per shard block (summed once at the end, not once per chunk across shards)
-        dw = dw + jnp.einsum("gmk,gmo->gko", rows.reshape(groups, -1, depth),
-                             g_rows.reshape(groups, -1, w.shape[-1]), precision=precision,
-                             preferred_element_type=dw.dtype)
+        dw = dw + jnp.einsum(
+            "gmk,gmo->gko",
+            rows.reshape(groups, -1, depth),
+            g_rows.reshape(groups, -1, w.shape[-1]),
+            precision=precision,
+            preferred_element_type=dw.dtype,
+        )
         dx = rows_vjp(jnp.dot(g_rows, w_mat.T, precision=precision).astype(rows.dtype))[0]
         return dw, dx
 
@@ -292,35 +333,64 @@ def conv_method(x_shape, w_shape, strides, padding, dtype=jnp.float32, conv="aut
         return "xla"
     if x_shape[0] == 0 or min(_out_hw(x_shape, w_shape, strides, padding)) <= 0:
         return "xla"  # an empty output: nothing to chunk (XLA returns the empty array)
-    fits = (winograd_fits(x_shape, w_shape, strides, padding)
-            and jnp.dtype(dtype) in (jnp.float32, jnp.float64))
+    fits = winograd_fits(x_shape, w_shape, strides, padding) and jnp.dtype(dtype) in (
+        jnp.float32,
+        jnp.float64,
+    )
     if conv == "winograd" and fits:
         return "winograd"
     if conv != "auto":
         return "im2col"
-    if (fits and x_shape[1] * x_shape[2] >= _WINOGRAD_MIN_HW
-            and min(w_shape[2:]) >= _WINOGRAD_MIN_CHANNELS):
+    if (
+        fits
+        and x_shape[1] * x_shape[2] >= _WINOGRAD_MIN_HW
+        and min(w_shape[2:]) >= _WINOGRAD_MIN_CHANNELS
+    ):
         return "winograd"
     depth = w_shape[0] * w_shape[1] * w_shape[2]
     return "im2col" if depth >= _IM2COL_FORWARD_MIN_DEPTH else "im2col-backward"
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, preferred_element_type=None, *, conv="auto",
-                         groups=1):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    conv="auto",
+    groups=1,
+):
     """`jax.lax.conv_general_dilated` (what `nn.Conv` calls), computed by `conv_method(...,
     conv)` with the batch in `groups` data-parallel blocks; convolutions it does not cover
     (grouped, dilated, other layouts) are XLA's."""
     check_conv(conv)
     xla = functools.partial(
-        jax.lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation,
-        rhs_dilation, dimension_numbers, feature_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
-    plain = (feature_group_count == 1 and preferred_element_type is None
-             and not isinstance(padding, str) and lhs.ndim == 4
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+        jax.lax.conv_general_dilated,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    plain = (
+        feature_group_count == 1
+        and preferred_element_type is None
+        and not isinstance(padding, str)
+        and lhs.ndim == 4
+        and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
     if not plain:
         return xla()
     strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)

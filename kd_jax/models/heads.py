@@ -1,4 +1,5 @@
 """Trainable heads beside a student (used in training only, never at test time)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ class Projector(nn.Module):
     """Bias-free linear map of student features to `features` channels (the teacher's width):
     a Dense on [B, D] features, a 1×1 convolution on NHWC taps. `dense_name` names the Dense
     (ODSD's checkpoints call it `proj`, EIKD's `dense`)."""
+
     features: int
     dense_name: str = "dense"
 
@@ -25,6 +27,7 @@ class MLPHead(nn.Module):
     """Dense -> [BatchNorm] -> ReLU -> Dense on float32 (or wider) features: SimCLR's 2-layer
     projection head (ODSD's L_SR) or, with `batch_norm`, UNO's projector (PyTorch's BatchNorm
     defaults: momentum 0.1, eps 1e-5)."""
+
     hidden: int
     features: int
     batch_norm: bool = False
@@ -33,6 +36,7 @@ class MLPHead(nn.Module):
     def __call__(self, x, train: bool = False):
         x = nn.Dense(self.hidden, name="fc1")(at_least_float32(x))
         if self.batch_norm:
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             name="bn")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(
+                x
+            )
         return nn.Dense(self.features, name="fc2")(nn.relu(x))

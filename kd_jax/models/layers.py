@@ -17,10 +17,12 @@ Conventions every model in `kd_jax.models` follows (a PyTorch converter relies o
   `kaiming_uniform_(a=sqrt(5))` where the reference keeps the default, Kaiming-normal fan-out where
   the reference re-initialises, ...).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -9,6 +9,7 @@ to 32). PyTorch module names `conv1, conv2, conv3, fc1, fc2` are kept; PyTorch d
 
 LeNet-5: (6, 16, 120, 84), 61,706 params at 10 classes. LeNet-5-half: (3, 8, 60, 42), 15,738.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,16 +39,37 @@ class LeNet5(nn.Module):
         c1, c2, c3, f1 = self.widths
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = conv2d(c1, 5, in_features=x.shape[-1], use_bias=True, dtype=self.dtype,
-                   **conv_options(self), name="conv1")(x)
+        x = conv2d(
+            c1,
+            5,
+            in_features=x.shape[-1],
+            use_bias=True,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
         x = max_pool(nn.relu(x), 2, 2)
         feats["stage1"] = x
-        x = conv2d(c2, 5, in_features=c1, use_bias=True, dtype=self.dtype,
-                   **conv_options(self), name="conv2")(x)
+        x = conv2d(
+            c2,
+            5,
+            in_features=c1,
+            use_bias=True,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv2",
+        )(x)
         x = max_pool(nn.relu(x), 2, 2)
         feats["stage2"] = x
-        x = conv2d(c3, 5, in_features=c2, use_bias=True, dtype=self.dtype,
-                   **conv_options(self), name="conv3")(x)
+        x = conv2d(
+            c3,
+            5,
+            in_features=c2,
+            use_bias=True,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv3",
+        )(x)
         x = nn.relu(x)
         if x.shape[1:3] != (1, 1):
             raise ValueError(

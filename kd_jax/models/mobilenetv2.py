@@ -16,6 +16,7 @@ Training with `dropout_rate > 0` needs a `"dropout"` rng: `apply(..., rngs={"dro
 
 Parameter count (1000 classes): 3,504,872.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -57,9 +58,18 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 
 
 def _conv(features, k, *, in_features, stride=1, groups=1, dtype, name, **options):
-    return conv2d(features, k, in_features=in_features, stride=stride, padding=(k - 1) // 2,
-                  groups=groups, kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name,
-                  **options)
+    return conv2d(
+        features,
+        k,
+        in_features=in_features,
+        stride=stride,
+        padding=(k - 1) // 2,
+        groups=groups,
+        kernel_init=kaiming_normal_fan_out,
+        dtype=dtype,
+        name=name,
+        **options,
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -78,15 +88,30 @@ class InvertedResidual(nn.Module):
         out = x
         idx = 0
         if self.expand_ratio != 1:
-            out = _conv(hidden, 1, in_features=inp, dtype=self.dtype, **conv_options(self),
-                        name="conv_0_0")(out)
+            out = _conv(
+                hidden, 1, in_features=inp, dtype=self.dtype, **conv_options(self), name="conv_0_0"
+            )(out)
             out = nn.relu6(batch_norm(train, dtype=self.dtype, name="conv_0_1")(out))
             idx = 1
-        out = _conv(hidden, 3, in_features=hidden, stride=self.stride, groups=hidden,
-                    dtype=self.dtype, **conv_options(self), name=f"conv_{idx}_0")(out)
+        out = _conv(
+            hidden,
+            3,
+            in_features=hidden,
+            stride=self.stride,
+            groups=hidden,
+            dtype=self.dtype,
+            **conv_options(self),
+            name=f"conv_{idx}_0",
+        )(out)
         out = nn.relu6(batch_norm(train, dtype=self.dtype, name=f"conv_{idx}_1")(out))
-        out = _conv(self.out_planes, 1, in_features=hidden, dtype=self.dtype, **conv_options(self),
-                    name=f"conv_{idx + 1}")(out)
+        out = _conv(
+            self.out_planes,
+            1,
+            in_features=hidden,
+            dtype=self.dtype,
+            **conv_options(self),
+            name=f"conv_{idx + 1}",
+        )(out)
         out = batch_norm(train, dtype=self.dtype, name=f"conv_{idx + 2}")(out)
         return x + out if use_res else out
 
@@ -112,28 +137,53 @@ class MobileNetV2(nn.Module):
         x = jnp.asarray(x, self.dtype)
         inp = make_divisible(32 * self.width_mult)
         last = self.last_channel or make_divisible(1280 * max(1.0, self.width_mult))
-        x = _conv(inp, 3, in_features=x.shape[-1], stride=2, dtype=self.dtype, **conv_options(self),
-                  name="features_0_0")(x)
+        x = _conv(
+            inp,
+            3,
+            in_features=x.shape[-1],
+            stride=2,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="features_0_0",
+        )(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
         idx = 1
         for t, c, n, s in self.inverted_residual_setting:
             out_c = make_divisible(c * self.width_mult)
             for i in range(n):
-                x = InvertedResidual(out_c, s if i == 0 else 1, t, dtype=self.dtype,
-                                     **conv_options(self), name=f"features_{idx}")(x, train)
+                x = InvertedResidual(
+                    out_c,
+                    s if i == 0 else 1,
+                    t,
+                    dtype=self.dtype,
+                    **conv_options(self),
+                    name=f"features_{idx}",
+                )(x, train)
                 idx += 1
             if c in (16, 24, 32, 96):
                 feats[f"stage{len(feats) + 1}"] = x
-        x = _conv(last, 1, in_features=x.shape[-1], dtype=self.dtype, **conv_options(self),
-                  name=f"features_{idx}_0")(x)
+        x = _conv(
+            last,
+            1,
+            in_features=x.shape[-1],
+            dtype=self.dtype,
+            **conv_options(self),
+            name=f"features_{idx}_0",
+        )(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name=f"features_{idx}_1")(x))
         feats["stage5"] = x
         x = global_avg_pool(x)
         feats["pre_logits"] = x
         if self.dropout_rate > 0:
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name="classifier_0")(x)
-        logits = linear(self.num_classes, in_features=last, kernel_init=normal_init(0.01),
-                        bias_init="zeros", dtype=self.dtype, name="classifier_1")(x)
+        logits = linear(
+            self.num_classes,
+            in_features=last,
+            kernel_init=normal_init(0.01),
+            bias_init="zeros",
+            dtype=self.dtype,
+            name="classifier_1",
+        )(x)
         return at_least_float32(logits), feats
 
 

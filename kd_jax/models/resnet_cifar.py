@@ -10,9 +10,11 @@ Module names mirror the PyTorch state_dict with `.<digit>` folded into the paren
 
 Parameter counts (10 classes): ResNet-18 11,173,962; ResNet-34 21,282,122.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -39,16 +41,38 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_planes = x.shape[-1]
-        out = conv2d(self.planes, 3, in_features=in_planes, stride=self.stride, padding=1,
-                     dtype=self.dtype, **conv_options(self), name="conv1")(x)
+        out = conv2d(
+            self.planes,
+            3,
+            in_features=in_planes,
+            stride=self.stride,
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
-        out = conv2d(self.planes, 3, in_features=self.planes, padding=1,
-                     dtype=self.dtype, **conv_options(self), name="conv2")(out)
+        out = conv2d(
+            self.planes,
+            3,
+            in_features=self.planes,
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv2",
+        )(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
         shortcut = x
         if self.stride != 1 or in_planes != self.planes:
-            shortcut = conv2d(self.planes, 1, in_features=in_planes, stride=self.stride,
-                              dtype=self.dtype, **conv_options(self), name="shortcut_0")(x)
+            shortcut = conv2d(
+                self.planes,
+                1,
+                in_features=in_planes,
+                stride=self.stride,
+                dtype=self.dtype,
+                **conv_options(self),
+                name="shortcut_0",
+            )(x)
             shortcut = batch_norm(train, dtype=self.dtype, name="shortcut_1")(shortcut)
         return nn.relu(out + shortcut)
 
@@ -67,20 +91,33 @@ class ResNetCifar(nn.Module):
     def __call__(self, x, train: bool = False):
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = conv2d(self.widths[0], 3, in_features=x.shape[-1], padding=1, dtype=self.dtype,
-                   **conv_options(self), name="conv1")(x)
+        x = conv2d(
+            self.widths[0],
+            3,
+            in_features=x.shape[-1],
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         for stage, (planes, n, stride) in enumerate(
             zip(self.widths, self.num_blocks, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
-                x = BasicBlock(planes, stride if i == 0 else 1, dtype=self.dtype,
-                               **conv_options(self), name=f"layer{stage}_{i}")(x, train)
+                x = BasicBlock(
+                    planes,
+                    stride if i == 0 else 1,
+                    dtype=self.dtype,
+                    **conv_options(self),
+                    name=f"layer{stage}_{i}",
+                )(x, train)
             feats[f"stage{stage}"] = x
         x = global_avg_pool(x)
         feats["pre_logits"] = x
-        logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype,
-                        name="linear")(x)
+        logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype, name="linear")(
+            x
+        )
         return at_least_float32(logits), feats
 
 

@@ -13,9 +13,11 @@ downsample_1 (bn)}, fc`.
 
 Parameter counts (1000 classes): resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,8 +35,17 @@ from kd_jax.models.layers import (
 
 
 def _conv(features, k, *, in_features, stride=1, padding=0, dtype, name, **options):
-    return conv2d(features, k, in_features=in_features, stride=stride, padding=padding,
-                  kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name, **options)
+    return conv2d(
+        features,
+        k,
+        in_features=in_features,
+        stride=stride,
+        padding=padding,
+        kernel_init=kaiming_normal_fan_out,
+        dtype=dtype,
+        name=name,
+        **options,
+    )
 
 
 class BasicBlock(nn.Module):
@@ -48,16 +59,38 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         inp = x.shape[-1]
-        out = _conv(self.planes, 3, in_features=inp, stride=self.stride, padding=1,
-                    dtype=self.dtype, **conv_options(self), name="conv1")(x)
+        out = _conv(
+            self.planes,
+            3,
+            in_features=inp,
+            stride=self.stride,
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
-        out = _conv(self.planes, 3, in_features=self.planes, padding=1, dtype=self.dtype,
-                    **conv_options(self), name="conv2")(out)
+        out = _conv(
+            self.planes,
+            3,
+            in_features=self.planes,
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv2",
+        )(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
         identity = x
         if self.stride != 1 or inp != self.planes:
-            identity = _conv(self.planes, 1, in_features=inp, stride=self.stride,
-                             dtype=self.dtype, **conv_options(self), name="downsample_0")(x)
+            identity = _conv(
+                self.planes,
+                1,
+                in_features=inp,
+                stride=self.stride,
+                dtype=self.dtype,
+                **conv_options(self),
+                name="downsample_0",
+            )(x)
             identity = batch_norm(train, dtype=self.dtype, name="downsample_1")(identity)
         return nn.relu(out + identity)
 
@@ -75,19 +108,36 @@ class Bottleneck(nn.Module):
         inp = x.shape[-1]
         width = self.planes  # base_width 64, groups 1
         outp = self.planes * self.expansion
-        out = _conv(width, 1, in_features=inp, dtype=self.dtype, **conv_options(self),
-                    name="conv1")(x)
+        out = _conv(
+            width, 1, in_features=inp, dtype=self.dtype, **conv_options(self), name="conv1"
+        )(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
-        out = _conv(width, 3, in_features=width, stride=self.stride, padding=1,
-                    dtype=self.dtype, **conv_options(self), name="conv2")(out)
+        out = _conv(
+            width,
+            3,
+            in_features=width,
+            stride=self.stride,
+            padding=1,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv2",
+        )(out)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
-        out = _conv(outp, 1, in_features=width, dtype=self.dtype, **conv_options(self),
-                    name="conv3")(out)
+        out = _conv(
+            outp, 1, in_features=width, dtype=self.dtype, **conv_options(self), name="conv3"
+        )(out)
         out = batch_norm(train, dtype=self.dtype, name="bn3")(out)
         identity = x
         if self.stride != 1 or inp != outp:
-            identity = _conv(outp, 1, in_features=inp, stride=self.stride, dtype=self.dtype,
-                             **conv_options(self), name="downsample_0")(x)
+            identity = _conv(
+                outp,
+                1,
+                in_features=inp,
+                stride=self.stride,
+                dtype=self.dtype,
+                **conv_options(self),
+                name="downsample_0",
+            )(x)
             identity = batch_norm(train, dtype=self.dtype, name="downsample_1")(identity)
         return nn.relu(out + identity)
 
@@ -108,8 +158,16 @@ class ResNetImageNet(nn.Module):
         block = Bottleneck if self.bottleneck else BasicBlock
         feats = {}
         x = jnp.asarray(x, self.dtype)
-        x = _conv(self.widths[0], 7, in_features=x.shape[-1], stride=2, padding=3, dtype=self.dtype,
-                  **conv_options(self), name="conv1")(x)
+        x = _conv(
+            self.widths[0],
+            7,
+            in_features=x.shape[-1],
+            stride=2,
+            padding=3,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = max_pool(x, 3, 2, padding=1)
         feats["stem"] = x
@@ -117,13 +175,17 @@ class ResNetImageNet(nn.Module):
             zip(self.widths, self.layers, (1, 2, 2, 2)), start=1
         ):
             for i in range(n):
-                x = block(planes, stride if i == 0 else 1, dtype=self.dtype, **conv_options(self),
-                          name=f"layer{stage}_{i}")(x, train)
+                x = block(
+                    planes,
+                    stride if i == 0 else 1,
+                    dtype=self.dtype,
+                    **conv_options(self),
+                    name=f"layer{stage}_{i}",
+                )(x, train)
             feats[f"stage{stage}"] = x
         x = global_avg_pool(x)
         feats["pre_logits"] = x
-        logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype,
-                        name="fc")(x)
+        logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype, name="fc")(x)
         return at_least_float32(logits), feats
 
 

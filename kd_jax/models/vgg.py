@@ -17,9 +17,11 @@ ReLU dropped): `block{b}_{3j}` is the j-th conv of block b, `block{b}_{3j+1}` it
 
 Parameter counts (10 classes): vgg8 3,918,858; vgg11 9,231,114.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -62,10 +64,18 @@ class VGG(nn.Module):
         h = x.shape[1]
         for b, widths in enumerate(self.cfg):
             for j, w in enumerate(widths):
-                x = conv2d(w, 3, in_features=x.shape[-1], padding=1, use_bias=True,
-                           kernel_init=kaiming_normal_fan_out, bias_init="zeros",
-                           dtype=self.dtype, **conv_options(self),
-                           name=f"block{b}_{3 * j}")(x)
+                x = conv2d(
+                    w,
+                    3,
+                    in_features=x.shape[-1],
+                    padding=1,
+                    use_bias=True,
+                    kernel_init=kaiming_normal_fan_out,
+                    bias_init="zeros",
+                    dtype=self.dtype,
+                    **conv_options(self),
+                    name=f"block{b}_{3 * j}",
+                )(x)
                 x = batch_norm(train, dtype=self.dtype, name=f"block{b}_{3 * j + 1}")(x)
                 x = nn.relu(x)
             feats[f"stage{b}"] = x
@@ -73,8 +83,14 @@ class VGG(nn.Module):
                 x = max_pool(x, 2, 2)
         x = global_avg_pool(x)
         feats["pre_logits"] = x
-        logits = linear(self.num_classes, in_features=x.shape[-1], kernel_init=normal_init(0.01),
-                        bias_init="zeros", dtype=self.dtype, name="classifier")(x)
+        logits = linear(
+            self.num_classes,
+            in_features=x.shape[-1],
+            kernel_init=normal_init(0.01),
+            bias_init="zeros",
+            dtype=self.dtype,
+            name="classifier",
+        )(x)
         return at_least_float32(logits), feats
 
 

@@ -16,6 +16,7 @@ N(0, 1e-6²), patch conv PyTorch default, LayerNorm 1/0.
 
 Parameter counts (1000 classes): vit_b16 86,567,656; vit_s16 22,050,664.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,8 +31,14 @@ _trunc02 = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def _dense(features, dtype, name):
-    return nn.Dense(features, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
-                    dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Dense(
+        features,
+        kernel_init=_trunc02,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _layer_norm(dtype, name):
@@ -48,8 +55,16 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
-        x = conv2d(self.embed_dim, p, in_features=x.shape[-1], stride=p, use_bias=True,
-                   dtype=self.dtype, **conv_options(self), name="proj")(x)
+        x = conv2d(
+            self.embed_dim,
+            p,
+            in_features=x.shape[-1],
+            stride=p,
+            use_bias=True,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="proj",
+        )(x)
         b, h, w, d = x.shape
         return x.reshape(b, h * w, d)
 
@@ -64,7 +79,7 @@ class Attention(nn.Module):
         hd = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd**-0.5)
         attn = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
         return _dense(d, self.dtype, "proj")(out)
@@ -90,9 +105,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(
-            _layer_norm(self.dtype, "norm1")(x))
+            _layer_norm(self.dtype, "norm1")(x)
+        )
         x = x + Mlp(self.mlp_hidden, dtype=self.dtype, name="mlp")(
-            _layer_norm(self.dtype, "norm2")(x))
+            _layer_norm(self.dtype, "norm2")(x)
+        )
         return x
 
 
@@ -121,16 +138,18 @@ class VisionTransformer(nn.Module):
                 f"{x.shape[1]}x{x.shape[2]}; create it with img_size={x.shape[1]}"
             )
         d = self.embed_dim
-        x = PatchEmbed(d, self.patch_size, dtype=self.dtype, **conv_options(self),
-                       name="patch_embed")(x)
+        x = PatchEmbed(
+            d, self.patch_size, dtype=self.dtype, **conv_options(self), name="patch_embed"
+        )(x)
         b, n, _ = x.shape
         cls = self.param("cls_token", normal_init(1e-6), (1, 1, d), jnp.float32)
         pos = self.param("pos_embed", _trunc02, (1, 1 + n, d), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
         x = x + pos.astype(self.dtype)
         for i in range(self.depth):
-            x = Block(self.num_heads, int(d * self.mlp_ratio), dtype=self.dtype,
-                      name=f"blocks_{i}")(x)
+            x = Block(
+                self.num_heads, int(d * self.mlp_ratio), dtype=self.dtype, name=f"blocks_{i}"
+            )(x)
         x = _layer_norm(self.dtype, "norm")(x)
         feats = {"tokens": x, "pre_logits": x[:, 0]}
         if self.num_classes > 0:

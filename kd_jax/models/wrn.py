@@ -17,6 +17,7 @@ bn1, fc`.
 Parameter counts (10 classes): WRN-16-1 175,066; WRN-16-2 691,674; WRN-40-1 563,930;
 WRN-40-2 2,243,546; on 1-channel 32×32 input WRN-10-1 77,562 and WRN-10-1-half 19,714.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,21 +51,43 @@ class WRNBlock(nn.Module):
         o = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         if not equal_in_out:
             x = o  # the reference's shortcut sees the pre-activated input
-        out = conv2d(self.out_planes, 3, in_features=in_planes, stride=self.stride, padding=1,
-                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, **conv_options(self),
-                     name="conv1")(o)
+        out = conv2d(
+            self.out_planes,
+            3,
+            in_features=in_planes,
+            stride=self.stride,
+            padding=1,
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(o)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
         if self.dropout_rate > 0:
             out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
-        out = conv2d(self.out_planes, 3, in_features=self.out_planes, padding=1,
-                     kernel_init=kaiming_normal_fan_out, dtype=self.dtype, **conv_options(self),
-                     name="conv2")(out)
+        out = conv2d(
+            self.out_planes,
+            3,
+            in_features=self.out_planes,
+            padding=1,
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv2",
+        )(out)
         if equal_in_out:
             shortcut = x
         else:
-            shortcut = conv2d(self.out_planes, 1, in_features=in_planes, stride=self.stride,
-                              kernel_init=kaiming_normal_fan_out, dtype=self.dtype,
-                              **conv_options(self), name="convShortcut")(x)
+            shortcut = conv2d(
+                self.out_planes,
+                1,
+                in_features=in_planes,
+                stride=self.stride,
+                kernel_init=kaiming_normal_fan_out,
+                dtype=self.dtype,
+                **conv_options(self),
+                name="convShortcut",
+            )(x)
         return shortcut + out
 
 
@@ -82,8 +105,14 @@ class NetworkBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i in range(self.nb_layers):
-            x = WRNBlock(self.out_planes, self.stride if i == 0 else 1, self.dropout_rate,
-                         dtype=self.dtype, **conv_options(self), name=f"layer_{i}")(x, train)
+            x = WRNBlock(
+                self.out_planes,
+                self.stride if i == 0 else 1,
+                self.dropout_rate,
+                dtype=self.dtype,
+                **conv_options(self),
+                name=f"layer_{i}",
+            )(x, train)
         return x
 
 
@@ -108,30 +137,51 @@ class WideResNet(nn.Module):
         feats = {}
         x = jnp.asarray(x, self.dtype)
         b = self.base_width
-        x = conv2d(b, 3, in_features=x.shape[-1], padding=1, kernel_init=kaiming_normal_fan_out,
-                   dtype=self.dtype, **conv_options(self), name="conv1")(x)
-        for g, (planes, stride) in enumerate(zip((b * k, 2 * b * k, 4 * b * k), (1, 2, 2)),
-                                             start=1):
-            x = NetworkBlock(n, planes, stride, self.dropout_rate, dtype=self.dtype,
-                             **conv_options(self), name=f"block{g}")(x, train)
+        x = conv2d(
+            b,
+            3,
+            in_features=x.shape[-1],
+            padding=1,
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            **conv_options(self),
+            name="conv1",
+        )(x)
+        for g, (planes, stride) in enumerate(
+            zip((b * k, 2 * b * k, 4 * b * k), (1, 2, 2)), start=1
+        ):
+            x = NetworkBlock(
+                n,
+                planes,
+                stride,
+                self.dropout_rate,
+                dtype=self.dtype,
+                **conv_options(self),
+                name=f"block{g}",
+            )(x, train)
             feats[f"stage{g}"] = x
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = global_avg_pool(x)
         feats["pre_logits"] = x
-        logits = linear(self.num_classes, in_features=x.shape[-1], bias_init="zeros",
-                        dtype=self.dtype, name="fc")(x)
+        logits = linear(
+            self.num_classes,
+            in_features=x.shape[-1],
+            bias_init="zeros",
+            dtype=self.dtype,
+            name="fc",
+        )(x)
         return at_least_float32(logits), feats
 
 
 def _wrn(depth: int, widen: int, base_width: int = 16, suffix: str = ""):
-    def make(num_classes: int = 10, dtype: Any = jnp.float32, dropout_rate: float = 0.0,
-             **kwargs) -> WideResNet:
+    def make(
+        num_classes: int = 10, dtype: Any = jnp.float32, dropout_rate: float = 0.0, **kwargs
+    ) -> WideResNet:
         # `depth=` / `widen_factor=` / `base_width=` override the paper sizes (test variants).
         kwargs.setdefault("depth", depth)
         kwargs.setdefault("widen_factor", widen)
         kwargs.setdefault("base_width", base_width)
-        return WideResNet(num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype,
-                          **kwargs)
+        return WideResNet(num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype, **kwargs)
 
     make.__name__ = f"wrn{depth}_{widen}{suffix}"
     make.__doc__ = f"WRN-{depth}-{widen}{suffix.replace('_', '-')} (stem width {base_width})."

@@ -35,6 +35,7 @@ Python API (notebooks): `convert_state_dict(arch, num_classes, state_dict) -> va
 `read_state_dict(path)`, `write_teacher(out, ...)`. This module never imports torch unless
 asked to read a `.pth` file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,8 @@ import struct
 import sys
 import tempfile
 import uuid
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +66,13 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 # CMI / Fast-Datafree LeNet-5 (`features` / `fc` Sequentials) -> DAFL module names.
-_LENET_ALIASES = {"features.0.": "conv1.", "features.3.": "conv2.", "features.6.": "conv3.",
-                  "fc.0.": "fc1.", "fc.2.": "fc2."}
+_LENET_ALIASES = {
+    "features.0.": "conv1.",
+    "features.3.": "conv2.",
+    "features.6.": "conv3.",
+    "fc.0.": "fc1.",
+    "fc.2.": "fc2.",
+}
 
 _MAX_LISTED = 25
 
@@ -151,7 +158,7 @@ def rename_variant(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         for k, v in sd.items():
             for old, new in _LENET_ALIASES.items():
                 if k.startswith(old):
-                    k = new + k[len(old):]
+                    k = new + k[len(old) :]
                     break
             renamed[k] = v
         sd = renamed
@@ -167,13 +174,14 @@ def rename_variant(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
 class Conversion:
     """A successful conversion: `variables` = {'params', 'batch_stats'} of float32 numpy arrays
     in the model's tree; the rest is the report the CLI prints."""
+
     arch: str
     num_classes: int
     variables: dict
     num_params: int
     num_tensors: int
-    ignored: list[str]          # entries dropped on purpose (num_batches_tracked, --skip, --prefix)
-    cast: list[str]             # entries cast from another float dtype to float32
+    ignored: list[str]  # entries dropped on purpose (num_batches_tracked, --skip, --prefix)
+    cast: list[str]  # entries cast from another float dtype to float32
 
 
 def abstract_variables(arch: str, num_classes: int, **model_kwargs) -> dict:
@@ -201,8 +209,15 @@ def _shape(s) -> str:
     return "(" + ", ".join(str(int(d)) for d in s) + ("," if len(s) == 1 else "") + ")"
 
 
-def convert(arch: str, num_classes: int, state_dict: Mapping[str, Any], *,
-            skip: Iterable[str] = (), source: str = "state_dict", **model_kwargs) -> Conversion:
+def convert(
+    arch: str,
+    num_classes: int,
+    state_dict: Mapping[str, Any],
+    *,
+    skip: Iterable[str] = (),
+    source: str = "state_dict",
+    **model_kwargs,
+) -> Conversion:
     """Converts a (flat, unwrapped) PyTorch state dict to the variables of
     `create_model(arch, num_classes, **model_kwargs)`.
 
@@ -211,18 +226,31 @@ def convert(arch: str, num_classes: int, state_dict: Mapping[str, Any], *,
     listing every missing / unexpected / mis-shaped key with both shapes.
     """
     template = abstract_variables(arch, num_classes, **model_kwargs)
-    out, ignored, cast = _match(rename_variant(arch, state_dict), _flat(template), skip=skip,
-                                arch=arch, num_classes=num_classes, source=source)
+    out, ignored, cast = _match(
+        rename_variant(arch, state_dict),
+        _flat(template),
+        skip=skip,
+        arch=arch,
+        num_classes=num_classes,
+        source=source,
+    )
     num_params = sum(int(np.prod(v.shape)) for k, v in out.items() if k[0] == "params")
     return Conversion(arch, num_classes, _unflat(out), num_params, len(out), ignored, cast)
 
 
-def convert_tree(state_dict: Mapping[str, Any], template: Mapping, *, skip: Iterable[str] = (),
-                 arch: str = "the model", source: str = "state_dict") -> dict:
+def convert_tree(
+    state_dict: Mapping[str, Any],
+    template: Mapping,
+    *,
+    skip: Iterable[str] = (),
+    arch: str = "the model",
+    source: str = "state_dict",
+) -> dict:
     """Like `convert`, onto any variables tree `template` (arrays or ShapeDtypeStructs: only
     shapes are read) instead of a registered architecture."""
-    out, _, _ = _match(dict(state_dict), _flat(template), skip=skip, arch=arch,
-                       num_classes=None, source=source)
+    out, _, _ = _match(
+        dict(state_dict), _flat(template), skip=skip, arch=arch, num_classes=None, source=source
+    )
     return _unflat(out)
 
 
@@ -235,8 +263,9 @@ def _unflat(out: dict) -> dict:
     return variables
 
 
-def _match(sd: Mapping[str, Any], targets: Mapping[tuple, Any], *, skip, arch, num_classes,
-           source) -> tuple[dict, list[str], list[str]]:
+def _match(
+    sd: Mapping[str, Any], targets: Mapping[tuple, Any], *, skip, arch, num_classes, source
+) -> tuple[dict, list[str], list[str]]:
     """The mapping itself: every state_dict entry onto a Flax leaf of `targets` (flattened
     `(collection, *path)` keys), converted and shape-checked. -> (flat variables, ignored keys,
     cast keys); raises ConversionError with every problem listed."""
@@ -252,12 +281,12 @@ def _match(sd: Mapping[str, Any], targets: Mapping[tuple, Any], *, skip, arch, n
         col, path = flax_path(key)
         fk = resolve_weight(col, path, targets)
         if fk not in targets:
-            unexpected.append(f"{key} {_shape(value.shape)}: no {arch} variable "
-                              f"{'/'.join(fk)}")
+            unexpected.append(f"{key} {_shape(value.shape)}: no {arch} variable {'/'.join(fk)}")
             continue
         if fk in out:  # two file keys on one variable (e.g. both LeNet namings in one file)
-            unexpected.append(f"{key} {_shape(value.shape)}: {'/'.join(fk)} already comes "
-                              f"from {origin[fk]}")
+            unexpected.append(
+                f"{key} {_shape(value.shape)}: {'/'.join(fk)} already comes from {origin[fk]}"
+            )
             continue
         if not np.issubdtype(value.dtype, np.floating):
             bad_dtype.append(f"{key}: dtype {value.dtype}, a float tensor is needed")
@@ -274,13 +303,26 @@ def _match(sd: Mapping[str, Any], targets: Mapping[tuple, Any], *, skip, arch, n
     wrong_shape = {m[3] for m in mismatched}
     missing = [fk for fk in targets if fk not in out and fk not in wrong_shape]
     if unexpected or mismatched or missing or bad_dtype:
-        raise ConversionError(_error_message(arch, num_classes, source, targets, sd, unexpected,
-                                             mismatched, missing, bad_dtype, len(out)))
+        raise ConversionError(
+            _error_message(
+                arch,
+                num_classes,
+                source,
+                targets,
+                sd,
+                unexpected,
+                mismatched,
+                missing,
+                bad_dtype,
+                len(out),
+            )
+        )
     return out, ignored, cast
 
 
-def convert_state_dict(arch: str, num_classes: int, state_dict: Mapping[str, Any],
-                       **kwargs) -> dict:
+def convert_state_dict(
+    arch: str, num_classes: int, state_dict: Mapping[str, Any], **kwargs
+) -> dict:
     """`{'params', 'batch_stats'}` for `create_model(arch, num_classes)` from a PyTorch state
     dict (tensors or numpy arrays; wrapped or `module.`-prefixed dicts are unwrapped).
 
@@ -291,30 +333,46 @@ def convert_state_dict(arch: str, num_classes: int, state_dict: Mapping[str, Any
     return convert(arch, num_classes, sd, **kwargs).variables
 
 
-def _error_message(arch, num_classes, source, targets, sd, unexpected, mismatched, missing,
-                   bad_dtype, n_ok) -> str:
+def _error_message(
+    arch, num_classes, source, targets, sd, unexpected, mismatched, missing, bad_dtype, n_ok
+) -> str:
     def listed(items):
         lines = [f"    {s}" for s in items[:_MAX_LISTED]]
         if len(items) > _MAX_LISTED:
             lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
         return lines
 
-    lines = [f"cannot convert {source} to {arch} (num_classes={num_classes}): "
-             f"{n_ok} of {len(targets)} variables matched."]
+    lines = [
+        f"cannot convert {source} to {arch} (num_classes={num_classes}): "
+        f"{n_ok} of {len(targets)} variables matched."
+    ]
     if mismatched:
-        lines.append(f"  {len(mismatched)} key(s) with the wrong shape "
-                     f"(file shape vs the shape {arch} needs, both in PyTorch layout):")
-        lines += listed([f"{k}: file {_shape(s)} vs {arch} {_shape(t)}  "
-                         f"[Flax {'/'.join(fk)} {_shape(f)}]" for k, s, t, fk, f in mismatched])
+        lines.append(
+            f"  {len(mismatched)} key(s) with the wrong shape "
+            f"(file shape vs the shape {arch} needs, both in PyTorch layout):"
+        )
+        lines += listed(
+            [
+                f"{k}: file {_shape(s)} vs {arch} {_shape(t)}  [Flax {'/'.join(fk)} {_shape(f)}]"
+                for k, s, t, fk, f in mismatched
+            ]
+        )
     if unexpected:
         lines.append(f"  {len(unexpected)} file key(s) with no counterpart in {arch}:")
         lines += listed(unexpected)
     if missing:
-        lines.append(f"  {len(missing)} {arch} variable(s) missing from the file "
-                     f"(key: file absent vs {arch} shape):")
-        lines += listed([f"{torch_key(fk)}: file absent vs {arch} "
-                         f"{_shape(to_torch_shape(targets[fk].shape, fk[-1]))}  "
-                         f"[Flax {'/'.join(fk)}]" for fk in missing])
+        lines.append(
+            f"  {len(missing)} {arch} variable(s) missing from the file "
+            f"(key: file absent vs {arch} shape):"
+        )
+        lines += listed(
+            [
+                f"{torch_key(fk)}: file absent vs {arch} "
+                f"{_shape(to_torch_shape(targets[fk].shape, fk[-1]))}  "
+                f"[Flax {'/'.join(fk)}]"
+                for fk in missing
+            ]
+        )
     if bad_dtype:
         lines.append(f"  {len(bad_dtype)} key(s) with a non-float dtype:")
         lines += listed(bad_dtype)
@@ -327,22 +385,33 @@ def _hints(arch, num_classes, sd, mismatched, unexpected, missing) -> list[str]:
     hints = []
     # Only the classifier differs: the file was trained with another number of classes.
     outs = {s[0] for k, s, t, fk, f in mismatched if t and t[0] == num_classes}
-    if num_classes is not None and mismatched and len(outs) == 1 and all(t and t[0] == num_classes
-                                             for k, s, t, fk, f in mismatched):
-        hints.append(f"  hint: the file's classifier has {outs.pop()} outputs: pass "
-                     f"--num_classes accordingly (0 for a headless ViT backbone such as DINO's)")
-    if num_classes is not None and (unexpected or missing) and \
-            len(unexpected) + len(missing) > len(sd) // 4:
+    if (
+        num_classes is not None
+        and mismatched
+        and len(outs) == 1
+        and all(t and t[0] == num_classes for k, s, t, fk, f in mismatched)
+    ):
+        hints.append(
+            f"  hint: the file's classifier has {outs.pop()} outputs: pass "
+            f"--num_classes accordingly (0 for a headless ViT backbone such as DINO's)"
+        )
+    if (
+        num_classes is not None
+        and (unexpected or missing)
+        and len(unexpected) + len(missing) > len(sd) // 4
+    ):
         better = suggest_archs(sd, exclude=arch)
         if better:
             hints.append(f"  hint: the key names fit --arch={' or --arch='.join(better)}")
         else:
-            hints.append("  hint: the key names fit no registered architecture; see the naming "
-                         "rule in kd_jax/models/__init__.py, --prefix= and --skip=")
+            hints.append(
+                "  hint: the key names fit no registered architecture; see the naming "
+                "rule in kd_jax/models/__init__.py, --prefix= and --skip="
+            )
     return hints
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variable_names(arch: str, num_classes: int) -> frozenset:
     return frozenset(_flat(abstract_variables(arch, num_classes)))
 
@@ -357,8 +426,9 @@ def suggest_archs(state_dict: Mapping[str, Any], exclude: str = "") -> list[str]
         if arch == exclude:
             continue
         sd = rename_variant(arch, {k: None for k in keys})
-        num_classes = 0 if arch.startswith("vit") and not any(k.startswith("head.") for k in sd) \
-            else 10
+        num_classes = (
+            0 if arch.startswith("vit") and not any(k.startswith("head.") for k in sd) else 10
+        )
         targets = _variable_names(arch, num_classes)
         if len(targets) != len(sd):
             continue
@@ -371,8 +441,18 @@ def suggest_archs(state_dict: Mapping[str, Any], exclude: str = "") -> list[str]
 # Reading state dicts: .pth (torch), .npz, .safetensors (numpy only)
 # ----------------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "<u2"}
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+    "BF16": "<u2",
+}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -387,11 +467,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if n > len(raw) - 8:
         raise ConversionError(f"{path}: safetensors header length {n} exceeds the file size")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
     except ValueError as e:
         raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    data = memoryview(raw)[8 + n:]
+    data = memoryview(raw)[8 + n :]
     out = {}
     for name, info in header.items():
         dtype = info.get("dtype")
@@ -401,8 +481,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         shape = tuple(info["shape"])
         np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
         if end - begin != math.prod(shape) * np_dtype.itemsize or end > len(data):
-            raise ConversionError(f"{path}: tensor {name!r} {dtype}{list(shape)} has data "
-                                  f"offsets {begin}..{end}: the file is corrupt or truncated")
+            raise ConversionError(
+                f"{path}: tensor {name!r} {dtype}{list(shape)} has data "
+                f"offsets {begin}..{end}: the file is corrupt or truncated"
+            )
         arr = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(shape)
         if dtype == "BF16":  # bfloat16 = the high half of a float32
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
@@ -410,8 +492,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
     """Writes numpy arrays as `.safetensors` (F64/F32/F16/integer/bool dtypes), e.g. to hand a
     state dict to a machine without torch."""
     names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() if k != "BF16"}
@@ -423,8 +506,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
         if arr.dtype not in names:
             raise ValueError(f"{name}: dtype {arr.dtype} has no safetensors code here")
         b = arr.tobytes()
-        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(b)]}
+        header[name] = {
+            "dtype": names[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(b)],
+        }
         chunks.append(b)
         offset += len(b)
     if metadata:
@@ -469,7 +555,8 @@ def _read_torch(path: str):
             f"Either `pip install torch --index-url https://download.pytorch.org/whl/cpu` (the "
             f"small CPU wheel), or, where torch is available, save the state dict as .npz "
             f"(`np.savez(f, **{{k: v.numpy() for k, v in sd.items()}})`) or .safetensors and "
-            f"convert that file.") from None
+            f"convert that file."
+        ) from None
     import pickle
 
     try:
@@ -480,7 +567,8 @@ def _read_torch(path: str):
             f"{path}: torch.load(weights_only=True) refused the file: it pickles objects other "
             f"than tensors and containers ({str(e).splitlines()[0]}). kd_jax never unpickles "
             f"arbitrary objects; where you trust the file, re-save only its state dict "
-            f"(`torch.save(torch.load(f, weights_only=False)['state_dict'], 'sd.pth')`).") from None
+            f"(`torch.save(torch.load(f, weights_only=False)['state_dict'], 'sd.pth')`)."
+        ) from None
     return _torch_to_numpy(obj)
 
 
@@ -495,8 +583,9 @@ def read_file(path: str):
         return _nest_npz(fileio.load_npz(path))
     if lower.endswith(TORCH_SUFFIXES):
         return _read_torch(path)
-    raise ConversionError(f"{path}: unknown file type; use .pth/.pt/.bin (torch), .npz or "
-                          f".safetensors")
+    raise ConversionError(
+        f"{path}: unknown file type; use .pth/.pt/.bin (torch), .npz or .safetensors"
+    )
 
 
 def _is_array(v) -> bool:
@@ -515,8 +604,11 @@ def unwrap(obj, prefix: str = "") -> tuple[dict[str, np.ndarray], dict]:
     info: dict[str, Any] = {"container": [], "outside_prefix": []}
     while isinstance(obj, Mapping) and not all(_is_array(v) for v in obj.values()):
         for key, value in obj.items():
-            if (isinstance(value, (int, float, np.ndarray, np.number)) and np.ndim(value) == 0
-                    and np.asarray(value).dtype.kind in "biuf"):
+            if (
+                isinstance(value, (int, float, np.ndarray, np.number))
+                and np.ndim(value) == 0
+                and np.asarray(value).dtype.kind in "biuf"
+            ):
                 info.setdefault("scalars", {})[key] = float(np.asarray(value))
         for key in CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -527,16 +619,17 @@ def unwrap(obj, prefix: str = "") -> tuple[dict[str, np.ndarray], dict]:
             summary = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:12])
             raise ConversionError(
                 f"no state dict found: the file holds {{{summary}}}; expected a flat "
-                f"{{name: tensor}} dict or one wrapped under one of {list(CONTAINER_KEYS)}")
+                f"{{name: tensor}} dict or one wrapped under one of {list(CONTAINER_KEYS)}"
+            )
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"no state dict found: the file holds a {type(obj).__name__}")
     sd = dict(obj)
     for p in WRAPPER_PREFIXES:
         if all(k.startswith(p) for k in sd):
-            sd = {k[len(p):]: v for k, v in sd.items()}
+            sd = {k[len(p) :]: v for k, v in sd.items()}
     if prefix:
         info["outside_prefix"] = sorted(k for k in sd if not k.startswith(prefix))
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
             raise ConversionError(f"no key starts with --prefix={prefix!r}")
     return sd, info
@@ -564,16 +657,22 @@ def _sha256(path: str) -> str:
 
 def _teacher_state(conversion: Conversion) -> dict:
     # The trainer's state layout (TrainState fields); a teacher has no optimizer state.
-    return {"step": np.asarray(0, np.int32),
-            "params": {"model": conversion.variables["params"]},
-            "batch_stats": {"model": conversion.variables["batch_stats"]},
-            "opt_state": {}}
+    return {
+        "step": np.asarray(0, np.int32),
+        "params": {"model": conversion.variables["params"]},
+        "batch_stats": {"model": conversion.variables["batch_stats"]},
+        "opt_state": {},
+    }
 
 
 def _teacher_results(conversion: Conversion, source: str, accuracy, extra) -> dict:
-    results = {"method": "converted", "model": conversion.arch,
-               "num_classes": conversion.num_classes, "num_params": conversion.num_params,
-               "source": fileio.absolute(source) if source else ""}
+    results = {
+        "method": "converted",
+        "model": conversion.arch,
+        "num_classes": conversion.num_classes,
+        "num_params": conversion.num_params,
+        "source": fileio.absolute(source) if source else "",
+    }
     if source and fileio.isfile(source):
         results["source_sha256"] = _sha256(source)
     if accuracy is not None:
@@ -582,9 +681,14 @@ def _teacher_results(conversion: Conversion, source: str, accuracy, extra) -> di
     return results
 
 
-def write_teacher(out: str, conversion: Conversion, source: str = "",
-                  accuracy: float | None = None, overwrite: bool = False,
-                  extra: Mapping[str, Any] | None = None) -> str:
+def write_teacher(
+    out: str,
+    conversion: Conversion,
+    source: str = "",
+    accuracy: float | None = None,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
     """Writes `out/checkpoints/0` + `out/results.json`. Returns `out`.
 
     Local: through a temporary sibling directory renamed into place, so `out` either is
@@ -596,10 +700,10 @@ def write_teacher(out: str, conversion: Conversion, source: str = "",
     from kd_jax import checkpoint
 
     out = fileio.absolute(out)
-    if (fileio.exists(out) and not (fileio.isdir(out) and not fileio.listdir(out))
-            and not overwrite):
-        raise ConversionError(f"--out={out!r} exists and is not empty; pass --overwrite to "
-                              f"replace it")
+    if fileio.exists(out) and not (fileio.isdir(out) and not fileio.listdir(out)) and not overwrite:
+        raise ConversionError(
+            f"--out={out!r} exists and is not empty; pass --overwrite to replace it"
+        )
     if accuracy is not None and not 0.0 <= accuracy <= 1.0:
         raise ConversionError(f"--accuracy={accuracy} must be a fraction in [0, 1]")
     if fileio.is_remote(out):
@@ -623,8 +727,9 @@ def write_teacher(out: str, conversion: Conversion, source: str = "",
         ckpt = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
         ckpt.save(0, _teacher_state(conversion), force=True)
         ckpt.close()
-        fileio.write_json_atomic(fileio.join(tmp, "results.json"),
-                                 _teacher_results(conversion, source, accuracy, extra))
+        fileio.write_json_atomic(
+            fileio.join(tmp, "results.json"), _teacher_results(conversion, source, accuracy, extra)
+        )
         if os.path.exists(out):  # --overwrite (or an empty directory): swap, then delete
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.rename(out, os.path.join(old, "previous"))
@@ -653,19 +758,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m kd_jax.tools.convert_torch",
         description="Convert a PyTorch teacher (.pth / .npz / .safetensors state dict) into a "
-                    "kd_jax teacher workdir (--config.teacher.workdir=OUT).")
+        "kd_jax teacher workdir (--config.teacher.workdir=OUT).",
+    )
     ap.add_argument("--arch", required=True, help="kd_jax model name (kd_jax.models.list_models)")
-    ap.add_argument("--num_classes", required=True, type=int,
-                    help="outputs of the classifier (0: headless ViT backbone, e.g. DINO)")
+    ap.add_argument(
+        "--num_classes",
+        required=True,
+        type=int,
+        help="outputs of the classifier (0: headless ViT backbone, e.g. DINO)",
+    )
     ap.add_argument("--src", required=True, help="checkpoint file")
     ap.add_argument("--out", required=True, help="teacher workdir to create")
-    ap.add_argument("--accuracy", type=float, default=None,
-                    help="known test accuracy of the teacher, recorded as final_accuracy "
-                         "(otherwise a KD run measures it)")
-    ap.add_argument("--prefix", default="",
-                    help="keep only keys under this prefix, stripped (e.g. backbone.)")
-    ap.add_argument("--skip", action="append", default=[],
-                    help="regex (full match) of state_dict keys to drop on purpose; repeatable")
+    ap.add_argument(
+        "--accuracy",
+        type=float,
+        default=None,
+        help="known test accuracy of the teacher, recorded as final_accuracy "
+        "(otherwise a KD run measures it)",
+    )
+    ap.add_argument(
+        "--prefix", default="", help="keep only keys under this prefix, stripped (e.g. backbone.)"
+    )
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="regex (full match) of state_dict keys to drop on purpose; repeatable",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
 
@@ -679,14 +798,20 @@ def main(argv=None) -> int:
         if info["container"]:
             print(f"  state dict under: {' -> '.join(info['container'])}")
         for k, v in info.get("scalars", {}).items():
-            print(f"  file also holds {k} = {v:g}"
-                  + ("  (pass --accuracy to record it)" if "acc" in k.lower() else ""))
-        print(f"  architecture: {args.arch} ({models.model_description(args.arch)}), "
-              f"num_classes={args.num_classes}")
+            print(
+                f"  file also holds {k} = {v:g}"
+                + ("  (pass --accuracy to record it)" if "acc" in k.lower() else "")
+            )
+        print(
+            f"  architecture: {args.arch} ({models.model_description(args.arch)}), "
+            f"num_classes={args.num_classes}"
+        )
         n_stats = sum(int(np.prod(v.shape)) for v in _flat(conv.variables["batch_stats"]).values())
-        print(f"  parameters: {conv.num_params:,d}"
-              + (f" (+ {n_stats:,d} BatchNorm statistics)" if n_stats else "")
-              + f"; {conv.num_tensors} tensors converted")
+        print(
+            f"  parameters: {conv.num_params:,d}"
+            + (f" (+ {n_stats:,d} BatchNorm statistics)" if n_stats else "")
+            + f"; {conv.num_tensors} tensors converted"
+        )
         dropped = [k for k in conv.ignored if not k.endswith("num_batches_tracked")]
         n_nbt = len(conv.ignored) - len(dropped)
         if n_nbt:
@@ -697,18 +822,21 @@ def main(argv=None) -> int:
             print("  unmapped keys: none")
         for k in conv.cast:
             print(f"  cast to float32: {k}")
-        out = write_teacher(args.out, conv, source=args.src, accuracy=args.accuracy,
-                            overwrite=args.overwrite,
-                            extra={"prefix": args.prefix, "skipped": dropped} if (
-                                args.prefix or dropped) else None)
+        out = write_teacher(
+            args.out,
+            conv,
+            source=args.src,
+            accuracy=args.accuracy,
+            overwrite=args.overwrite,
+            extra={"prefix": args.prefix, "skipped": dropped} if (args.prefix or dropped) else None,
+        )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # e.g. an unknown --arch, named with the known ones
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"  wrote {out} (use --config.teacher.workdir={out} "
-          f"--config.teacher.model={args.arch})")
+    print(f"  wrote {out} (use --config.teacher.workdir={out} --config.teacher.model={args.arch})")
     return 0
 
 

@@ -20,6 +20,7 @@ the weights of `lenet.npz`. Inputs use odd sizes where a stride-2 layer follows,
 symmetric padding is exercised. The script checks its own output with the converter before it
 writes anything and keeps all fixtures together under 2 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,32 +43,71 @@ FAMILIES = {
     # conv with bias, max-pool, 1x1 flatten, two linears (the full-size DAFL student).
     "lenet": ("lenet5_half", 10, {}, lambda: ref.LeNet5((3, 8, 60, 42), 10), 32, 1),
     # CIFAR BasicBlock: identity shortcut (layer1) and 1x1 conv + BN shortcut (layers 2-4).
-    "resnet_cifar": ("resnet18_cifar", 10, {"num_blocks": (1, 1, 1, 1), "widths": (4, 8, 16, 32)},
-                     lambda: ref.CifarResNet((1, 1, 1, 1), 10, widths=(4, 8, 16, 32)), 17, 3),
+    "resnet_cifar": (
+        "resnet18_cifar",
+        10,
+        {"num_blocks": (1, 1, 1, 1), "widths": (4, 8, 16, 32)},
+        lambda: ref.CifarResNet((1, 1, 1, 1), 10, widths=(4, 8, 16, 32)),
+        17,
+        3,
+    ),
     # torchvision Bottleneck with downsample, 7x7 stride-2 stem and 3x3 stride-2 max-pool.
-    "resnet_imagenet": ("resnet50", 10, {"layers": (1, 2, 1, 1), "widths": (4, 8, 8, 16)},
-                        lambda: ref.TVResNet(ref.TVBottleneck, (1, 2, 1, 1), 10,
-                                             widths=(4, 8, 8, 16)), 37, 3),
+    "resnet_imagenet": (
+        "resnet50",
+        10,
+        {"layers": (1, 2, 1, 1), "widths": (4, 8, 8, 16)},
+        lambda: ref.TVResNet(ref.TVBottleneck, (1, 2, 1, 1), 10, widths=(4, 8, 8, 16)),
+        37,
+        3,
+    ),
     # torchvision BasicBlock (downsample naming) on the same stem.
-    "resnet_imagenet_basic": ("resnet18", 10, {"layers": (1, 1, 1, 1), "widths": (4, 8, 16, 16)},
-                              lambda: ref.TVResNet(ref.TVBasicBlock, (1, 1, 1, 1), 10,
-                                                   widths=(4, 8, 16, 16)), 35, 3),
+    "resnet_imagenet_basic": (
+        "resnet18",
+        10,
+        {"layers": (1, 1, 1, 1), "widths": (4, 8, 16, 16)},
+        lambda: ref.TVResNet(ref.TVBasicBlock, (1, 1, 1, 1), 10, widths=(4, 8, 16, 16)),
+        35,
+        3,
+    ),
     # Pre-activation WRN: equal-in-out blocks and convShortcut blocks, final BN-ReLU.
-    "wrn": ("wrn16_1", 10, {"depth": 16, "widen_factor": 1, "base_width": 4},
-            lambda: ref.WideResNet(16, 1, 10, base=4), 17, 3),
+    "wrn": (
+        "wrn16_1",
+        10,
+        {"depth": 16, "widen_factor": 1, "base_width": 4},
+        lambda: ref.WideResNet(16, 1, 10, base=4),
+        17,
+        3,
+    ),
     # VGG with BN: conv bias, BN, max-pools, two-conv blocks.
-    "vgg": ("vgg11", 10, {"cfg": ((4,), (8,), (8, 8), (16, 16), (16, 16))},
-            lambda: ref.VGG([[4], [8], [8, 8], [16, 16], [16, 16]], 10), 32, 3),
+    "vgg": (
+        "vgg11",
+        10,
+        {"cfg": ((4,), (8,), (8, 8), (16, 16), (16, 16))},
+        lambda: ref.VGG([[4], [8], [8, 8], [16, 16], [16, 16]], 10),
+        32,
+        3,
+    ),
     # MobileNetV2: t=1 block, expanding blocks with and without residual, depthwise stride 2.
-    "mobilenet_v2": ("mobilenet_v2", 10,
-                     {"inverted_residual_setting": ((1, 8, 1, 1), (6, 8, 2, 2), (6, 16, 2, 2)),
-                      "last_channel": 32},
-                     lambda: ref.TVMobileNetV2(10, [(1, 8, 1, 1), (6, 8, 2, 2), (6, 16, 2, 2)],
-                                               last_channel=32), 33, 3),
+    "mobilenet_v2": (
+        "mobilenet_v2",
+        10,
+        {
+            "inverted_residual_setting": ((1, 8, 1, 1), (6, 8, 2, 2), (6, 16, 2, 2)),
+            "last_channel": 32,
+        },
+        lambda: ref.TVMobileNetV2(10, [(1, 8, 1, 1), (6, 8, 2, 2), (6, 16, 2, 2)], last_channel=32),
+        33,
+        3,
+    ),
     # ViT: patch conv, cls token, position embedding, fused qkv, LayerNorms, GELU MLP, head.
-    "vit": ("vit_b16", 10, {"embed_dim": 16, "depth": 2, "num_heads": 2, "patch_size": 4,
-                            "img_size": 16},
-            lambda: ref.ViT(16, 2, 2, 10, img=16, p=4), 16, 3),
+    "vit": (
+        "vit_b16",
+        10,
+        {"embed_dim": 16, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 16},
+        lambda: ref.ViT(16, 2, 2, 10, img=16, p=4),
+        16,
+        3,
+    ),
 }
 
 BATCH = 3
@@ -101,8 +141,16 @@ def build(family: str, seed: int) -> dict:
     with torch.no_grad():
         logits, pre = model(torch.from_numpy(x.transpose(0, 3, 1, 2)))
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    return {"arch": arch, "num_classes": num_classes, "kwargs": kwargs, "state_dict": sd,
-            "input": x, "logits": logits.numpy(), "pre_logits": pre.numpy(), "module": model}
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "kwargs": kwargs,
+        "state_dict": sd,
+        "input": x,
+        "logits": logits.numpy(),
+        "pre_logits": pre.numpy(),
+        "module": model,
+    }
 
 
 def check(fx: dict) -> float:
@@ -111,8 +159,9 @@ def check(fx: dict) -> float:
 
     from kd_jax import models
 
-    variables = convert_torch.convert_state_dict(fx["arch"], fx["num_classes"], fx["state_dict"],
-                                                 **fx["kwargs"])
+    variables = convert_torch.convert_state_dict(
+        fx["arch"], fx["num_classes"], fx["state_dict"], **fx["kwargs"]
+    )
     model = models.create_model(fx["arch"], fx["num_classes"], **fx["kwargs"])
     logits, feats = model.apply(variables, jnp.asarray(fx["input"]), train=False)
     diff = float(np.max(np.abs(np.asarray(logits) - fx["logits"])))
@@ -149,12 +198,20 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     for family, fx in fixtures.items():
-        meta = {"arch": fx["arch"], "num_classes": fx["num_classes"],
-                "model_kwargs": _jsonable(fx["kwargs"]), "torch": torch.__version__,
-                "reference": f"kd_jax.tools.torch_reference.{type(fx['module']).__name__}"}
+        meta = {
+            "arch": fx["arch"],
+            "num_classes": fx["num_classes"],
+            "model_kwargs": _jsonable(fx["kwargs"]),
+            "torch": torch.__version__,
+            "reference": f"kd_jax.tools.torch_reference.{type(fx['module']).__name__}",
+        }
         arrays = {f"state_dict/{k}": v for k, v in fx["state_dict"].items()}
-        arrays.update(input=fx["input"], logits=fx["logits"], pre_logits=fx["pre_logits"],
-                      meta=np.asarray(json.dumps(meta)))
+        arrays.update(
+            input=fx["input"],
+            logits=fx["logits"],
+            pre_logits=fx["pre_logits"],
+            meta=np.asarray(json.dumps(meta)),
+        )
         np.savez_compressed(os.path.join(args.out, f"{family}.npz"), **arrays)
 
     # The file-format paths: a real .pth (CMI naming, DFKD wrapper) and a .safetensors file.
@@ -164,12 +221,17 @@ def main(argv=None) -> int:
     for k, v in lenet["module"].state_dict().items():
         for dafl, cmi_name in aliases.items():
             if k.startswith(dafl):
-                k = cmi_name + k[len(dafl):]
+                k = cmi_name + k[len(dafl) :]
         cmi[k] = v.clone()
-    torch.save({"state_dict": cmi, "best_acc": 0.9876, "epoch": 200},
-               os.path.join(args.out, "lenet5_half_cmi.pth"))
-    convert_torch.write_safetensors(os.path.join(args.out, "lenet5_half.safetensors"),
-                                    lenet["state_dict"], metadata={"format": "pt"})
+    torch.save(
+        {"state_dict": cmi, "best_acc": 0.9876, "epoch": 200},
+        os.path.join(args.out, "lenet5_half_cmi.pth"),
+    )
+    convert_torch.write_safetensors(
+        os.path.join(args.out, "lenet5_half.safetensors"),
+        lenet["state_dict"],
+        metadata={"format": "pt"},
+    )
 
     total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {len(os.listdir(args.out))} files, {total / 1024:.0f} KiB, to {args.out}")

@@ -14,6 +14,7 @@ Needs torch (CPU wheel), which kd_jax itself never imports:
     pip install torch==2.13.0
     python -m kd_jax.tools.torch_reference [--parity] [--models lenet5,vgg11]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ class CifarBasicBlock(tnn.Module):  # DAFL / CMI resnet.py
         self.bn2 = tnn.BatchNorm2d(planes)
         self.shortcut = tnn.Sequential()
         if stride != 1 or inp != planes:
-            self.shortcut = tnn.Sequential(tnn.Conv2d(inp, planes, 1, stride, bias=False),
-                                           tnn.BatchNorm2d(planes))
+            self.shortcut = tnn.Sequential(
+                tnn.Conv2d(inp, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -110,8 +112,9 @@ class WRNBlock(tnn.Module):  # ZSKT / CMI wresnet.py
 class NetworkBlock(tnn.Module):
     def __init__(self, n, inp, outp, stride):
         super().__init__()
-        self.layer = tnn.Sequential(*[WRNBlock(inp if i == 0 else outp, outp,
-                                               stride if i == 0 else 1) for i in range(n)])
+        self.layer = tnn.Sequential(
+            *[WRNBlock(inp if i == 0 else outp, outp, stride if i == 0 else 1) for i in range(n)]
+        )
 
     def forward(self, x):
         return self.layer(x)
@@ -135,8 +138,10 @@ class WideResNet(tnn.Module):
         return self.fc(f), f
 
 
-VGG_CFG = {"S": [[64], [128], [256], [512], [512]],
-           "A": [[64], [128], [256, 256], [512, 512], [512, 512]]}
+VGG_CFG = {
+    "S": [[64], [128], [256], [512], [512]],
+    "A": [[64], [128], [256, 256], [512, 512], [512, 512]],
+}
 
 
 class VGG(tnn.Module):  # RepDistiller vgg.py, batch_norm=True
@@ -175,8 +180,9 @@ class TVBasicBlock(tnn.Module):  # torchvision resnet.py
         self.bn2 = tnn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or inp != planes:
-            self.downsample = tnn.Sequential(tnn.Conv2d(inp, planes, 1, stride, bias=False),
-                                             tnn.BatchNorm2d(planes))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(inp, planes, 1, stride, bias=False), tnn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -197,8 +203,9 @@ class TVBottleneck(tnn.Module):
         self.bn3 = tnn.BatchNorm2d(outp)
         self.downsample = None
         if stride != 1 or inp != outp:
-            self.downsample = tnn.Sequential(tnn.Conv2d(inp, outp, 1, stride, bias=False),
-                                             tnn.BatchNorm2d(outp))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(inp, outp, 1, stride, bias=False), tnn.BatchNorm2d(outp)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -230,8 +237,11 @@ class TVResNet(tnn.Module):
 
 
 def _cna(inp, outp, k, stride=1, groups=1):
-    return tnn.Sequential(tnn.Conv2d(inp, outp, k, stride, (k - 1) // 2, groups=groups,
-                                     bias=False), tnn.BatchNorm2d(outp), tnn.ReLU6())
+    return tnn.Sequential(
+        tnn.Conv2d(inp, outp, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        tnn.BatchNorm2d(outp),
+        tnn.ReLU6(),
+    )
 
 
 class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
@@ -240,8 +250,11 @@ class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
         hidden = int(round(inp * t))
         self.use_res = stride == 1 and inp == outp
         layers = [] if t == 1 else [_cna(inp, hidden, 1)]
-        layers += [_cna(hidden, hidden, 3, stride, hidden), tnn.Conv2d(hidden, outp, 1, bias=False),
-                   tnn.BatchNorm2d(outp)]
+        layers += [
+            _cna(hidden, hidden, 3, stride, hidden),
+            tnn.Conv2d(hidden, outp, 1, bias=False),
+            tnn.BatchNorm2d(outp),
+        ]
         self.conv = tnn.Sequential(*layers)
 
     def forward(self, x):
@@ -251,8 +264,15 @@ class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
 class TVMobileNetV2(tnn.Module):
     def __init__(self, num_classes=1000, setting=None, last_channel=1280):
         super().__init__()
-        setting = setting or [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+        setting = setting or [
+            (1, 16, 1, 1),
+            (6, 24, 2, 2),
+            (6, 32, 3, 2),
+            (6, 64, 4, 2),
+            (6, 96, 3, 1),
+            (6, 160, 3, 2),
+            (6, 320, 1, 1),
+        ]
         feats = [_cna(3, 32, 3, 2)]
         inp = 32
         for t, c, n, s in setting:
