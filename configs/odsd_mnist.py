@@ -40,7 +40,6 @@ def get_config(arg=None):
     c.optimizer.lr = 0.05
     c.optimizer.warmup_steps = 100
     c.optimizer.grad_clip = 5.0
-    c.data.cache = True  # 4,000 small images: decode the PNGs once
     c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 500
     if "no_aps" in flags:
         c.odsd.aps.selection = "random"

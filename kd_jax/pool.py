@@ -120,23 +120,22 @@ def select_transfer_set(
     import jax
 
     path = fileio.join(workdir, SELECTION_FILE)
-    scores = None
-    if fileio.exists(path):  # a resumed run trains on exactly the same images
+    resumed = fileio.exists(path)  # a resumed run trains on exactly the same images
+    if resumed:
         selection = Selection.load(path)
         report = read_report(workdir)
         if report is not None:
             return selection, report
-    else:
-        scores = score_fn()
+    scores = score_fn()  # cached per shard, so a resumed run missing its report rescans cheaply
+    if not resumed:
         selection = rule(scores)
-    scores = scores if scores is not None else score_fn()  # cached per shard: cheap
     report = {}
     if jax.process_index() == 0:
         report = _report(
             workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title
         )
         fileio.write_json_atomic(fileio.join(workdir, REPORT_FILE), report)
-        if not fileio.exists(path):
+        if not resumed:
             selection.save(path)
     return selection, report
 

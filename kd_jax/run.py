@@ -6,7 +6,6 @@ results.json says so: a teacher into `<workdir>/teacher`, then the student; NCD 
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from kd_jax import log, parallel, prerequisites, train
@@ -18,7 +17,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     as in `train.train_and_evaluate`."""
     plan = prerequisites.check(config, workdir)  # every missing item named before any work
     parallel.maybe_initialize_distributed(config.get("distributed", False))
-    if jax.process_index() == 0 and len(plan.stages) > 1:
+    if len(plan.stages) > 1:
         log.info(plan.describe())
     for stage in plan.stages[:-1]:
         out = train.train_and_evaluate(stage.config, stage.workdir)

@@ -164,11 +164,10 @@ def train_and_evaluate(
     results_path = fileio.join(workdir, "results.json")
     if prerequisites.finished(workdir, config):
         done = fileio.read_json(results_path)
-        if is_main:
-            log.info(
-                f"{workdir} already finished ({config.method}); "
-                f"final_accuracy={done.get('final_accuracy')}"
-            )
+        log.info(
+            f"{workdir} already finished ({config.method}); "
+            f"final_accuracy={done.get('final_accuracy')}"
+        )
         return done
 
     # ----- method (models, teacher, data), fresh state, jitted step ---------------------------
@@ -187,8 +186,7 @@ def train_and_evaluate(
     )
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
-        if is_main:
-            log.info(f"resumed {workdir} at step {int(state.step)}")
+        log.info(f"resumed {workdir} at step {int(state.step)}")
     else:  # a fresh run may start from another run's weights (e.g. NCD stage 1 -> stage 2)
         state = method.warm_start(state)
     start_step = int(state.step)
@@ -278,7 +276,7 @@ def train_and_evaluate(
                 ckpt.save(step, state, force=True)
             if stopping or preempted:
                 ckpt.close()
-                if preempted and is_main:
+                if preempted:
                     log.info(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting")
                 return {"stopped_at": step}
     ckpt.close()

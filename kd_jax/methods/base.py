@@ -158,12 +158,11 @@ class Method:
         if not src:
             return state
         params, stats, kept = checkpoint.warm_start(state.params, state.batch_stats, src)
-        if jax.process_index() == 0:
-            log.info(
-                f"warm start from {src}; kept the initialisation of "
-                f"{[k for k in kept if not k.startswith('batch_stats')]}",
-                tag=self.name,
-            )
+        log.info(
+            f"warm start from {src}; kept the initialisation of "
+            f"{[k for k in kept if not k.startswith('batch_stats')]}",
+            tag=self.name,
+        )
         opt_state = jax.jit(self.tx.init, out_shardings=parallel.replicated(self.mesh))(params)
         return TrainState(step=state.step, params=params, batch_stats=stats, opt_state=opt_state)
 

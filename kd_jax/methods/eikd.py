@@ -316,12 +316,11 @@ class EIKD(Method):
             rule_name=rule_name,
             plot_title=f"EIKD selection ({rule_name})",
         )
-        if jax.process_index() == 0:
-            log.info(
-                f"selection: {len(self.selection.ids)} images ({rule_name}); per class "
-                f"{np.bincount(self.selection.classes, minlength=self.config.num_classes).tolist()}",
-                tag="eikd",
-            )
+        log.info(
+            f"selection: {len(self.selection.ids)} images ({rule_name}); per class "
+            f"{np.bincount(self.selection.classes, minlength=self.config.num_classes).tolist()}",
+            tag="eikd",
+        )
 
     def _score_pool(self) -> pool.PoolScores:
         return pool.score_pool(

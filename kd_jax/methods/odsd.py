@@ -411,24 +411,23 @@ class ODSD(Method):
         filled = 0
         if len(out["ids"]) < size:  # the heaps ran dry: too few classes hold enough images
             out, filled = fill_from_pool(out, scores.ids, scores.pred, scores.confidence, size)
-            if jax.process_index() == 0:
-                log.info(
-                    f"APS: the per-class candidates held fewer than N={size} images; "
-                    f"{filled} filled by global teacher confidence",
-                    tag="odsd",
-                )
+            log.info(
+                f"APS: the per-class candidates held fewer than N={size} images; "
+                f"{filled} filled by global teacher confidence",
+                tag="odsd",
+            )
         counts = np.bincount(out["classes"], minlength=num_classes)
         short = {
             int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size, num_classes)
         }
-        if short and jax.process_index() == 0:
+        if short:
             log.info(
                 f"APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
                 f"(filled from other classes): {short}",
                 tag="odsd",
             )
         ungated = int((~out["gated"]).sum())
-        if ungated and jax.process_index() == 0:
+        if ungated:
             log.info(
                 f"APS: {ungated} selected images are below their class gate "
                 f"(shortfall filled from A_c \\ G_c)",
