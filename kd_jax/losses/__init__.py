@@ -19,7 +19,8 @@ Conventions shared by all losses:
 
 Modules: `distill` (KD, class dropping, low-noise targets, features), `relational` (RKD, SP,
 PKT, relation KL, InfoNCE, NT-Xent/SupCon), `ncd` (Sinkhorn-Knopp, swapped prediction,
-spatial mutual information, self-cooperation).
+SCKD's replica similarity and pseudo-label synthesis, and the relation-based spatial mutual
+information / self-cooperation).
 """
 
 from kd_jax.losses.distill import (
@@ -30,11 +31,15 @@ from kd_jax.losses.distill import (
     soft_target_cross_entropy,
 )
 from kd_jax.losses.ncd import (
+    cross_similarity,
+    cross_space_distillation,
+    pseudo_label_kl,
     relation_matrix,
     self_cooperation_loss,
     sinkhorn_knopp,
     spatial_mutual_information,
     swapped_prediction_loss,
+    synthesize_pseudo_labels,
 )
 from kd_jax.losses.relational import (
     info_nce,
@@ -49,12 +54,15 @@ from kd_jax.losses.relational import (
 
 __all__ = [
     "class_drop_mask",
+    "cross_similarity",
+    "cross_space_distillation",
     "feature_loss",
     "info_nce",
     "kd_loss",
     "low_noise_targets",
     "nt_xent",
     "pkt_loss",
+    "pseudo_label_kl",
     "relation_kl_loss",
     "relation_matrix",
     "rkd_angle_loss",
@@ -66,4 +74,5 @@ __all__ = [
     "soft_target_cross_entropy",
     "spatial_mutual_information",
     "swapped_prediction_loss",
+    "synthesize_pseudo_labels",
 ]

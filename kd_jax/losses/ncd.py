@@ -143,3 +143,67 @@ def self_cooperation_loss(r_known, r_novel, temperature=0.1, direction="both", w
     if direction in ("both", "novel_to_known"):
         total += rel.relation_kl_loss(r_known, jax.lax.stop_gradient(r_novel), temperature, weights)
     return total
+
+
+# ----- SCKD as the paper describes it (sckd.md §6): a frozen replica bridges the two spaces ---
+
+
+def cross_similarity(
+    anchor_feats, query_feats, anchor_weights=None, query_weights=None, normalize=True
+):
+    """SCKD's similarity score matrix S [N, M], S_ij = cos(a_i, q_j), stop-gradient.
+
+    a = the frozen replica's features of the labeled rows, q = the current encoder's features
+    of the unlabeled rows (sckd.md §6). Pairs with an excluded row (weight <= 0) are 0.
+    `normalize` divides by max |S| over the valid pairs (the reimplementation's choice), so the
+    largest weight is ±1 whatever the feature geometry.
+    """
+    a = cm.l2_normalize(jax.lax.stop_gradient(cm.flatten_rows(anchor_feats)))
+    q = cm.l2_normalize(jax.lax.stop_gradient(cm.flatten_rows(query_feats)))
+    _, va = cm.row_weights(anchor_weights, a.shape[0], a.dtype)
+    _, vq = cm.row_weights(query_weights, q.shape[0], q.dtype)
+    valid = va[:, None] & vq[None, :]
+    s = jnp.where(valid, cm.gram(a, q), 0.0)
+    if normalize:
+        s = cm.safe_div(s, jnp.max(jnp.abs(s)))
+    return s
+
+
+def synthesize_pseudo_labels(similarity, source_logits, alpha=0.1):
+    """SCKD's pseudo-label synthesis, stop-gradient: q_j = softmax_c(alpha * sum_i S_ij z_i,c).
+
+    similarity [N, M] (rows = the source samples i, zero for excluded ones), source_logits
+    [N, C] -> [M, C] soft targets, one per column j. The sum is over the source rows, not a
+    mean, as the sources write it: with alpha = 0.1 a batch's worth of similar labeled rows
+    sharpens the target.
+    """
+    s = jax.lax.stop_gradient(cm.as_float(similarity))
+    z = jax.lax.stop_gradient(cm.as_float(source_logits))
+    return jax.nn.softmax(alpha * cm.mm(s.T, z), axis=-1)
+
+
+def pseudo_label_kl(targets, logits, temperature=1.0, weights=None):
+    """mean_j KL(q_j || softmax(z_j / T)) over the valid rows j; `targets` are stop-gradient."""
+    log_p = jax.nn.log_softmax(cm.as_float(logits) / temperature, axis=-1)
+    t = jax.lax.stop_gradient(cm.as_float(targets))
+    kl = cm.kl_rows(log_p, t)
+    w, valid = cm.row_weights(weights, kl.shape[0], kl.dtype)
+    return cm.weighted_mean(kl, w, valid)
+
+
+def cross_space_distillation(
+    similarity, source_logits, target_logits, alpha=0.1, temperature=1.0, target_weights=None
+):
+    """One direction of SCKD's self-cooperation: targets synthesised from the source rows'
+    logits through S, distilled into the target rows' logits of the same head.
+
+      L_k->n: similarity = S [N_l, B], source = novel-head logits of the labeled rows,
+              target = novel-head logits, target_weights = the unlabeled rows;
+      L_n->k: similarity = S^T [B, N_l] (unlabeled rows as sources), source = known-head logits
+              of the unlabeled rows, target = known-head logits, target_weights = labeled rows.
+
+    All arrays are over the global batch (masked rows, not sliced ones), so the value is the
+    same on any device count and padding rows change nothing.
+    """
+    q = synthesize_pseudo_labels(similarity, source_logits, alpha)
+    return pseudo_label_kl(q, target_logits, temperature, target_weights)
