@@ -124,10 +124,9 @@ def build(
     method = methods.get_method(config.method)(config, workdir, mesh, teacher=teacher)
     if prepare:
         method.prepare()
-    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
     replicated = parallel.replicated(mesh)
     method.build_optimizer(method.num_steps())
-    state = jax.jit(method.init_state, out_shardings=replicated)(init_rng)
+    state = jax.jit(method.init_state, out_shardings=replicated)(method.init_rng())
     train_step = jax.jit(
         method.train_step, donate_argnums=(0,), out_shardings=(replicated, replicated)
     )

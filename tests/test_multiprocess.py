@@ -210,8 +210,9 @@ def test_two_process_checkpoint_restores_and_equals_one_process_run(runs):
     with jax.enable_x64(True):
         method = get_method(c.method)(c, str(runs["tmp"] / "unused"), mesh)
         method.build_optimizer(c.num_steps)
-        init_rng, _ = jax.random.split(jax.random.PRNGKey(c.seed))  # as train.py: the true init
-        template = jax.jit(method.init_state, out_shardings=parallel.replicated(mesh))(init_rng)
+        template = jax.jit(method.init_state, out_shardings=parallel.replicated(mesh))(
+            method.init_rng()  # as train.py: the true init
+        )
         init = jax.device_get(template)
 
         def restore(workdir):  # a checkpoint restored in this single process (8 devices)

@@ -58,7 +58,7 @@ def _loss_and_grads(method_name, step=5, **overrides):
     with jax.enable_x64(True):
         m = get_method(method_name)(c, "/tmp/unused", mesh)
         m.build_optimizer(10)
-        state = m.init_state(jax.random.PRNGKey(0))
+        state = m.init_state(m.init_rng())
         rng = np.random.default_rng(0)
         labels = rng.integers(0, 5, 16)
         labels[8:] = -1  # half unlabeled
@@ -74,16 +74,21 @@ def _loss_and_grads(method_name, step=5, **overrides):
     return float(loss), jax.device_get(grads), jax.device_get(mets)
 
 
-def test_sckd_with_zero_weights_equals_uno():
+REL = {"sckd.variant": "relations"}
+
+
+def test_sckd_relations_with_zero_weights_equals_uno():
     uno_loss, uno_grads, _ = _loss_and_grads("uno")
     # λ = 0: exactly UNO, bit for bit.
-    loss, grads, _ = _loss_and_grads("sckd", **{"sckd.lambda_smi": 0.0, "sckd.lambda_sc": 0.0})
+    loss, grads, _ = _loss_and_grads(
+        "sckd", **REL, **{"sckd.lambda_smi": 0.0, "sckd.lambda_sc": 0.0}
+    )
     assert loss == uno_loss
     jax.tree.map(np.testing.assert_array_equal, uno_grads, grads)
     # At ramp weight 0 (step 0) the terms are computed but contribute nothing: equal up to
     # float64 summation order.
     loss, grads, mets = _loss_and_grads(
-        "sckd", step=0, **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}
+        "sckd", step=0, **REL, **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}
     )
     assert float(mets["smi"]) > 0 and float(mets["sc"]) > 0 and float(mets["ramp"]) == 0
     assert loss == pytest.approx(uno_loss, rel=1e-12)
@@ -93,8 +98,90 @@ def test_sckd_with_zero_weights_equals_uno():
         max_distance(uno_grads, grads) / scale,
     )
     assert same < 1e-12, same
-    on_loss, _, _ = _loss_and_grads("sckd", **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0})
+    on_loss, _, _ = _loss_and_grads(
+        "sckd", **REL, **{"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}
+    )
     assert on_loss > uno_loss + 1e-3
+
+
+def _replica_step(replica_scale=1.0, **overrides):
+    """(loss, metrics, d loss / d replica) of one float64 SCKD step (replica variant) on noise;
+    the replica's parameters scaled by `replica_scale` (1 = the encoder's initialisation)."""
+    c = config(
+        "sckd_mnist.py",
+        "smoke",
+        **{"ncd.pretrain.enabled": False, "batch_size": 16, "dtype": "float64", **overrides},
+    )
+    with jax.enable_x64(True):
+        m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
+        m.build_optimizer(10)
+        state = m.init_state(m.init_rng())
+        replica = m.teacher_vars
+        if replica is not None:
+            replica = jax.tree.map(lambda x: x * replica_scale, replica)
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 5, 16)
+        labels[8:] = -1
+        batch = {
+            "image": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+            "image2": jnp.asarray(rng.normal(size=(16, 32, 32, 1))),
+            "label": jnp.asarray(labels),
+        }
+
+        def loss(params, frozen):
+            return m.loss(params, state.batch_stats, batch, jax.random.PRNGKey(1), frozen, 5)
+
+        (value, (_, mets)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            state.params, replica
+        )
+    return float(value), jax.device_get(mets), jax.device_get(grads), m, state
+
+
+def test_sckd_replica_with_zero_beta_equals_uno():
+    uno_loss, uno_grads, _ = _loss_and_grads("uno")
+    loss, _, (grads, _), m, _ = _replica_step(**{"sckd.beta": 0.0})
+    assert m.teacher_vars is None  # nothing to load or carry when the terms are off
+    assert loss == uno_loss
+    jax.tree.map(np.testing.assert_array_equal, uno_grads, grads)
+
+
+def test_sckd_replica_is_frozen_and_is_what_the_similarity_reads():
+    uno_loss, _, _ = _loss_and_grads("uno")
+    loss, mets, (grads, replica_grads), m, state = _replica_step()
+    # The replica is the encoder at the start of discovery (here its initialisation), outside
+    # the trained parameters.
+    jax.tree.map(np.testing.assert_array_equal, m.teacher_vars["params"], state.params["model"])
+    assert float(mets["k2n"]) > 0 and float(mets["n2k"]) > 0
+    assert loss == pytest.approx(uno_loss + 0.1 * (float(mets["k2n"]) + float(mets["n2k"])))
+    # No gradient reaches E_r, while the trained encoder gets one.
+    assert all(np.all(g == 0) for g in jax.tree.leaves(replica_grads))
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["model"])) > 0
+    # S comes from the replica: another replica moves the terms, the trained encoder fixed.
+    _, moved, _, _, _ = _replica_step(replica_scale=1.5)
+    assert abs(float(moved["k2n"]) - float(mets["k2n"])) > 1e-8
+    # `similarity = current` (the ablation "no replica") carries no replica at all; at the
+    # start of discovery both encoders are the same network (LeNet-5: no BatchNorm, no
+    # dropout), so the terms agree there.
+    _, cur, _, m_cur, _ = _replica_step(**{"sckd.similarity": "current"})
+    assert m_cur.teacher_vars is None
+    assert float(cur["k2n"]) == pytest.approx(float(mets["k2n"]), rel=1e-12)
+
+
+def test_sckd_replica_switches():
+    _, base, _, _, _ = _replica_step()
+    _, k2n_only, _, _, _ = _replica_step(**{"sckd.terms": "known_to_novel"})
+    assert float(k2n_only["n2k"]) == 0 and float(k2n_only["k2n"]) == pytest.approx(
+        float(base["k2n"]), rel=1e-12
+    )
+    _, n2k_only, _, _, _ = _replica_step(**{"sckd.terms": "novel_to_known"})
+    assert float(n2k_only["k2n"]) == 0 and float(n2k_only["n2k"]) > 0
+    for weights in ("uniform", "random"):
+        loss, mets, _, _, _ = _replica_step(**{"sckd.weights": weights})
+        assert np.isfinite(loss) and abs(float(mets["k2n"]) - float(base["k2n"])) > 1e-8
+    _, uniform, _, _, _ = _replica_step(**{"sckd.weights": "uniform"})
+    assert float(uniform["similarity_mean"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="sckd.weights"):
+        _replica_step(**{"sckd.weights": "cosine"})
 
 
 def _sckd_terms(outs, labels, **overrides):
@@ -104,6 +191,7 @@ def _sckd_terms(outs, labels, **overrides):
         "smoke",
         **{
             "ncd.pretrain.enabled": False,
+            "sckd.variant": "relations",
             "sckd.lambda_smi": 1.0,
             "sckd.lambda_sc": 1.0,
             "dtype": "float64",
@@ -113,7 +201,7 @@ def _sckd_terms(outs, labels, **overrides):
     with jax.enable_x64(True):
         m = get_method("sckd")(c, "/tmp/unused", parallel.make_mesh(jax.devices()[:1]))
         outs = [{k: jnp.asarray(v, jnp.float64) for k, v in o.items()} for o in outs]
-        _, mets = m.extra_loss(outs, 100, labels)
+        _, mets = m.extra_loss(outs, 100, {"label": labels}, None, jax.random.PRNGKey(0))
         assert mets["sc"].dtype == jnp.float64
         return np.asarray([float(mets["smi"]), float(mets["sc"])])
 

@@ -134,8 +134,13 @@ class Method:
                 else load_teacher(config, workdir, mesh, dtype=_dtype(config))
             )
         self.teacher_model = self.teacher.model if self.teacher else None
-        self.teacher_vars = self.teacher.variables if self.teacher else None
         self.teacher_info = self.teacher.info if self.teacher else {}
+
+    @functools.cached_property
+    def teacher_vars(self):
+        """The frozen variables every step reads beside the state (never differentiated or
+        checkpointed): the teacher's, or a method's own frozen network (SCKD's replica)."""
+        return self.teacher.variables if self.teacher else None
 
     # ----- teacher -----------------------------------------------------------------------------
     def teacher_workdir(self) -> str:
@@ -175,6 +180,10 @@ class Method:
     def build_optimizer(self, num_steps: int) -> None:
         self.schedule = make_schedule(self.config.optimizer, num_steps)
         self.tx = make_optimizer(self.config.optimizer, self.schedule)
+
+    def init_rng(self):
+        """The key `init_state` is called with (a pure function of `config.seed`)."""
+        return jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
 
     def init_state(self, rng) -> TrainState:
         size, ch = self.domain.image_size, self.domain.channels

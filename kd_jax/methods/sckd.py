@@ -48,11 +48,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from kd_jax import diagnostics, fileio, losses, metrics, parallel, prerequisites
+from kd_jax import checkpoint, diagnostics, fileio, losses, metrics, parallel, prerequisites
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.data.splits import SPLIT_KEYS, class_split, hide_labels, remap_labels
-from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
+from kd_jax.methods.base import (
+    Method,
+    TrainState,
+    _as_dtype,
+    _dtype,
+    make_optimizer,
+    make_schedule,
+)
 from kd_jax.models.heads import MLPHead
 from kd_jax.models.layers import at_least_float32
 from kd_jax.models.shapes import feature_shapes
@@ -99,21 +106,36 @@ def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.Con
     )
     sckd = ml_collections.ConfigDict(
         {
+            # replica: the paper's mechanism as three secondary sources describe it (sckd.md §6);
+            # relations: the reconstruction from the abstract (§2-3), kept with its table.
+            "variant": "replica",  # replica | relations
+            # ----- variant = replica: L = L_UNO + beta * (L_k->n + L_n->k)
+            # S_ij = cos(E_r(x_l,i), f(x_u,j)) with E_r the frozen stage-1 encoder (`replica`), or
+            # with the current encoder on both sides (`current`, the paper's "no replica").
+            "similarity": "replica",  # replica | current
+            # similarity (the paper) | uniform (every pair 1) | random (U(0, 1) per step).
+            "weights": "similarity",
+            "normalize": True,  # S / max|S| over the batch's pairs (the reimplementation)
+            "terms": "both",  # both | known_to_novel | novel_to_known
+            "alpha": 0.1,  # q = softmax(alpha * sum_i S_ij z_i)
+            "beta": 0.1,
+            "kl_tau": 1.0,  # KL(q || softmax(z / kl_tau)); z = cosine logits / ncd.temperature
+            # ----- variant = relations: L = L_UNO + w(t)(lambda_smi L_SMI + lambda_sc L_SC)
             "smi": "infonce",  # infonce | none
             "sc": "rel_kl",  # rel_kl | none
             # reliable (default): known -> novel among the labeled rows, novel -> known among the
-            # unlabeled rows, i.e. each space teaches where it has a training signal. The paper's
+            # unlabeled rows, i.e. each space teaches where it has a training signal. The spec's
             # `both` (every row, both ways) lets the known space, a poor clustering of the novel
             # images, pull the novel heads towards it.
             "direction": "reliable",  # reliable | both | known_to_novel | novel_to_known
             "space": "probs",  # probs | embeddings
-            # all (the paper: the whole global batch) | unlabeled (a kd_jax option: the relations
+            # all (the spec: the whole global batch) | unlabeled (a kd_jax option: the relations
             # only among the unlabeled samples). Applies to L_SMI, and to L_SC unless
             # direction=reliable, which picks its own rows.
             "samples": "all",
             "lambda_smi": 1.0,
             "lambda_sc": 1.0,
-            "ramp_steps": 0,  # linear 0 -> 1 ramp of both weights (0 = no ramp)
+            "ramp_steps": 0,  # w(t): linear 0 -> 1 ramp of both weights (0 = no ramp)
             "space_temperature": 0.1,  # τ of r = softmax(logits / τ)
             "smi_temperature": 0.1,  # τ_m
             "sc_temperature": 0.1,  # τ_r
@@ -514,8 +536,9 @@ class UNO(_NCDBase):
             over, loss = jnp.zeros_like(cluster), cluster.mean()
         return loss, cluster, {"loss_cluster": cluster.mean(), "loss_overcluster": over.mean()}
 
-    def extra_loss(self, outs, step, labels):
-        """Terms added to the UNO objective (SCKD); UNO adds none."""
+    def extra_loss(self, outs, step, batch, frozen_vars, rng):
+        """Terms added to the UNO objective (SCKD); UNO adds none. `outs`: the two views'
+        `_forward` outputs; `frozen_vars`: `teacher_vars` (SCKD's replica)."""
         return 0.0, {}
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
@@ -524,7 +547,9 @@ class UNO(_NCDBase):
         out2, stats = self._forward(params, stats, batch["image2"], True, rng2)
         outs = (out1, out2)
         loss, per_head, m = self.uno_loss(outs, batch["label"])
-        extra, m_extra = self.extra_loss(outs, step, batch["label"])
+        extra, m_extra = self.extra_loss(
+            outs, step, batch, teacher_vars, jax.random.fold_in(rng, 2)
+        )
         loss = loss + extra
         decay = self.config.ncd.head_loss_decay
         ema = batch_stats["head_loss"]["ema"]
@@ -611,16 +636,25 @@ class UNO(_NCDBase):
 
 
 class SCKD(UNO):
-    """UNO + λ_SMI·L_SMI + λ_SC·L_SC over the known and novel spaces.
+    """UNO + SCKD's cross-space terms; `sckd.variant` picks the mechanism.
 
-    For each view and each novel head h: r^K = softmax(known logits / τ) over the C_l known
-    prototypes and r^N = softmax(novel logits_h / τ) over the C_u novel prototypes
-    (`sckd.space = probs`), or the L2-normalised embeddings each head's prototypes score
-    (`embeddings`: backbone features for the known head, projector output for head h). The
-    terms are over the whole global batch (labeled and unlabeled; `samples = unlabeled`
-    restricts them to the unlabeled rows, `direction = reliable` routes L_SC's two directions
-    to the labeled / unlabeled rows) and averaged over views and heads; both weights follow a
-    linear ramp 0 -> 1 over `sckd.ramp_steps`.
+    `replica` (default; sckd.md §6): a frozen replica E_r of the stage-1 encoder (read from the
+    stage-1 workdir, never trained, never checkpointed: `teacher_vars`) bridges the spaces.
+    Per view, over the global batch, S_ij = cos(E_r(x_l,i), f(x_u,j)) / max|S| between the
+    labeled rows i and the unlabeled rows j; L_k->n distils q_j = softmax(α Σ_i S_ij z_N(x_l,i))
+    into the novel heads on the unlabeled rows, L_n->k distils q_i = softmax(α Σ_j S_ij
+    z_K(x_u,j)) into the known head on the labeled rows (z = cosine logits / ncd.temperature,
+    targets stop-gradient; per novel head, averaged over heads and views). L = L_UNO +
+    β (L_k->n + L_n->k).
+
+    `relations` (§2-3's reconstruction from the abstract): L = L_UNO + w(t)(λ_SMI L_SMI +
+    λ_SC L_SC) on the relation matrices of the two spaces (r^K: known-prototype probabilities
+    or backbone features; r^N: novel-prototype probabilities or head embeddings), over the
+    whole global batch (`samples = unlabeled` restricts them to the unlabeled rows,
+    `direction = reliable` routes L_SC's two directions to the labeled / unlabeled rows),
+    averaged over views and heads, w(t) a linear ramp over `sckd.ramp_steps`.
+
+    With β = 0 (or λ = 0) the loss and its gradients are UNO's exactly.
     """
 
     name = "sckd"
@@ -628,15 +662,115 @@ class SCKD(UNO):
     def __init__(self, config, workdir, mesh, teacher=None):
         super().__init__(config, workdir, mesh, teacher)
         s = config.sckd
-        for key, value, allowed in (
-            ("smi", s.smi, ("infonce", "none")),
-            ("sc", s.sc, ("rel_kl", "none")),
-            ("direction", s.direction, ("both", "known_to_novel", "novel_to_known", "reliable")),
-            ("space", s.space, ("probs", "embeddings")),
-            ("samples", s.samples, ("all", "unlabeled")),
-        ):
+        check_choice(s.variant, ("replica", "relations"), "sckd.variant")
+        if s.variant == "replica":
+            choices = (
+                ("similarity", s.similarity, ("replica", "current")),
+                ("weights", s.weights, ("similarity", "uniform", "random")),
+                ("terms", s.terms, ("both", "known_to_novel", "novel_to_known")),
+            )
+        else:
+            choices = (
+                ("smi", s.smi, ("infonce", "none")),
+                ("sc", s.sc, ("rel_kl", "none")),
+                (
+                    "direction",
+                    s.direction,
+                    ("both", "known_to_novel", "novel_to_known", "reliable"),
+                ),
+                ("space", s.space, ("probs", "embeddings")),
+                ("samples", s.samples, ("all", "unlabeled")),
+            )
+        for key, value, allowed in choices:
             check_choice(value, allowed, f"sckd.{key}")
 
+    @property
+    def uses_replica(self) -> bool:
+        s = self.config.sckd
+        return s.variant == "replica" and s.similarity == "replica" and bool(s.beta)
+
+    @functools.cached_property
+    def teacher_vars(self):
+        """The frozen replica E_r: the stage-1 encoder, read from the stage-1 workdir (so a
+        resumed run gets the same one, and no checkpoint holds a copy); without a stage 1
+        (`ncd.pretrain.enabled = False`), the encoder's own initialisation."""
+        if not self.uses_replica:
+            return None
+        source = self.warm_start_source()
+        if source:
+            if not prerequisites.finished(source):
+                raise FileNotFoundError(
+                    f"sckd.similarity=replica: the replica is the stage-1 encoder, but "
+                    f"{source!r} holds no finished ncd_pretrain run (results.json missing)"
+                )
+            saved = checkpoint.load_variables(source)
+            variables = {
+                "params": saved["params"]["model"],
+                "batch_stats": saved["batch_stats"].get("model", {}),
+            }
+            if _dtype(self.config) == jnp.float64:
+                variables = _as_dtype(variables, jnp.float64)
+        else:
+            self.build_optimizer(self.num_steps())
+            state = jax.jit(self.init_state)(self.init_rng())
+            variables = {
+                "params": state.params["model"],
+                "batch_stats": state.batch_stats["model"],
+            }
+        return parallel.replicate(variables, self.mesh)
+
+    def extra_loss(self, outs, step, batch, frozen_vars, rng):
+        if self.config.sckd.variant == "replica":
+            return self._replica_terms(outs, batch, frozen_vars, rng)
+        return self._relation_terms(outs, step, batch["label"])
+
+    # ----- variant = replica --------------------------------------------------------------------
+    def _similarity(self, out, images, labeled, frozen_vars, rng):
+        """[B, B] S of one view: rows = labeled anchors, columns = unlabeled queries."""
+        s = self.config.sckd
+        lab = labeled.astype(jnp.float32)
+        if s.similarity == "replica":
+            _, feats = self.student.apply(frozen_vars, images, train=False)
+            anchors = feats["pre_logits"]
+        else:
+            anchors = out["feats"]
+        sim = losses.cross_similarity(anchors, out["feats"], lab, 1.0 - lab, s.normalize)
+        pairs = labeled[:, None] & ~labeled[None, :]
+        if s.weights == "uniform":
+            sim = pairs.astype(sim.dtype)
+        elif s.weights == "random":
+            sim = jnp.where(pairs, jax.random.uniform(rng, sim.shape, sim.dtype), 0.0)
+        return sim
+
+    def _replica_terms(self, outs, batch, frozen_vars, rng):
+        s, t = self.config.sckd, self.config.ncd.temperature
+        labeled = batch["label"] >= 0
+        lab = labeled.astype(jnp.float32)
+        zero = jnp.asarray(0.0)
+        if not s.beta:  # not computed at all: the graph, loss and gradients are UNO's
+            return 0.0, {"k2n": zero, "n2k": zero}
+        k2n = n2k = sim_mean = zero
+        for v, (out, key) in enumerate(zip(outs, ("image", "image2"))):
+            sim = self._similarity(
+                out, batch[key], labeled, frozen_vars, jax.random.fold_in(rng, v)
+            )
+            pairs = jnp.maximum(jnp.sum(lab) * jnp.sum(1.0 - lab), 1.0)
+            sim_mean += jnp.sum(sim) / pairs / len(outs)
+            if s.terms in ("both", "known_to_novel"):
+                zn = out["novel"] / t  # [H, B, C_u]
+                k2n += jax.vmap(
+                    lambda z: losses.cross_space_distillation(
+                        sim, z, z, s.alpha, s.kl_tau, target_weights=1.0 - lab
+                    )
+                )(zn).mean() / len(outs)
+            if s.terms in ("both", "novel_to_known"):
+                zk = out["known"] / t
+                n2k += losses.cross_space_distillation(
+                    sim.T, zk, zk, s.alpha, s.kl_tau, target_weights=lab
+                ) / len(outs)
+        return s.beta * (k2n + n2k), {"k2n": k2n, "n2k": n2k, "similarity_mean": sim_mean}
+
+    # ----- variant = relations ------------------------------------------------------------------
     def spaces(self, out):
         """-> (r^K [B, C_l or D], r^N [H, B, C_u or D']) of one view."""
         s = self.config.sckd
@@ -645,7 +779,7 @@ class SCKD(UNO):
         tau = s.space_temperature
         return jax.nn.softmax(out["known"] / tau, -1), jax.nn.softmax(out["novel"] / tau, -1)
 
-    def extra_loss(self, outs, step, labels):
+    def _relation_terms(self, outs, step, labels):
         s = self.config.sckd
         # `samples = unlabeled`: labeled rows leave every anchor set and softmax (weight 0).
         w = (labels < 0).astype(jnp.float32) if s.samples == "unlabeled" else None
