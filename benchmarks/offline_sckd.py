@@ -1,20 +1,21 @@
-"""Offline NCD benchmark (MNIST-5k, digits 0–4 known, 5–9 novel): k-means on the pretrained
-features, UNO, SCKD and SCKD without L_SMI / without L_SC (`configs/sckd_mnist.py`).
+"""Offline NCD benchmark (MNIST-5k, `configs/sckd_mnist.py`): UNO, SCKD as the paper describes it
+(the replica mechanism), the relations variant and the paper's ablations; then the paper's
+further experiments, a varied known/novel ratio and a wrongly estimated novel class count.
 
-    python benchmarks/offline_sckd.py [--seeds 0,1,2] [--out /tmp/kd/offline_sckd] [--set k=v ...]
+    python benchmarks/offline_sckd.py [--table main|ratios|clusters] [--seeds 0,1,2]
+        [--steps 2000] [--out /tmp/kd/offline_sckd] [--variants NAME,...]
 
-One stage-1 run per seed (`sckd_mnist.py:pretrain`) is shared by every variant of that seed
-(`ncd.pretrain.workdir`). Reports task-aware novel accuracy (unlabeled train part, held-out
-test part; best head) and task-agnostic all / known / novel accuracy on the test part, mean ±
-std over seeds; k-means has no known-class head, so only its task-aware columns are filled.
-Writes benchmarks/results/offline_sckd.md and prints it. Runs are cached per workdir. About
-3 minutes per seed and variant on 2 idle CPU cores.
+One stage-1 run per seed and class split (`sckd_mnist.py:pretrain`) is shared by every
+discovery run of that seed and split (`ncd.pretrain.workdir`). Columns: task-aware novel
+accuracy (unlabeled train part, held-out test part; best head), task-agnostic all / known /
+novel accuracy on the test part in UNO's convention and in the global one (rKD / GCD), wall
+seconds of discovery; mean ± std over seeds. Runs are cached per workdir
+(<out>/s<steps>/<split>/<variant>/seed<k>). Writes benchmarks/results/offline_sckd_<table>.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,140 +28,109 @@ from benchmarks import harness  # noqa: E402
 CONFIG = "configs/sckd_mnist.py"
 VARIANTS = {
     "UNO": ("uno", {}),
-    "SCKD": ("", {}),
-    "SCKD w/o L_SMI": ("", {"sckd.smi": "none"}),
-    "SCKD w/o L_SC": ("", {"sckd.sc": "none"}),
-    # Diagnostics: the spec's L_SC direction (every row, both ways), the spec's weights, and
-    # one-way self-cooperation only.
-    "SCKD with the spec's L_SC (both ways on every row)": ("", {"sckd.direction": "both"}),
-    "SCKD λ=1": ("", {"sckd.lambda_smi": 1.0, "sckd.lambda_sc": 1.0}),
-    "SCKD L_SC known→novel only": ("", {"sckd.smi": "none", "sckd.direction": "known_to_novel"}),
-    "SCKD L_SC novel→known only": ("", {"sckd.smi": "none", "sckd.direction": "novel_to_known"}),
+    "SCKD (paper: replica, α = β = 0.1)": ("", {}),
+    "SCKD relations variant": ("", {"sckd.variant": "relations"}),
+    "L_k→n only": ("", {"sckd.terms": "known_to_novel"}),
+    "L_n→k only": ("", {"sckd.terms": "novel_to_known"}),
+    "no replica (S from the current encoder)": ("", {"sckd.similarity": "current"}),
+    "uniform weights": ("", {"sckd.weights": "uniform"}),
+    "random weights": ("", {"sckd.weights": "random"}),
 }
-COLUMNS = (
-    "novel_train_accuracy",
-    "novel_test_accuracy",
-    "all_accuracy",
-    "known_accuracy",
-    "novel_accuracy",
-)
-HEADERS = (
-    "task-aware novel (train)",
-    "task-aware novel (test)",
-    "task-agnostic all",
-    "task-agnostic known",
-    "task-agnostic novel",
-)
+# The known/novel ratio (digits 0..k-1 known, the rest novel) and the head size for 5 novel.
+RATIOS = {"3/7": (3, 7), "5/5": (5, 5), "7/3": (7, 3)}
+CLUSTERS = (4, 5, 6)
+COLUMNS = {
+    "novel train (task-aware)": "novel_train_accuracy",
+    "novel test (task-aware)": "novel_test_accuracy",
+    "all (UNO)": "all_accuracy_uno",
+    "known (UNO)": "known_accuracy_uno",
+    "novel (UNO)": "novel_accuracy_uno",
+    "all (global)": "all_accuracy_global",
+    "known (global)": "known_accuracy_global",
+    "novel (global)": "novel_accuracy_global",
+}
 
 
-def kmeans_baseline(pretrain_workdir: str, seed: int) -> dict:
-    """sklearn KMeans (C_u clusters) on the novel images' pretrained `pre_logits` and on their
-    known-space probabilities r^K (the relation structure L_SC's known -> novel direction
-    teaches), fit on the unlabeled train part; Hungarian accuracy on it and on the novel test
-    images. -> {"features": {...}, "known_space": {...}}."""
-    import jax
+def _wall(results):
     import numpy as np
-    from sklearn.cluster import KMeans
 
-    from kd_jax import checkpoint, config_utils, metrics, parallel
-    from kd_jax.methods import get_method
+    w = np.asarray([r["wall_seconds"] for r in results], float)
+    return f"{w.mean():.0f}"
 
-    cache = os.path.join(pretrain_workdir, f"kmeans_spaces_seed{seed}.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
-    c = config_utils.load_config(os.path.join(ROOT, CONFIG), "pretrain")
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    method = get_method("ncd_pretrain")(c, pretrain_workdir, mesh)
-    saved = checkpoint.load_variables(pretrain_workdir)
-    variables = {
-        "params": saved["params"]["model"],
-        "batch_stats": saved["batch_stats"].get("model", {}),
+
+def discovery(out, steps, split_name, split, variant, seed):
+    known, novel = split
+    split_overrides = {"ncd.num_known": known, "ncd.num_novel": novel}
+    tag = split_name.replace("/", "_")
+    pre = os.path.join(out, "pretrain", tag, f"seed{seed}")
+    harness.run(f"{CONFIG}:pretrain", pre, {"seed": seed, **split_overrides})
+    arg, overrides = variant
+    return os.path.join(out, f"s{steps}", tag), {
+        "config": f"{CONFIG}:{arg}" if arg else CONFIG,
+        "overrides": {
+            "seed": seed,
+            "ncd.pretrain.workdir": pre,
+            "num_steps": steps,
+            "eval_every": steps,
+            "checkpoint_every": steps,
+            **split_overrides,
+            **overrides,
+        },
     }
-    tau = c.sckd.space_temperature
-
-    @jax.jit
-    def forward(x):
-        f = method.student.apply(variables, x, train=False)[1]["pre_logits"]
-        cos, _ = method.apply_head("known", saved["params"], saved["batch_stats"], f, False)
-        return f, jax.nn.softmax(cos / tau, -1)  # features, known space r^K (sckd.md §2)
-
-    def features(split):
-        feats, r_known, labels = [], [], []
-        for b in method._eval_stream(split, method.novel).as_numpy_iterator():
-            keep = b["mask"] > 0
-            f, r = forward(b["image"])
-            feats.append(np.asarray(f)[keep])
-            r_known.append(np.asarray(r)[keep])
-            labels.append(b["label"][keep])
-        return np.concatenate(feats), np.concatenate(r_known), np.concatenate(labels)
-
-    (x_train, r_train, y_train), (x_test, r_test, y_test) = (
-        features(c.data.target.train_split),
-        features(c.data.target.eval_split),
-    )
-    out = {}
-    for key, train, test in (("features", x_train, x_test), ("known_space", r_train, r_test)):
-        km = KMeans(n_clusters=method.num_novel, n_init=10, random_state=seed).fit(train)
-        out[key] = {
-            "novel_train_accuracy": metrics.cluster_accuracy(y_train, km.labels_)[0],
-            "novel_test_accuracy": metrics.cluster_accuracy(y_test, km.predict(test))[0],
-        }
-    with open(cache, "w") as f:
-        json.dump(out, f)
-    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", default="main", choices=("main", "ratios", "clusters"))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="/tmp/kd/offline_sckd")
-    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:5]))
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        help="extra --config overrides for every discovery run, key=value",
-    )
-    # Defaults to the four table rows and the spec-direction diagnostic; add the others with
-    # --variants.
+    parser.add_argument("--variants", default="", help="main table: a subset of the rows")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = dict(kv.split("=", 1) for kv in args.set)
-    table = {"k-means (pretrained features)": [], "k-means (pretrained known space r^K)": []}
-    for name in args.variants.split(","):
-        table[name] = []
-    for seed in seeds:
-        pre = os.path.join(args.out, "pretrain", f"seed{seed}")
-        harness.run(f"{CONFIG}:pretrain", pre, {"seed": seed})
-        km = kmeans_baseline(pre, seed)
-        table["k-means (pretrained features)"].append(km["features"])
-        table["k-means (pretrained known space r^K)"].append(km["known_space"])
-        for name in args.variants.split(","):
-            arg, overrides = VARIANTS[name]
-            workdir = os.path.join(args.out, name.replace(" ", "_").replace("/", ""), f"seed{seed}")
-            table[name].append(
-                harness.run(
-                    f"{CONFIG}:{arg}" if arg else CONFIG,
-                    workdir,
-                    {"seed": seed, "ncd.pretrain.workdir": pre, **overrides, **extra},
-                )
-            )
+    rows = {}  # row name -> (split name, split, variant name, extra overrides)
+    if args.table == "main":
+        names = args.variants.split(",") if args.variants else list(VARIANTS)
+        rows = {n: ("5/5", RATIOS["5/5"], n, {}) for n in names}
+    elif args.table == "ratios":
+        for ratio, split in RATIOS.items():
+            for n in ("UNO", "SCKD (paper: replica, α = β = 0.1)"):
+                rows[f"{ratio} {n}"] = (ratio, split, n, {})
+    else:
+        for k in CLUSTERS:
+            for n in ("UNO", "SCKD (paper: replica, α = β = 0.1)"):
+                rows[f"{k} clusters, {n}"] = ("5/5", RATIOS["5/5"], n, {"ncd.num_clusters": k})
+    table = {}
+    for row, (split_name, split, variant, extra) in rows.items():
+        table[row] = []
+        for seed in seeds:
+            base, spec = discovery(args.out, args.steps, split_name, split, VARIANTS[variant], seed)
+            slug = variant if not extra else f"{variant} {extra}"
+            slug = "".join(ch if ch.isalnum() else "_" for ch in slug)
+            workdir = os.path.join(base, slug, f"seed{seed}")
+            table[row].append(harness.run(spec["config"], workdir, {**spec["overrides"], **extra}))
     columns = {
         h: (lambda k: lambda rs: harness.mean_std([r.get(k) for r in rs]))(k)
-        for h, k in zip(HEADERS, COLUMNS)
+        for h, k in COLUMNS.items()
     }
+    columns["wall s"] = _wall
+    what = {
+        "main": "MNIST-5k, digits 0–4 known / 5–9 novel",
+        "ratios": "MNIST-5k, known/novel ratio varied (digits 0..k-1 known)",
+        "clusters": "MNIST-5k, 0–4 known / 5–9 novel, novel heads of 4, 5 or 6 clusters",
+    }[args.table]
     text = (
-        f"# Offline NCD benchmark (MNIST-5k, 0–4 known / 5–9 novel)\n\n"
-        f"`python benchmarks/offline_sckd.py --seeds {args.seeds}"
-        + "".join(f" --set {kv}" for kv in args.set)
-        + "`; accuracy in %, mean ± std over "
-        f"{len(seeds)} seed(s) {seeds}; LeNet-5, `{CONFIG}`.\n\n"
+        f"# Offline NCD benchmark ({what})\n\n"
+        f"`python benchmarks/offline_sckd.py --table {args.table} --seeds {args.seeds} "
+        f"--steps {args.steps}`; discovery {args.steps} steps (stage 1: 300); accuracy in %, "
+        f"mean ± std over {len(seeds)} seed(s) {seeds}; LeNet-5, `{CONFIG}`; wall = discovery "
+        f"seconds per run (two runs shared the 2 cores).\n\n"
         + harness.markdown(table, columns)
         + "\n"
     )
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "offline_sckd.md"), "w") as f:
+    path = os.path.join(ROOT, "benchmarks", "results", f"offline_sckd_{args.table}.md")
+    with open(path, "w") as f:
         f.write(text)
     print(text)
 

@@ -32,7 +32,7 @@ BOUNDS = {
         "SMOKE_NOVEL_ACCURACY",
         "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits",
     ),
-    "SCKD known_accuracy": (
+    "SCKD known_accuracy_uno": (
         "sckd",
         "SMOKE_KNOWN_ACCURACY",
         "test_sckd.py::test_sckd_mnist_smoke_discovers_novel_digits",
@@ -43,7 +43,7 @@ KEYS = {
     "EIKD accuracy": "final_accuracy",
     "ODSD accuracy": "final_accuracy",
     "SCKD novel_train_accuracy": "novel_train_accuracy",
-    "SCKD known_accuracy": "known_accuracy",
+    "SCKD known_accuracy_uno": "known_accuracy_uno",
 }
 
 

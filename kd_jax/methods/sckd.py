@@ -12,14 +12,13 @@ Novel class discovery (SCKD and its UNO base). Three registered methods share th
   (computed over the unlabeled part of the global batch). Loss = (swapped-prediction CE of the
   novel heads + that of the over-clustering heads) / 2, averaged over heads and views. The
   "best head" is the one with the lowest running cluster loss.
-* `sckd` (`SCKD`, a subclass of `UNO`): L = L_UNO + w(t)·(λ_SMI·L_SMI + λ_SC·L_SC) over the
-  two disjoint spaces (known-prototype probabilities vs novel-prototype probabilities, or the
-  head embeddings), w(t) a linear ramp 0 -> 1. Switches: `sckd.smi`, `sckd.sc`,
-  `sckd.direction`, `sckd.space`, `sckd.samples`. With λ = 0 the loss and its gradients equal
-  UNO's exactly. One deviation from the paper (measured, README): L_SC's default direction is `reliable`
-  (the known space teaches its relations among the labeled rows, the novel space among the
-  unlabeled rows); the paper's `both` (every row, both ways) lets the known space, a poor
-  clustering of the novel images, pull the novel head towards it (see `default_config`).
+* `sckd` (`SCKD`, a subclass of `UNO`): L = L_UNO + SCKD's cross-space terms. The default
+  (`sckd.variant = replica`) is the paper's mechanism as three secondary sources describe it
+  (sckd.md §6): a frozen replica of the stage-1 encoder scores every labeled x unlabeled pair
+  of the batch, and each side's logits synthesise soft targets for the other side's head
+  (L_k->n for the novel heads, L_n->k for the known head), weighted by β. `relations` is the
+  earlier reconstruction from the abstract (§2-3: relation matrices of the two spaces aligned
+  by InfoNCE and relation KL). At weight 0 either equals UNO exactly.
 
 Data (`config.ncd`): the classes of one labeled source are split into known (labeled) and novel
 (unlabeled) classes and relabeled to 0..C_l-1 (known) and C_l..C_l+C_u-1 (novel); each global
@@ -28,12 +27,14 @@ their teacher: `kd_jax.run` trains `stage1_config(config)` (`ncd.pretrain.train`
 data and split) into `<workdir>/pretrain` unless `ncd.pretrain.workdir` names a finished run;
 discovery only reads it.
 
-Evaluation (UNO protocol, Hungarian matching): task-aware (novel samples only, the best novel
-head; on the unlabeled train set and on the novel test images) and task-agnostic (the whole
-test set, argmax over the concatenated [known; best novel head] logits; all / known / novel).
-The headline `accuracy` is the task-aware novel accuracy on the unlabeled train set (the
-number UNO's tables lead with); `confusion.png` in the workdir shows the matched task-agnostic
-confusion matrix on the test set.
+Evaluation (Hungarian matching, `kd_jax.metrics`): task-aware (novel samples only, the best
+novel head; on the unlabeled train set and on the novel test images) and task-agnostic (the
+whole test set, argmax over the concatenated [known; best novel head] logits; all / known /
+novel) in both conventions papers report: `*_accuracy_uno` (UNO's: known images unmatched,
+novel images matched among themselves) and `*_accuracy_global` (rKD's / GCD's: one matching
+over everything). The headline `accuracy` is the task-aware novel accuracy on the unlabeled
+train set (the number UNO's tables lead with); `confusion.png` in the workdir shows the
+globally matched task-agnostic confusion matrix on the test set.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.Con
             "total_classes": 0,
             "num_known": num_known,
             "num_novel": num_novel,
+            # Prototypes per novel head (0 = num_novel): an estimate of the novel class count.
+            "num_clusters": 0,
             # Share of each batch from the labeled stream; 0 = proportional to the set sizes (UNO).
             "labeled_fraction": 0.0,
             # UNO heads: cosine logits / temperature, H novel heads + H over-clustering heads.
@@ -255,6 +258,9 @@ class _NCDBase(Method):
         super().__init__(config, workdir, mesh, teacher)
         self.known, self.novel = class_split(config)
         self.num_known, self.num_novel = len(self.known), len(self.novel)
+        # The novel heads' size: the number of novel classes, or an estimate of it (a wrong
+        # one is an experiment of the paper's).
+        self.num_clusters = config.ncd.get("num_clusters", 0) or self.num_novel
         self.feature_dim = int(
             feature_shapes(self.student, self.domain.image_size, self.domain.channels)[
                 "pre_logits"
@@ -374,7 +380,7 @@ class UNO(_NCDBase):
             "known": (Prototypes(self.num_known), x),
             "discovery": (
                 DiscoveryHeads(
-                    n.num_heads, self.num_novel, n.overcluster_factor, n.hidden_dim, n.proj_dim
+                    n.num_heads, self.num_clusters, n.overcluster_factor, n.hidden_dim, n.proj_dim
                 ),
                 x,
             ),
@@ -608,19 +614,20 @@ class UNO(_NCDBase):
         res["novel_test_accuracy"] = heads_test[best]
         res["novel_train_accuracy_heads"] = heads_train
         res["novel_test_accuracy_heads"] = heads_test
-        # Task-agnostic: one Hungarian mapping over the whole test set, argmax over [known;novel].
+        # Task-agnostic: argmax over [known; best novel head] on the whole test set, scored in
+        # both conventions papers report (metrics module docstring), each under its own name.
         pred = np.concatenate([test["known"], test["novel"][best]], axis=-1).argmax(-1)
-        agn = metrics.task_agnostic_accuracy(test["label"], pred, range(self.num_known))
-        res.update(
-            all_accuracy=agn["all"], known_accuracy=agn["known"], novel_accuracy=agn["novel"]
-        )
+        agn = metrics.task_agnostic_accuracies(test["label"], pred, range(self.num_known))
+        for convention, scores in agn.items():
+            for part in ("all", "known", "novel"):
+                res[f"{part}_accuracy_{convention}"] = scores[part]
         res["accuracy"] = res["novel_train_accuracy"]
         if jax.process_index() == 0:
             diagnostics.plot_confusion(
                 fileio.join(self.workdir, "confusion.png"),
                 test["label"],
                 pred,
-                agn["mapping"],
+                agn["global"]["mapping"],
                 self.num_known,
                 self.num_novel,
             )
@@ -633,6 +640,14 @@ class UNO(_NCDBase):
 # ---------------------------------------------------------------------------------------------
 # SCKD
 # ---------------------------------------------------------------------------------------------
+
+
+def _mean_entropy(q, weights):
+    """Mean entropy of the rows of q over the rows with weight > 0, in units of log(C) (1 =
+    uniform targets, 0 = one-hot), stop-gradient (a diagnostic)."""
+    q = jax.lax.stop_gradient(q)
+    h = -jnp.sum(jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0), -1)
+    return jnp.sum(h * weights) / jnp.maximum(jnp.sum(weights), 1.0) / np.log(q.shape[-1])
 
 
 class SCKD(UNO):
@@ -749,26 +764,46 @@ class SCKD(UNO):
         zero = jnp.asarray(0.0)
         if not s.beta:  # not computed at all: the graph, loss and gradients are UNO's
             return 0.0, {"k2n": zero, "n2k": zero}
-        k2n = n2k = sim_mean = zero
+        unl = 1.0 - lab
+        pairs = labeled[:, None] & ~labeled[None, :]
+        n_pairs = jnp.maximum(jnp.sum(pairs), 1)
+        m = {k: zero for k in ("k2n", "n2k", "similarity_mean", "similarity_std")}
+        m.update(k2n_target_entropy=zero, n2k_target_entropy=zero)
+        views = len(outs)
         for v, (out, key) in enumerate(zip(outs, ("image", "image2"))):
             sim = self._similarity(
                 out, batch[key], labeled, frozen_vars, jax.random.fold_in(rng, v)
             )
-            pairs = jnp.maximum(jnp.sum(lab) * jnp.sum(1.0 - lab), 1.0)
-            sim_mean += jnp.sum(sim) / pairs / len(outs)
+            # How much S tells the pairs apart: all-similar weights synthesise one target for
+            # every row (the batch's mean logits), whatever the row.
+            mean = jnp.sum(sim) / n_pairs
+            m["similarity_mean"] += mean / views
+            m["similarity_std"] += (
+                jnp.sqrt(jnp.sum(jnp.where(pairs, (sim - mean) ** 2, 0.0)) / n_pairs) / views
+            )
             if s.terms in ("both", "known_to_novel"):
                 zn = out["novel"] / t  # [H, B, C_u]
-                k2n += jax.vmap(
-                    lambda z: losses.cross_space_distillation(
-                        sim, z, z, s.alpha, s.kl_tau, target_weights=1.0 - lab
-                    )
-                )(zn).mean() / len(outs)
+                m["k2n"] += (
+                    jax.vmap(
+                        lambda z: losses.cross_space_distillation(
+                            sim, z, z, s.alpha, s.kl_tau, target_weights=unl
+                        )
+                    )(zn).mean()
+                    / views
+                )
+                q = losses.synthesize_pseudo_labels(sim, zn[0], s.alpha)
+                m["k2n_target_entropy"] += _mean_entropy(q, unl) / views
             if s.terms in ("both", "novel_to_known"):
                 zk = out["known"] / t
-                n2k += losses.cross_space_distillation(
-                    sim.T, zk, zk, s.alpha, s.kl_tau, target_weights=lab
-                ) / len(outs)
-        return s.beta * (k2n + n2k), {"k2n": k2n, "n2k": n2k, "similarity_mean": sim_mean}
+                m["n2k"] += (
+                    losses.cross_space_distillation(
+                        sim.T, zk, zk, s.alpha, s.kl_tau, target_weights=lab
+                    )
+                    / views
+                )
+                q = losses.synthesize_pseudo_labels(sim.T, zk, s.alpha)
+                m["n2k_target_entropy"] += _mean_entropy(q, lab) / views
+        return s.beta * (m["k2n"] + m["n2k"]), m
 
     # ----- variant = relations ------------------------------------------------------------------
     def spaces(self, out):
