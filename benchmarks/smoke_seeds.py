@@ -47,21 +47,24 @@ KEYS = {
 }
 
 
-def run_seed(seed: int, out: str, teacher0: str | None) -> dict:
+def run_seed(seed: int, out: str, teacher0: str | None, only: set) -> dict:
     from helpers import config
 
     from kd_jax import run, train
 
     results = {}
     teacher = os.path.join(out, f"teacher_s{seed}")
-    c = config("teacher_mnist.py", "smoke", seed=seed, async_checkpoints=False)
-    results["teacher"] = train.train_and_evaluate(c, teacher)
+    if only & {"teacher", "eikd", "odsd"}:
+        c = config("teacher_mnist.py", "smoke", seed=seed, async_checkpoints=False)
+        results["teacher"] = train.train_and_evaluate(c, teacher)
     teacher0 = teacher0 or teacher
     for name, cfg, extra in (
         ("eikd", "eikd_mnist.py", {}),
         ("odsd", "odsd_mnist.py", {"odsd.aps.refresh_epochs": 3}),
         ("sckd", "sckd_mnist.py", None),
     ):
+        if name not in only:
+            continue
         overrides = {"seed": seed, "async_checkpoints": False}
         if extra is not None:  # SCKD trains without a teacher
             overrides.update({"teacher.workdir": teacher0, **extra})
@@ -74,6 +77,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--out", default="/tmp/kd/smoke_seeds")
+    p.add_argument("--only", default="teacher,eikd,odsd,sckd", help="runs to make, e.g. sckd")
     args = p.parse_args(argv)
     import conftest  # noqa: F401  (the tests' 8 fake devices and XLA cache)
     import test_eikd
@@ -91,7 +95,7 @@ def main(argv=None):
     per_seed = {}
     teacher0 = None
     for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, args.out, teacher0)
+        per_seed[seed] = run_seed(seed, args.out, teacher0, set(args.only.split(",")))
         teacher0 = teacher0 or os.path.join(args.out, f"teacher_s{seed}")
     with open(os.path.join(args.out, "smoke_seeds.json"), "w") as f:
         json.dump({str(k): v for k, v in per_seed.items()}, f, indent=1, default=str)
@@ -101,6 +105,8 @@ def main(argv=None):
     )
     print("|---|---|---|---|---|---|")
     for metric, (run, bound_name, test) in BOUNDS.items():
+        if run not in per_seed[args.seeds[0]]:
+            continue
         v = np.array([per_seed[s][run][KEYS[metric]] for s in args.seeds])
         bound = bound_of[bound_name]
         std = v.std(ddof=1) if len(v) > 1 else float("nan")
