@@ -1,10 +1,27 @@
 """Evaluation metrics: accuracy (jnp, jit-able) and NCD clustering accuracy (NumPy/SciPy, host).
 
-Clustering accuracy follows UNO (`DonkeyShot21/UNO`): build the confusion matrix between
-predicted cluster ids and true labels, find the one-to-one mapping that maximises the number
-of matches with the Hungarian algorithm (`scipy.optimize.linear_sum_assignment`), and report
-matches / N. Labels and cluster ids can be any integers (they need not be contiguous or
-start at 0); a cluster left unmatched (more clusters than classes) counts as wrong.
+Clustering accuracy (`cluster_accuracy`, UNO's `cluster_acc`): build the confusion matrix between
+predicted cluster ids and true labels, find the one-to-one mapping that maximises the number of
+matches with the Hungarian algorithm (`scipy.optimize.linear_sum_assignment`), and report
+matches / N. Labels and cluster ids can be any integers (they need not be contiguous or start
+at 0); a cluster left unmatched (more clusters than classes) counts as wrong.
+
+Task-aware accuracy (`task_aware_accuracy`) is that number on the novel test images against the
+novel head's argmax. Task-agnostic accuracy scores the argmax over the concatenated
+[known; novel] logits on the whole test set, and the literature has two conventions for it:
+
+- UNO (`task_agnostic_accuracy_uno`; the "incremental/" metrics of DonkeyShot21/UNO
+  `main_discover.py`): known-class images are scored without any matching (correct iff the
+  argmax is their label); novel-class images get their own Hungarian matching, computed among
+  the novel images only, where a predicted id may be a known one.
+- Global (`task_agnostic_accuracy_global`; rKD's, and GCD's `split_cluster_acc_v2`): one
+  Hungarian matching over all test images and all predicted ids, then accuracy split by
+  whether the true label is known or novel.
+
+They differ e.g. when known images are confused among themselves (UNO counts them wrong, the
+global matching may permute them right) or novel images land on known ids (UNO's novel
+matching may map a known id to a novel class; the global one uses each id once for known and
+novel images together). `task_agnostic_accuracies` returns both.
 """
 
 from __future__ import annotations
@@ -28,18 +45,28 @@ def accuracy(logits, labels, weights=None):
 
 
 def _hungarian(y_true, y_pred):
-    """(number of matches, {pred_value: true_value}) of the best one-to-one mapping."""
+    """(per-sample correct [N] bool, {pred value: true value}) of the best one-to-one mapping."""
     true_vals, t_idx = np.unique(y_true, return_inverse=True)
     pred_vals, p_idx = np.unique(y_pred, return_inverse=True)
     counts = np.zeros((pred_vals.size, true_vals.size), dtype=np.int64)
-    np.add.at(counts, (p_idx, t_idx), 1)
+    np.add.at(counts, (p_idx.reshape(-1), t_idx.reshape(-1)), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
+    assigned = np.full(pred_vals.size, -1)  # -1: a cluster left unmatched is wrong
+    assigned[rows] = cols
     mapping = {int(pred_vals[r]): int(true_vals[c]) for r, c in zip(rows, cols)}
-    return int(counts[rows, cols].sum()), mapping
+    return assigned[p_idx.reshape(-1)] == t_idx.reshape(-1), mapping
 
 
-def _as_1d(x):
-    return np.asarray(x).reshape(-1).astype(np.int64)
+def _pair(y_true, y_pred):
+    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
+    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shape mismatch {y_true.shape} vs {y_pred.shape}")
+    return y_true, y_pred
+
+
+def _mean(x):
+    return float(x.mean()) if x.size else float("nan")
 
 
 def cluster_accuracy(y_true, y_pred):
@@ -49,51 +76,80 @@ def cluster_accuracy(y_true, y_pred):
     relabeling of the clusters; 1.0 for a perfect clustering under any permutation of ids.
     Empty input gives (0.0, {}).
     """
-    y_true, y_pred = _as_1d(y_true), _as_1d(y_pred)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"shape mismatch {y_true.shape} vs {y_pred.shape}")
+    y_true, y_pred = _pair(y_true, y_pred)
     if y_true.size == 0:
         return 0.0, {}
-    matches, mapping = _hungarian(y_true, y_pred)
-    return matches / y_true.size, mapping
+    correct, mapping = _hungarian(y_true, y_pred)
+    return float(correct.mean()), mapping
 
 
 def task_aware_accuracy(y_true, y_pred, mask=None):
-    """Task-aware NCD accuracy: novel samples only, predicted by the novel head (UNO protocol).
+    """`cluster_accuracy` of the samples `mask` selects (default all), as a float.
 
-    Hungarian clustering accuracy over the samples selected by `mask` (default all), e.g.
-    labels 5..9 against novel-head clusters 0..4. Returns a float.
+    It is the task-aware NCD number when the caller passes the novel test images and the novel
+    head's argmax (e.g. labels 5..9 against clusters 0..4). 0.0 if nothing is selected.
     """
-    y_true, y_pred = _as_1d(y_true), _as_1d(y_pred)
+    y_true, y_pred = _pair(y_true, y_pred)
     if mask is not None:
         m = np.asarray(mask).reshape(-1).astype(bool)
         y_true, y_pred = y_true[m], y_pred[m]
     return cluster_accuracy(y_true, y_pred)[0]
 
 
-def task_agnostic_accuracy(y_true, y_pred, known_classes):
-    """Task-agnostic NCD accuracy (UNO protocol): {"all", "known", "novel"}.
+def _is_known(y_true, known_classes):
+    return np.isin(y_true, np.asarray(list(known_classes), dtype=np.int64))
 
-    y_pred is the argmax over the concatenated [known; novel] logits on the whole test set.
-    One Hungarian mapping is found over *all* samples, then accuracy is reported on all of
-    them and split by whether the true label is in `known_classes` (NaN for an empty split).
-    Also returns "mapping".
+
+def task_agnostic_accuracy_global(y_true, y_pred, known_classes):
+    """Task-agnostic NCD accuracy, one matching over everything (rKD / GCD convention).
+
+    y_pred: argmax over the concatenated [known; novel] logits on the whole test set. One
+    Hungarian mapping over all samples and all predicted ids; accuracy on all of them and split
+    by whether the true label is in `known_classes`. Returns {"all", "known", "novel",
+    "mapping"} (mapping {pred id: true label}); NaN for an empty split.
     """
-    y_true, y_pred = _as_1d(y_true), _as_1d(y_pred)
+    y_true, y_pred = _pair(y_true, y_pred)
     if y_true.size == 0:
         return {"all": float("nan"), "known": float("nan"), "novel": float("nan"), "mapping": {}}
-    _, mapping = _hungarian(y_true, y_pred)
-    lookup = np.array([mapping.get(int(p), np.iinfo(np.int64).min) for p in np.unique(y_pred)])
-    mapped = lookup[np.searchsorted(np.unique(y_pred), y_pred)]
-    correct = mapped == y_true
-    known = np.isin(y_true, np.asarray(list(known_classes), dtype=np.int64))
-
-    def mean(sel):
-        return float(correct[sel].mean()) if sel.any() else float("nan")
-
+    correct, mapping = _hungarian(y_true, y_pred)
+    known = _is_known(y_true, known_classes)
     return {
-        "all": float(correct.mean()),
-        "known": mean(known),
-        "novel": mean(~known),
+        "all": _mean(correct),
+        "known": _mean(correct[known]),
+        "novel": _mean(correct[~known]),
         "mapping": mapping,
+    }
+
+
+def task_agnostic_accuracy_uno(y_true, y_pred, known_classes):
+    """Task-agnostic NCD accuracy in UNO's convention (its "incremental/" metrics).
+
+    y_pred: argmax over the concatenated [known; novel] logits, in y_true's label space (known
+    labels 0..C_l-1, novel C_l..C_l+C_u-1). Known-class images: correct iff y_pred == y_true,
+    no matching (the known head's ids are labels). Novel-class images: Hungarian matching among
+    them only, any predicted id (known ones too) may be matched. "all" = (known correct + novel
+    matched) / N, which UNO itself does not log. Returns {"all", "known", "novel", "mapping"}
+    (mapping: the novel-subset matching {pred id: true label}); NaN for an empty split.
+    """
+    y_true, y_pred = _pair(y_true, y_pred)
+    known = _is_known(y_true, known_classes)
+    correct_known = y_pred[known] == y_true[known]
+    if known.all():
+        correct_novel, mapping = np.zeros(0, bool), {}
+    else:
+        correct_novel, mapping = _hungarian(y_true[~known], y_pred[~known])
+    return {
+        "all": _mean(np.concatenate([correct_known, correct_novel])),
+        "known": _mean(correct_known),
+        "novel": _mean(correct_novel),
+        "mapping": mapping,
+    }
+
+
+def task_agnostic_accuracies(y_true, y_pred, known_classes):
+    """Both task-agnostic conventions: {"uno": task_agnostic_accuracy_uno(...),
+    "global": task_agnostic_accuracy_global(...)} of the same predictions."""
+    return {
+        "uno": task_agnostic_accuracy_uno(y_true, y_pred, known_classes),
+        "global": task_agnostic_accuracy_global(y_true, y_pred, known_classes),
     }
