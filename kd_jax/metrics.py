@@ -18,10 +18,10 @@ novel head's argmax. Task-agnostic accuracy scores the argmax over the concatena
   Hungarian matching over all test images and all predicted ids, then accuracy split by
   whether the true label is known or novel.
 
-They differ whenever known images are confused among themselves (UNO counts them wrong, the
+They differ e.g. when known images are confused among themselves (UNO counts them wrong, the
 global matching may permute them right) or novel images land on known ids (UNO's novel
-matching may map a known id to a novel class; the global one has already spent it on a known
-class). `task_agnostic_accuracies` returns both.
+matching may map a known id to a novel class; the global one uses each id once for known and
+novel images together). `task_agnostic_accuracies` returns both.
 """
 
 from __future__ import annotations
