@@ -306,58 +306,9 @@ def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
     assert results["known_accuracy_uno"] > SMOKE_KNOWN_ACCURACY
 
 
-# `sckd_mnist.py:smoke`, 4 seeds (benchmarks/results/smoke_seeds.md): novel_train_accuracy
-# 0.436 ± 0.022 (chance 0.2) and known_accuracy 0.770 ± 0.017; the bounds sit 6-7 stds below,
-# and still fail a run that learns nothing.
+# `sckd_mnist.py:smoke` (the replica variant, 150 discovery steps), 4 seeds
+# (benchmarks/results/smoke_seeds.md): novel_train_accuracy 0.428 ± 0.045 (5 clusters: chance
+# 0.2, Hungarian lifts noise to about 0.25) and known_accuracy_uno 0.903 ± 0.009; the bounds
+# sit 2.9 and 11 stds below, and still fail a run that learns nothing.
 SMOKE_NOVEL_ACCURACY = 0.30
-SMOKE_KNOWN_ACCURACY = 0.65
-
-
-def test_resumed_discovery_keeps_the_stage1_replica(tmp_path, monkeypatch):
-    """A discovery run stopped at step 6 of 12 and resumed ends where the uninterrupted run
-    ends (float64): the resumed process reads the same replica, the stage-1 encoder, from the
-    stage-1 workdir; no checkpoint holds it. A resume that copied the encoder at the resume
-    point instead (a replica of the wrong network) ends far away."""
-    from kd_jax import checkpoint, run
-    from kd_jax.methods.sckd import SCKD
-
-    c = config(
-        "sckd_mnist.py",
-        "smoke",
-        num_steps=12,
-        eval_every=12,
-        checkpoint_every=6,
-        async_checkpoints=False,
-        dtype="float64",
-        **{"ncd.pretrain.train.dtype": "float64", "ncd.pretrain.train.async_checkpoints": False},
-    )
-    with jax.enable_x64(True):
-        full = run.run(c, str(tmp_path / "full"))
-        stage1 = str(tmp_path / "full" / "pretrain")
-        c.ncd.pretrain.workdir = stage1
-        for name in ("resumed", "wrong_replica"):
-            assert run.run(c, str(tmp_path / name), stop_after=6) == {"stopped_at": 6}
-        resumed = run.run(c, str(tmp_path / "resumed"))
-        saved = checkpoint.load_variables(str(tmp_path / "wrong_replica"))
-        at_resume = {"params": saved["params"]["model"], "batch_stats": {}}
-        monkeypatch.setattr(
-            SCKD, "teacher_vars", property(lambda self: parallel.replicate(at_resume, self.mesh))
-        )
-        run.run(c, str(tmp_path / "wrong_replica"))
-        a, b, wrong = (
-            checkpoint.load_variables(str(tmp_path / name))
-            for name in ("full", "resumed", "wrong_replica")
-        )
-        replica = checkpoint.load_variables(stage1)["params"]["model"]
-    # The replica is stored once, in stage 1, and in no discovery checkpoint.
-    assert set(a["params"]) == {"model", "known", "discovery"}
-    assert max_distance(replica, a["params"]["model"]) > 1e-6  # the encoder trained on
-    same = record("SCKD resumed vs uninterrupted run", max_distance(a, b))
-    off = record(
-        "SCKD resumed with the resume-point encoder as replica (broken)", max_distance(wrong, a)
-    )
-    # Measured 5e-8 and 0.015 apart (UNO's own resume lands 3e-8 apart in float64: a restored
-    # state recompiles the step, and Sinkhorn's exp(x / 0.05) amplifies the ~1e-16 reordering).
-    assert same < 1e-6, same
-    assert off > 1e-4, off
-    assert resumed["novel_train_accuracy"] == full["novel_train_accuracy"]
+SMOKE_KNOWN_ACCURACY = 0.80
