@@ -3,7 +3,7 @@
 further experiments, a varied known/novel ratio and a wrongly estimated novel class count.
 
     python benchmarks/offline_sckd.py [--table main|ratios|clusters] [--seeds 0,1,2]
-        [--steps 2000] [--out /tmp/kd/offline_sckd] [--variants NAME,...]
+        [--steps 2000] [--out /tmp/kd/offline_sckd] [--variants "NAME;..."]
 
 One stage-1 run per seed and class split (`sckd_mnist.py:pretrain`) is shared by every
 discovery run of that seed and split (`ncd.pretrain.workdir`). Columns: task-aware novel
@@ -85,12 +85,12 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default="/tmp/kd/offline_sckd")
-    parser.add_argument("--variants", default="", help="main table: a subset of the rows")
+    parser.add_argument("--variants", default="", help="main table: rows, separated by ;")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = {}  # row name -> (split name, split, variant name, extra overrides)
     if args.table == "main":
-        names = args.variants.split(",") if args.variants else list(VARIANTS)
+        names = args.variants.split(";") if args.variants else list(VARIANTS)
         rows = {n: ("5/5", RATIOS["5/5"], n, {}) for n in names}
     elif args.table == "ratios":
         for ratio, split in RATIOS.items():

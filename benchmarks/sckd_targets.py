@@ -6,8 +6,9 @@ against those UNO's own Sinkhorn targets and the novel head itself give.
 
 For each run: the replica (its stage-1 encoder) and the final state; batches as in training
 (`--labeled` labeled rows, the rest unlabeled, one view, no augmentation). Printed per run:
-the Hungarian accuracy of argmax q_u (L_k->n's targets) and of the novel head's argmax on the
-same images, the share of the commonest target class (1/C_u = balanced, 1 = one class for every
+the Hungarian accuracy of argmax q_u (L_k->n's targets), of the targets S would give with its
+shared part removed (each column centred; a probe, not a switch), and of the novel head's argmax
+on the same images, the share of the commonest target class (1/C_u = balanced, 1 = one class for every
 image), the targets' mean entropy / log C_u, and S's mean and spread over the pairs.
 """
 
@@ -63,19 +64,26 @@ def score_run(workdir: str, labeled: int, batch: int = 128) -> dict:
     _, lab_anchor, lab_zn, _ = arrays(m.known)
     unl_feats, _, unl_zn, unl_y = arrays(m.novel)
     rng = np.random.default_rng(0)
-    targets, sims = [], []
+    targets, centred, sims = [], [], []
     for start in range(0, len(unl_y), batch - labeled):
         j = np.arange(start, min(start + batch - labeled, len(unl_y)))
         i = rng.choice(len(lab_zn), labeled, replace=False)
         sim = losses.cross_similarity(lab_anchor[i], unl_feats[j], normalize=s.normalize)
         targets.append(np.asarray(losses.synthesize_pseudo_labels(sim, lab_zn[i], s.alpha)))
+        # What is left once the part of S every column shares is removed (each unlabeled
+        # image's similarity to a labeled one relative to its mean similarity): not a switch
+        # of the method, a probe of what information S carries.
+        sim_c = sim - sim.mean(axis=0, keepdims=True)
+        centred.append(np.asarray(losses.synthesize_pseudo_labels(sim_c, lab_zn[i], s.alpha)))
         sims.append(np.asarray(sim).ravel())
     q = np.concatenate(targets)
+    qc = np.concatenate(centred)
     sims = np.concatenate(sims)
     entropy = -(q * np.log(np.maximum(q, 1e-30))).sum(-1).mean() / np.log(q.shape[-1])
     share = np.bincount(q.argmax(-1), minlength=q.shape[-1]).max() / len(q)
     return {
         "target_accuracy": metrics.cluster_accuracy(unl_y, q.argmax(-1))[0],
+        "centred_S_target_accuracy": metrics.cluster_accuracy(unl_y, qc.argmax(-1))[0],
         "novel_head_accuracy": metrics.cluster_accuracy(unl_y, unl_zn.argmax(-1))[0],
         "commonest_target_share": float(share),
         "target_entropy": float(entropy),
