@@ -10,10 +10,19 @@ file cannot be downloaded here, so the default is a seeded choice (`ncd.subset_s
 of the 1,000 labels — a different subset from UNO's, so numbers are not comparable with its table
 until the official list is passed. Stage 1 (`pretrain`, supervised on the 50 known classes,
 100 epochs, SGD 0.1, batch 256, wd 1e-4) is trained into <workdir>/pretrain first unless
-`--config.ncd.pretrain.workdir` names a finished run; stage 2: batch 512, SGD 0.4 (10 warm-up
-epochs, cosine to 1e-3), wd 1.5e-4, 60 epochs, 4 heads + over-clustering (our choice of epochs).
-Each stream is filtered by class from the full train split: the first pass counts the images
-(one read of the split). Roughly a day on one A100-class GPU (untimed here).
+`--config.ncd.pretrain.workdir` names a finished run. Stage 2 follows UNO's published ImageNet
+recipe (DonkeyShot21/UNO; its README command is for its own 882 / 30 ImageNet splits, the
+nearest it publishes): from that command 60 epochs, SGD 0.2 with 5 warm-up epochs, 4 heads,
+`--multicrop` (2 large + 2 small crops), over-clustering factor 4, and a global batch of 512
+(2 GPUs × 256, half labeled, half unlabeled: its utils/data.py, `ncd.labeled_fraction = 0.5`);
+from its main_discover.py defaults momentum 0.9, wd 1.5e-4, cosine to 1e-3, projector
+512 → 2048 → 256; from its utils/transforms.py (`ncd.strong_augment = uno_imagenet`): both large
+views strongly augmented (resized crop of 50–100 % area, flip, colour jitter 0.4/0.4/0.2/0.1
+with p 0.5, grayscale p 0.2, Gaussian blur σ 0.1–2 with p 0.2: no solarize / equalize there),
+small crops 96 px of 8–50 % area, flip, jitter p 0.8, grayscale p 0.2, blur p 0.5. Each stream
+is filtered by class from the full train split: the first pass counts the images (one read of
+the split). Untimed here (no GPU in this environment); roughly a day on one A100-class GPU
+before multi-crop, which adds about a fifth per step by pixel count (2 × 96² next to 2 × 224²).
 `:smoke` shrinks it to seconds (tests, on `tfds.testing.mock_data`).
 """
 
@@ -55,12 +64,14 @@ def _config(stage, smoke):
             images=100 * IMAGES_PER_CLASS,
             batch=512,
             epochs=60,
-            lr=0.4,
+            lr=0.2,
             weight_decay=1.5e-4,
-            warmup_epochs=10,
+            warmup_epochs=5,
             end_lr=1e-3,
             ramp_epochs=10,
         )
+        config_utils.ncd_uno_recipe(c, augment="uno_imagenet", overcluster_factor=4)
+        c.ncd.labeled_fraction = 0.5
     if smoke:
         config_utils.ncd_smoke(c)
     return c

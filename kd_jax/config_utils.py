@@ -244,6 +244,16 @@ def ncd_schedule(
     c.checkpoint_every = min(1000, c.num_steps)
 
 
+def ncd_uno_recipe(c: ml_collections.ConfigDict, *, augment: str, overcluster_factor: int) -> None:
+    """UNO's published discovery recipe (the README commands of DonkeyShot21/UNO, with
+    `--multicrop`, and the defaults of its main_discover.py): both large views strongly
+    augmented with `augment` (`uno_cifar` | `uno_imagenet`, its utils/transforms.py), 2 small
+    crops of that recipe, 4 heads, projector 2048 -> 256 and `overcluster_factor`."""
+    c.ncd.strong_views, c.ncd.strong_augment, c.ncd.num_small_crops = "both", augment, 2
+    c.ncd.num_heads, c.ncd.hidden_dim, c.ncd.proj_dim = 4, 2048, 256
+    c.ncd.overcluster_factor = overcluster_factor
+
+
 def ncd_smoke(c: ml_collections.ConfigDict) -> None:
     """A seconds-long run of any NCD config (tests): LeNet-5 at 32 px, tiny heads, 2 steps."""
     c.model.name = "lenet5"
@@ -253,6 +263,8 @@ def ncd_smoke(c: ml_collections.ConfigDict) -> None:
     c.ncd.hidden_dim, c.ncd.proj_dim, c.ncd.num_heads = 16, 8, 2
     c.ncd.trainable, c.ncd.backbone_workdir = (), ""
     c.ncd.max_train_eval_examples = 16
+    if c.ncd.num_small_crops:  # LeNet-5 takes 32 px only: the multi-crop path at full size
+        c.ncd.small_crop_size = c.data.image_size
     c.data.target.max_eval_examples = 16
     c.batch_size, c.eval_batch_size, c.num_steps = 16, 16, 2
     c.optimizer.warmup_steps = 0

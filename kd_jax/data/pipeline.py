@@ -12,6 +12,7 @@ so every process runs the same number of steps and each example counts exactly o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 
@@ -282,51 +283,173 @@ def _normalize(image, domain: Domain):
     return (tf.cast(image, tf.float32) - mean) / std
 
 
-def preprocess(element, domain: Domain, augment: str, seed=None, strong: bool = False):
+GEOMETRIES = ("domain", "pad_or_resized", "resized")
+COLOURS = ("none", "simclr", "torchvision")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewAugment:
+    """The augmentation of one training view (multi-view methods: UNO's large and small crops).
+
+    `geometry`: `domain` is `data.augment`, as every stream; `resized` a random resized crop
+    (area `scale`, aspect 3/4..4/3) to `size` px, then a flip; `pad_or_resized`, UNO's CIFAR
+    choice, with p 1/2 the pad-and-crop of `crop` instead of the resized crop, then a flip.
+    `colour`: `none`; `simclr` kd_jax's strong view (`_colour_jitter`); `torchvision`
+    torchvision's ColorJitter(*jitter) (its four ops in random order) with p `jitter_p`, then
+    grayscale, solarize (threshold ~ U[0, 256)), equalize and Gaussian blur (σ ~ U[blur_sigma])
+    each with its own p. Jitter and grayscale need RGB: skipped on 1-channel images.
+    """
+
+    geometry: str = "domain"
+    size: int = 0  # output side in px; 0 = the domain's image_size
+    scale: tuple[float, float] = (0.08, 1.0)
+    colour: str = "none"
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness .. hue
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    solarize_p: float = 0.0
+    equalize_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self):
+        if self.geometry not in GEOMETRIES or self.colour not in COLOURS:
+            raise ValueError(f"ViewAugment: geometry in {GEOMETRIES}, colour in {COLOURS}: {self}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1 or self.size < 0:
+            raise ValueError(f"ViewAugment: need 0 < scale[0] <= scale[1] <= 1, size >= 0: {self}")
+
+
+PLAIN_VIEW = ViewAugment()
+SIMCLR_VIEW = ViewAugment(colour="simclr")  # kd_jax's strong second view (`strong=True`)
+# Strong large view and small crop of each recipe. UNO's are its `utils/transforms.py`
+# (DonkeyShot21/UNO): the "unsupervised" transform of the large views and
+# `get_multicrop_transform` of the small crops; its CIFAR recipe has no grayscale and its
+# ImageNet one no solarize / equalize but a Gaussian blur. `simclr` has no small-crop size.
+STRONG_AUGMENTS = {
+    "simclr": (SIMCLR_VIEW, ViewAugment(geometry="resized", colour="simclr")),
+    "uno_cifar": (
+        ViewAugment(
+            geometry="pad_or_resized",
+            scale=(0.5, 1.0),
+            colour="torchvision",
+            jitter_p=0.6,
+            solarize_p=0.1,
+            equalize_p=0.1,
+        ),
+        ViewAugment(
+            geometry="resized",
+            size=18,
+            scale=(0.3, 0.8),
+            colour="torchvision",
+            jitter_p=0.8,
+            solarize_p=0.2,
+            equalize_p=0.2,
+        ),
+    ),
+    "uno_imagenet": (
+        ViewAugment(
+            geometry="resized",
+            scale=(0.5, 1.0),
+            colour="torchvision",
+            jitter_p=0.5,
+            grayscale_p=0.2,
+            blur_p=0.2,
+        ),
+        ViewAugment(
+            geometry="resized",
+            size=96,
+            scale=(0.08, 0.5),
+            colour="torchvision",
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=0.5,
+        ),
+    ),
+}
+
+
+def _resized_crop(image, size, scale, seed):
+    """Random crop of `scale` of the area, aspect 3/4..4/3 (the whole image when 10 draws
+    fail), resized to size x size: Inception's / torchvision's RandomResizedCrop."""
+    begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, box_size)
+    return tf.image.resize(image, (size, size), antialias=True)
+
+
+def _to_size(image, domain: Domain, size: int):
+    """The eval-time geometry: resize (ImageNet: shorter side, centre crop) to size x size."""
+    if domain.eval_crop < 1.0:  # resize the shorter side, centre crop
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        scale = (size / domain.eval_crop) / tf.cast(tf.minimum(h, w), tf.float32)
+        new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
+        image = tf.image.resize(image, new, antialias=True)
+        image = tf.image.resize_with_crop_or_pad(image, size, size)
+    elif image.shape[0] != size or image.shape[1] != size:
+        image = tf.image.resize(image, (size, size), antialias=True)
+    return tf.ensure_shape(image, (size, size, domain.channels))
+
+
+def _pad_crop(image, size, channels, seed):
+    pad = 4 if size >= 32 else 2  # pad 4 px (2 for small images) then crop back
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.stateless_random_crop(image, (size, size, channels), seed=seed)
+
+
+def preprocess(element, domain: Domain, augment: str, seed=None, strong: bool = False, view=None):
     """uint8 image -> normalised float32 [S,S,C] in the teacher's domain, with augmentation.
 
     `seed` is a stateless [2] int seed (per element), so augmentation is a pure function of
-    (run seed, epoch, position) and a resumed run repeats it exactly. `strong` adds the colour
-    jitter / grayscale of a second contrastive view (RGB only).
+    (run seed, epoch, position) and a resumed run repeats it exactly. `view` (a `ViewAugment`)
+    is the view's own augmentation on top of `augment`; `strong` is `view=SIMCLR_VIEW`, the
+    colour jitter / grayscale of a second contrastive view (RGB only).
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"config.data.augment={augment!r} is not one of {AUGMENTATIONS}")
+    view = view or (SIMCLR_VIEW if strong else PLAIN_VIEW)
     image = tf.cast(_to_domain_channels(element["image"], domain.channels), tf.float32)
-    size = domain.image_size
-    train = seed is not None and augment != "none"
+    size = view.size or domain.image_size
+    train = seed is not None and (augment != "none" or view.geometry != "domain")
     if train:
         s = tf.random.experimental.stateless_split(seed, 6)
-    if train and augment == "inception":
-        begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image),
-            bounding_boxes=tf.zeros([1, 0, 4]),
-            seed=s[0],
-            min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0),
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
+        # Seeds of the view options, apart so the `domain` + `simclr` draws stay as they were.
+        v = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 1 << 20), 8
         )
-        image = tf.slice(image, begin, box_size)
-        image = tf.image.resize(image, (size, size), antialias=True)
+    if not train:
+        image = _to_size(image, domain, size)
+    elif view.geometry == "resized":
+        image = _resized_crop(image, size, view.scale, v[0])
+    elif view.geometry == "pad_or_resized":
+        image = tf.cond(
+            tf.random.stateless_uniform([], v[1]) < 0.5,
+            lambda: _pad_crop(_to_size(image, domain, size), size, domain.channels, s[1]),
+            lambda: _resized_crop(image, size, view.scale, v[0]),
+        )
+    elif augment == "inception":
+        image = _resized_crop(image, size, (0.08, 1.0), s[0])
     else:
-        if domain.eval_crop < 1.0:  # resize the shorter side, centre crop
-            h, w = tf.shape(image)[0], tf.shape(image)[1]
-            scale = (size / domain.eval_crop) / tf.cast(tf.minimum(h, w), tf.float32)
-            new = tf.cast(tf.round(tf.cast(tf.stack([h, w]), tf.float32) * scale), tf.int32)
-            image = tf.image.resize(image, new, antialias=True)
-            image = tf.image.resize_with_crop_or_pad(image, size, size)
-        elif image.shape[0] != size or image.shape[1] != size:
-            image = tf.image.resize(image, (size, size), antialias=True)
+        image = _to_size(image, domain, size)
+        if augment != "none":  # crop / crop_flip
+            image = _pad_crop(image, size, domain.channels, s[1])
+    if train:  # a crop of unknown channel count (tf.slice) gets its static shape back
         image = tf.ensure_shape(image, (size, size, domain.channels))
-        if train:  # crop / crop_flip: pad 4 px (2 for small images) then crop back
-            pad = 4 if size >= 32 else 2
-            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-            image = tf.image.stateless_random_crop(image, (size, size, domain.channels), seed=s[1])
-    if train and augment in ("crop_flip", "inception"):
+    flip = augment in ("crop_flip", "inception") or view.geometry != "domain"
+    if train and flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=s[2])
-    if train and strong and domain.channels == 3:
+    if train and view.colour == "simclr" and domain.channels == 3:
         image = _colour_jitter(image, s[3], s[4], s[5])
+    if train and view.colour == "torchvision":
+        image = _photometric(image, view, domain.channels == 3, v[2:])
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(_normalize(image, domain), (size, size, domain.channels))
 
@@ -343,6 +466,97 @@ def _colour_jitter(image, seed_apply, seed_jitter, seed_gray):
     gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
     x = tf.where(tf.random.stateless_uniform([], seed_gray) < 0.2, gray, x)
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def _photometric(image, view: ViewAugment, rgb: bool, seeds):
+    """`colour = torchvision` on [0, 255]: jitter, grayscale, solarize, equalize, blur, in the
+    order of UNO's transforms (each only where its p > 0, so an unused op costs nothing)."""
+    k = [seeds[i] for i in range(6)]
+
+    def draw(seed):
+        return tf.random.stateless_uniform([], seed)
+
+    x = image
+    if rgb and view.jitter_p > 0:
+        x = tf.cond(
+            draw(k[0]) < view.jitter_p,
+            lambda: _torchvision_jitter(x / 255.0, view.jitter, k[1]) * 255.0,
+            lambda: x,
+        )
+    if rgb and view.grayscale_p > 0:
+        gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
+        x = tf.where(draw(k[2]) < view.grayscale_p, gray, x)
+    if view.solarize_p > 0:  # PIL's solarize: values >= threshold are inverted
+        ks = tf.random.experimental.stateless_split(k[3], 2)
+        threshold = tf.random.stateless_uniform([], ks[1]) * 256.0
+        solarized = tf.where(x >= threshold, 255.0 - x, x)
+        x = tf.where(draw(ks[0]) < view.solarize_p, solarized, x)
+    if view.equalize_p > 0:
+        x = tf.cond(draw(k[4]) < view.equalize_p, lambda: _equalize(x), lambda: x)
+    if view.blur_p > 0:
+        kb = tf.random.experimental.stateless_split(k[5], 2)
+        lo, hi = view.blur_sigma
+        sigma = tf.random.stateless_uniform([], kb[1], lo, hi)
+        x = tf.cond(draw(kb[0]) < view.blur_p, lambda: _gaussian_blur(x, sigma, hi), lambda: x)
+    return x
+
+
+def _torchvision_jitter(x, strengths, seed):
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) on RGB in [0, 1]: a
+    factor per op (brightness / contrast / saturation ~ U[1 - s, 1 + s], hue ~ U[-h, h]) and
+    the four ops in a random order. Brightness scales, contrast and saturation blend with the
+    grayscale mean / image (not TF's additive brightness and HSV saturation)."""
+    b, c, s, h = strengths
+    k = tf.random.experimental.stateless_split(seed, 5)
+    fb = tf.random.stateless_uniform([], k[0], max(0.0, 1 - b), 1 + b)
+    fc = tf.random.stateless_uniform([], k[1], max(0.0, 1 - c), 1 + c)
+    fs = tf.random.stateless_uniform([], k[2], max(0.0, 1 - s), 1 + s)
+    fh = tf.random.stateless_uniform([], k[3], -h, h)
+    order = tf.argsort(tf.random.stateless_uniform([4], k[4]))
+
+    def blend(y, other, factor):
+        return tf.clip_by_value(factor * y + (1 - factor) * other, 0.0, 1.0)
+
+    ops = (
+        lambda y: tf.clip_by_value(y * fb, 0.0, 1.0),
+        lambda y: blend(y, tf.reduce_mean(tf.image.rgb_to_grayscale(y)), fc),
+        lambda y: blend(y, tf.image.rgb_to_grayscale(y), fs),
+        lambda y: tf.clip_by_value(tf.image.adjust_hue(y, fh), 0.0, 1.0),
+    )
+    for i in range(4):
+        x = tf.switch_case(order[i], [functools.partial(op, x) for op in ops])
+    return x
+
+
+def _equalize(image):
+    """PIL's ImageOps.equalize on [0, 255], per channel of the rounded uint8 values: the LUT
+    (step // 2 + pixels below v) // step with step = (pixels - count of the top value) // 255
+    (Pillow's current divisor; older Pillow used 256), identity when step is 0."""
+    q = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.int32)
+    channels = []
+    for c in range(image.shape[-1]):
+        ch = q[..., c]
+        hist = tf.math.bincount(tf.reshape(ch, [-1]), minlength=256, maxlength=256)
+        top = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))
+        step = (tf.reduce_sum(hist) - top) // 255
+        lut = tf.minimum((tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1), 255)
+        channels.append(tf.where(step > 0, tf.gather(lut, ch), ch))
+    return tf.cast(tf.stack(channels, axis=-1), tf.float32)
+
+
+def _gaussian_blur(image, sigma, max_sigma):
+    """Separable Gaussian blur of std `sigma` px (PIL's GaussianBlur radius), edges mirrored;
+    the kernel spans 3 · max_sigma so its shape is static."""
+    radius = int(math.ceil(3 * max_sigma))
+    t = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / tf.reduce_sum(kernel)
+    channels = image.shape[-1]
+    x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "SYMMETRIC")
+    column = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    x = tf.nn.depthwise_conv2d(x, column, [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, tf.reshape(column, [1, -1, channels, 1]), [1, 1, 1, 1], "VALID")
+    return x[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +576,15 @@ def train_iterator(
     views: int = 1,
     shuffle_buffer: int = 16384,
     cache: bool = False,
+    view_augments: dict[str, ViewAugment] | None = None,
 ) -> Iterator[dict]:
     """Infinite per-host stream of `{"image"[, "image2"], "label", "id"}` numpy batches.
 
     Epoch e shuffles with seed (seed, e) and augments element k with seed (seed, e, k), so batch
     t is a pure function of (seed, t): on resume we skip whole epochs and, inside the current
-    epoch, the first elements *before* decoding/augmenting them.
+    epoch, the first elements *before* decoding/augmenting them. `views=2` adds a strong second
+    view (`SIMCLR_VIEW`); `view_augments` (batch key -> `ViewAugment`, e.g. UNO's two large
+    views and its small crops) replaces both: the i-th view augments with seed (seed, e, k, i).
     """
     if steps_per_epoch < 1:
         raise ValueError(
@@ -376,6 +593,8 @@ def train_iterator(
         )
     if cache:
         ds = ds.cache()
+    if view_augments is None:
+        view_augments = {"image": PLAIN_VIEW, **({"image2": SIMCLR_VIEW} if views == 2 else {})}
     epoch = start_step // steps_per_epoch
     skip = (start_step % steps_per_epoch) * local_batch
     while True:
@@ -388,19 +607,12 @@ def train_iterator(
             elem_seed = tf.random.experimental.stateless_fold_in(
                 tf.constant([seed, epoch], tf.int64), k
             )
-            out = {
-                "image": preprocess(e, domain, augment, elem_seed),
-                "label": e["label"],
-                "id": e["id"],
-            }
-            if views == 2:
-                out["image2"] = preprocess(
-                    e,
-                    domain,
-                    augment,
-                    tf.random.experimental.stateless_fold_in(elem_seed, 1),
-                    strong=True,
+            out = {"label": e["label"], "id": e["id"]}
+            for i, (key, view) in enumerate(view_augments.items()):
+                view_seed = (
+                    elem_seed if i == 0 else tf.random.experimental.stateless_fold_in(elem_seed, i)
                 )
+                out[key] = preprocess(e, domain, augment, view_seed, view=view)
             return out
 
         epoch_ds = epoch_ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -11,7 +11,9 @@ Novel class discovery (SCKD and its UNO base). Three registered methods share th
   the known classes and the Sinkhorn-Knopp assignment of the *other* view's novel logits
   (computed over the unlabeled part of the global batch). Loss = (swapped-prediction CE of the
   novel heads + that of the over-clustering heads) / 2, averaged over heads and views. The
-  "best head" is the one with the lowest running cluster loss.
+  "best head" is the one with the lowest running cluster loss. Multi-crop (`ncd.num_small_crops`,
+  UNO's `--multicrop`): small crops make no targets and predict both large views' (all the
+  pairs averaged); the views' augmentation is `ncd.strong_views` / `ncd.strong_augment`.
 * `sckd` (`SCKD`, a subclass of `UNO`): L = L_UNO + SCKD's cross-space terms. The default
   (`sckd.variant = replica`) is the paper's mechanism as three secondary sources describe it
   (sckd.md §6): a frozen replica of the stage-1 encoder scores every labeled x unlabeled pair
@@ -39,6 +41,7 @@ globally matched task-agnostic confusion matrix on the test set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 
@@ -95,6 +98,16 @@ def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.Con
             "sk_iters": 3,
             "sk_epsilon": 0.05,
             "head_loss_decay": 0.99,  # running per-head cluster loss -> the best head
+            # Discovery views (`view_augments`). This default (view 1 as `data.augment`, view 2
+            # plus SimCLR colour jitter, no small crops) is the one the offline MNIST numbers
+            # were measured with; the CIFAR / ImageNet configs set UNO's published recipe
+            # (`config_utils.ncd_uno_recipe`): both views strong and 2 small crops.
+            "strong_views": "second",  # second | both: the large views `strong_augment` gets
+            "strong_augment": "simclr",  # simclr | uno_cifar | uno_imagenet (pipeline)
+            # UNO's multi-crop: small crops predict the large views' targets, make none of theirs.
+            "num_small_crops": 0,
+            "small_crop_size": 0,  # px; 0 = the recipe's (UNO: 18 CIFAR, 96 ImageNet)
+            "small_crop_scale": (),  # area range; () = the recipe's (UNO: .3-.8 / .08-.5)
             "max_train_eval_examples": 0,  # 0 = the whole unlabeled train set in each eval
             # Top-level backbone modules that train (empty = all), e.g. ("blocks_11", "norm").
             "trainable": (),
@@ -365,11 +378,44 @@ class NCDPretrain(_NCDBase):
 # ---------------------------------------------------------------------------------------------
 
 
+def view_augments(ncd) -> dict:
+    """Batch key -> `pipeline.ViewAugment` of each discovery view, from `config.ncd`: the two
+    large views "image" and "image2" (the first plain unless `strong_views = both`), then
+    `num_small_crops` small crops "image_small_<i>" of the recipe's small-crop augmentation."""
+    strong_views, recipe = ncd.get("strong_views", "second"), ncd.get("strong_augment", "simclr")
+    check_choice(strong_views, ("second", "both"), "ncd.strong_views")
+    check_choice(recipe, tuple(pipeline.STRONG_AUGMENTS), "ncd.strong_augment")
+    num_small = ncd.get("num_small_crops", 0)
+    if not isinstance(num_small, int) or num_small < 0:
+        raise ValueError(f"config.ncd.num_small_crops={num_small!r}: use an integer >= 0")
+    large, small = pipeline.STRONG_AUGMENTS[recipe]
+    views = {"image": large if strong_views == "both" else pipeline.PLAIN_VIEW, "image2": large}
+    if not num_small:
+        return views
+    size = ncd.get("small_crop_size", 0) or small.size
+    scale = tuple(ncd.get("small_crop_scale", ()) or small.scale)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"config.ncd.small_crop_size={size!r}: set the small crops' side in px "
+            f"(ncd.strong_augment={recipe!r} has no size of its own)"
+        )
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(
+            f"config.ncd.small_crop_scale={scale!r}: use (lo, hi) with 0 < lo <= hi <= 1"
+        )
+    small = dataclasses.replace(small, size=size, scale=scale)
+    return dict(views, **{f"image_small_{i}": small for i in range(num_small)})
+
+
 class UNO(_NCDBase):
     """UNO discovery (stage 2); see the module docstring."""
 
     name = "uno"
-    views = 2
+    views = 2  # the large views; `view_augments` adds any small crops
+
+    def __init__(self, config, workdir, mesh, teacher=None):
+        super().__init__(config, workdir, mesh, teacher)
+        self.view_augments = view_augments(config.ncd)
 
     @functools.cached_property
     def heads(self):
@@ -447,7 +493,7 @@ class UNO(_NCDBase):
             domain=self.domain,
             augment=data.augment,
             start_step=start_step,
-            views=2,
+            view_augments=self.view_augments,
             shuffle_buffer=data.get("shuffle_buffer", 16384),
             cache=data.get("cache", False),
         )
@@ -471,9 +517,10 @@ class UNO(_NCDBase):
                 )
             )
         lab_it, unl_it = streams
+        keys = (*self.view_augments, "label")
         while True:
             a, b = next(lab_it), next(unl_it)
-            yield {k: np.concatenate([a[k], b[k]]) for k in ("image", "image2", "label")}
+            yield {k: np.concatenate([a[k], b[k]]) for k in keys}
 
     # ----- the step ----------------------------------------------------------------------------
     def _forward(self, params, batch_stats, images, train, rng=None):
@@ -518,21 +565,33 @@ class UNO(_NCDBase):
         )
 
     def uno_loss(self, outs, labels):
-        """-> (scalar UNO loss, per-head cluster loss [H], metrics)."""
+        """-> (scalar UNO loss, per-head cluster loss [H], metrics).
+
+        `outs`: the head outputs of each view, the two large views first, then any small crops.
+        As UNO's multi-crop (`swapped_prediction` of its main_discover.py): targets come from
+        the large views only, every view predicts each *other* large view's targets, and the
+        CE is averaged over those 2·(V - 1) pairs, per head.
+        """
         t = self.config.ncd.temperature
         labeled = labels >= 0
         h = self.config.ncd.num_heads
+        pair = jax.vmap(functools.partial(losses.swapped_prediction_loss, temperature=t))
 
         def swapped(key):
             logits, targets = [], []
-            for o in outs:
+            for i, o in enumerate(outs):
                 kh = jnp.broadcast_to(o["known"], (h, *o["known"].shape))
                 logits.append(jnp.concatenate([kh, o[key]], axis=-1))
-                targets.append(self._targets(kh, o[key], labels, labeled))
-            # View 1 predicts the targets made from view 2 and vice versa; per head.
-            return jax.vmap(
-                lambda l1, l2, t1, t2: losses.swapped_prediction_loss(l1, l2, t1, t2, temperature=t)
-            )(logits[0], logits[1], targets[0], targets[1])
+                if i < 2:
+                    targets.append(self._targets(kh, o[key], labels, labeled))
+            # Each call is the mean of two pairs: the large views predicting each other's
+            # targets, then a small crop (its logits in both slots) predicting both large
+            # views'. So the sum / (V - 1) is the mean over all pairs, and with no small crop
+            # it is the two-view loss bit for bit (/ 1).
+            total = pair(logits[0], logits[1], targets[0], targets[1])
+            for small in logits[2:]:
+                total = total + pair(small, small, targets[0], targets[1])
+            return total / (len(outs) - 1)
 
         cluster = swapped("novel")
         if outs[0]["over"] is not None:
@@ -548,14 +607,20 @@ class UNO(_NCDBase):
         return 0.0, {}
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
-        rng1, rng2 = jax.random.split(rng)
-        out1, stats = self._forward(params, batch_stats, batch["image"], True, rng1)
-        out2, stats = self._forward(params, stats, batch["image2"], True, rng2)
-        outs = (out1, out2)
+        outs, stats = [], batch_stats
+        # Every view through the model in turn (its BN statistics too, as UNO's per-crop
+        # forward does): the two large views, then any small crops.
+        for key, view_rng in zip(
+            self.view_augments, jax.random.split(rng, len(self.view_augments))
+        ):
+            out, stats = self._forward(params, stats, batch[key], True, view_rng)
+            outs.append(out)
         loss, per_head, m = self.uno_loss(outs, batch["label"])
+        # The added terms (SCKD) see the two large views only, as without small crops.
         extra, m_extra = self.extra_loss(
-            outs, step, batch, teacher_vars, jax.random.fold_in(rng, 2)
+            tuple(outs[:2]), step, batch, teacher_vars, jax.random.fold_in(rng, 2)
         )
+        out1 = outs[0]
         loss = loss + extra
         decay = self.config.ncd.head_loss_decay
         ema = batch_stats["head_loss"]["ema"]
