@@ -249,7 +249,7 @@ def test_small_crops_reach_the_step_but_not_the_sckd_terms():
     """The step forwards every view; SCKD's extra terms see the two large views only."""
     m = _method("sckd", **{"ncd.num_small_crops": 2, "ncd.small_crop_size": 32})
     seen = []
-    m.extra_loss = lambda outs, step, labels: (seen.append(len(outs)) or 0.0, {})
+    m.extra_loss = lambda outs, step, batch, frozen, rng: (seen.append(len(outs)) or 0.0, {})
     m.build_optimizer(10)
     state = m.init_state(jax.random.PRNGKey(0))
     batch = {k: jax.ShapeDtypeStruct((16, 32, 32, 1), jnp.float32) for k in m.view_augments} | {
