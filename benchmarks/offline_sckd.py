@@ -10,7 +10,8 @@ discovery run of that seed and split (`ncd.pretrain.workdir`). Columns: task-awa
 accuracy (unlabeled train part, held-out test part; best head), task-agnostic all / known /
 novel accuracy on the test part in UNO's convention and in the global one (rKD / GCD), wall
 seconds of discovery; mean ± std over seeds. Runs are cached per workdir
-(<out>/s<steps>/<split>/<variant>/seed<k>). Writes benchmarks/results/offline_sckd_<table>.md.
+(<out>/s<steps>/<split>/<variant>/seed<k>). Writes
+benchmarks/results/offline_sckd_<table>_s<steps>.md.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def main():
         + "\n"
     )
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "benchmarks", "results", f"offline_sckd_{args.table}.md")
+    name = f"offline_sckd_{args.table}_s{args.steps}.md"
+    path = os.path.join(ROOT, "benchmarks", "results", name)
     with open(path, "w") as f:
         f.write(text)
     print(text)
