@@ -126,7 +126,7 @@ def main():
         f"`python benchmarks/offline_sckd.py --table {args.table} --seeds {args.seeds} "
         f"--steps {args.steps}`; discovery {args.steps} steps (stage 1: 300); accuracy in %, "
         f"mean ± std over {len(seeds)} seed(s) {seeds}; LeNet-5, `{CONFIG}`; wall = discovery "
-        f"seconds per run (two runs shared the 2 cores).\n\n"
+        f"seconds per run (up to six runs shared the 2 cores: compare within a table only).\n\n"
         + harness.markdown(table, columns)
         + "\n"
     )
