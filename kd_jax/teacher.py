@@ -52,9 +52,13 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str, mesh, *, dtype
     model = models.create_model(
         arch, num_classes, dtype=dtype, conv=config.model.get("conv", "auto"), conv_groups=mesh.size
     )
-    variables = checkpoint.load_variables(path)
-    variables = {
-        "params": variables["params"]["model"],
-        "batch_stats": variables["batch_stats"].get("model", {}),
+    return FrozenTeacher(model, parallel.replicate(model_variables(path), mesh), info)
+
+
+def model_variables(workdir: str) -> dict:
+    """{"params", "batch_stats"} of the network (`model`, no heads) saved in `workdir`."""
+    saved = checkpoint.load_variables(workdir)
+    return {
+        "params": saved["params"]["model"],
+        "batch_stats": saved["batch_stats"].get("model", {}),
     }
-    return FrozenTeacher(model, parallel.replicate(variables, mesh), info)

@@ -186,6 +186,16 @@ class Method:
         return jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
 
     def init_state(self, rng) -> TrainState:
+        params, batch_stats = self.init_variables(rng)
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=self.tx.init(params),
+        )
+
+    def init_variables(self, rng):
+        """The initial (params, batch_stats) of the student ("model") and the heads."""
         size, ch = self.domain.image_size, self.domain.channels
         x = jnp.zeros((2, size, size, ch), jnp.float32)
         rng, key = jax.random.split(rng)
@@ -201,12 +211,7 @@ class Method:
             # A float64 run is float64 throughout: parameters (float32 at init), BatchNorm
             # statistics and, through them, the optimizer state.
             params, batch_stats = _as_dtype((params, batch_stats), jnp.float64)
-        return TrainState(
-            step=jnp.asarray(0, jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=self.tx.init(params),
-        )
+        return params, batch_stats
 
     def student_apply(self, params, batch_stats, images, train: bool, rng=None):
         """Student forward -> ((logits, features), new student batch_stats); `rng` feeds

@@ -52,21 +52,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from kd_jax import checkpoint, diagnostics, fileio, losses, metrics, parallel, prerequisites
+from kd_jax import diagnostics, fileio, losses, metrics, parallel, prerequisites
 from kd_jax.config_utils import check_choice
 from kd_jax.data import pipeline
 from kd_jax.data.splits import SPLIT_KEYS, class_split, hide_labels, remap_labels
-from kd_jax.methods.base import (
-    Method,
-    TrainState,
-    _as_dtype,
-    _dtype,
-    make_optimizer,
-    make_schedule,
-)
+from kd_jax.methods.base import Method, TrainState, make_optimizer, make_schedule
 from kd_jax.models.heads import MLPHead
 from kd_jax.models.layers import at_least_float32
 from kd_jax.models.shapes import feature_shapes
+from kd_jax.teacher import model_variables
 
 
 def default_config(num_known: int = 5, num_novel: int = 5) -> ml_collections.ConfigDict:
@@ -781,20 +775,12 @@ class SCKD(UNO):
         # An unfinished stage 1 stops a real run in `prepare`; a step built without it (a
         # benchmark on synthetic batches) gets the initialisation, as without a stage 1.
         if source and prerequisites.finished(source):
-            saved = checkpoint.load_variables(source)
-            variables = {
-                "params": saved["params"]["model"],
-                "batch_stats": saved["batch_stats"].get("model", {}),
-            }
-            if _dtype(self.config) == jnp.float64:
-                variables = _as_dtype(variables, jnp.float64)
+            variables = model_variables(source)
+            if self.config.get("dtype", "float32") == "float64":  # as the state (init_variables)
+                variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
         else:
-            self.build_optimizer(self.num_steps())
-            state = jax.jit(self.init_state)(self.init_rng())
-            variables = {
-                "params": state.params["model"],
-                "batch_stats": state.batch_stats["model"],
-            }
+            params, stats = jax.jit(self.init_variables)(self.init_rng())
+            variables = {"params": params["model"], "batch_stats": stats["model"]}
         return parallel.replicate(variables, self.mesh)
 
     def extra_loss(self, outs, step, batch, frozen_vars, rng):
@@ -846,25 +832,14 @@ class SCKD(UNO):
             )
             if s.terms in ("both", "known_to_novel"):
                 zn = out["novel"] / t  # [H, B, C_u]
-                m["k2n"] += (
-                    jax.vmap(
-                        lambda z: losses.cross_space_distillation(
-                            sim, z, z, s.alpha, s.kl_tau, target_weights=unl
-                        )
-                    )(zn).mean()
-                    / views
-                )
-                q = losses.synthesize_pseudo_labels(sim, zn[0], s.alpha)
-                m["k2n_target_entropy"] += _mean_entropy(q, unl) / views
+                q = jax.vmap(lambda z: losses.synthesize_pseudo_labels(sim, z, s.alpha))(zn)
+                kl = jax.vmap(lambda qh, z: losses.pseudo_label_kl(qh, z, s.kl_tau, unl))(q, zn)
+                m["k2n"] += kl.mean() / views
+                m["k2n_target_entropy"] += _mean_entropy(q[0], unl) / views
             if s.terms in ("both", "novel_to_known"):
                 zk = out["known"] / t
-                m["n2k"] += (
-                    losses.cross_space_distillation(
-                        sim.T, zk, zk, s.alpha, s.kl_tau, target_weights=lab
-                    )
-                    / views
-                )
                 q = losses.synthesize_pseudo_labels(sim.T, zk, s.alpha)
+                m["n2k"] += losses.pseudo_label_kl(q, zk, s.kl_tau, lab) / views
                 m["n2k_target_entropy"] += _mean_entropy(q, lab) / views
         return s.beta * (m["k2n"] + m["n2k"]), m
 
