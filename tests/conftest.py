@@ -1,9 +1,8 @@
-"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere; a persistent XLA cache;
-one small offline teacher shared by the end-to-end student tests."""
+"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere; one small offline
+teacher shared by the end-to-end student tests."""
 
 import fcntl
 import os
-import tempfile
 
 import pytest
 
@@ -13,12 +12,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# XLA:CPU compiles dominate the suite (e.g. ~12 s for LeNet's random init): many tests build the
-# same programs, and subprocess tests inherit the cache through the environment.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kd_jax_test_xla_cache")
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# No persistent XLA compilation cache (JAX_COMPILATION_CACHE_DIR): with jaxlib 0.10 an
+# executable read back from it can deadlock XLA:CPU's collectives across the 8 fake devices
+# (two independent all-reduces entered in different orders by different devices, then a
+# fatal rendezvous timeout), which took a pytest-xdist worker down and hung the session.
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -283,7 +283,18 @@ def test_smi_and_sc_invariants():
 
 def test_sckd_mnist_smoke_discovers_novel_digits(tmp_path):
     c = config("sckd_mnist.py", "smoke")
-    from kd_jax import run
+    from kd_jax import checkpoint, run
+    from kd_jax.teacher import model_variables
+
+    # Stopped after a few discovery steps, then resumed: the replica a resumed run carries is
+    # the stage-1 encoder read again from its workdir, not the encoder trained since.
+    stopped = run.run(c, str(tmp_path), stop_after=5)
+    assert stopped["stopped_at"] == 5
+    resumed = get_method("sckd")(c, str(tmp_path), parallel.make_mesh(jax.devices()))
+    stage1 = model_variables(str(tmp_path / "pretrain"))
+    trained = checkpoint.load_variables(str(tmp_path))["params"]["model"]
+    assert max_distance(resumed.teacher_vars["params"], stage1["params"]) == 0.0
+    assert max_distance(resumed.teacher_vars["params"], trained) > 1e-4
 
     results = run.run(c, str(tmp_path))
     for key in (
