@@ -3,6 +3,9 @@ bundled benchmark.
 
     python benchmarks/offline_odsd.py [--seeds 0 1 2] [--steps 2000] [--out /tmp/kd/offline_odsd]
     python benchmarks/offline_odsd.py --pair wrn --out /tmp/kd/offline_odsd_wrn ...
+    python benchmarks/offline_odsd.py --pair wrn --teacher kd_jax/assets/teachers/mnist5k_wrn10_1 \
+        --steps 400 --seeds 0 1 2 --only ODSD "KD, random pool subset (N)" "KD, whole pool" \
+        --out /tmp/kd/offline_odsd_wrn_demo --table offline_odsd_wrn_demo.md   # the demo's baselines
 
 `--pair wrn` swaps the models only (teacher WRN-10-1, student the same at half width, 32×32×1); data,
 selection sizes and optimiser stay those of the configs, so the two tables differ in the
@@ -111,6 +114,9 @@ def main(argv=None):
         "--teacher", default="", help="finished teacher workdir of the --pair's teacher model"
     )
     parser.add_argument("--only", nargs="*", default=None, help="run only these row names")
+    parser.add_argument(
+        "--table", default="", help="file name in benchmarks/results/ (default: per --pair)"
+    )
     args = parser.parse_args(argv)
 
     teacher_model, student_model, _ = PAIRS[args.pair]
@@ -177,7 +183,9 @@ def _write(table, args, argv):
         ]
     )
     os.makedirs(os.path.join(harness.ROOT, "benchmarks", "results"), exist_ok=True)
-    name = "offline_odsd.md" if args.pair == "lenet" else f"offline_odsd_{args.pair}.md"
+    name = args.table or (
+        "offline_odsd.md" if args.pair == "lenet" else f"offline_odsd_{args.pair}.md"
+    )
     path = os.path.join(harness.ROOT, "benchmarks", "results", name)
     with open(path, "w") as f:
         f.write(text)

@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 10
     c.dtype = "float32"  # compute dtype of the models (bfloat16 on TPU)
     c.distributed = False  # jax.distributed.initialize() (launch/ sets it)
+    # Measured results of this config's baselines, printed beside the run's own when it ends.
+    c.reference = ""
     c.model = ml_collections.ConfigDict(
         {
             "name": "",  # the network being trained (kd_jax.models.list_models)
@@ -181,6 +183,32 @@ def offline_student(config_file: str, method: str, smoke: bool) -> ml_collection
     c.data = c.teacher.train.data.copy_and_resolve_references()
     c.data.transfer.source = "offline_pool"
     return c
+
+
+BUNDLED_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teachers")
+
+
+def bundled_teacher(name: str) -> str:
+    """The workdir of a teacher that ships inside the package (kd_jax/assets/teachers/<name>,
+    made with `kd_jax.tools.export_teacher` from a run of this project's own teacher config)."""
+    path = os.path.join(BUNDLED_TEACHERS, name)
+    if not os.path.isfile(os.path.join(path, "results.json")):
+        raise FileNotFoundError(
+            f"bundled teacher {name!r} is missing from {BUNDLED_TEACHERS!r}: reinstall kd_jax, "
+            f"or train it and pass --config.teacher.workdir"
+        )
+    return path
+
+
+def offline_wrn_pair(c: ml_collections.ConfigDict, config_file: str, smoke: bool) -> None:
+    """The offline benchmark's BatchNorm pair on a student config of `offline_student`:
+    WRN-10-1 -> WRN-10-1-half, taught by the bundled WRN-10-1 teacher (`teacher_mnist.py:wrn`,
+    seed 0, 98.1 %), so no teacher is trained; `--config.teacher.workdir=` (empty) trains
+    `teacher_mnist.py:wrn` into <workdir>/teacher instead."""
+    c.model.name = "wrn10_1_half"
+    c.teacher.model = "wrn10_1"
+    c.teacher.train = sibling(config_file, "teacher_mnist.py", "wrn,smoke" if smoke else "wrn")
+    c.teacher.workdir = bundled_teacher("mnist5k_wrn10_1")
 
 
 # ----- NCD configs (configs/sckd_*.py); their keys are `kd_jax.methods.sckd.default_config` ----

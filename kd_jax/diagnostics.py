@@ -303,3 +303,43 @@ def plot_confusion(
         fileio.save_figure_atomic(path, fig, dpi=100)
     finally:
         plt.close(fig)
+
+
+def run_summary(results: dict, workdir: str, reference: str = "") -> str:
+    """The lines a person reads at a glance when a run ends: teacher and student accuracy, the
+    transfer set's composition (a pool selection with source tags), `reference` (a config's
+    measured baselines, e.g. README table rows) and the diagnostic files written."""
+    lines = [f"summary of {workdir}"]
+    if results.get("teacher_accuracy") is not None:
+        lines.append(f"  teacher accuracy   {100 * results['teacher_accuracy']:.1f} %")
+    lines.append(
+        f"  {results['method']} ({results['model']}) accuracy "
+        f"{100 * results['final_accuracy']:.1f} % (best {100 * results['best_accuracy']:.1f} %) "
+        f"after {results['steps']} steps, {results.get('wall_seconds', 0.0):.0f} s"
+    )
+    sel = results.get("selection") or {}
+    if sel.get("selection_size"):
+        lines.append(
+            f"  transfer set       {sel['selection_size']:,} of {sel['pool_size']:,} pool images"
+        )
+        if sel.get("selection_related_share") is not None:
+            lines.append(
+                f"  related images     {100 * sel['selection_related_share']:.1f} % of the "
+                f"selection ({100 * sel['pool_related_share']:.1f} % of the pool)"
+            )
+        shares = sel.get("selection_source_share") or {}
+        if shares:
+            by_share = sorted(shares.items(), key=lambda kv: -kv[1])
+            lines.append(
+                "  by source          " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in by_share)
+            )
+    if reference:
+        lines.append(f"  reference          {reference}")
+    written = [
+        fileio.join(workdir, name)
+        for name in ("sampling.png", "selection_quality.png", "confusion.png", "results.json")
+        if fileio.exists(fileio.join(workdir, name))
+    ]
+    if written:
+        lines.append("  files              " + ", ".join(written))
+    return "\n".join(lines)

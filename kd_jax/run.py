@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kd_jax import log, parallel, prerequisites, train
+from kd_jax import diagnostics, log, parallel, prerequisites, train
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
@@ -23,4 +23,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
         out = train.train_and_evaluate(stage.config, stage.workdir)
         if "stopped_at" in out:  # preempted (SIGTERM): the next invocation resumes this stage
             return out
-    return train.train_and_evaluate(config, workdir, stop_after=stop_after)
+    results = train.train_and_evaluate(config, workdir, stop_after=stop_after)
+    if "stopped_at" not in results:
+        log.info(diagnostics.run_summary(results, workdir, config.get("reference", "")))
+    return results
