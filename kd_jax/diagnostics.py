@@ -194,6 +194,10 @@ def plot_selection_quality(
     if mark is not None:
         ax.plot([mark[0]], [100 * mark[1]], "k*", ms=10, label=f"this run (N = {mark[0]})")
     ax.set_xscale("log")
+    sizes = sorted({n for curve in curves.values() for n in curve})
+    ax.minorticks_off()
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes], fontsize=7)
     ax.set_xlabel("selection size N")
     ax.set_ylabel("related images in the selection (%)")
     ax.grid(alpha=0.3)

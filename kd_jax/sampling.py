@@ -580,10 +580,15 @@ def mahalanobis_score(features, fit, classes=None):
     """-min_c d_M^2(f, mu_c) (Lee et al. 2018, class-conditional Gaussians with a shared
     covariance; higher = in-distribution). `classes` given: the distance to that class's
     mean instead of the nearest. [N]."""
-    d2 = mahalanobis_distances(features, fit)
-    if classes is None:
-        return -jnp.min(d2, axis=-1)
-    return -jnp.take_along_axis(d2, jnp.asarray(classes)[:, None], axis=-1)[:, 0]
+    if classes is None:  # the nearest class by the expanded form, ...
+        classes = jnp.argmin(mahalanobis_distances(features, fit), axis=-1)
+    # ... its distance from the explicit difference: the expanded form cancels badly when
+    # f'Pf is large (a ridge-dominated precision), and an [N, C, D] difference is too big.
+    f = cm.flatten_rows(features)
+    diff = f - cm.as_float(fit.means)[jnp.asarray(classes)]
+    d2 = jnp.sum(cm.mm(diff, cm.as_float(fit.precision)) * diff, -1)
+    present = jnp.asarray(fit.present)[jnp.asarray(classes)]
+    return jnp.where(present, -jnp.maximum(d2, 0.0), -jnp.inf)
 
 
 def knn_score(features, bank, k=1, ids=None, bank_ids=None, bank_valid=None):
