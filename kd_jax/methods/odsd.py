@@ -9,7 +9,10 @@ key of `config.odsd` (defaults as in the paper, see `default_config()`):
   confidence, a within-class score α·rank01(cos) + (1−α)·rank01(log p_T) and a class-balanced
   quota n_c = ⌈N/C⌉. `kd_jax.pool.select_transfer_set` writes the selection (ids, classes,
   scores) and its diagnostics to the workdir (`selection.npz`, `selection_report.json`,
-  `sampling.png`; results.json's `selection`); a resumed run reuses them. Optional adaptive
+  `sampling.png`; results.json's `selection`); a resumed run reuses them. `config.odsd.score`
+  swaps APS's within-class ranking for an out-of-distribution score of the teacher (energy,
+  Mahalanobis, k-NN, BatchNorm statistics; `kd_jax.pool.OODSpec`) under the same class
+  balance; on the bundled pool `selection_quality.png` compares them all as N varies. Optional adaptive
   refresh (§1F, `aps.refresh_epochs`): every R epochs the candidates are
   re-ranked with the current student's disagreement KL(p_T ‖ p_S) and the loop switches to the
   new selection (`selection_step<k>.npz`; a resumed run picks the one in force at its step).
@@ -308,12 +311,13 @@ def select_by_score(
         raise ValueError(f"config.odsd.aps.size={size} exceeds the pool ({len(ids)} images)")
     s = np.asarray(scores.score(score), np.float32)
     cls = np.asarray(scores.pred, np.int32)
+    ids32 = ids.astype(np.int32)  # pool ids fit int32 (the samplers' id type)
     if balance:
         idx = sampling.select_class_balanced(
-            s, cls, per_class_quota(size, num_classes), num_classes, ids=ids, total=size
+            s, cls, per_class_quota(size, num_classes), num_classes, ids=ids32, total=size
         )
     else:
-        idx = sampling.select_top_k(s, size, ids=ids)
+        idx = sampling.select_top_k(s, size, ids=ids32)
     idx = np.asarray(idx)
     idx = idx[np.argsort(ids[idx], kind="stable")]
     return pool.Selection(ids=ids[idx].astype(np.int64), classes=cls[idx], scores=s[idx])
