@@ -10,7 +10,10 @@ L_SR. The student is evaluated on the held-out MNIST-5k test split (1,000 digits
 Runtime: 1,000 steps of batch 128, about 4-5 minutes on 2 idle CPU cores including the teacher
 (README, "Try it"). The offline table runs 400 steps (`--config.num_steps=400`).
 Outputs in the workdir: results.json (accuracy, selection diagnostics), sampling.png,
-selection.npz, metrics.jsonl, TensorBoard events.
+selection_quality.png (every selection score's digit share as N varies; a second teacher pass
+over the pool), selection.npz, metrics.jsonl, TensorBoard events.
+`--config.odsd.score=knn` (or energy | mahalanobis | bn) ranks the pool by an OOD score instead
+of APS (README, "Selection quality").
 
 Arguments (comma-separated): `smoke` (a short run for tests: 300-step teacher, N = 1,000,
 150 student steps of 64), or one ablation of the offline table: `no_aps` (random subset of N),
@@ -60,5 +63,7 @@ def get_config(arg=None):
         c.batch_size, c.num_steps = 64, 150
         c.optimizer.warmup_steps = 10
         c.odsd.aps.size = 1000
+        # selection_quality.png costs a second pool pass; tests/test_selection_scores.py covers it
+        c.odsd.diagnostics.quality_plot = False
         c.log_every, c.eval_every, c.checkpoint_every = 50, 150, 150
     return c

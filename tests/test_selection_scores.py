@@ -292,3 +292,51 @@ def test_pool_pass_equals_in_memory(tmp_path):
             batch_size=8,
             ood=pool.OODSpec(kinds=("bn",)),
         )
+
+
+def test_quality_curves_and_plot(tmp_path):
+    """selection_quality: each rule's related share at each N equals a NumPy reference of ODSD's
+    class balance (per class the ceil(N/C) best, shortfall from the global ranking); the plot
+    is written."""
+    from kd_jax import diagnostics
+
+    r = rng(20)
+    m = 90
+    scores = pool.PoolScores(
+        ids=np.arange(m, dtype=np.int64) * 3,
+        pred=r.integers(0, C, m).astype(np.int32),
+        confidence=r.uniform(size=m).astype(np.float32),
+        entropy=r.uniform(size=m).astype(np.float32),
+        energy=r.normal(size=m).astype(np.float32),
+        margin=r.uniform(size=m).astype(np.float32),
+        sources=np.where(r.uniform(size=m) < 0.4, "digit", "other"),
+        cand_ids=np.zeros(0, np.int64),
+        cand_class=np.zeros(0, np.int32),
+        cand_feat=np.zeros((0, 1), np.float16),
+        cand_logp=np.zeros(0, np.float32),
+        extra={"knn": r.normal(size=m).astype(np.float32)},
+    )
+    rules = odsd.quality_rules(scores, odsd.default_config().aps, C)
+    assert set(rules) == {"confidence", "energy", "knn"}  # no heaps: no APS line
+    curves = pool.selection_quality(scores, rules, ["digit"], sizes=(10, 40, 200))
+    related = scores.sources == "digit"
+    for name in rules:
+        s = np.asarray(scores.score(name), np.float64)
+        assert set(curves[name]) == {10, 40}  # N above the pool is skipped
+        for n, share in curves[name].items():
+            quota = -(-n // C)
+            picked = []
+            for c in range(C):
+                idx = np.flatnonzero(scores.pred == c)
+                picked += list(idx[np.lexsort((scores.ids[idx], -s[idx]))][:quota])
+            picked = np.asarray(picked)
+            picked = picked[np.lexsort((scores.ids[picked], -s[picked]))][:n]
+            if len(picked) < n:
+                rest = np.setdiff1d(np.arange(m), picked)
+                rest = rest[np.lexsort((scores.ids[rest], -s[rest]))][: n - len(picked)]
+                picked = np.concatenate([picked, rest])
+            assert share == pytest.approx(related[picked].mean()), (name, n)
+    path = diagnostics.plot_selection_quality(
+        str(tmp_path / "q.png"), curves, pool_share=related.mean(), mark=(40, 0.5)
+    )
+    assert os.path.getsize(path) > 1000
