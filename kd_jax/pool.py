@@ -548,7 +548,12 @@ def score_pool(
     if ood.second_pass:
         fit = None
         if "mahalanobis" in ood.kinds:
-            if gauss is None or not float(np.sum(gauss.count)):
+            if gauss is None:
+                raise ValueError(
+                    f"{out_dir} holds teacher scores without the Mahalanobis statistics "
+                    f"(a pass made for another config.odsd.score): remove it to rescore"
+                )
+            if not float(np.sum(gauss.count)):
                 raise ValueError(
                     f"no pool image reaches the teacher confidence {ood.fit_confidence} that "
                     f"fits the Mahalanobis score: lower config.odsd.ood.fit_confidence"
