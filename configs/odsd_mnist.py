@@ -5,7 +5,7 @@ BatchNorm pair WRN-10-1 -> WRN-10-1-half (the README demo).
     python -m kd_jax.main --config=configs/odsd_mnist.py --workdir=/tmp/kd/odsd_mnist
 
 `wrn` (the demo): the bundled WRN-10-1 teacher (kd_jax/assets/teachers/mnist5k_wrn10_1, 98.1 %;
-`configs/teacher_mnist.py:wrn` remakes it), 400 steps of batch 128; about 4 minutes on 2 idle
+`configs/teacher_mnist.py:wrn` remakes it), 400 steps of batch 128; about 3-4 minutes on 2 idle
 CPU cores (README, "Try it"). The run ends with a summary beside the same pair's KD baselines
 (`c.reference`, from `benchmarks/offline_odsd.py --pair wrn`).
 Without `wrn` the LeNet-5 teacher is trained first into <workdir>/teacher (124 s on 2 idle CPU
@@ -15,7 +15,10 @@ Either way APS samples N = 4,000 images (the size of the original train split) f
 9,797-image open-world pool (printed and handwritten digits, letters, photo crops), and the
 student learns from them with LNR + L_TR + L_SR; it is evaluated on the held-out MNIST-5k test
 split (1,000 digits). Outputs in the workdir: results.json (accuracy, selection diagnostics),
-sampling.png, selection.npz, metrics.jsonl, TensorBoard events.
+sampling.png, selection_quality.png (every selection score's digit share as N varies; a second
+teacher pass over the pool), selection.npz, metrics.jsonl, TensorBoard events.
+`--config.odsd.score=knn` (or energy | mahalanobis | bn) ranks the pool by an OOD score instead
+of APS (README, "Selection quality").
 
 Arguments (comma-separated): `wrn` (above), `smoke` (a short run for tests: 300-step teacher,
 N = 1,000, 150 student steps of 64), or one ablation of the offline table: `no_aps` (random
@@ -79,5 +82,7 @@ def get_config(arg=None):
         c.batch_size, c.num_steps = 64, 150
         c.optimizer.warmup_steps = 10
         c.odsd.aps.size = 1000
+        # selection_quality.png costs a second pool pass; tests/test_selection_scores.py covers it
+        c.odsd.diagnostics.quality_plot = False
         c.log_every, c.eval_every, c.checkpoint_every = 50, 150, 150
     return c

@@ -6,6 +6,8 @@ and the confusion plot of novel class discovery.
   of each source and of the related sources) as a JSON-able dict for results.json.
 * `plot_selection(path, pool_scores, selection, ...)`: `sampling.png` — teacher-confidence
   histograms of selected vs rejected pool images, per-class counts, source shares.
+* `plot_selection_quality(path, curves, ...)`: `selection_quality.png` — the share of related
+  images in a selection as its size N varies, one line per score (`pool.selection_quality`).
 * `bn_statistics_distance(teacher_model, teacher_vars, images_batches)`: how far a set's
   per-layer activation statistics are from the teacher's BatchNorm running statistics, the only
   data-free summary of the original distribution (odsd.md §1 "Diagnostics").
@@ -162,6 +164,45 @@ def plot_selection(
         axes[2].set_title("source share", fontsize=9)
         axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fileio.save_figure_atomic(path, fig)
+    return path
+
+
+def plot_selection_quality(
+    path: str,
+    curves: dict,
+    pool_share: float | None = None,
+    mark: tuple | None = None,
+    title: str = "selection quality",
+) -> str:
+    """Writes `path` (e.g. <workdir>/selection_quality.png): for each score (`curves`: name ->
+    {N: related share}) the share of related images in its selection of N, N on a log axis;
+    `pool_share` (the random-subset level) dashed, `mark` = (N, share) the run's own selection."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        if curve:
+            n = sorted(curve)
+            ax.plot(n, [100 * curve[k] for k in n], marker="o", ms=3, label=name)
+    if pool_share is not None:
+        ax.axhline(100 * pool_share, color="tab:gray", ls="--", lw=1, label="pool (random N)")
+    if mark is not None:
+        ax.plot([mark[0]], [100 * mark[1]], "k*", ms=10, label=f"this run (N = {mark[0]})")
+    ax.set_xscale("log")
+    sizes = sorted({n for curve in curves.values() for n in curve})
+    ax.minorticks_off()
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(n) for n in sizes], fontsize=7)
+    ax.set_xlabel("selection size N")
+    ax.set_ylabel("related images in the selection (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fileio.save_figure_atomic(path, fig)
     return path

@@ -218,11 +218,15 @@ class PoolScores:
     cand_class: np.ndarray  # [K] their teacher class
     cand_feat: np.ndarray  # [K, d] L2-normalised teacher penultimate features (float16)
     cand_logp: np.ndarray  # [K] log p_T(class|x)
+    # [M] feature-space scores asked for with `OODSpec` (mahalanobis, knn, bn), by name
+    extra: dict = dataclasses.field(default_factory=dict)
 
     _SCALARS = ("ids", "pred", "confidence", "entropy", "energy", "margin", "sources")
 
     def score(self, kind: str) -> np.ndarray:
         """Score per item, higher = more wanted (kd_jax.sampling's sign convention)."""
+        if kind in self.extra:
+            return self.extra[kind]
         return {
             "confidence": self.confidence,
             "entropy": -self.entropy,
@@ -231,14 +235,76 @@ class PoolScores:
         }[kind]
 
 
-def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int):
+OOD_KINDS = ("mahalanobis", "knn", "bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class OODSpec:
+    """Which feature-space out-of-distribution scores `score_pool` adds (`PoolScores.extra`).
+
+    * `mahalanobis`: -min_c d_M²(f, μ_c), class-conditional Gaussians with a shared covariance
+      (Lee et al. 2018) on the teacher's penultimate features f;
+    * `knn`: cosine of the normalised f to its k-th nearest neighbour among the pool's most
+      confident images (Sun et al. 2022), the bank being each teacher class's `knn_bank` most
+      confident images (a prefix of ODSD's per-class heaps; the image itself excluded);
+    * `bn`: how far each image's per-layer input statistics lie from the teacher's BatchNorm
+      running statistics (teachers with BatchNorm only).
+
+    Both feature scores are fitted on the pool's own confident images: Mahalanobis's
+    sufficient statistics over the images with p_T(ŷ|x) ≥ `fit_confidence` (class ŷ) and
+    k-NN's bank are gathered during the one teacher pass, solved once, and a second pass over
+    the same shards (same machinery, cached per shard) scores every image. `bn` needs no fit
+    and comes with the first pass.
+    """
+
+    kinds: tuple = ()
+    fit_confidence: float = 0.9
+    normalize: bool = True  # Mahalanobis on L2-normalised features (False: raw)
+    shrinkage: float = 1e-2  # ridge of the shared covariance, in units of tr(Σ)/d
+    knn_k: int = 10
+    knn_bank: int = 0  # bank images per teacher class (0: the heap size)
+
+    @property
+    def second_pass(self) -> bool:
+        return any(k in self.kinds for k in ("mahalanobis", "knn"))
+
+
+def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int, ood: OODSpec | None = None):
+    """The first pass: per-item scalars, ODSD's heaps, and (with `ood`) the Gaussian fit's
+    sufficient statistics over confident images and the per-item BatchNorm score."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from kd_jax import sampling
 
-    def stats(variables, images, ids, mask, heaps):
-        logits, feats = apply_fn(variables, images, train=False)
+    ood = ood or OODSpec()
+
+    def stats(variables, images, ids, mask, carry):
+        moments = []
+
+        def record_bn_inputs(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
+                x = jnp.asarray(args[0], jnp.float32)
+                axes = tuple(range(1, x.ndim - 1))  # per image: over spatial positions
+                mean = jnp.mean(x, axes) if axes else x
+                var = jnp.var(x, axes) if axes else jnp.zeros_like(x)
+                moments.append(
+                    (
+                        mean,
+                        var,
+                        module.get_variable("batch_stats", "mean"),
+                        module.get_variable("batch_stats", "var"),
+                    )
+                )
+            return next_fun(*args, **kwargs)
+
+        if "bn" in ood.kinds:
+            with nn.intercept_methods(record_bn_inputs):
+                logits, feats = apply_fn(variables, images, train=False)
+        else:
+            logits, feats = apply_fn(variables, images, train=False)
         logits = logits.astype(jnp.float32)
         logp = jax.nn.log_softmax(logits)
         p = jnp.exp(logp)
@@ -250,16 +316,122 @@ def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int):
             "energy": jax.nn.logsumexp(logits, -1),
             "margin": top2[:, 0] - top2[:, 1],
         }
+        if "bn" in ood.kinds:
+            out["bn"] = sampling.bn_statistics_score(moments)
+        carry = dict(carry)
         if heap_size:
             f = feats["pre_logits"].astype(jnp.float32)
             f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
             payload = {"feat": f.astype(jnp.float16), "logp": jnp.log(out["confidence"])}
-            heaps = sampling.merge_class_top_k(
-                heaps, out["confidence"], out["pred"], ids, payload=payload, mask=mask > 0
+            carry["heaps"] = sampling.merge_class_top_k(
+                carry["heaps"], out["confidence"], out["pred"], ids, payload=payload, mask=mask > 0
             )
-        return out, heaps
+        if "mahalanobis" in ood.kinds:
+            f = _ood_features(feats, ood)
+            fit_w = mask * (out["confidence"] >= ood.fit_confidence)
+            carry["gauss"] = sampling.merge_gaussian_stats(
+                carry["gauss"], sampling.gaussian_stats(f, out["pred"], num_classes, fit_w)
+            )
+        return out, carry
 
     return stats
+
+
+def _ood_features(feats, ood: OODSpec):
+    import jax.numpy as jnp
+
+    f = feats["pre_logits"].astype(jnp.float32)
+    f = f.reshape(f.shape[0], -1)
+    if ood.normalize:
+        f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    return f
+
+
+def _feature_scores_fn(apply_fn, ood: OODSpec):
+    """The second pass: every image's feature-space scores under the solved fit / bank."""
+    import jax.numpy as jnp
+
+    from kd_jax import sampling
+
+    def scores(variables, fit, bank, batch):
+        _, feats = apply_fn(variables, batch["image"], train=False)
+        out = {}
+        if "mahalanobis" in ood.kinds:
+            out["mahalanobis"] = sampling.mahalanobis_score(_ood_features(feats, ood), fit)
+        if "knn" in ood.kinds:
+            f = feats["pre_logits"].astype(jnp.float32)
+            out["knn"] = sampling.knn_score(
+                f.reshape(f.shape[0], -1),
+                bank["feat"].astype(jnp.float32),
+                k=ood.knn_k,
+                ids=batch["id"].astype(jnp.int32),
+                bank_ids=bank["ids"],
+            )
+        return out
+
+    return scores
+
+
+def class_top_candidates(scores: PoolScores, per_class: int) -> PoolScores:
+    """`scores` with its candidates cut to each teacher class's `per_class` most confident
+    (confidence desc, id asc): exactly the heaps a pass with heap size `per_class` keeps."""
+    from kd_jax import sampling
+
+    cls = np.asarray(scores.cand_class)
+    if not len(cls):
+        return scores
+    rank = np.asarray(
+        sampling.within_class_rank(
+            np.asarray(scores.cand_logp, np.float32), cls, scores.cand_ids.astype(np.int32)
+        )
+    )
+    keep = np.flatnonzero(rank < per_class)
+    return dataclasses.replace(
+        scores,
+        cand_ids=scores.cand_ids[keep],
+        cand_class=scores.cand_class[keep],
+        cand_feat=scores.cand_feat[keep],
+        cand_logp=scores.cand_logp[keep],
+    )
+
+
+def knn_bank(scores: PoolScores, per_class: int) -> dict:
+    """k-NN's reference bank: each teacher class's `per_class` most confident pool images
+    (a prefix of the per-class heaps) with their normalised features."""
+    top = class_top_candidates(scores, per_class)
+    return {
+        "ids": top.cand_ids.astype(np.int32),
+        "feat": np.asarray(top.cand_feat, np.float16),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection quality: which share of a selection is related, per score, as N varies
+# ---------------------------------------------------------------------------------------------
+
+QUALITY_SIZES = (250, 500, 1000, 2000, 4000, 8000)
+QUALITY_FILE = "selection_quality.png"
+
+
+def selection_quality(
+    scores: PoolScores, rules: dict, related_sources, sizes=QUALITY_SIZES
+) -> dict:
+    """{rule name: {N: share of related images in its selection of N}} for every N <= the pool
+    size; a rule is `fn(scores, N) -> selected ids` (None: not defined at that N, skipped).
+    Reads the source tags, so it is a diagnostic only."""
+    related = np.isin(np.asarray(scores.sources).astype(str), list(related_sources))
+    out = {}
+    for name, rule in rules.items():
+        curve = {}
+        for n in sizes:
+            if n > len(scores.ids):
+                continue
+            chosen = rule(scores, int(n))
+            if chosen is None:
+                continue
+            curve[int(n)] = float(related[np.isin(scores.ids, np.asarray(chosen))].mean())
+        out[name] = curve
+    return out
 
 
 def score_pool(
@@ -272,6 +444,7 @@ def score_pool(
     num_classes: int,
     batch_size: int,
     heap_size: int = 0,
+    ood: OODSpec | None = None,
 ) -> PoolScores:
     """One streamed teacher pass over this host's pool shards, resumable shard by shard.
 
@@ -279,18 +452,30 @@ def score_pool(
     collective), writing `workdir/pool_scores/<shard>.npz` after every shard, so a killed pass
     resumes at the first unscored shard. Then every host reads all shard files and merges them
     into the same `PoolScores`. `heap_size` = L > 0 also keeps, per teacher class, the L most
-    confident items with their features (ODSD's candidates); memory stays O(C·L·d).
+    confident items with their features (ODSD's candidates); memory stays O(C·L·d). `ood`
+    adds feature-space scores (`OODSpec`); a fitted one costs a second pass over the shards
+    through the same machinery (`workdir/pool_scores/features/`), O(C·d + d²) state.
     """
     import jax
     import jax.numpy as jnp
-    import tensorflow as tf
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kd_jax import inference, sampling
-    from kd_jax.data import pipeline, shards
+    from kd_jax import sampling
 
+    ood = ood or OODSpec()
+    for kind in ood.kinds:
+        if kind not in OOD_KINDS:
+            raise ValueError(f"unknown feature score {kind!r} (known: {', '.join(OOD_KINDS)})")
+    if "bn" in ood.kinds:
+        from kd_jax import diagnostics
+
+        if not diagnostics.has_batch_norm(teacher_vars):
+            raise ValueError(
+                "the BatchNorm-statistics score (bn) needs a teacher with BatchNorm layers; "
+                f"{type(teacher_model).__name__} has none"
+            )
     pattern = pool_pattern(spec)
     out_dir = fileio.join(workdir, "pool_scores")
     local_mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
@@ -298,22 +483,127 @@ def score_pool(
     variables = jax.device_put(
         jax.tree.map(np.asarray, teacher_vars), NamedSharding(local_mesh, P())
     )
-    d = teacher_model.apply(
+    feats = teacher_model.apply(
         jax.tree.map(np.asarray, teacher_vars),
         np.zeros((1, domain.image_size, domain.image_size, domain.channels), np.float32),
         train=False,
-    )[1]["pre_logits"].shape[-1]
+    )[1]["pre_logits"]
+    d = feats.shape[-1]
     spec_payload = {
         "feat": jax.ShapeDtypeStruct((d,), jnp.float16),
         "logp": jax.ShapeDtypeStruct((), jnp.float32),
     }
-    stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes)
-    stats = inference.BatchedApply(
-        lambda v, b, heaps: stats_fn(v, b["image"], b["id"], b["mask"], heaps),
-        local_mesh,
-        carry=True,
-    )
+    bank_size = int(ood.knn_bank or heap_size)
+    if "knn" in ood.kinds:
+        if bank_size < max(int(ood.knn_k), 1):
+            raise ValueError(
+                f"the k-NN score needs a bank of at least k={ood.knn_k} images per class "
+                f"(knn_bank={ood.knn_bank}, heap size {heap_size})"
+            )
+        heap_size = max(heap_size, bank_size)  # the bank is a prefix of the heaps
+    stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes, ood)
+    d_fit = int(np.prod(feats.shape[1:]))
 
+    def init_carry():
+        carry = {}
+        if heap_size:
+            carry["heaps"] = sampling.init_class_top_k(num_classes, heap_size, spec_payload)
+        if "mahalanobis" in ood.kinds:
+            carry["gauss"] = sampling.init_gaussian_stats(num_classes, d_fit)
+        return carry
+
+    def finish(carry) -> dict:
+        record = {}
+        if heap_size:
+            s, ids, cls, payload, valid = jax.device_get(
+                sampling.flatten_class_top_k(carry["heaps"])
+            )
+            record.update(
+                cand_ids=ids[valid].astype(np.int64),
+                cand_class=cls[valid],
+                cand_feat=payload["feat"][valid],
+                cand_logp=payload["logp"][valid],
+                cand_score=s[valid],
+            )
+        if "mahalanobis" in ood.kinds:
+            g = jax.device_get(carry["gauss"])
+            record.update(gauss_count=g.count, gauss_mean=g.mean, gauss_scatter=g.scatter)
+        return record
+
+    _stream_shards(
+        pattern,
+        out_dir,
+        lambda v, b, carry: stats_fn(v, b["image"], b["id"], b["mask"], carry),
+        (variables,),
+        local_mesh=local_mesh,
+        local_batch=local_batch,
+        domain=domain,
+        init_carry=init_carry,
+        finish=finish,
+        what="teacher pass + scores + heaps",
+    )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("kd_jax_pool_scored")
+    scores, gauss = _merge_scored_shards(pattern, out_dir, num_classes, heap_size)
+    if ood.second_pass:
+        fit = None
+        if "mahalanobis" in ood.kinds:
+            if gauss is None:
+                raise ValueError(
+                    f"{out_dir} holds teacher scores without the Mahalanobis statistics "
+                    f"(a pass made for another config.odsd.score): remove it to rescore"
+                )
+            if not float(np.sum(gauss.count)):
+                raise ValueError(
+                    f"no pool image reaches the teacher confidence {ood.fit_confidence} that "
+                    f"fits the Mahalanobis score: lower config.odsd.ood.fit_confidence"
+                )
+            fit = sampling.fit_gaussian(gauss, ood.shrinkage)
+        bank = knn_bank(scores, bank_size) if "knn" in ood.kinds else None
+        replicated = NamedSharding(local_mesh, P())
+        feature_dir = fileio.join(out_dir, "features")
+        _stream_shards(
+            pattern,
+            feature_dir,
+            _feature_scores_fn(teacher_model.apply, ood),
+            (variables, jax.device_put(fit, replicated), jax.device_put(bank, replicated)),
+            local_mesh=local_mesh,
+            local_batch=local_batch,
+            domain=domain,
+            what="feature scores",
+        )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("kd_jax_pool_feature_scored")
+        extra = _merge_extra(pattern, feature_dir, scores.ids)
+        scores.extra.update({k: v for k, v in extra.items() if k in ood.kinds})
+    return scores
+
+
+def _stream_shards(
+    pattern,
+    out_dir,
+    fn,
+    args,
+    *,
+    local_mesh,
+    local_batch,
+    domain,
+    init_carry=None,
+    finish=None,
+    what="teacher pass",
+):
+    """The one streamed pass over this host's shards: `fn(*args, batch[, carry])` per padded
+    batch (image, id, mask) on the local devices, each shard's rows (plus `finish(carry)`)
+    saved atomically to `out_dir/<shard>.npz`; a shard whose file exists is skipped, so a
+    killed pass resumes where it stopped."""
+    import jax
+    import tensorflow as tf
+
+    from kd_jax import inference
+    from kd_jax.data import pipeline, shards
+
+    carried = init_carry is not None
+    apply = inference.BatchedApply(fn, local_mesh, carry=carried)
     t0, scored = time.perf_counter(), 0
     for path in shards.process_files(pattern, jax.process_index(), jax.process_count()):
         done = fileio.join(out_dir, fileio.basename(path) + ".npz")
@@ -333,26 +623,16 @@ def score_pool(
             local_batch,
             padding_values={"image": 0.0, "id": np.int64(-1), "source": "", "mask": 0.0},
         )
-        heaps = (
-            sampling.init_class_top_k(num_classes, max(heap_size, 1), spec_payload)
-            if heap_size
-            else None
-        )
-        rows, heaps = stats.gather(
-            variables, batches=ds, keep=("id", "source"), pad_to=local_batch, carry=heaps
-        )
+        kwargs = dict(batches=ds, keep=("id", "source"), pad_to=local_batch)
+        if carried:
+            rows, carry = apply.gather(*args, carry=init_carry(), **kwargs)
+        else:
+            rows = apply.gather(*args, **kwargs)
         record = {}
         if rows:
             record = {"ids": rows.pop("id"), "sources": rows.pop("source").astype(str), **rows}
-        if heap_size:
-            s, ids, cls, payload, valid = jax.device_get(sampling.flatten_class_top_k(heaps))
-            record.update(
-                cand_ids=ids[valid].astype(np.int64),
-                cand_class=cls[valid],
-                cand_feat=payload["feat"][valid],
-                cand_logp=payload["logp"][valid],
-                cand_score=s[valid],
-            )
+        if carried:
+            record.update(finish(carry))
         fileio.save_npz_atomic(
             done, record
         )  # a shard counts as scored only once its file is complete
@@ -361,29 +641,52 @@ def score_pool(
         seconds = time.perf_counter() - t0
         log.info(
             f"process {jax.process_index()}: scored {scored} images in {seconds:.1f}s "
-            f"({scored / seconds:.0f} images/s, teacher pass + scores + heaps)",
+            f"({scored / seconds:.0f} images/s, {what})",
             tag="pool",
         )
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("kd_jax_pool_scored")
-    return _merge_scored_shards(pattern, out_dir, num_classes, heap_size)
 
 
-def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores:
+def _merge_extra(pattern, out_dir, ids) -> dict:
+    """The second pass's per-item scores, aligned with `ids` (ascending)."""
+    from kd_jax.data import shards
+
+    parts, id_parts = {}, []
+    for p in shards.list_shard_files(pattern):
+        z = fileio.load_npz(fileio.join(out_dir, fileio.basename(p) + ".npz"))
+        if "ids" not in z:
+            continue
+        id_parts.append(z["ids"])
+        for k in OOD_KINDS:
+            if k in z:
+                parts.setdefault(k, []).append(z[k])
+    if not id_parts:
+        return {}
+    all_ids = np.concatenate(id_parts).astype(np.int64)
+    order = np.argsort(all_ids, kind="stable")
+    return {
+        k: lookup(all_ids[order], np.concatenate(v)[order], ids).astype(np.float32)
+        for k, v in parts.items()
+    }
+
+
+def _merge_scored_shards(pattern, out_dir, num_classes, heap_size):
     """Reads the shard results one file at a time: the per-item scalars are O(M), and the
     candidates are reduced to the per-class top-L after each file, so memory holds at most
-    2·C·L feature rows however many shards (≈ pool size / shard size) there are."""
+    2·C·L feature rows however many shards (≈ pool size / shard size) there are. Returns
+    (PoolScores, merged GaussianStats or None); the first pass's `bn` goes to `extra`."""
+    from kd_jax import sampling
     from kd_jax.data import shards
 
     files = [
         fileio.join(out_dir, fileio.basename(p) + ".npz") for p in shards.list_shard_files(pattern)
     ]
     cand_keys = ("cand_ids", "cand_class", "cand_feat", "cand_logp", "cand_score")
-    parts = {k: [] for k in PoolScores._SCALARS}
-    cand = None
+    keys = PoolScores._SCALARS + ("bn",)
+    parts = {k: [] for k in keys}
+    cand, gauss = None, None
     for f in files:
         z = fileio.load_npz(f)
-        for k in PoolScores._SCALARS:
+        for k in keys:
             if k in z:
                 parts[k].append(z[k])
         if heap_size and "cand_ids" in z:
@@ -392,6 +695,9 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
                 new if cand is None else {k: np.concatenate([cand[k], new[k]]) for k in cand_keys}
             )
             cand = _class_top(cand, num_classes, heap_size)
+        if "gauss_count" in z:
+            g = sampling.GaussianStats(z["gauss_count"], z["gauss_mean"], z["gauss_scatter"])
+            gauss = g if gauss is None else sampling.merge_gaussian_stats(gauss, g)
     cat = lambda k: np.concatenate(parts[k]) if parts[k] else np.zeros(0)
     order = np.argsort(cat("ids").astype(np.int64), kind="stable")
     scalars = {k: cat(k)[order] for k in PoolScores._SCALARS}
@@ -403,7 +709,8 @@ def _merge_scored_shards(pattern, out_dir, num_classes, heap_size) -> PoolScores
             "cand_logp": np.zeros(0, np.float32),
         }
     cand.pop("cand_score", None)
-    return PoolScores(**scalars, **cand)
+    extra = {"bn": cat("bn")[order]} if parts["bn"] else {}
+    return PoolScores(**scalars, **cand, extra=extra), gauss
 
 
 def _class_top(cand: dict, num_classes: int, heap_size: int) -> dict:

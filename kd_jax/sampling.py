@@ -474,3 +474,155 @@ def aps_scores(cos_to_proto, log_probs, pred_classes, alpha=0.5):
     return alpha * rank01(cos_to_proto, pred_classes) + (1.0 - alpha) * rank01(
         log_probs, pred_classes
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Out-of-distribution scores on the teacher's features (ODSD: which pool images look like
+# the original data). Each fit is streamable: sufficient statistics per batch, merged
+# exactly (Chan et al.'s pairwise update), solved once.
+# ----------------------------------------------------------------------------------------
+
+
+class GaussianStats(NamedTuple):
+    """Sufficient statistics of a class-conditional Gaussian with a shared covariance.
+
+    count [C] (sum of weights per class), mean [C, D] (weighted class means; 0 for an empty
+    class), scatter [D, D] = sum_i w_i (f_i - mean_{y_i})(f_i - mean_{y_i})^T, the pooled
+    within-class scatter. Kept centred (not raw second moments) so that float32 sums over a
+    large pool do not cancel.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    scatter: jax.Array
+
+
+class GaussianFit(NamedTuple):
+    """Solved `GaussianStats`: class means [C, D], shared precision [D, D], present [C] bool
+    (classes with no fitted image, which every score ignores)."""
+
+    means: jax.Array
+    precision: jax.Array
+    present: jax.Array
+
+
+def init_gaussian_stats(num_classes, dim, dtype=jnp.float32):
+    """Empty `GaussianStats` (the identity of `merge_gaussian_stats`)."""
+    return GaussianStats(
+        jnp.zeros((num_classes,), dtype),
+        jnp.zeros((num_classes, dim), dtype),
+        jnp.zeros((dim, dim), dtype),
+    )
+
+
+def gaussian_stats(features, classes, num_classes, weights=None):
+    """`GaussianStats` of one batch: features [N, D], classes [N] int, optional weights [N].
+
+    Rows with weight <= 0 or a class outside [0, C) do not count (padding, unfitted images).
+    """
+    f = cm.flatten_rows(features)
+    w, _ = cm.row_weights(weights, f.shape[0], f.dtype)
+    cls = jnp.asarray(classes)
+    w = jnp.where((cls >= 0) & (cls < num_classes), w, 0.0)
+    safe = jnp.clip(cls, 0, num_classes - 1)
+    count = jnp.zeros((num_classes,), f.dtype).at[safe].add(w)
+    sums = jnp.zeros((num_classes, f.shape[1]), f.dtype).at[safe].add(w[:, None] * f)
+    mean = cm.safe_div(sums, count[:, None])
+    centred = (f - mean[safe]) * jnp.sqrt(w)[:, None]
+    return GaussianStats(count, mean, cm.mm(centred.T, centred))
+
+
+def merge_gaussian_stats(a, b):
+    """Statistics of the union of two disjoint sets of images (exact; order-independent up to
+    rounding): per class n = n_a + n_b, mean = mean_a + (n_b / n) delta and the pooled scatter
+    gains sum_c (n_a n_b / n) delta_c delta_c^T, delta_c = mean_b,c - mean_a,c."""
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    frac_b = cm.safe_div(b.count, n)
+    mean = a.mean + frac_b[:, None] * delta
+    cross = delta * jnp.sqrt(a.count * frac_b)[:, None]  # sqrt(n_a n_b / n) delta_c
+    return GaussianStats(n, mean, a.scatter + b.scatter + cm.mm(cross.T, cross))
+
+
+def fit_gaussian(stats, shrinkage=1e-2):
+    """Solves `GaussianStats`: the shared covariance Sigma = scatter / sum_c n_c, regularised
+    as Sigma + shrinkage * (tr Sigma / D) I (a pool's confident images can be fewer than D, or
+    the features rank-deficient, e.g. post-ReLU units that never fire), inverted by Cholesky.
+    """
+    scatter = cm.as_float(stats.scatter)
+    d = scatter.shape[0]
+    total = jnp.sum(stats.count)
+    sigma = cm.safe_div(scatter, total)
+    ridge = shrinkage * jnp.maximum(jnp.trace(sigma) / d, 1e-12)
+    sigma = sigma + ridge * jnp.eye(d, dtype=sigma.dtype)
+    chol = jnp.linalg.cholesky(sigma)
+    precision = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(d, dtype=sigma.dtype))
+    return GaussianFit(cm.as_float(stats.mean), 0.5 * (precision + precision.T), stats.count > 0)
+
+
+def mahalanobis_distances(features, fit):
+    """Squared Mahalanobis distances [N, C] of features [N, D] to every class mean under the
+    shared precision; +inf for an absent class. Expanded as f'Pf - 2 f'P mu_c + mu_c'P mu_c
+    (O(N C D) memory-free of an [N, C, D] difference), clipped at 0 against rounding."""
+    f = cm.flatten_rows(features)
+    p = cm.as_float(fit.precision)
+    mu = cm.as_float(fit.means)
+    fp = cm.mm(f, p)
+    d2 = (
+        jnp.sum(fp * f, -1)[:, None]
+        - 2.0 * cm.mm(fp, mu.T)
+        + jnp.sum(cm.mm(mu, p) * mu, -1)[None, :]
+    )
+    return jnp.where(jnp.asarray(fit.present)[None, :], jnp.maximum(d2, 0.0), jnp.inf)
+
+
+def mahalanobis_score(features, fit, classes=None):
+    """-min_c d_M^2(f, mu_c) (Lee et al. 2018, class-conditional Gaussians with a shared
+    covariance; higher = in-distribution). `classes` given: the distance to that class's
+    mean instead of the nearest. [N]."""
+    if classes is None:  # the nearest class by the expanded form, ...
+        classes = jnp.argmin(mahalanobis_distances(features, fit), axis=-1)
+    # ... its distance from the explicit difference: the expanded form cancels badly when
+    # f'Pf is large (a ridge-dominated precision), and an [N, C, D] difference is too big.
+    f = cm.flatten_rows(features)
+    diff = f - cm.as_float(fit.means)[jnp.asarray(classes)]
+    d2 = jnp.sum(cm.mm(diff, cm.as_float(fit.precision)) * diff, -1)
+    present = jnp.asarray(fit.present)[jnp.asarray(classes)]
+    return jnp.where(present, -jnp.maximum(d2, 0.0), -jnp.inf)
+
+
+def knn_score(features, bank, k=1, ids=None, bank_ids=None, bank_valid=None):
+    """Cosine similarity to the k-th nearest neighbour in a bank of reference features (Sun et
+    al. 2022, deep nearest neighbours on normalised features; higher = in-distribution). [N].
+
+    bank [K, D] (e.g. per-class prototypes, or the pool's confident images), `bank_valid` [K]
+    masks empty slots. With `ids` and `bank_ids` an item is never its own neighbour, so an image
+    in the bank is scored like one outside it. Fewer than k neighbours gives -inf.
+    """
+    sims = prototype_similarities(features, bank)  # [N, K]
+    keep = jnp.ones(sims.shape, bool)
+    if bank_valid is not None:
+        keep = keep & jnp.asarray(bank_valid, bool)[None, :]
+    if ids is not None and bank_ids is not None:
+        keep = keep & (jnp.asarray(ids)[:, None] != jnp.asarray(bank_ids)[None, :])
+    sims = jnp.where(keep, sims, -jnp.inf)
+    k = min(int(k), sims.shape[1])
+    return jax.lax.top_k(sims, k)[0][:, k - 1]
+
+
+def bn_statistics_score(layer_moments, eps=1e-5):
+    """-(distance of each image's per-layer feature statistics from the teacher's BatchNorm
+    running statistics), the only data-free summary of the original data (odsd.md §1).
+
+    layer_moments: sequence of (mean [N, c_l], var [N, c_l], running_mean [c_l],
+    running_var [c_l]), the per-image spatial mean and variance of the input of BN layer l.
+    Distance = sum_l mean_c [(m - mu)^2 / (v + eps) + (s - v)^2 / (v + eps)^2]: both terms in
+    units of the running variance, so no layer or channel dominates by its scale. [N].
+    """
+    total = 0.0
+    for mean, var, run_mean, run_var in layer_moments:
+        v = cm.as_float(run_var) + eps
+        dm = (cm.as_float(mean) - cm.as_float(run_mean)) ** 2 / v
+        dv = (cm.as_float(var) - cm.as_float(run_var)) ** 2 / v**2
+        total = total + jnp.mean(dm + dv, axis=-1)
+    return -total

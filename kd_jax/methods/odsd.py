@@ -9,7 +9,10 @@ key of `config.odsd` (defaults as in the paper, see `default_config()`):
   confidence, a within-class score α·rank01(cos) + (1−α)·rank01(log p_T) and a class-balanced
   quota n_c = ⌈N/C⌉. `kd_jax.pool.select_transfer_set` writes the selection (ids, classes,
   scores) and its diagnostics to the workdir (`selection.npz`, `selection_report.json`,
-  `sampling.png`; results.json's `selection`); a resumed run reuses them. Optional adaptive
+  `sampling.png`; results.json's `selection`); a resumed run reuses them. `config.odsd.score`
+  swaps APS's within-class ranking for an out-of-distribution score of the teacher (energy,
+  Mahalanobis, k-NN, BatchNorm statistics; `kd_jax.pool.OODSpec`) under the same class
+  balance; on the bundled pool `selection_quality.png` compares them all as N varies. Optional adaptive
   refresh (§1F, `aps.refresh_epochs`): every R epochs the candidates are
   re-ranked with the current student's disagreement KL(p_T ‖ p_S) and the loop switches to the
   new selection (`selection_step<k>.npz`; a resumed run picks the one in force at its step).
@@ -40,6 +43,9 @@ from kd_jax.models.layers import at_least_float32
 from kd_jax.models.shapes import feature_shapes
 
 SELECTIONS = ("aps", "random", "all")
+# What ranks the pool inside each teacher class (`config.odsd.score`): APS (§1, the paper's) or
+# an out-of-distribution score of the teacher (kd_jax.sampling; pool.OODSpec).
+SCORES = ("aps", "energy", "mahalanobis", "knn", "bn")
 INITS = ("fc_weight", "confident_mean")
 GATES = ("quantile", "global", "none")
 LNR_RULES = ("top_p", "top_k", "threshold", "none")
@@ -52,6 +58,20 @@ def default_config() -> ml_collections.ConfigDict:
     """`config.odsd`: every switch of the method with the paper's defaults."""
     return ml_collections.ConfigDict(
         {
+            # aps (the paper's §1) | energy | mahalanobis | knn | bn: the within-class ranking of
+            # the pool when aps.selection = aps. The OOD scores keep APS's class balance (per
+            # teacher class the top ⌈N/C⌉, shortfall from the global ranking) but no gate.
+            "score": "aps",
+            "ood": ml_collections.ConfigDict(
+                {
+                    # images with p_T(ŷ|x) >= this fit the Mahalanobis class means / covariance
+                    "fit_confidence": 0.9,
+                    "normalize": True,  # Mahalanobis on L2-normalised teacher features
+                    "shrinkage": 0.01,  # covariance ridge, in units of tr(Σ)/d
+                    "knn_k": 10,  # k-th nearest neighbour among the bank
+                    "knn_bank": 0,  # bank: each class's most confident images (0 = n_c = ⌈N/C⌉)
+                }
+            ),
             "aps": ml_collections.ConfigDict(
                 {
                     "selection": "aps",  # aps | random (same N, "ODSD w/o APS") | all (whole pool)
@@ -109,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
             "diagnostics": ml_collections.ConfigDict(
                 {
                     "plot": True,  # sampling.png in the workdir
+                    # selection_quality.png (needs plot; the bundled pool only): every score's
+                    # related share as N varies — costs a second teacher pass over the pool
+                    "quality_plot": True,
                     "bn_images": 10000,  # images per set for the BN-statistics distance (0 = off)
                 }
             ),
@@ -255,6 +278,111 @@ def fill_from_pool(out: dict, pool_ids, pool_pred, pool_conf, size: int):
     ), len(order)
 
 
+def ood_spec(
+    cfg: ml_collections.ConfigDict, size: int, num_classes: int, kinds=None
+) -> pool.OODSpec | None:
+    """The pool pass's feature scores for `config.odsd`: `kinds`, or the configured score's
+    (None for APS / energy, which need only the first pass's statistics). The k-NN bank
+    defaults to n_c images per class."""
+    check_choice(cfg.score, SCORES, "odsd.score")
+    if kinds is None:
+        kinds = (cfg.score,) if cfg.score in pool.OOD_KINDS else ()
+    if not kinds:
+        return None
+    o = cfg.ood
+    return pool.OODSpec(
+        kinds=tuple(kinds),
+        fit_confidence=float(o.fit_confidence),
+        normalize=bool(o.normalize),
+        shrinkage=float(o.shrinkage),
+        knn_k=int(o.knn_k),
+        knn_bank=int(o.knn_bank) or per_class_quota(size, num_classes),
+    )
+
+
+def select_by_score(
+    scores: pool.PoolScores, score: str, size: int, num_classes: int, balance: bool = True
+) -> pool.Selection:
+    """ODSD's class balance with an OOD score instead of APS's: per teacher class the ⌈N/C⌉
+    best images by `score` (higher = more in-distribution, ties by smaller id), the shortfall
+    from the global ranking; `balance=False`: the global top-N."""
+    ids = np.asarray(scores.ids)
+    if len(ids) < size:
+        raise ValueError(f"config.odsd.aps.size={size} exceeds the pool ({len(ids)} images)")
+    s = np.asarray(scores.score(score), np.float32)
+    cls = np.asarray(scores.pred, np.int32)
+    ids32 = ids.astype(np.int32)  # pool ids fit int32 (the samplers' id type)
+    if balance:
+        idx = sampling.select_class_balanced(
+            s, cls, per_class_quota(size, num_classes), num_classes, ids=ids32, total=size
+        )
+    else:
+        idx = sampling.select_top_k(s, size, ids=ids32)
+    idx = np.asarray(idx)
+    idx = idx[np.argsort(ids[idx], kind="stable")]
+    return pool.Selection(ids=ids[idx].astype(np.int64), classes=cls[idx], scores=s[idx])
+
+
+def aps_selection(scores: pool.PoolScores, size: int, num_classes: int, aps, head_weight=None):
+    """ODSD §1 on a scored pool: the gate thresholds γ_c over the whole pool, `aps_select` on
+    the candidates, and the fill-up when the heaps hold fewer than N. Returns (selection dict,
+    γ [C], number filled)."""
+    if len(scores.ids) < size:
+        raise ValueError(f"config.odsd.aps.size={size} exceeds the pool ({len(scores.ids)} images)")
+    gamma, _ = sampling.quantile_gate(
+        jnp.asarray(scores.confidence, jnp.float32),
+        jnp.asarray(scores.pred),
+        num_classes,
+        q=aps.gate_quantile,
+    )
+    gamma = np.asarray(gamma, np.float32)
+    if aps.gate == "global":
+        gamma = np.full((num_classes,), aps.gate_threshold, np.float32)
+    elif aps.gate == "none":
+        gamma = np.zeros((num_classes,), np.float32)
+    cand_conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
+    out = aps_select(
+        scores.cand_ids,
+        scores.cand_class,
+        scores.cand_feat,
+        cand_conf,
+        num_classes=num_classes,
+        size=size,
+        aps=aps,
+        gamma=gamma,
+        head_weight=head_weight,
+    )
+    filled = 0
+    if len(out["ids"]) < size:  # the heaps ran dry: too few classes hold enough images
+        out, filled = fill_from_pool(out, scores.ids, scores.pred, scores.confidence, size)
+    return out, gamma, filled
+
+
+def quality_rules(
+    scores: pool.PoolScores, aps, num_classes: int, head_weight=None, aps_max_size=None
+) -> dict:
+    """The selection rules `selection_quality.png` compares, one per score this pool pass
+    computed: APS (only up to `aps_max_size`, the N whose heaps the pass kept: a smaller N
+    reads a prefix of them), teacher confidence, energy and every feature score, each with
+    ODSD's class balance. name -> fn(scores, N) -> ids."""
+    rules = {}
+    if len(scores.cand_ids):
+
+        def aps_rule(s, n):
+            if aps_max_size is not None and n > aps_max_size:
+                return None
+            top = pool.class_top_candidates(s, heap_size(aps, n, num_classes))
+            return aps_selection(top, n, num_classes, aps, head_weight)[0]["ids"]
+
+        rules["aps"] = aps_rule
+    for kind in ("confidence", "energy") + tuple(k for k in pool.OOD_KINDS if k in scores.extra):
+        rules[kind] = functools.partial(
+            lambda s, n, kind: select_by_score(s, kind, n, num_classes, aps.balance).ids,
+            kind=kind,
+        )
+    return rules
+
+
 def head_kernel(params, feature_dim: int, num_classes: int):
     """The teacher's classifier kernel [d, C] (the last 2-D `kernel` of that shape), or None."""
     found = []
@@ -283,6 +411,7 @@ class ODSD(Method):
         super().__init__(config, workdir, mesh, teacher)
         cfg = config.odsd
         check_choice(cfg.aps.selection, SELECTIONS, "odsd.aps.selection")
+        check_choice(cfg.score, SCORES, "odsd.score")
         check_choice(cfg.lnr.rule, LNR_RULES, "odsd.lnr.rule")
         check_choice(cfg.lnr.apply_to, ("teacher", "both"), "odsd.lnr.apply_to")
         check_choice(cfg.lnr.tail, ("drop", "uniform"), "odsd.lnr.tail")
@@ -343,8 +472,29 @@ class ODSD(Method):
             return
         num_classes = self.config.num_classes
 
+        score = self.config.odsd.score
+        use_aps = aps.selection == "aps" and score == "aps"
+        # selection_quality.png compares every score, so the pass computes them all (a second,
+        # feature-only pass over the pool): on the bundled pool, whose related sources are known.
+        self._quality = (
+            aps.selection == "aps"
+            and self.config.odsd.diagnostics.plot
+            and self.config.odsd.diagnostics.quality_plot
+            and spec.source == "offline_pool"
+        )
+        kinds = None
+        if self._quality:
+            kinds = ("mahalanobis", "knn")
+            if diagnostics.has_batch_norm(self.teacher_vars):
+                kinds += ("bn",)
+        elif score == "bn" and not diagnostics.has_batch_norm(self.teacher_vars):
+            raise ValueError(
+                f"config.odsd.score='bn' needs a teacher with BatchNorm; "
+                f"{type(self.teacher_model).__name__} has none"
+            )
+
         def score_fn():
-            heap = heap_size(aps, self._size(), num_classes) if aps.selection == "aps" else 0
+            heap = heap_size(aps, self._size(), num_classes) if use_aps or self._quality else 0
             return pool.score_pool(
                 self.workdir,
                 spec,
@@ -354,22 +504,31 @@ class ODSD(Method):
                 num_classes=num_classes,
                 batch_size=aps.score_batch_size,
                 heap_size=heap,
+                ood=ood_spec(self.config.odsd, self._size(), num_classes, kinds)
+                if aps.selection == "aps"
+                else None,
             )
 
         if aps.selection == "random":
             rule = pool.random_rule(self._size(), self.config.seed, "config.odsd.aps.size")
-        else:
+        elif use_aps:
             rule = lambda scores: self._aps(scores, self._size())
+        else:
+            rule = lambda scores: select_by_score(
+                scores, score, self._size(), num_classes, balance=aps.balance
+            )
         selection, self.report = pool.select_transfer_set(
             self.workdir,
             spec,
             rule,
             score_fn=score_fn,
             num_classes=num_classes,
-            rule_name=aps.selection,
+            rule_name=aps.selection if use_aps or aps.selection != "aps" else score,
             report_fn=self._report_extras,
             plot_title=(
-                f"ODSD selection ({aps.selection})" if self.config.odsd.diagnostics.plot else None
+                f"ODSD selection ({aps.selection}, score {score})"
+                if self.config.odsd.diagnostics.plot
+                else None
             ),
         )
         self.keep_ids = selection.ids
@@ -377,40 +536,15 @@ class ODSD(Method):
         if fileio.exists(gamma_path):  # the gate of the first selection (SR pseudo-labels)
             self.gamma = fileio.load_npy(gamma_path)
 
+    def _head_weight(self):
+        params = jax.tree.map(np.asarray, self.teacher_vars["params"])
+        return head_kernel(params, self.d_teacher, self.config.num_classes)
+
     def _aps(self, scores: pool.PoolScores, size: int):
         aps = self.config.odsd.aps
         num_classes = self.config.num_classes
-        if len(scores.ids) < size:
-            raise ValueError(
-                f"config.odsd.aps.size={size} exceeds the pool ({len(scores.ids)} images)"
-            )
-        gamma, _ = sampling.quantile_gate(
-            jnp.asarray(scores.confidence, jnp.float32),
-            jnp.asarray(scores.pred),
-            num_classes,
-            q=aps.gate_quantile,
-        )
-        gamma = np.asarray(gamma, np.float32)
-        if aps.gate == "global":
-            gamma = np.full((num_classes,), aps.gate_threshold, np.float32)
-        elif aps.gate == "none":
-            gamma = np.zeros((num_classes,), np.float32)
-        cand_conf = pool.lookup(scores.ids, scores.confidence, scores.cand_ids)
-        params = jax.tree.map(np.asarray, self.teacher_vars["params"])
-        out = aps_select(
-            scores.cand_ids,
-            scores.cand_class,
-            scores.cand_feat,
-            cand_conf,
-            num_classes=num_classes,
-            size=size,
-            aps=aps,
-            gamma=gamma,
-            head_weight=head_kernel(params, self.d_teacher, num_classes),
-        )
-        filled = 0
-        if len(out["ids"]) < size:  # the heaps ran dry: too few classes hold enough images
-            out, filled = fill_from_pool(out, scores.ids, scores.pred, scores.confidence, size)
+        out, gamma, filled = aps_selection(scores, size, num_classes, aps, self._head_weight())
+        if filled:
             log.info(
                 f"APS: the per-class candidates held fewer than N={size} images; "
                 f"{filled} filled by global teacher confidence",
@@ -456,6 +590,8 @@ class ODSD(Method):
         report = dict(getattr(self, "_aps_extra", {}))
         dcfg = self.config.odsd.diagnostics
         spec = self.config.data.transfer
+        if getattr(self, "_quality", False):
+            report["selection_quality"] = self._plot_quality(scores, selection)
         if dcfg.bn_images and diagnostics.has_batch_norm(self.teacher_vars):
             n = min(int(dcfg.bn_images), len(selection.ids))
             rng = np.random.default_rng(self.config.seed)
@@ -474,6 +610,32 @@ class ODSD(Method):
             report["random_bn_distance"] = None
         return report
 
+    def _plot_quality(self, scores, selection) -> dict | None:
+        """selection_quality.png: every score's related share as N varies (a figure never
+        stops a run). Returns {score: {N: share}} for the report."""
+        from kd_jax.data import offline
+
+        cfg, size = self.config.odsd, self._size()
+        try:
+            rules = quality_rules(
+                scores, cfg.aps, self.config.num_classes, self._head_weight(), aps_max_size=size
+            )
+            sizes = sorted(set(pool.QUALITY_SIZES) | {size})
+            curves = pool.selection_quality(scores, rules, offline.RELATED_SOURCES, sizes)
+            related = np.isin(np.asarray(scores.sources).astype(str), offline.RELATED_SOURCES)
+            mark_share = float(related[np.isin(scores.ids, selection.ids)].mean())
+            diagnostics.plot_selection_quality(
+                fileio.join(self.workdir, pool.QUALITY_FILE),
+                curves,
+                pool_share=float(related.mean()),
+                mark=(len(selection.ids), mark_share),
+                title=f"ODSD selection quality (this run: score {cfg.score})",
+            )
+        except Exception as e:  # a figure must never stop a run
+            log.info(f"{pool.QUALITY_FILE} not written: {e}", tag="odsd")
+            return None
+        return {k: {str(n): v for n, v in c.items()} for k, c in curves.items()}
+
     def _image_batches(self, spec, ids, batch: int = 256):
         ds, _ = pipeline.open_source(spec, spec.get("split", "train"), keep_ids=ids)
         domain = self.domain
@@ -484,7 +646,7 @@ class ODSD(Method):
     def _refresh_every(self) -> int:
         """Steps between refreshes: R epochs over D (0 = off)."""
         aps = self.config.odsd.aps
-        if not aps.refresh_epochs or aps.selection != "aps":
+        if not aps.refresh_epochs or aps.selection != "aps" or self.config.odsd.score != "aps":
             return 0
         return int(aps.refresh_epochs) * max(1, -(-self._size() // self.config.batch_size))
 
