@@ -402,3 +402,60 @@ def offline_config(config_file: str, preset: str, flags: set) -> ml_collections.
             f"{config_file}: `deepinv` matches BatchNorm statistics; LeNet-5 has none: add `wrn`"
         )
     return c
+
+
+def cifar_config(arg, config_file: str, dataset: str) -> ml_collections.ConfigDict:
+    """configs/generator_cifar10.py / generator_cifar100.py: `preset` (dafl | dfad | deepinv)
+    × one pair of the five-pair grid (`config_utils.CIFAR_PAIRS`), teacher chained from
+    teacher_<dataset>.py; each preset with its paper's CIFAR settings (cited in the file)."""
+    flags = config_utils.parse_arg(
+        arg, PRESETS + tuple(config_utils.CIFAR_PAIRS) + ("smoke",), config_file
+    )
+    chosen = [p for p in PRESETS if p in flags]
+    if len(chosen) > 1:
+        raise ValueError(f"{config_file}: pick one preset of {list(PRESETS)}, got {chosen}")
+    preset = chosen[0] if chosen else "dafl"
+    teacher, student = config_utils.cifar_pair(flags, config_file)
+    smoke = "smoke" in flags
+    c = config_utils.base_config()
+    c.method = "generator"
+    c.model.name, c.teacher.model = student, teacher
+    c.teacher.train = config_utils.sibling(
+        config_file, f"teacher_{dataset}.py", teacher + (",smoke" if smoke else "")
+    )
+    config_utils.cifar_data(c, dataset)
+    c.data.transfer.source = "none"  # not read: the generator synthesises its inputs
+    c.generator = default_config(preset)
+    c.optimizer.update(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="step")
+    if preset == "dafl":
+        # DAFL README (CIFAR-10 / -100 commands): batch 1024, lr_G 0.02, lr_S 0.1 (SGD),
+        # latent 1000, oh 0.05 / 0.5, ie 5 / 20 (log10 -> / ln 10 here), a 0.01 / 0.1;
+        # 2,000 epochs there, 80k steps here (the kd_cifar schedule's length).
+        ten = dataset == "cifar10"
+        c.batch_size, c.num_steps = 1024, 80000
+        c.generator.latent_dim = 1000
+        c.generator.optimizer.lr = 0.02
+        c.generator.weights.update(
+            one_hot=0.05 if ten else 0.5,
+            entropy=(5.0 if ten else 20.0) / math.log(10.0),
+            activation=0.01 if ten else 0.1,
+        )
+        c.kd.temperature = 1.0
+    else:
+        # DFAD (VainF/Data-Free-Adversarial-Distillation, DFAD_cifar.py as recalled: batch 256,
+        # nz 256, lr_S 0.1 SGD wd 5e-4, lr_G 1e-3 Adam, 5 student steps per generator step,
+        # 500 epochs × 50 iterations); deepinv: Fast-Datafree scripts/deepinv_cifar.sh weights
+        # (bn 10, oh 1, adv 1, T 20) on the same generator schedule.
+        c.batch_size, c.num_steps = 256, 25000
+        c.generator.latent_dim = 256
+        c.generator.s_steps = 5
+        c.generator.optimizer.update(lr=1e-3, schedule="step", decay_at=(0.4, 0.8))
+        if preset == "deepinv":
+            c.kd.temperature = 20.0
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
+    if smoke:
+        c.batch_size, c.eval_batch_size, c.num_steps = 16, 16, 2
+        c.generator.ngf, c.generator.eval_images, c.generator.samples = 8, 16, 16
+        c.data.target.max_eval_examples = 32
+        c.log_every = c.eval_every = c.checkpoint_every = 2
+    return c
