@@ -90,7 +90,7 @@ def test_generator_losses_match_float64_references_and_invariances():
             close(fn(*as64(tuple(pad(a) for a in args)), weights=w), expected, name=name + " pad")
             close(jax.jit(fn)(*as64(args)), expected, name=name + " jit")
         # balanced batch: the entropy term reaches its minimum -log C
-        close(losses.information_entropy_loss(jnp.eye(C) * 0.0 + jnp.eye(C)), None or -np.log(C))
+        close(losses.information_entropy_loss(jnp.eye(C)), -np.log(C), name="balanced")
         # BatchNorm statistics: two layers of different shapes
         layers = [
             (r.normal(size=(B, 4, 4, 3)) * 2 + 1, r.normal(size=3), r.uniform(0.5, 2, 3)),
@@ -172,7 +172,7 @@ def test_updates_touch_only_their_network_and_step_is_their_composition():
         mid, end = _subtrees(jax.device_get(g_state)), _subtrees(jax.device_get(s_state))
         assert max_distance(mid["generator"], end["generator"]) == 0.0
         assert max_distance(mid["student"][0], end["student"][0]) > 1e-6
-        assert float(metrics["g_loss"] if "g_loss" in metrics else 0.0) == 0.0
+        assert "g_loss" not in metrics and np.isfinite(float(metrics["loss"]))
         step, m = jax.jit(method.train_step)(state, method.teacher_vars, {"z": z}, key)
         same = record(
             "generator step vs its two updates",
@@ -256,7 +256,8 @@ def test_dafl_mnist_smoke_beats_random_student_and_writes_diagnostics(offline_te
     c = config("dafl_mnist.py", "smoke", **{"teacher.workdir": offline_teacher})
     c.async_checkpoints = False
     out = train.train_and_evaluate(c, str(tmp_path))
-    # seeds 0-3 measured 0.xx-0.yy (README); a random student scores ~0.10
+    # seeds 0-3 measured 0.314, 0.171, 0.115, 0.221 (README); a random student ~0.10: the
+    # bound is the lowest seed less 0.005, a thin margin (see BOUND)
     assert out["final_accuracy"] > BOUND, out["final_accuracy"]
     assert os.path.exists(tmp_path / "samples.png")
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "accuracy" in line]
@@ -264,7 +265,9 @@ def test_dafl_mnist_smoke_beats_random_student_and_writes_diagnostics(offline_te
     assert len(hist) == 10 and abs(sum(hist) - 1.0) < 1e-9
 
 
-BOUND = 0.2
+# The lowest of 4 measured seeds (0.115) less 0.005. Thin: the 100-step smoke's spread is wide
+# (0.115-0.314); a longer smoke would give a real margin (not measured yet on a loaded machine).
+BOUND = 0.11
 
 
 def test_resumed_generator_run_equals_uninterrupted(offline_teacher, tmp_path):
