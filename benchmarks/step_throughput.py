@@ -7,8 +7,11 @@ One step = what `kd_jax.train` runs: teacher forward + student forward/backward 
 losses + the optimizer update, jitted over a 1-D mesh of all devices with the state donated.
 Pairs: LeNet-5 → LeNet-5-half (32 px, 1 channel), ResNet-34 → ResNet-18 CIFAR (32 px),
 ResNet-50 → ResNet-18 ImageNet (224 px, small batch). Methods: every KD method
-`kd_jax.methods.get_method` can build (kd, odsd, eikd, sckd); one that cannot be built or
-stepped on synthetic data is skipped with the reason printed.
+`kd_jax.methods.get_method` can build (kd, odsd, eikd, sckd) and the generator baselines
+(dafl, dfad, deepinv: `method = generator` with that preset, its full-size generator; one step
+= g_steps generator updates + s_steps student updates, so images/s counts one batch per step
+while DFAD's step trains the student on 5 batches); one that cannot be built or stepped on
+synthetic data is skipped with the reason printed (deepinv needs a BatchNorm teacher: not lenet).
 
 FLOPs per step come from XLA's cost analysis of the step compiled with XLA's own convolutions
 (`model.conv = "xla"`, see `bench_one`); the peak is measured here by
@@ -35,7 +38,12 @@ PAIRS = {
     "r34_r18": ("resnet34_cifar", "resnet18_cifar", 32, 3, 10, "cifar10", 64, 256),
     "r50_r18_224": ("resnet50", "resnet18", 224, 3, 1000, "cifar10", 8, 64),
 }
-METHODS = ("kd", "odsd", "eikd", "sckd")
+METHODS = ("kd", "odsd", "eikd", "sckd", "dafl", "dfad", "deepinv")
+# generator presets -> their config file per dataset (the full settings, not the smoke ones)
+GENERATOR_CONFIGS = {
+    "mnist": {"dafl": "dafl_mnist.py", "dfad": "dfad_mnist.py", "deepinv": "dfad_mnist.py:deepinv"},
+    "cifar10": {p: f"generator_cifar10.py:{p}" for p in ("dafl", "dfad", "deepinv")},
+}
 
 
 def parse_args(argv=None):
@@ -96,13 +104,17 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str =
     from kd_jax.teacher import FrozenTeacher
 
     teacher, student, size, channels, classes, dataset, _, _ = PAIRS[pair]
-    path = os.path.join(ROOT, "configs", f"{name}_{dataset}.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config file configs/{name}_{dataset}.py")
-    try:
-        c = config_utils.load_config(path, "smoke")
-    except ValueError:  # the file takes no `smoke` argument
-        c = config_utils.load_config(path)
+    if name in GENERATOR_CONFIGS.get(dataset, {}):
+        file, _, arg = GENERATOR_CONFIGS[dataset][name].partition(":")
+        c = config_utils.load_config(os.path.join(ROOT, "configs", file), arg or None)
+    else:
+        path = os.path.join(ROOT, "configs", f"{name}_{dataset}.py")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config file configs/{name}_{dataset}.py")
+        try:
+            c = config_utils.load_config(path, "smoke")
+        except ValueError:  # the file takes no `smoke` argument
+            c = config_utils.load_config(path)
     c.model.name, c.teacher.model = student, teacher
     c.num_classes = classes
     c.data.image_size, c.data.channels = size, channels
@@ -137,11 +149,14 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     method, state, step = built.method, built.state, built.train_step
     size, channels = c.data.image_size, c.data.channels
     rng = np.random.default_rng(0)
-    local = {
-        "image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
-        "label": rng.integers(0, c.num_classes, batch).astype(np.int64),
-        "id": np.arange(batch, dtype=np.int64),
-    }
+    if hasattr(method, "latents"):  # a generator method's batch: its latent vectors only
+        local = {"z": method.latents(0)}
+    else:
+        local = {
+            "image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
+            "label": rng.integers(0, c.num_classes, batch).astype(np.int64),
+            "id": np.arange(batch, dtype=np.int64),
+        }
     if getattr(method, "views", 1) == 2:
         local["image2"] = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
     gbatch = parallel.global_batch(local, mesh)

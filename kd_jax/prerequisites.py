@@ -186,6 +186,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
             raise
         raise ValueError(f"config.{prefix[:-1]}: {e}") from None
     transfer = config.data.transfer
+    streams_transfer = getattr(cls, "transfer_data", True)  # False: a generator method
     if cls.uses_teacher and not teacher_given:
         _teacher(config, workdir, prefix, stages, missing)
     ncd = config.get("ncd")
@@ -195,7 +196,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
     if check_target:
         target = config.data.target
         splits = [target.eval_split]
-        if not cls.uses_teacher or transfer.source == "original":
+        if not cls.uses_teacher or (streams_transfer and transfer.source == "original"):
             splits.insert(0, target.train_split)
         _source(target, prefix + "data.target", splits, missing)
         if ncd is not None and ncd.get("classes_file") and _exists(ncd.classes_file) is False:
@@ -210,7 +211,7 @@ def _walk(config, workdir, prefix, stages, missing, check_target, teacher_given=
                     value="FILE",
                 )
             )
-    if cls.uses_teacher and transfer.source != "original":
+    if cls.uses_teacher and streams_transfer and transfer.source != "original":
         _source(transfer, prefix + "data.transfer", [transfer.get("split", "train")], missing)
     if ncd is not None and not chains_stage1:
         _backbone(config, prefix, missing)

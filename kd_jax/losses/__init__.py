@@ -20,7 +20,8 @@ Conventions shared by all losses:
 Modules: `distill` (KD, class dropping, low-noise targets, features), `relational` (RKD, SP,
 PKT, relation KL, InfoNCE, NT-Xent/SupCon), `ncd` (Sinkhorn-Knopp, swapped prediction,
 SCKD's replica similarity and pseudo-label synthesis, and the relation-based spatial mutual
-information / self-cooperation).
+information / self-cooperation), `generator` (DAFL's one-hot / activation / information
+entropy, DFAD's adversarial gap, DeepInversion's BatchNorm-statistics matching).
 """
 
 from kd_jax.losses.distill import (
@@ -29,6 +30,14 @@ from kd_jax.losses.distill import (
     kd_loss,
     low_noise_targets,
     soft_target_cross_entropy,
+)
+from kd_jax.losses.generator import (
+    activation_loss,
+    adversarial_loss,
+    batch_moments,
+    bn_statistics_loss,
+    information_entropy_loss,
+    one_hot_loss,
 )
 from kd_jax.losses.ncd import (
     cross_similarity,
@@ -53,6 +62,12 @@ from kd_jax.losses.relational import (
 )
 
 __all__ = [
+    "activation_loss",
+    "adversarial_loss",
+    "batch_moments",
+    "bn_statistics_loss",
+    "information_entropy_loss",
+    "one_hot_loss",
     "class_drop_mask",
     "cross_similarity",
     "cross_space_distillation",

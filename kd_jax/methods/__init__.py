@@ -12,6 +12,7 @@ _METHODS = {
     "ncd_pretrain": "kd_jax.methods.sckd:NCDPretrain",
     "uno": "kd_jax.methods.sckd:UNO",
     "sckd": "kd_jax.methods.sckd:SCKD",
+    "generator": "kd_jax.methods.generator:Generator",
 }
 
 

@@ -103,6 +103,7 @@ class Method:
     name = "base"
     uses_teacher = True
     views = 1  # augmented views per transfer image (2 for contrastive terms)
+    transfer_data = True  # streams config.data.transfer (False: synthesises its own inputs)
 
     def __init__(
         self,

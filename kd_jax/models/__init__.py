@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from kd_jax.models import (
     cpu_conv,
+    generator,
     lenet,
     mobilenetv2,
     resnet_cifar,
@@ -130,4 +131,21 @@ def model_description(name: str) -> str:
     return _spec(name).description
 
 
-__all__ = ["create_model", "list_models", "model_input_shape", "model_description", "ModelSpec"]
+def create_generator(name: str, image_size: int, channels: int, latent_dim: int, **kwargs):
+    """A registered image generator (`kd_jax.models.generator`, e.g. "dcgan")."""
+    return generator.create_generator(name, image_size, channels, latent_dim, **kwargs)
+
+
+def list_generators() -> list[str]:
+    return generator.list_generators()
+
+
+__all__ = [
+    "create_generator",
+    "list_generators",
+    "create_model",
+    "list_models",
+    "model_input_shape",
+    "model_description",
+    "ModelSpec",
+]
