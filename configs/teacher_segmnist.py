@@ -28,8 +28,9 @@ def get_config(arg=None):
     c.batch_size = 32
     c.eval_batch_size = 200
     c.num_steps = 1500
-    c.optimizer.lr = 0.05
-    c.optimizer.warmup_steps = 50
+    # AdamW: SGD (lr 0.05) kept predicting background only for the first ~500 steps (93 % of
+    # the pixels) in a first try; AdamW leaves it sooner (README "Segmentation").
+    c.optimizer.update(name="adamw", lr=2e-3, weight_decay=1e-4, warmup_steps=50)
     c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 500
     if "smoke" in flags:
         c.batch_size, c.num_steps = 16, 150
