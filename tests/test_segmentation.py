@@ -15,9 +15,12 @@ from kd_jax.data import pipeline, segmnist
 from kd_jax.methods import get_method
 
 IGNORE = 255
-# Bounds of the SegMNIST smoke (test_segmnist_teacher_and_kd_smoke), README "Segmentation".
-SMOKE_TEACHER_MIOU = 0.0843
-SMOKE_KD_PIXEL_ACCURACY = 0.90
+# Bounds of the SegMNIST smoke (test_segmnist_teacher_and_kd_smoke): the all-background
+# prediction scores pixel accuracy 0.927 / mIoU 0.084 on the test canvases; a run must not fall
+# below it by more than the margin (a broken loss, label path or eval counts far lower). Not yet
+# a learning bound from a measured seed spread (README "Segmentation").
+SMOKE_PIXEL_ACCURACY = 0.927 - 0.02
+SMOKE_MIOU = 0.084 - 0.01
 
 # ----- metrics -------------------------------------------------------------------------------
 
@@ -441,16 +444,15 @@ def test_convert_nyuv2_maps_dfad_labels(tmp_path):
 @pytest.mark.slow
 def test_segmnist_teacher_and_kd_smoke(tmp_path):
     """teacher_segmnist.py:smoke, then kd_segmnist.py:original,smoke from it: results.json holds
-    miou / pixel_accuracy / per_class_iou (11 classes), accuracy = pixel accuracy, and the
-    teacher beats the all-background prediction (pixel accuracy 0.927, mIoU 0.084 on these 200
-    test canvases). Bounds: README "Segmentation" (measured values and margin)."""
+    miou / pixel_accuracy / per_class_iou (11 classes), accuracy = pixel accuracy, and neither
+    run falls below the all-background prediction by more than the margin."""
     from kd_jax import train
 
     t = config("teacher_segmnist.py", "smoke", async_checkpoints=False)
     res = train.train_and_evaluate(t, str(tmp_path / "teacher"))
     assert res["final_accuracy"] == res["pixel_accuracy"]
     assert len(res["per_class_iou"]) == 11
-    assert res["miou"] > SMOKE_TEACHER_MIOU, res["miou"]
+    assert res["pixel_accuracy"] > SMOKE_PIXEL_ACCURACY and res["miou"] > SMOKE_MIOU, res
     s = config(
         "kd_segmnist.py",
         "original,smoke",
@@ -459,4 +461,4 @@ def test_segmnist_teacher_and_kd_smoke(tmp_path):
     )
     kd = train.train_and_evaluate(s, str(tmp_path / "kd"))
     assert kd["teacher_miou"] == res["miou"] and np.isfinite(kd["miou"])
-    assert kd["pixel_accuracy"] > SMOKE_KD_PIXEL_ACCURACY, kd["pixel_accuracy"]
+    assert kd["pixel_accuracy"] > SMOKE_PIXEL_ACCURACY and kd["miou"] > SMOKE_MIOU, kd
