@@ -347,6 +347,7 @@ def c_train_again():
 # ----- the step on 8 devices = 1 device --------------------------------------------------------
 
 
+@pytest.mark.slow  # 217 s of CPU (user time) measured at load 35: over the suite's budget
 def test_segmentation_teacher_and_kd_steps_equal_on_8_and_1_devices():
     """A teacher (per-pixel CE) and a KD (per-pixel KL) step of the small DeepLabV3-MBv2 in
     float64 (BatchNorm over the global batch): the 8-device state equals the 1-device one; one
