@@ -6,7 +6,8 @@
 One step = what `kd_jax.train` runs: teacher forward + student forward/backward + the method's
 losses + the optimizer update, jitted over a 1-D mesh of all devices with the state donated.
 Pairs: LeNet-5 → LeNet-5-half (32 px, 1 channel), ResNet-34 → ResNet-18 CIFAR (32 px),
-ResNet-50 → ResNet-18 ImageNet (224 px, small batch). Methods: every KD method
+ResNet-50 → ResNet-18 ImageNet (224 px, small batch), DeepLabV3-ResNet50 → DeepLabV3-MobileNetV2
+(256 px, 13 classes, per-pixel losses; DFAD's NYUv2 protocol). Methods: every KD method
 `kd_jax.methods.get_method` can build (kd, odsd, eikd, sckd) and the generator baselines
 (dafl, dfad, deepinv: `method = generator` with that preset, its full-size generator; one step
 = g_steps generator updates + s_steps student updates, so images/s counts one batch per step
@@ -37,6 +38,17 @@ PAIRS = {
     "lenet": ("lenet5", "lenet5_half", 32, 1, 10, "mnist", 256, 1024),
     "r34_r18": ("resnet34_cifar", "resnet18_cifar", 32, 3, 10, "cifar10", 64, 256),
     "r50_r18_224": ("resnet50", "resnet18", 224, 3, 1000, "cifar10", 8, 64),
+    # DFAD's NYUv2 pair (13 classes, 256 px), per-pixel; methods with a configs/<m>_segmnist.py
+    "dlv3_r50_mbv2_256": (
+        "deeplabv3_resnet50",
+        "deeplabv3_mobilenetv2",
+        256,
+        3,
+        13,
+        "segmnist",
+        2,
+        16,
+    ),  # fmt: skip
 }
 METHODS = ("kd", "odsd", "eikd", "sckd", "dafl", "dfad", "deepinv")
 # generator presets -> their config file per dataset (the full settings, not the smoke ones)
@@ -118,7 +130,7 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str =
     c.model.name, c.teacher.model = student, teacher
     c.num_classes = classes
     c.data.image_size, c.data.channels = size, channels
-    if size == 224:
+    if size >= 224:
         c.data.normalization = "imagenet"
     c.batch_size = c.eval_batch_size = batch
     c.dtype = dtype
@@ -152,9 +164,12 @@ def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     if hasattr(method, "latents"):  # a generator method's batch: its latent vectors only
         local = {"z": method.latents(0)}
     else:
+        segmentation = c.data.target.get("task") == "segmentation"
         local = {
             "image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
-            "label": rng.integers(0, c.num_classes, batch).astype(np.int64),
+            "label": rng.integers(0, c.num_classes, (batch, size, size)).astype(np.int32)
+            if segmentation
+            else rng.integers(0, c.num_classes, batch).astype(np.int64),
             "id": np.arange(batch, dtype=np.int64),
         }
     if getattr(method, "views", 1) == 2:

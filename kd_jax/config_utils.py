@@ -90,12 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
             "normalization": "cifar10",
             "eval_crop": 1.0,
             "augment": "crop_flip",
+            # Segmentation only: `scale_crop_flip`'s rescale range; eval at full resolution (0)
+            # or resized to eval_size x eval_size.
+            "scale_range": (0.5, 2.0),
+            "eval_size": 0,
             "shuffle_buffer": 16384,
             "cache": False,
             # Labeled target set: teacher training and every reported accuracy.
             "target": ml_collections.ConfigDict(
                 {
                     "source": "tfds",
+                    "task": "classification",  # or "segmentation" (per-pixel masks, mIoU)
                     "name": "",
                     "data_dir": "",
                     "path": "",

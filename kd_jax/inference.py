@@ -32,12 +32,14 @@ class BatchedApply:
         )
 
     def sums(self, *args, batches) -> dict:
-        """Every (scalar) output summed over the batches as Python floats; `fn` applies the
-        mask itself (e.g. {"correct": Σ mask·hit, "count": Σ mask})."""
+        """Every output summed over the batches: scalars as Python floats, arrays (e.g. a
+        segmentation confusion matrix) as float64 NumPy arrays; `fn` applies the mask itself
+        (e.g. {"correct": Σ mask·hit, "count": Σ mask})."""
         totals = {}
         for local in _numpy(batches):
             for k, v in self._fn(*args, self._device_batch(local)).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                v = np.asarray(v, np.float64)
+                totals[k] = totals.get(k, 0.0) + (float(v) if v.ndim == 0 else v)
         return totals
 
     def gather(

@@ -1,4 +1,12 @@
-"""Evaluation metrics: accuracy (jnp, jit-able) and NCD clustering accuracy (NumPy/SciPy, host).
+"""Evaluation metrics: accuracy (jnp, jit-able), segmentation scores from a confusion matrix
+(jnp, jit-able) and NCD clustering accuracy (NumPy/SciPy, host).
+
+Segmentation (`confusion_matrix`, `per_class_iou`, `mean_iou`, `pixel_accuracy`): the confusion
+matrix counts pixels by (true class, predicted class) and is summed over the eval set; pixels
+labeled `ignore_index` (255) or outside [0, C), and padded images (weight 0), count nowhere.
+IoU_c = TP / (TP + FP + FN); a class absent from both the labels and the predictions
+(TP + FP + FN = 0) has no IoU (NaN) and is left out of the mean, the standard definition
+(torchvision's references, mmseg's `nanmean`). Pixel accuracy = trace / total.
 
 Clustering accuracy (`cluster_accuracy`, UNO's `cluster_acc`): build the confusion matrix between
 predicted cluster ids and true labels, find the one-to-one mapping that maximises the number of
@@ -42,6 +50,68 @@ def accuracy(logits, labels, weights=None):
     w = jnp.asarray(weights, jnp.float32)
     total = jnp.sum(w)
     return jnp.where(total > 0, jnp.sum(w * correct) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(labels, preds, num_classes: int, weights=None, ignore_index=IGNORE_INDEX):
+    """[C, C] integer counts, rows = true class, columns = predicted class (jnp, jit-able).
+
+    labels, preds: int [...] of the same shape (e.g. [B, H, W]); weights [B] (or any prefix
+    shape of labels, broadcast over the rest): pixels of a weight-0 image (eval padding) are
+    not counted. A pixel counts when its label is in [0, C) and is not `ignore_index`; a
+    prediction outside [0, C) is an error.
+    """
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    preds = jnp.asarray(preds).astype(jnp.int32)
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels {labels.shape} and preds {preds.shape} differ in shape")
+    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    if weights is not None:
+        w = jnp.asarray(weights)
+        w = w.reshape(w.shape + (1,) * (labels.ndim - w.ndim))
+        valid = valid & (w > 0)
+    index = jnp.where(valid, labels * num_classes + preds, num_classes * num_classes)
+    counts = jnp.bincount(index.reshape(-1), length=num_classes * num_classes + 1)
+    return counts[:-1].reshape(num_classes, num_classes)
+
+
+def per_class_iou(confusion):
+    """[C] IoU per class from a confusion matrix; NaN where the class is absent from both the
+    labels and the predictions."""
+    cm = _as_float(confusion)
+    tp = jnp.diagonal(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return jnp.where(union > 0, tp / jnp.where(union > 0, union, 1), jnp.nan)
+
+
+def mean_iou(confusion):
+    """Mean IoU over the classes present in the labels or the predictions (NaN if none)."""
+    return jnp.nanmean(per_class_iou(confusion))
+
+
+def pixel_accuracy(confusion):
+    """Correct pixels / counted pixels (NaN if no pixel counted)."""
+    cm = _as_float(confusion)
+    total = cm.sum()
+    return jnp.where(total > 0, jnp.trace(cm) / jnp.where(total > 0, total, 1), jnp.nan)
+
+
+def segmentation_scores(confusion) -> dict:
+    """{"miou", "pixel_accuracy", "per_class_iou" (None for an absent class)} as Python
+    values, for results.json (strict JSON has no NaN)."""
+    iou = np.asarray(per_class_iou(confusion), np.float64)
+    return {
+        "miou": float(mean_iou(confusion)),
+        "pixel_accuracy": float(pixel_accuracy(confusion)),
+        "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
+    }
+
+
+def _as_float(confusion):
+    """Counts as JAX's default float (float64 under x64: the NumPy-reference tests)."""
+    return jnp.asarray(confusion).astype(jnp.result_type(float))
 
 
 def _hungarian(y_true, y_pred):

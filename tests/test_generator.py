@@ -248,7 +248,7 @@ def test_bn_taps_leave_the_teacher_unchanged():
 
 @pytest.mark.slow
 def test_dafl_mnist_smoke_beats_random_student_and_writes_diagnostics(offline_teacher, tmp_path):
-    """dafl_mnist.py:smoke (100 steps of batch 64, generator ngf 8) from the smoke teacher:
+    """dafl_mnist.py:smoke (250 steps of batch 64, generator ngf 8) from the smoke teacher:
     the student beats a random LeNet-5-half (about 0.10) by a margin, samples.png is
     written, and metrics.jsonl holds the teacher's class histogram of generated images."""
     import json
@@ -256,8 +256,6 @@ def test_dafl_mnist_smoke_beats_random_student_and_writes_diagnostics(offline_te
     c = config("dafl_mnist.py", "smoke", **{"teacher.workdir": offline_teacher})
     c.async_checkpoints = False
     out = train.train_and_evaluate(c, str(tmp_path))
-    # seeds 0-3 measured 0.314, 0.171, 0.115, 0.221 (README); a random student ~0.10: the
-    # bound is the lowest seed less 0.005, a thin margin (see BOUND)
     assert out["final_accuracy"] > BOUND, out["final_accuracy"]
     assert os.path.exists(tmp_path / "samples.png")
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "accuracy" in line]
@@ -265,9 +263,10 @@ def test_dafl_mnist_smoke_beats_random_student_and_writes_diagnostics(offline_te
     assert len(hist) == 10 and abs(sum(hist) - 1.0) < 1e-9
 
 
-# The lowest of 4 measured seeds (0.115) less 0.005. Thin: the 100-step smoke's spread is wide
-# (0.115-0.314); a longer smoke would give a real margin (not measured yet on a loaded machine).
-BOUND = 0.11
+# Seeds 0-2 of the smoke on 8 fake devices gave 0.358 / 0.300 / 0.317 (std 0.03; seed 0 with
+# XLA capped at AVX2 as well); a random student scores about 0.10: the bound is twice that,
+# three seed-stds below the lowest seed.
+BOUND = 0.2
 
 
 def test_resumed_generator_run_equals_uninterrupted(offline_teacher, tmp_path):

@@ -527,9 +527,9 @@ def _pool_key(seed: int, counts: Mapping[str, int], num_shards: int) -> str:
     )
 
 
-def _pool_dir_ok(path: str, expect: Mapping) -> bool:
+def _pool_dir_ok(path: str, expect: Mapping, prefix: str = POOL_PREFIX) -> bool:
     try:
-        with open(os.path.join(path, f"{POOL_PREFIX}.json")) as f:
+        with open(os.path.join(path, f"{prefix}.json")) as f:
             man = json.load(f)
     except (OSError, ValueError):
         return False
@@ -552,40 +552,61 @@ def ensure_offline_pool_shards(
     The shards (prefix ``offline_pool``, labels -1, source tags kept) live in
     ``cache_root(cache_dir)/<versioned key>/``; the key holds :data:`POOL_VERSION`, the seed, the
     per-source counts and ``num_shards``. An existing folder is reused when its manifest
-    matches. Concurrent callers are safe: each builds in its own temporary folder and renames it
-    into place atomically; a loser discards its copy and uses the winner's.
+    matches (`ensure_cached_shards`).
     """
     counts = _resolve_sizes(size, sizes)
-    root = cache_root(cache_dir)
-    key = _pool_key(seed, counts, num_shards)
-    final = os.path.join(root, key)
-    pattern = os.path.join(final, f"{POOL_PREFIX}-*-of-*.tfrecord")
     expect = {
         "pool_version": POOL_VERSION,
         "seed": int(seed),
         "sizes": counts,
         "num_shards_requested": int(num_shards),
     }
-    if _pool_dir_ok(final, expect):
+
+    def build():
+        pool = build_offline_pool(seed, sizes=counts)
+        return pool["images"], pool["sources"]
+
+    return ensure_cached_shards(
+        _pool_key(seed, counts, num_shards), POOL_PREFIX, expect, build, num_shards, cache_dir
+    )
+
+
+def ensure_cached_shards(
+    key: str,
+    prefix: str,
+    expect: Mapping,
+    build,
+    num_shards: int,
+    cache_dir: str | None = None,
+) -> str:
+    """The shard pattern of a pool built once into ``cache_root(cache_dir)/key`` (the offline
+    pool, SegMNIST's canvas pool). ``build()`` -> (uint8 images, source tags) runs only when no
+    folder with a manifest whose metadata holds ``expect`` exists. Concurrent callers are safe:
+    each builds in its own temporary folder and renames it into place atomically; a loser
+    discards its copy and uses the winner's."""
+    root = cache_root(cache_dir)
+    final = os.path.join(root, key)
+    pattern = os.path.join(final, f"{prefix}-*-of-*.tfrecord")
+    if _pool_dir_ok(final, expect, prefix):
         return pattern
 
     from kd_jax.data import shards
 
     os.makedirs(root, exist_ok=True)
-    pool = build_offline_pool(seed, sizes=counts)
+    images, sources = build()
     tmp = os.path.join(root, f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     try:
         shards.write_shards(
             tmp,
-            pool["images"],
-            sources=pool["sources"],
+            images,
+            sources=sources,
             num_shards=num_shards,
-            prefix=POOL_PREFIX,
+            prefix=prefix,
             image_format="png",
-            metadata=expect,
+            metadata=dict(expect),
         )
         if os.path.isdir(final):  # a stale / incomplete folder: move it aside first
-            if _pool_dir_ok(final, expect):
+            if _pool_dir_ok(final, expect, prefix):
                 return pattern
             stale = os.path.join(root, f".{key}.{uuid.uuid4().hex[:8]}.stale")
             try:
@@ -596,11 +617,11 @@ def ensure_offline_pool_shards(
         try:
             os.rename(tmp, final)
         except OSError:  # another process renamed its copy first
-            if not _pool_dir_ok(final, expect):
+            if not _pool_dir_ok(final, expect, prefix):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("offline pool: wrote %d items to %s", len(pool["images"]), final)
+    log.info("%s: wrote %d items to %s", prefix, len(images), final)
     return pattern
 
 

@@ -7,6 +7,13 @@ into the *teacher's* domain (size, channels, normalisation) — pool images incl
 the augmentation. Train streams are deterministic functions of (seed, step), so a resumed run
 sees exactly the batches an uninterrupted one would; eval streams are padded with `mask = 0` rows
 so every process runs the same number of steps and each example counts exactly once.
+
+Segmentation (`data.target.task = "segmentation"`, `Domain.task`): a labeled element's `label`
+is an int32 mask [H, W] (255 = ignore) instead of a class; sources `npz` (`images` + `masks`),
+`folder` (`<path>/<split>/images/*`, `<path>/<split>/masks/*`, matched by file name stem) and
+`segmnist` (the offline canvases). `preprocess_segmentation` transforms image and mask with the
+same random scale / crop / flip, so they stay aligned; unlabeled pool images take the same path
+without a mask.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ NORMALIZATION = {
     "none": ((0.0,), (1.0,)),
 }
 AUGMENTATIONS = ("none", "crop", "crop_flip", "inception")
+TASKS = ("classification", "segmentation")
+# Joint image + mask augmentations of segmentation: a horizontal flip; a random crop of
+# `image_size` (padded where smaller: image 0, mask ignore) + flip; the crop after a random
+# rescale by a factor in `Domain.scale_range` (DFAD's NYUv2 recipe: 0.5..2, 256 px, flip).
+SEG_AUGMENTATIONS = ("none", "flip", "crop_flip", "scale_crop_flip")
+IGNORE_INDEX = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +72,19 @@ class Domain:
     channels: int
     normalization: str
     eval_crop: float = 1.0  # ImageNet: resize to size/0.875 then centre crop.
+    task: str = "classification"  # or "segmentation" (per-pixel labels)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation's `scale_crop_flip`
+    eval_size: int = 0  # segmentation eval: 0 = full resolution, else resized to S x S
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"config.data.target.task={self.task!r}: use one of {TASKS}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi or self.eval_size < 0:
+            raise ValueError(
+                f"config.data.scale_range={self.scale_range} needs 0 < lo <= hi and "
+                f"config.data.eval_size={self.eval_size} >= 0"
+            )
         if self.normalization not in NORMALIZATION:
             raise ValueError(
                 f"config.data.normalization={self.normalization!r} is not one of "
@@ -76,6 +100,9 @@ def domain_from_config(data_cfg) -> Domain:
         channels=data_cfg.channels,
         normalization=data_cfg.normalization,
         eval_crop=data_cfg.get("eval_crop", 1.0),
+        task=data_cfg.target.get("task", "classification") if "target" in data_cfg else TASKS[0],
+        scale_range=tuple(data_cfg.get("scale_range", (0.5, 2.0))),
+        eval_size=int(data_cfg.get("eval_size", 0)),
     )
 
 
@@ -102,6 +129,8 @@ def open_source(
     those labels (NCD splits). Returns (dataset, count on this host).
     """
     kind = spec.source
+    if spec.get("task", "classification") == "segmentation":
+        return _segmentation_source(spec, split, process_index, process_count)
     if kind == "tfds":
         ds, n = _tfds_source(spec, split, process_index, process_count)
     elif kind == "offline_mnist":
@@ -118,18 +147,22 @@ def open_source(
         )
     elif kind == "folder":
         ds, n = _folder_source(fileio.join(spec.path, split), process_index, process_count)
-    elif kind in ("shards", "offline_pool"):
+    elif kind in ("shards", "offline_pool", "segmnist_pool"):
         pattern = spec.get("pattern", "")
         if kind == "offline_pool":
             from kd_jax.data import offline
 
             pattern = offline.ensure_offline_pool_shards(cache_dir=spec.get("cache_dir") or None)
+        elif kind == "segmnist_pool":
+            from kd_jax.data import segmnist
+
+            pattern = segmnist.ensure_pool_shards(cache_dir=spec.get("cache_dir") or None)
         ds, n = _shard_source(pattern, process_index, process_count, keep_ids)
         keep_ids = None  # already applied before decoding
     else:
         raise ValueError(
             f"config.data source={kind!r}: expected one of tfds, offline_mnist, npz, "
-            f"folder, shards, offline_pool"
+            f"folder, shards, offline_pool, segmnist_pool"
         )
     if keep_ids is not None:
         ds, n = _filter_ids(ds, keep_ids), None
@@ -140,6 +173,98 @@ def open_source(
     if n is None:  # count once (cheap for the filtered/in-memory cases this happens in)
         n = int(ds.map(lambda e: e["id"]).reduce(np.int64(0), lambda c, _: c + 1))
     return ds, n
+
+
+def _segmentation_source(spec, split, process_index, process_count):
+    """(dataset, count) of image + mask pairs: `npz`, `folder` or `segmnist`."""
+    kind = spec.source
+    if kind == "segmnist":
+        from kd_jax.data import segmnist
+
+        d = segmnist.canvases(split)
+        return _mask_array_source(d["images"], d["masks"], process_index, process_count, "segmnist")
+    if kind == "npz":
+        path = spec.path.format(split=split) if "{split}" in spec.path else spec.path
+        if not fileio.isfile(path):
+            raise FileNotFoundError(f"config.data npz file {path!r} does not exist")
+        z = fileio.load_npz(path)
+        for key in ("images", "masks"):
+            if key not in z:
+                raise KeyError(
+                    f"{path!r} has no {key!r} array (keys: {sorted(z.keys())}); a segmentation "
+                    f"npz holds uint8 `images` [N,H,W,C] and `masks` [N,H,W] (255 = ignore)"
+                )
+        return _mask_array_source(z["images"], z["masks"], process_index, process_count, path)
+    if kind == "folder":
+        return _mask_folder_source(fileio.join(spec.path, split), process_index, process_count)
+    raise ValueError(
+        f"config.data.target.source={kind!r} with task='segmentation': use npz, folder or segmnist"
+    )
+
+
+def _mask_array_source(images, masks, process_index, process_count, what):
+    images, masks = np.asarray(images), np.asarray(masks)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{what}: images must be uint8 [N,H,W] or [N,H,W,C], got {images.dtype} {images.shape}"
+        )
+    if masks.shape != images.shape[:3] or masks.dtype.kind not in "iu":
+        raise ValueError(
+            f"{what}: masks must be integer [N,H,W] = {images.shape[:3]} (255 = ignore), got "
+            f"{masks.dtype} {masks.shape}"
+        )
+    if masks.size and (masks.min() < 0 or masks.max() > IGNORE_INDEX):
+        raise ValueError(f"{what}: mask values must be in 0..255, got {masks.min()}..{masks.max()}")
+    ids = np.arange(len(images), dtype=np.int64)
+    sl = slice(process_index, None, process_count)
+    ds = tf.data.Dataset.from_tensor_slices((images[sl], masks[sl].astype(np.int32), ids[sl])).map(
+        lambda image, mask, idx: {"image": image, "label": mask, "id": idx}
+    )
+    return ds, len(ids[sl])
+
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _mask_folder_source(root, process_index, process_count):
+    images_dir, masks_dir = fileio.join(root, "images"), fileio.join(root, "masks")
+    if not fileio.isdir(images_dir) or not fileio.isdir(masks_dir):
+        raise FileNotFoundError(
+            f"segmentation folder {root!r} needs images/ and masks/ (files matched by name)"
+        )
+
+    def by_stem(folder):
+        out = {}
+        for name in fileio.listdir(folder):
+            stem, ext = name.rsplit(".", 1) if "." in name else (name, "")
+            if f".{ext.lower()}" in _IMAGE_EXTENSIONS:
+                out[stem] = fileio.join(folder, name)
+        return out
+
+    images, masks = by_stem(images_dir), by_stem(masks_dir)
+    unmatched = sorted(set(images) ^ set(masks))
+    if unmatched:
+        raise ValueError(
+            f"{root!r}: images/ and masks/ must hold the same names; unmatched: {unmatched[:5]}"
+        )
+    if not images:
+        raise FileNotFoundError(f"no images under {images_dir!r}")
+    stems = sorted(images)
+    ids = np.arange(len(stems))[process_index::process_count]
+    files = np.asarray([images[s] for s in stems])[ids]
+    mask_files = np.asarray([masks[s] for s in stems])[ids]
+
+    def load(path, mask_path, idx):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        mask = tf.io.decode_image(tf.io.read_file(mask_path), channels=1, expand_animations=False)
+        return {"image": image, "label": tf.cast(mask[..., 0], tf.int32), "id": idx}
+
+    ds = tf.data.Dataset.from_tensor_slices((files, mask_files, ids)).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds, len(ids)
 
 
 def _element(image, label, idx):
@@ -454,6 +579,69 @@ def preprocess(element, domain: Domain, augment: str, seed=None, strong: bool = 
     return tf.ensure_shape(_normalize(image, domain), (size, size, domain.channels))
 
 
+def preprocess_segmentation(element, domain: Domain, augment: str, seed=None):
+    """uint8 image (+ int mask [H,W] when `element["label"]` is one) -> (normalised float32
+    image, int32 mask or None), image and mask under the same geometry.
+
+    Train (`seed` given, `augment` in SEG_AUGMENTATIONS): `scale_crop_flip` rescales both by
+    f ~ U(scale_range) (image bilinear, mask nearest), then a random `image_size` crop (padded
+    where smaller: image 0, mask IGNORE_INDEX) and a horizontal flip with p 1/2, all from one
+    stacked tensor so the same pixels move together; `crop_flip` is that without the rescale,
+    `flip` resizes to `image_size` and flips. Eval (`seed` None or `none`): resized to
+    `eval_size` when > 0 (mask nearest), else full resolution.
+    """
+    if augment not in SEG_AUGMENTATIONS:
+        raise ValueError(
+            f"config.data.augment={augment!r}: segmentation takes one of {SEG_AUGMENTATIONS}"
+        )
+    image = tf.cast(_to_domain_channels(element["image"], domain.channels), tf.float32)
+    label = element["label"]
+    has_mask = label.shape.rank == 2
+    mask = tf.cast(label, tf.int32)[..., None] if has_mask else None
+
+    def resize(image, mask, size):
+        image = tf.image.resize(image, size, method="bilinear", antialias=True)
+        if mask is not None:
+            mask = tf.image.resize(mask, size, method="nearest")
+        return image, mask
+
+    channels = domain.channels
+    if seed is None or augment == "none":
+        if domain.eval_size:
+            image, mask = resize(image, mask, (domain.eval_size, domain.eval_size))
+    else:
+        s = tf.random.experimental.stateless_split(seed, 3)
+        size = domain.image_size
+        if augment == "flip":
+            image, mask = resize(image, mask, (size, size))
+        if augment == "scale_crop_flip":
+            lo, hi = domain.scale_range
+            factor = tf.random.stateless_uniform([], s[0], lo, hi)
+            hw = tf.cast(tf.shape(image)[:2], tf.float32) * factor
+            image, mask = resize(image, mask, tf.maximum(tf.cast(tf.round(hw), tf.int32), 1))
+        if mask is None:  # an unlabeled (pool) image takes the same geometry
+            stacked = image
+        else:  # ignore + 1 so padding with 0 then subtracting 1 marks padded pixels ignore
+            stacked = tf.concat([image, tf.cast(mask - IGNORE_INDEX - 1, tf.float32)], -1)
+        if augment in ("crop_flip", "scale_crop_flip"):
+            hw = tf.shape(stacked)[:2]
+            pad = tf.maximum(size - hw, 0)
+            stacked = tf.pad(
+                stacked,
+                [[pad[0] // 2, pad[0] - pad[0] // 2], [pad[1] // 2, pad[1] - pad[1] // 2], [0, 0]],
+            )
+            depth = channels + (mask is not None)
+            stacked = tf.image.stateless_random_crop(stacked, (size, size, depth), seed=s[1])
+        stacked = tf.image.stateless_random_flip_left_right(stacked, seed=s[2])
+        image = stacked[..., :channels]
+        if mask is not None:
+            mask = tf.cast(tf.round(stacked[..., channels:]), tf.int32) + IGNORE_INDEX + 1
+            mask = tf.where(mask > IGNORE_INDEX, IGNORE_INDEX, mask)
+        image = tf.ensure_shape(image, (size, size, channels))
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    return _normalize(image, domain), (None if mask is None else mask[..., 0])
+
+
 def _colour_jitter(image, seed_apply, seed_jitter, seed_gray):
     """SimCLR-style jitter (strength 0.4, p = 0.8) and grayscale (p = 0.2), on [0, 255]."""
     x = image / 255.0
@@ -591,6 +779,8 @@ def train_iterator(
             f"this host holds fewer examples than one local batch ({local_batch}); lower "
             f"config.batch_size or use a larger transfer set"
         )
+    if domain.task == "segmentation" and (views != 1 or view_augments):
+        raise ValueError("segmentation streams have one view (views=1, no view_augments)")
     if cache:
         ds = ds.cache()
     if view_augments is None:
@@ -608,6 +798,11 @@ def train_iterator(
                 tf.constant([seed, epoch], tf.int64), k
             )
             out = {"label": e["label"], "id": e["id"]}
+            if domain.task == "segmentation":
+                out["image"], mask = preprocess_segmentation(e, domain, augment, elem_seed)
+                if mask is not None:
+                    out["label"] = mask
+                return out
             for i, (key, view) in enumerate(view_augments.items()):
                 view_seed = (
                     elem_seed if i == 0 else tf.random.experimental.stateless_fold_in(elem_seed, i)
@@ -622,8 +817,11 @@ def train_iterator(
 
 
 def eval_batches(ds, *, host_count: int, max_host_count: int, local_batch: int, domain: Domain):
-    """Per-host padded eval batches with a `mask`; every host yields the same number."""
+    """Per-host padded eval batches with a `mask`; every host yields the same number.
+    Segmentation: `label` [B, H, W] masks, padding rows all IGNORE_INDEX."""
     num_batches = max(1, math.ceil(max_host_count / local_batch))
+    if domain.task == "segmentation":
+        return _segmentation_eval_batches(ds, host_count, num_batches, local_batch, domain)
     real = ds.map(
         lambda e: {
             "image": preprocess(e, domain, "none"),
@@ -638,6 +836,30 @@ def eval_batches(ds, *, host_count: int, max_host_count: int, local_batch: int, 
         {
             "image": tf.zeros((domain.image_size, domain.image_size, domain.channels)),
             "label": tf.constant(-1, tf.int64),
+            "id": tf.constant(-1, tf.int64),
+            "mask": tf.constant(0.0),
+        }
+    ).repeat()
+    full = real.take(host_count).concatenate(pad).take(num_batches * local_batch)
+    return full.batch(local_batch, drop_remainder=True).prefetch(2)
+
+
+def _segmentation_eval_batches(ds, host_count, num_batches, local_batch, domain):
+    def prep(e):
+        image, mask = preprocess_segmentation(e, domain, "none")
+        return {"image": image, "label": mask, "id": e["id"], "mask": tf.constant(1.0)}
+
+    real = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    shape = real.element_spec["image"].shape
+    if not shape.is_fully_defined():
+        raise ValueError(
+            "segmentation eval images of unknown or varying size: set config.data.eval_size "
+            "(images and masks resized to that square) to batch them"
+        )
+    pad = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros(shape),
+            "label": tf.fill(shape[:2], IGNORE_INDEX),
             "id": tf.constant(-1, tf.int64),
             "mask": tf.constant(0.0),
         }

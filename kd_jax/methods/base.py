@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kd_jax import checkpoint, inference, log, models, parallel
+from kd_jax import checkpoint, inference, log, metrics, models, parallel
 from kd_jax.data import pipeline
 from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 
@@ -116,6 +116,14 @@ class Method:
         finished teacher workdir (`kd_jax.teacher.load_teacher`)."""
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.domain = pipeline.domain_from_config(config.data)
+        # Per-pixel labels and metrics (`data.target.task`): segmentation models, mIoU.
+        self.segmentation = self.domain.task == "segmentation"
+        if self.segmentation != (config.model.name in models.SEGMENTATION_MODELS):
+            raise ValueError(
+                f"config.data.target.task={self.domain.task!r} but config.model.name="
+                f"{config.model.name!r}: segmentation needs one of "
+                f"{sorted(models.SEGMENTATION_MODELS)} and they need it"
+            )
         self.local_batch = parallel.check_batch_size(config.batch_size, mesh)
         self.local_eval_batch = parallel.check_batch_size(
             config.eval_batch_size, mesh, "eval_batch_size"
@@ -151,6 +159,13 @@ class Method:
         """Frozen teacher forward in eval mode (running BN statistics), no gradient."""
         logits, feats = self.teacher_model.apply(teacher_vars, images, train=False)
         return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, feats)
+
+    @property
+    def pool_teacher_model(self):
+        """The teacher as the pool scorer (`pool.score_pool`) sees it: itself for
+        classification; for segmentation `ImageLevel`, whose image "logits" are the log of
+        the mean pixel probabilities (softmax = the teacher's soft pixel share per class)."""
+        return ImageLevel(self.teacher_model) if self.segmentation else self.teacher_model
 
     # ----- state -------------------------------------------------------------------------------
     def warm_start_source(self) -> str | None:
@@ -268,8 +283,13 @@ class Method:
         return inference.BatchedApply(self.eval_step, self.mesh)
 
     def evaluate(self, state: TrainState) -> dict:
-        """Metrics on the target eval split; must include `accuracy` (the headline number)."""
+        """Metrics on the target eval split; must include `accuracy` (the headline number).
+        Segmentation: `miou`, `pixel_accuracy` and `per_class_iou` from the confusion matrix
+        summed over the eval set, and `accuracy` = pixel accuracy."""
         sums = self._batched_eval.sums(state, batches=self.eval_dataset())
+        if self.segmentation:
+            scores = metrics.segmentation_scores(sums["confusion"])
+            return {"accuracy": scores["pixel_accuracy"], **scores}
         return {"accuracy": sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)}
 
     # ----- data --------------------------------------------------------------------------------
@@ -350,9 +370,32 @@ def _as_dtype(tree, dtype):
 
 
 def _masked_hits(logits, batch) -> dict:
-    """{correct, count} of one padded batch (padding rows weigh 0)."""
+    """{correct, count} of one padded batch (padding rows weigh 0); segmentation logits
+    [B, H, W, C] count pixels (ignore-index pixels not) and add the batch's `confusion`."""
+    if logits.ndim == 4:
+        pred, label = jnp.argmax(logits, -1), batch["label"]
+        confusion = metrics.confusion_matrix(label, pred, logits.shape[-1], batch["mask"])
+        return {
+            "confusion": confusion,
+            "correct": jnp.trace(confusion).astype(jnp.float32),
+            "count": jnp.sum(confusion).astype(jnp.float32),
+        }
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"correct": jnp.sum(correct * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+
+class ImageLevel:
+    """A segmentation model seen as an image classifier by the pool scorer: `apply` returns
+    (log mean_pixels softmax(z), features), so the pooled `pre_logits` tap and the per-image
+    statistics (`pred` = the class with the largest soft pixel share) keep their meaning."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def apply(self, variables, images, train: bool = False):
+        logits, feats = self.model.apply(variables, images, train=train)
+        share = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=(1, 2))
+        return jnp.log(jnp.maximum(share, 1e-30)), feats
 
 
 def evaluate_variables(apply_fn, variables, batches, mesh) -> float:

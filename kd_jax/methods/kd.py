@@ -2,22 +2,31 @@
 
 The transfer set is chosen by `config.data.transfer`: the original training images *without
 labels* (the upper bound), the whole open-world pool, or a random pool subset of N images.
+Segmentation (`data.target.task`): the same per pixel (τ² KL at every pixel, averaged), the
+pool scored through `Method.pool_teacher_model`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from kd_jax import losses, pool
-from kd_jax.data import pipeline
+from kd_jax.data import pipeline, segmnist
 from kd_jax.methods.base import Method
 
 
 class KD(Method):
     name = "kd"
 
+    @functools.cached_property
+    def transfer_spec(self):
+        """`config.data.transfer`, with SegMNIST's canvas pool resolved to its shards."""
+        return segmnist.pool_spec(self.config.data.transfer)
+
     def prepare(self):
-        transfer = self.config.data.transfer
+        transfer = self.transfer_spec
         self.keep_ids, self.report = None, {}
         if transfer.source == "original":
             return
@@ -43,8 +52,8 @@ class KD(Method):
         """The teacher pass over the pool (for the report of a random subset)."""
         return pool.score_pool(
             self.workdir,
-            self.config.data.transfer,
-            teacher_model=self.teacher_model,
+            self.transfer_spec,
+            teacher_model=self.pool_teacher_model,
             teacher_vars=self.teacher_vars,
             domain=self.domain,
             num_classes=self.config.num_classes,
@@ -52,7 +61,7 @@ class KD(Method):
         )
 
     def transfer_source(self):
-        transfer = self.config.data.transfer
+        transfer = self.transfer_spec
         if transfer.source == "original":
             target = self.config.data.target
             return pipeline.open_source(
@@ -63,13 +72,20 @@ class KD(Method):
         )
 
     def results(self, state) -> dict:
-        return {"selection": self.report} if self.report else {}
+        out = {"selection": self.report} if self.report else {}
+        if self.segmentation and self.teacher_info.get("miou") is not None:
+            out["teacher_miou"] = self.teacher_info["miou"]
+        return out
 
     def loss(self, params, batch_stats, batch, rng, teacher_vars, step):
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
         (s_logits, _), new_stats = self.student_apply(
             params, batch_stats, batch["image"], True, rng=rng
         )
-        kd = losses.kd_loss(s_logits, t_logits, temperature=self.config.kd.temperature)
+        tau = self.config.kd.temperature
+        if self.segmentation:
+            kd = losses.pixel_kd_loss(s_logits, t_logits, temperature=tau)
+        else:
+            kd = losses.kd_loss(s_logits, t_logits, temperature=tau)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).mean()
         return kd, ({"model": new_stats}, {"kd": kd, "teacher_agreement": agree})

@@ -1,11 +1,14 @@
 """Supervised training (cross-entropy on the labeled target set): the teachers every KD method
-starts from, and the "student trained with data" reference."""
+starts from, and the "student trained with data" reference. Segmentation
+(`data.target.task`): per-pixel cross-entropy, ignore-index pixels left out."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from kd_jax import losses
 from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
@@ -25,6 +28,12 @@ class Teacher(Method):
             params, batch_stats, batch["image"], train=True, rng=rng
         )
         smoothing = self.config.get("label_smoothing", 0.0)
+        if self.segmentation:  # per-pixel CE, ignore-index pixels left out
+            labels = batch["label"]
+            loss = losses.pixel_cross_entropy(logits, labels, label_smoothing=smoothing)
+            valid = labels != pipeline.IGNORE_INDEX
+            hits = jnp.sum((logits.argmax(-1) == labels) & valid) / jnp.maximum(valid.sum(), 1)
+            return loss, ({"model": new_stats}, {"ce": loss, "train_pixel_accuracy": hits})
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         accuracy = (logits.argmax(-1) == batch["label"]).mean()

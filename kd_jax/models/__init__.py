@@ -5,7 +5,8 @@
     logits, features = model.apply(variables, x, train=False)
     (logits, features), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
-Every model takes NHWC float images and returns `(logits, features)`: `logits` [B, C] float32,
+Every model takes NHWC float images and returns `(logits, features)`: `logits` [B, C] float32
+(segmentation models, `SEGMENTATION_MODELS`: [B, H, W, C] at the input's resolution),
 `features` a dict of named taps — stage outputs (`stage1`, `stage2`, … NHWC; VGG counts from
 `stage0`) and `pre_logits`, the pooled [B, D] vector the final linear layer consumes.
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 
 from kd_jax.models import (
     cpu_conv,
+    deeplabv3,
     generator,
     lenet,
     mobilenetv2,
@@ -53,6 +55,8 @@ class ModelSpec(NamedTuple):
 _MNIST = (32, 32, 1)
 _CIFAR = (32, 32, 3)
 _IMAGENET = (224, 224, 3)
+_NYUV2 = (256, 256, 3)  # DFAD's NYUv2 protocol
+_SEGMNIST = (64, 64, 1)  # the offline segmentation benchmark (kd_jax.data.segmnist)
 
 _REGISTRY: dict[str, ModelSpec] = {
     "lenet5": ModelSpec(lenet.lenet5, _MNIST, "DAFL LeNet-5 (MNIST resized to 32x32)"),
@@ -81,7 +85,24 @@ _REGISTRY: dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec(mobilenetv2.mobilenet_v2, _IMAGENET, "torchvision MobileNetV2"),
     "vit_b16": ModelSpec(vit.vit_b16, _IMAGENET, "ViT-B/16 (timm / DINO layout)"),
     "vit_s16": ModelSpec(vit.vit_s16, _IMAGENET, "ViT-S/16 (timm / DINO layout)"),
+    # Segmentation: logits [B, H, W, C]; `output_stride=8|16` as a keyword.
+    "deeplabv3_resnet50": ModelSpec(
+        deeplabv3.deeplabv3_resnet50, _NYUV2, "torchvision DeepLabV3-ResNet50 (no aux head)"
+    ),
+    "deeplabv3_mobilenetv2": ModelSpec(
+        deeplabv3.deeplabv3_mobilenetv2, _NYUV2, "DFAD's DeepLabV3-MobileNetV2 (VainF)"
+    ),
+    "deeplabv3_resnet_small": ModelSpec(
+        deeplabv3.deeplabv3_resnet_small, _SEGMNIST, "small DeepLabV3-ResNet (SegMNIST teacher)"
+    ),
+    "deeplabv3_mobilenetv2_small": ModelSpec(
+        deeplabv3.deeplabv3_mobilenetv2_small,
+        _SEGMNIST,
+        "small DeepLabV3-MobileNetV2 (SegMNIST student)",
+    ),
 }
+
+SEGMENTATION_MODELS = frozenset(n for n in _REGISTRY if n.startswith("deeplabv3"))
 
 
 def list_models() -> list[str]:
@@ -141,6 +162,7 @@ def list_generators() -> list[str]:
 
 
 __all__ = [
+    "SEGMENTATION_MODELS",
     "create_generator",
     "list_generators",
     "create_model",

@@ -103,6 +103,7 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     groups: int = 1,
+    dilation: int = 1,
     use_bias: bool = False,
     kernel_init: Initializer | str = "torch",
     bias_init: Initializer | str = "torch",
@@ -111,7 +112,8 @@ def conv2d(
     conv_groups: int = 1,
     name: str | None = None,
 ) -> nn.Conv:
-    """An `nn.Conv` equal to `torch.nn.Conv2d(in, features, k, stride, padding, groups=groups)`.
+    """An `nn.Conv` equal to `torch.nn.Conv2d(in, features, k, stride, padding, dilation,
+    groups)`.
 
     `kernel_init`/`bias_init` = "torch" gives PyTorch's default initialisation (which needs
     `in_features` for the bias bound); pass an initializer to override. `conv` / `conv_groups`
@@ -125,6 +127,7 @@ def conv2d(
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         feature_group_count=groups,
+        kernel_dilation=(dilation, dilation),
         use_bias=use_bias,
         kernel_init=kernel_init,
         bias_init=bias_init,

@@ -57,14 +57,15 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
     return new_v
 
 
-def _conv(features, k, *, in_features, stride=1, groups=1, dtype, name, **options):
+def _conv(features, k, *, in_features, stride=1, groups=1, dilation=1, dtype, name, **options):
     return conv2d(
         features,
         k,
         in_features=in_features,
         stride=stride,
-        padding=(k - 1) // 2,
+        padding=(k - 1) // 2 * dilation,
         groups=groups,
+        dilation=dilation,
         kernel_init=kaiming_normal_fan_out,
         dtype=dtype,
         name=name,
@@ -79,6 +80,7 @@ class InvertedResidual(nn.Module):
     dtype: Any = jnp.float32
     conv: str = "auto"
     conv_groups: int = 1
+    dilation: int = 1  # of the depthwise conv (padding = dilation: DeepLabV3's output stride)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -99,6 +101,7 @@ class InvertedResidual(nn.Module):
             in_features=hidden,
             stride=self.stride,
             groups=hidden,
+            dilation=self.dilation,
             dtype=self.dtype,
             **conv_options(self),
             name=f"conv_{idx}_0",
@@ -130,6 +133,12 @@ class MobileNetV2(nn.Module):
     last_channel: int | None = None
     conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
     conv_groups: int = 1  # data-parallel shards of the batch
+    # DeepLabV3 backbone (VainF/DFAD's `mobilenet_v2(output_stride=...)`): once the stride
+    # reaches `output_stride`, later strides become dilations (a stage's first block keeps the
+    # previous dilation); `include_top=False` stops after the last inverted residual (320 ch),
+    # without `features_18` and the classifier, and returns (that map, taps).
+    output_stride: int = 32
+    include_top: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -148,20 +157,30 @@ class MobileNetV2(nn.Module):
         )(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
         idx = 1
+        current_stride, dilation = 2, 1
         for t, c, n, s in self.inverted_residual_setting:
             out_c = make_divisible(c * self.width_mult)
+            previous = dilation
+            if current_stride == self.output_stride:
+                stride, dilation = 1, dilation * s
+            else:
+                stride, current_stride = s, current_stride * s
             for i in range(n):
                 x = InvertedResidual(
                     out_c,
-                    s if i == 0 else 1,
+                    stride if i == 0 else 1,
                     t,
                     dtype=self.dtype,
                     **conv_options(self),
+                    dilation=previous if i == 0 else dilation,
                     name=f"features_{idx}",
                 )(x, train)
                 idx += 1
             if c in (16, 24, 32, 96):
                 feats[f"stage{len(feats) + 1}"] = x
+        if not self.include_top:
+            feats["pre_logits"] = global_avg_pool(x)
+            return x, feats
         x = _conv(
             last,
             1,

@@ -34,13 +34,14 @@ from kd_jax.models.layers import (
 )
 
 
-def _conv(features, k, *, in_features, stride=1, padding=0, dtype, name, **options):
+def _conv(features, k, *, in_features, stride=1, padding=0, dilation=1, dtype, name, **options):
     return conv2d(
         features,
         k,
         in_features=in_features,
         stride=stride,
         padding=padding,
+        dilation=dilation,
         kernel_init=kaiming_normal_fan_out,
         dtype=dtype,
         name=name,
@@ -54,6 +55,7 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     conv: str = "auto"
     conv_groups: int = 1
+    dilation: int = 1  # of both 3x3 convs (torchvision has none; kd_jax's small DeepLabV3)
     expansion = 1
 
     @nn.compact
@@ -64,7 +66,8 @@ class BasicBlock(nn.Module):
             3,
             in_features=inp,
             stride=self.stride,
-            padding=1,
+            padding=self.dilation,
+            dilation=self.dilation,
             dtype=self.dtype,
             **conv_options(self),
             name="conv1",
@@ -74,7 +77,8 @@ class BasicBlock(nn.Module):
             self.planes,
             3,
             in_features=self.planes,
-            padding=1,
+            padding=self.dilation,
+            dilation=self.dilation,
             dtype=self.dtype,
             **conv_options(self),
             name="conv2",
@@ -101,6 +105,7 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
     conv: str = "auto"
     conv_groups: int = 1
+    dilation: int = 1  # of the 3x3 conv (torchvision's `replace_stride_with_dilation`)
     expansion = 4
 
     @nn.compact
@@ -117,7 +122,8 @@ class Bottleneck(nn.Module):
             3,
             in_features=width,
             stride=self.stride,
-            padding=1,
+            padding=self.dilation,
+            dilation=self.dilation,
             dtype=self.dtype,
             **conv_options(self),
             name="conv2",
@@ -152,6 +158,11 @@ class ResNetImageNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)  # stage `planes`; the stem has widths[0]
     conv: str = "auto"  # convolution algorithm (kd_jax.models.cpu_conv)
     conv_groups: int = 1  # data-parallel shards of the batch
+    # torchvision's `replace_stride_with_dilation` of layer2..4 (DeepLabV3's output stride 8:
+    # (False, True, True); 16: (False, False, True)); `include_top=False` drops `fc` and returns
+    # (stage4 map, taps) — the DeepLabV3 backbone.
+    replace_stride_with_dilation: Sequence[bool] = (False, False, False)
+    include_top: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -171,18 +182,27 @@ class ResNetImageNet(nn.Module):
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = max_pool(x, 3, 2, padding=1)
         feats["stem"] = x
+        dilate = (False, *self.replace_stride_with_dilation)
+        dilation = 1
         for stage, (planes, n, stride) in enumerate(
             zip(self.widths, self.layers, (1, 2, 2, 2)), start=1
         ):
+            previous = dilation  # torchvision's _make_layer: the first block keeps the old one
+            if dilate[stage - 1]:
+                dilation, stride = dilation * stride, 1
             for i in range(n):
                 x = block(
                     planes,
                     stride if i == 0 else 1,
                     dtype=self.dtype,
                     **conv_options(self),
+                    dilation=previous if i == 0 else dilation,
                     name=f"layer{stage}_{i}",
                 )(x, train)
             feats[f"stage{stage}"] = x
+        if not self.include_top:
+            feats["pre_logits"] = global_avg_pool(x)
+            return x, feats
         x = global_avg_pool(x)
         feats["pre_logits"] = x
         logits = linear(self.num_classes, in_features=x.shape[-1], dtype=self.dtype, name="fc")(x)

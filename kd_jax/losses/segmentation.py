@@ -1,0 +1,55 @@
+"""Per-pixel losses of semantic segmentation (pure: arrays in, a scalar out).
+
+Logits are [B, H, W, C], labels [B, H, W] int with `ignore_index` (255) for unlabeled pixels;
+`weights` [B] (0 = a padded image) weigh whole images. Every reduction is the mean over the
+counted pixels, so a pixel of any image weighs the same (PyTorch's
+`cross_entropy(..., ignore_index=255)` "mean" reduction; DFAD's per-pixel KD).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax.losses import _common as cm
+from kd_jax.losses.distill import kd_loss
+
+IGNORE_INDEX = 255
+
+
+def _pixel_weights(shape, weights, dtype=jnp.float32):
+    """[B*H*W] pixel weights: the image's weight (1 without `weights`) at every pixel."""
+    b = shape[0]
+    w = jnp.ones((b,), dtype) if weights is None else jnp.asarray(weights).astype(dtype)
+    return jnp.broadcast_to(w.reshape((b,) + (1,) * (len(shape) - 1)), shape).reshape(-1)
+
+
+def pixel_cross_entropy(
+    logits, labels, weights=None, ignore_index=IGNORE_INDEX, label_smoothing=0.0
+):
+    """Mean cross-entropy over the pixels whose label is in [0, C) and not `ignore_index`
+    (0 when none counts). `label_smoothing` ε mixes the one-hot target with uniform."""
+    z = cm.as_float(logits)
+    c = z.shape[-1]
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    valid = (labels >= 0) & (labels < c) & (labels != ignore_index)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    safe = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    w = _pixel_weights(labels.shape, weights, nll.dtype) * valid.reshape(-1)
+    return cm.weighted_mean(nll.reshape(-1), w, w > 0)
+
+
+def pixel_kd_loss(student_logits, teacher_logits, temperature=4.0, weights=None):
+    """Hinton KD per pixel: τ² · mean over pixels of KL(softmax(z_T/τ) || softmax(z_S/τ))
+    (`kd_loss` on the [B·H·W, C] rows)."""
+    c = student_logits.shape[-1]
+    w = None if weights is None else _pixel_weights(student_logits.shape[:-1], weights)
+    return kd_loss(
+        jnp.reshape(student_logits, (-1, c)),
+        jnp.reshape(teacher_logits, (-1, c)),
+        temperature=temperature,
+        weights=w,
+    )

@@ -1,0 +1,310 @@
+"""DeepLabV3 (ASPP with image pooling) on ResNet and MobileNetV2 backbones: DFAD's NYUv2 pair.
+
+`deeplabv3_resnet50` equals torchvision's `deeplabv3_resnet50(aux_loss=False)`: a ResNet-50
+without `fc`, layer3/4 dilated (output stride 8; 16 dilates layer4 only), and `DeepLabHead`:
+ASPP(2048 → 256: a 1×1 branch, three 3×3 branches at rates (12, 24, 36), an image-pooling branch
+of a 1×1 conv on the global average upsampled back; concatenated, 1×1 projection, dropout 0.5),
+a 3×3 conv + BN + ReLU, and a 1×1 conv to the classes; logits upsampled bilinearly
+(`align_corners=False`) to the input size. `deeplabv3_mobilenetv2` is DFAD's student
+(VainF/DeepLabV3Plus-Pytorch `deeplabv3_mobilenet`): MobileNetV2 `features[1:18]` (320 ch, the
+last 1×1 conv to 1280 dropped) with strides turned into dilations past the output stride, the
+same head with projection dropout 0.1. Output stride 16 uses ASPP rates (6, 12, 18) (both
+references do). All convs are bias-free except the classifier; BN after every other conv.
+
+Parameter counts (`tests/test_models.py`), computed from the reference definitions:
+deeplabv3_resnet50 39,638,869 at 21 classes (+ torchvision's aux FCNHead(1024) of 2,365,205 =
+42,004,074, the count its weights table gives), 39,636,813 at 13; deeplabv3_mobilenetv2 5,113,877 at 21,
+5,111,821 at 13.
+
+Small variants for the offline SegMNIST benchmark (64×64×1, 11 classes; not references):
+`deeplabv3_resnet_small` (BasicBlock ResNet (1, 1, 1, 1) × widths (16, 32, 64, 128), ASPP 64)
+and `deeplabv3_mobilenetv2_small` (MobileNetV2 width 0.5, one block per stage, ASPP 32), both
+at output stride 8 with ASPP rates (2, 4, 6) (their 8×8 maps).
+
+Module names follow the torchvision / VainF state_dict with `.<digit>` folded (the zoo's
+conversion rule): `backbone/...`, `classifier_0/convs_{0..3}_{0,1}`,
+`classifier_0/convs_4_{1,2}` (pooling branch), `classifier_0/project_{0,1}`, `classifier_1`
+(3×3), `classifier_2` (BN), `classifier_4` (1×1 to classes).
+
+Taps: the backbone's (`stage1`.. ), `aspp` (after the projection), `head` (the 256-ch map the
+classifier consumes) and `pre_logits` = `head` averaged over space [B, 256]. Logits are
+[B, H, W, C] float32 at the input's resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kd_jax.models import mobilenetv2, resnet_imagenet
+from kd_jax.models.layers import (
+    at_least_float32,
+    batch_norm,
+    conv2d,
+    global_avg_pool,
+    kaiming_normal_fan_out,
+)
+
+
+def aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """ASPP dilation rates of DeepLabV3 at an output stride (8 or 16)."""
+    if output_stride not in (8, 16):
+        raise ValueError(f"DeepLabV3 output_stride={output_stride}: use 8 or 16")
+    return (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` on NHWC (no antialias)."""
+    if x.shape[1:3] == tuple(size):
+        return x
+    return jax.image.resize(
+        x, (x.shape[0], *size, x.shape[-1]), method="bilinear", antialias=False
+    ).astype(x.dtype)
+
+
+class ASPP(nn.Module):
+    """torchvision's `ASPP(in_channels, atrous_rates, out_channels)`."""
+
+    rates: Sequence[int]
+    channels: int = 256
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    kernel_init: Any = "torch"
+    conv: str = "auto"
+    conv_groups: int = 1
+
+    def _conv(self, features, k, in_features, name, dilation=1):
+        return conv2d(
+            features,
+            k,
+            in_features=in_features,
+            padding=dilation if k == 3 else 0,
+            dilation=dilation,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            conv=self.conv,
+            conv_groups=self.conv_groups,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        inp, ch = x.shape[-1], self.channels
+
+        def bn_relu(y, name):
+            return nn.relu(batch_norm(train, dtype=self.dtype, name=name)(y))
+
+        branches = [bn_relu(self._conv(ch, 1, inp, "convs_0_0")(x), "convs_0_1")]
+        for i, rate in enumerate(self.rates, start=1):
+            y = self._conv(ch, 3, inp, f"convs_{i}_0", dilation=rate)(x)
+            branches.append(bn_relu(y, f"convs_{i}_1"))
+        i = len(self.rates) + 1
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)  # AdaptiveAvgPool2d(1)
+        pooled = bn_relu(self._conv(ch, 1, inp, f"convs_{i}_1")(pooled), f"convs_{i}_2")
+        branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], ch)))  # bilinear from 1×1
+        y = jnp.concatenate(branches, axis=-1)
+        y = bn_relu(self._conv(ch, 1, y.shape[-1], "project_0")(y), "project_1")
+        if self.dropout_rate > 0:
+            y = nn.Dropout(self.dropout_rate, deterministic=not train, name="project_3")(y)
+        return y
+
+
+class DeepLabV3(nn.Module):
+    """`backbone` (a zoo classifier built with `include_top=False`) + ASPP head; see the module
+    docstring. Training with dropout needs a `"dropout"` rng."""
+
+    backbone: nn.Module
+    output_stride: int = 8
+    num_classes: int = 21
+    aspp_channels: int = 256
+    dropout_rate: float = 0.5
+    head_kernel_init: Any = "torch"  # torchvision: PyTorch default; VainF: Kaiming normal
+    rates: Sequence[int] | None = None  # ASPP rates; None: `aspp_rates(output_stride)`
+    dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        size = x.shape[1:3]
+        x = jnp.asarray(x, self.dtype)
+        x, feats = self.backbone(x, train)
+        feats = {k: v for k, v in feats.items() if k != "pre_logits"}
+        ch = self.aspp_channels
+        y = ASPP(
+            tuple(self.rates or aspp_rates(self.output_stride)),
+            ch,
+            self.dropout_rate,
+            dtype=self.dtype,
+            kernel_init=self.head_kernel_init,
+            conv=self.conv,
+            conv_groups=self.conv_groups,
+            name="classifier_0",
+        )(x, train)
+        feats["aspp"] = y
+        y = conv2d(
+            ch,
+            3,
+            in_features=ch,
+            padding=1,
+            kernel_init=self.head_kernel_init,
+            dtype=self.dtype,
+            conv=self.conv,
+            conv_groups=self.conv_groups,
+            name="classifier_1",
+        )(y)
+        y = nn.relu(batch_norm(train, dtype=self.dtype, name="classifier_2")(y))
+        feats["head"] = y
+        feats["pre_logits"] = global_avg_pool(y)
+        y = conv2d(
+            self.num_classes,
+            1,
+            in_features=ch,
+            use_bias=True,
+            kernel_init=self.head_kernel_init,
+            dtype=self.dtype,
+            conv=self.conv,
+            conv_groups=self.conv_groups,
+            name="classifier_4",
+        )(y)
+        return at_least_float32(resize_bilinear(y, size)), feats
+
+
+_DILATE = {8: (False, True, True), 16: (False, False, True)}
+
+
+def _resnet_backbone(output_stride, dtype, conv, conv_groups, **kwargs):
+    aspp_rates(output_stride)
+    return resnet_imagenet.ResNetImageNet(
+        replace_stride_with_dilation=_DILATE[output_stride],
+        include_top=False,
+        dtype=dtype,
+        conv=conv,
+        conv_groups=conv_groups,
+        **kwargs,
+    )
+
+
+def _mobilenet_backbone(output_stride, dtype, conv, conv_groups, **kwargs):
+    aspp_rates(output_stride)
+    return mobilenetv2.MobileNetV2(
+        output_stride=output_stride,
+        include_top=False,
+        dropout_rate=0.0,
+        dtype=dtype,
+        conv=conv,
+        conv_groups=conv_groups,
+        **kwargs,
+    )
+
+
+def deeplabv3_resnet50(
+    num_classes: int = 21,
+    dtype: Any = jnp.float32,
+    conv: str = "auto",
+    conv_groups: int = 1,
+    output_stride: int = 8,
+    dropout_rate: float = 0.5,
+    **backbone,
+) -> DeepLabV3:
+    """torchvision's `deeplabv3_resnet50(aux_loss=False)`; `backbone` kwargs (`layers=`,
+    `widths=`) shrink the ResNet for tests."""
+    backbone.setdefault("layers", (3, 4, 6, 3))
+    return DeepLabV3(
+        _resnet_backbone(output_stride, dtype, conv, conv_groups, bottleneck=True, **backbone),
+        output_stride=output_stride,
+        num_classes=num_classes,
+        dropout_rate=dropout_rate,
+        dtype=dtype,
+        conv=conv,
+        conv_groups=conv_groups,
+    )
+
+
+def deeplabv3_mobilenetv2(
+    num_classes: int = 21,
+    dtype: Any = jnp.float32,
+    conv: str = "auto",
+    conv_groups: int = 1,
+    output_stride: int = 8,
+    dropout_rate: float = 0.1,
+    aspp_channels: int = 256,
+    rates: Sequence[int] | None = None,
+    **backbone,
+) -> DeepLabV3:
+    """DFAD's student (VainF `deeplabv3_mobilenet`); `backbone` kwargs (`width_mult=`,
+    `inverted_residual_setting=`) shrink the MobileNetV2."""
+    return DeepLabV3(
+        _mobilenet_backbone(output_stride, dtype, conv, conv_groups, **backbone),
+        output_stride=output_stride,
+        num_classes=num_classes,
+        aspp_channels=aspp_channels,
+        dropout_rate=dropout_rate,
+        head_kernel_init=kaiming_normal_fan_out,
+        rates=rates,
+        dtype=dtype,
+        conv=conv,
+        conv_groups=conv_groups,
+    )
+
+
+def deeplabv3_resnet_small(
+    num_classes: int = 11, dtype: Any = jnp.float32, output_stride: int = 8, **kwargs
+) -> DeepLabV3:
+    """SegMNIST teacher: BasicBlock ResNet (1, 1, 1, 1) × (16, 32, 64, 128), ASPP 64."""
+    conv, groups = kwargs.pop("conv", "auto"), kwargs.pop("conv_groups", 1)
+    return DeepLabV3(
+        _resnet_backbone(
+            output_stride,
+            dtype,
+            conv,
+            groups,
+            layers=(1, 1, 1, 1),
+            widths=(16, 32, 64, 128),
+            bottleneck=False,
+        ),
+        output_stride=output_stride,
+        num_classes=num_classes,
+        aspp_channels=kwargs.pop("aspp_channels", 64),
+        rates=kwargs.pop("rates", SMALL_RATES),
+        dropout_rate=kwargs.pop("dropout_rate", 0.1),
+        dtype=dtype,
+        conv=conv,
+        conv_groups=groups,
+        **kwargs,
+    )
+
+
+SMALL_RATES = (2, 4, 6)  # 8x8 maps of 64 px inputs: (12, 24, 36) would see only the centre tap
+
+SMALL_MOBILENET_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 1, 2),
+    (6, 32, 1, 2),
+    (6, 64, 1, 2),
+    (6, 96, 1, 1),
+    (6, 160, 1, 2),
+    (6, 320, 1, 1),
+)
+
+
+def deeplabv3_mobilenetv2_small(
+    num_classes: int = 11, dtype: Any = jnp.float32, output_stride: int = 8, **kwargs
+) -> DeepLabV3:
+    """SegMNIST student: MobileNetV2 width 0.5 with one block per stage, ASPP 32."""
+    return deeplabv3_mobilenetv2(
+        num_classes,
+        dtype,
+        conv=kwargs.pop("conv", "auto"),
+        conv_groups=kwargs.pop("conv_groups", 1),
+        output_stride=output_stride,
+        aspp_channels=kwargs.pop("aspp_channels", 32),
+        rates=kwargs.pop("rates", SMALL_RATES),
+        width_mult=0.5,
+        inverted_residual_setting=SMALL_MOBILENET_SETTING,
+        **kwargs,
+    )
