@@ -6,8 +6,13 @@ import os
 
 import pytest
 
+# XLA:CPU aborts the process when a collective's participants have not all arrived within
+# 40 s (its default): 8 fake devices on 2 busy cores can lag that much behind one another
+# (an abort, mid-DAFL-step, took an xdist worker down at load 8), so the tests allow 10 min.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
