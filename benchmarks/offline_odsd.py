@@ -14,7 +14,8 @@ architecture alone.
 Rows: the teacher · KD on the original train images (upper bound) · KD on the whole pool · KD on
 a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
 KD loss) · ODSD · ODSD with the adaptive refresh (§1F) · ODSD's losses on the whole pool · ODSD
-without APS / LNR / L_TR / L_SR · APS with plain KD (all three loss terms off). Columns:
+without APS / LNR / L_TR / L_SR · APS with plain KD (all three loss terms off) · ODSD ranking
+by the k-NN or the BatchNorm-statistics score (`odsd.score`) · EIKD at the same steps. Columns:
 student accuracy on the held-out MNIST-5k test split (mean ± std over seeds), the share of
 digits (related sources) in the transfer set, and wall time per run. Every run shares one teacher (trained once into
 <out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
@@ -54,6 +55,17 @@ VARIANTS = {
     "ODSD w/o L_TR": ("configs/odsd_mnist.py:no_tr", {}),
     "ODSD w/o L_SR": ("configs/odsd_mnist.py:no_sr", {}),
     "APS + plain KD (no LNR, L_TR, L_SR)": ("configs/odsd_mnist.py:no_lnr,no_tr,no_sr", {}),
+    # ODSD with an out-of-distribution score instead of APS (README, Selection quality); the
+    # quality plot's second pool pass is skipped: it does not change the selection
+    "ODSD, k-NN score": (
+        "configs/odsd_mnist.py",
+        {"odsd.score": "knn", "odsd.diagnostics.quality_plot": False},
+    ),
+    "ODSD, BN-statistics score (BatchNorm teachers)": (
+        "configs/odsd_mnist.py",
+        {"odsd.score": "bn", "odsd.diagnostics.quality_plot": False},
+    ),
+    "EIKD (its defaults, same steps)": ("configs/eikd_mnist.py", {}),
 }
 
 RUN_ORDER = [
@@ -69,6 +81,9 @@ RUN_ORDER = [
     "ODSD + adaptive refresh (§1F, every 2 epochs)",
     "APS + plain KD (no LNR, L_TR, L_SR)",
     "KD, original data (upper bound)",
+    "ODSD, k-NN score",
+    "ODSD, BN-statistics score (BatchNorm teachers)",
+    "EIKD (its defaults, same steps)",
 ]
 
 
