@@ -159,21 +159,29 @@ def pool_size(spec) -> int:
     return int(sum(offline.pool_sizes().values()))
 
 
+def pool_pass_flops(config, passes: int, images: int | None = None) -> dict:
+    """The teacher's pool passes: forward FLOPs per image (compile-only) × images × passes;
+    `images` defaults to the config's pool."""
+    if not passes:
+        return {"teacher_flops_per_image": 0.0, "pool_images": 0, "passes": 0, "pool_flops": 0.0}
+    per_image = xla_cost.teacher_forward_flops(config)
+    images = pool_size(config.data.transfer) if images is None else images
+    return {
+        "teacher_flops_per_image": per_image,
+        "pool_images": images,
+        "passes": passes,
+        "pool_flops": per_image * images * passes,
+    }
+
+
 def method_cost(key: str, pair: str, steps: int) -> dict:
     """Step FLOPs, pool-pass FLOPs and extra parameters of method `key`: lower + compile only."""
     c = load_config(*config_spec(key, pair))
     c.num_steps = steps  # the schedule's length (does not change the step's cost)
-    step = xla_cost.step_cost(c)
-    passes = METHODS[key].passes
-    per_image = xla_cost.teacher_forward_flops(c) if passes else 0.0
-    images = pool_size(c.data.transfer) if passes else 0
     return {
-        **step,
+        **xla_cost.step_cost(c),
+        **pool_pass_flops(c, METHODS[key].passes),
         "steps": steps,
-        "teacher_flops_per_image": per_image,
-        "pool_images": images,
-        "passes": passes,
-        "pool_flops": (per_image or 0.0) * images * passes,
         "batch_size": int(c.batch_size),
     }
 

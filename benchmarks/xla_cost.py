@@ -1,9 +1,10 @@
 """FLOPs from XLA's cost analysis of compiled (never run) programs: a method's train step and the
 teacher's forward. Shared by benchmarks/step_throughput.py and benchmarks/offline_cost.py.
 
-Everything here lowers and compiles only: no step is executed (building the state runs the
-method's initialisation, nothing else). The teacher gets random weights (FLOPs do not depend on
-them) and no checkpoint or pool is read, so it runs on synthetic batches anywhere.
+The FLOPs functions (`step_cost`, `teacher_forward_flops`) lower and compile only: the state and
+the teacher are shapes (`abstract_build`), nothing is initialised or executed, no checkpoint or
+pool is read. `build` (step_throughput.py, which times the step) initialises a real state and a
+teacher with random weights (speed and FLOPs do not depend on them).
 
 Counting rules: XLA's cost analysis counts a loop body once, so the step is compiled with XLA's
 own convolutions (`model.conv = "xla"`, the direct convolutions' multiply-adds) rather than the
@@ -40,8 +41,9 @@ def one_device_mesh():
     return parallel.make_mesh(jax.devices()[:1])
 
 
-def random_teacher(config, mesh):
-    """`config.teacher.model` with random weights, replicated on `mesh`, as a FrozenTeacher."""
+def random_teacher(config, mesh, abstract: bool = False):
+    """`config.teacher.model` with random weights, replicated on `mesh`, as a FrozenTeacher;
+    `abstract`: their shapes only (jax.ShapeDtypeStruct), for lowering without initialising."""
     import jax
     import jax.numpy as jnp
 
@@ -57,9 +59,21 @@ def random_teacher(config, mesh):
         conv_groups=mesh.size,
     )
     x = np.zeros((1, size, size, channels), np.float32)
-    v = jax.device_get(model.init(jax.random.PRNGKey(1), x, train=False))
+    init = lambda: model.init(jax.random.PRNGKey(1), x, train=False)
+    v = jax.eval_shape(init) if abstract else jax.device_get(init())
     variables = {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+    if abstract:
+        return FrozenTeacher(model, _replicated_shapes(variables, mesh), {"final_accuracy": None})
     return FrozenTeacher(model, parallel.replicate(variables, mesh), {"final_accuracy": None})
+
+
+def _replicated_shapes(tree, mesh):
+    import jax
+
+    from kd_jax import parallel
+
+    rep = parallel.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), tree)
 
 
 def build(config, mesh):
@@ -70,6 +84,24 @@ def build(config, mesh):
         config, "/tmp/kd_jax_xla_cost_unused", mesh, teacher=random_teacher(config, mesh),
         prepare=False,
     )  # fmt: skip
+
+
+def abstract_build(config, mesh):
+    """`build` with the state and the teacher as shapes only: what lowering needs, without
+    running any initialisation (that would cost more than compiling the step)."""
+    import jax
+
+    from kd_jax import methods, parallel, train
+
+    teacher = random_teacher(config, mesh, abstract=True)
+    method = methods.get_method(config.method)(
+        config, "/tmp/kd_jax_xla_cost_unused", mesh, teacher=teacher
+    )
+    method.build_optimizer(method.num_steps())
+    state = _replicated_shapes(jax.eval_shape(method.init_state, method.init_rng()), mesh)
+    rep = parallel.replicated(mesh)
+    step = jax.jit(method.train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+    return train.Built(method, state, step)
 
 
 def synthetic_batch(method, config, mesh, seed: int = 0) -> dict:
@@ -126,10 +158,10 @@ def step_cost(config, mesh=None) -> dict:
 
     mesh = mesh or one_device_mesh()
     c = xla_conv(config)
-    built = build(c, mesh)
+    built = abstract_build(c, mesh)
     flops = flops_of(lower_step(built, c, mesh).compile())
     params = built.state.params
-    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     return {
         "flops": flops,
         "student_params": count(params["model"]),
@@ -146,7 +178,7 @@ def teacher_forward_flops(config, batch: int = 256, mesh=None) -> float | None:
 
     mesh = mesh or one_device_mesh()
     c = xla_conv(config)
-    teacher = random_teacher(c, mesh)
+    teacher = random_teacher(c, mesh, abstract=True)
     size, channels = c.data.image_size, c.data.channels
     x = parallel.global_batch({"image": np.zeros((batch, size, size, channels), np.float32)}, mesh)
     fwd = jax.jit(lambda v, x: teacher.model.apply(v, x, train=False))
