@@ -166,6 +166,7 @@ def step_cost(config, mesh=None) -> dict:
         "flops": flops,
         "student_params": count(params["model"]),
         "extra_params": count({k: v for k, v in params.items() if k != "model"}),
+        "extra_modules": sorted(k for k in params if k != "model"),
     }
 
 
