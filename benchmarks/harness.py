@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_FILE = "run.log"  # a run's stdout + stderr, written by `run` beside results.json
 
 
 def run(config: str, workdir: str, overrides: dict | None = None, quiet: bool = True) -> dict:
@@ -32,6 +33,10 @@ def run(config: str, workdir: str, overrides: dict | None = None, quiet: bool = 
         print("$", " ".join(cmd), flush=True)
         t = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=quiet, text=True)
+        if quiet and os.path.isdir(workdir):  # kept: e.g. the pool pass's time is only logged
+            with open(os.path.join(workdir, LOG_FILE), "w") as f:
+                f.write(f"$ {' '.join(cmd)}\n{proc.stdout or ''}{proc.stderr or ''}")
+                f.write(f"# process wall {time.time() - t:.1f} s\n")
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stderr or '')[-3000:]}")
         print(f"  done in {time.time() - t:.0f}s", flush=True)

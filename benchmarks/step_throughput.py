@@ -15,7 +15,7 @@ while DFAD's step trains the student on 5 batches); one that cannot be built or 
 synthetic data is skipped with the reason printed (deepinv needs a BatchNorm teacher: not lenet).
 
 FLOPs per step come from XLA's cost analysis of the step compiled with XLA's own convolutions
-(`model.conv = "xla"`, see `bench_one`); the peak is measured here by
+(`model.conv = "xla"`, benchmarks/xla_cost.py, shared with offline_cost.py); the peak is measured here by
 timing a large `jnp.dot` in the step's dtype, so "% peak" = achieved FLOP/s / measured matmul
 FLOP/s. Runs unchanged on CPU, GPU and TPU (sizes of the peak matmul adapt to the backend).
 The teacher has random weights (speed does not depend on them) and no checkpoint is read.
@@ -32,6 +32,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_cost  # noqa: E402  (the FLOPs counting shared with offline_cost.py)
 
 # name: (teacher, student, image size, channels, classes, config dataset, batch on CPU, on accel)
 PAIRS = {
@@ -94,26 +96,10 @@ def matmul_peak(dtype) -> float:
     return 2.0 * n**3 / best
 
 
-def flops_of(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends / versions do not implement it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    value = (cost or {}).get("flops")
-    return float(value) if value and value > 0 else None
-
-
 def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str = "auto"):
     """`train.build` of the method for `pair`, handed a random teacher (no checkpoint read);
     `conv` is `config.model.conv` (the convolution algorithm of both models)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from kd_jax import config_utils, models, parallel, train
-    from kd_jax.teacher import FrozenTeacher
+    from kd_jax import config_utils
 
     teacher, student, size, channels, classes, dataset, _, _ = PAIRS[pair]
     if name in GENERATOR_CONFIGS.get(dataset, {}):
@@ -136,58 +122,20 @@ def build_method(name: str, pair: str, batch: int, dtype: str, mesh, conv: str =
     c.dtype = dtype
     c.model.conv = conv
     c.num_steps = 1000  # the schedule's length (the lr does not change the step's cost)
-    model = models.create_model(
-        teacher, classes, dtype=jnp.dtype(dtype), conv=conv, conv_groups=mesh.size
-    )
-    x = np.zeros((1, size, size, channels), np.float32)
-    v = jax.device_get(model.init(jax.random.PRNGKey(1), x, train=False))
-    frozen = FrozenTeacher(
-        model,
-        parallel.replicate({"params": v["params"], "batch_stats": v.get("batch_stats", {})}, mesh),
-        {"final_accuracy": None},
-    )
-    return train.build(
-        c, "/tmp/kd_jax_step_throughput_unused", mesh, teacher=frozen, prepare=False
-    ), c
+    return xla_cost.build(c, mesh), c
 
 
 def bench_one(name, pair, batch, steps, dtype, mesh) -> dict:
     import jax
-    import numpy as np
-
-    from kd_jax import parallel
 
     built, c = build_method(name, pair, batch, dtype, mesh)
-    method, state, step = built.method, built.state, built.train_step
-    size, channels = c.data.image_size, c.data.channels
-    rng = np.random.default_rng(0)
-    if hasattr(method, "latents"):  # a generator method's batch: its latent vectors only
-        local = {"z": method.latents(0)}
-    else:
-        segmentation = c.data.target.get("task") == "segmentation"
-        local = {
-            "image": rng.normal(size=(batch, size, size, channels)).astype(np.float32),
-            "label": rng.integers(0, c.num_classes, (batch, size, size)).astype(np.int32)
-            if segmentation
-            else rng.integers(0, c.num_classes, batch).astype(np.int64),
-            "id": np.arange(batch, dtype=np.int64),
-        }
-    if getattr(method, "views", 1) == 2:
-        local["image2"] = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
-    gbatch = parallel.global_batch(local, mesh)
-    key = parallel.replicate(jax.random.PRNGKey(2), mesh)
+    method, state = built.method, built.state
+    gbatch, key = xla_cost.step_inputs(built, c, mesh)
     t = time.perf_counter()
-    compiled = step.lower(state, method.teacher_vars, gbatch, key).compile()
+    compiled = built.train_step.lower(state, method.teacher_vars, gbatch, key).compile()
     compile_s = time.perf_counter() - t
-    # XLA's cost analysis counts a loop body once, so the CPU's chunked convolutions (a loop over
-    # the batch) would be undercounted: FLOPs of the same step with XLA's own convolutions (the
-    # direct convolutions' count; Winograd layers do 2.25x fewer multiplies).
-    xla_built, _ = build_method(name, pair, batch, dtype, mesh, conv="xla")
-    flops = flops_of(
-        jax.jit(xla_built.method.train_step)
-        .lower(state, method.teacher_vars, gbatch, key)
-        .compile()
-    )
+    # FLOPs of the same step with XLA's own convolutions (xla_cost: loop bodies count once)
+    flops = xla_cost.step_cost(c, mesh)["flops"]
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, method.teacher_vars, gbatch, key)
     jax.block_until_ready(metrics)
