@@ -152,7 +152,7 @@ def read_report(workdir: str) -> dict | None:
 def _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title):
     from kd_jax import diagnostics
 
-    related = None
+    related = spec.get("related_sources")  # a pool that knows its related sources
     if spec.source == "offline_pool":
         from kd_jax.data import offline
 
