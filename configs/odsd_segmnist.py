@@ -14,7 +14,7 @@ pixel_accuracy, per_class_iou, teacher_miou, selection: per-class counts, source
 (digit canvas) shares of the selection vs the pool), selection.npz, sampling.png.
 
 Arguments (comma-separated): `smoke` (the smallest run through every part, for tests: the
-teacher's smoke, a 256-canvas pool, N = 64, 6 student steps of 16), or one ablation: `no_aps` (a random pool subset of N), `no_lnr`
+teacher's smoke, a 128-canvas pool, N = 32, 4 student steps of 16), or one ablation: `no_aps` (a random pool subset of N), `no_lnr`
 (plain per-pixel KD targets), `no_tr` (λ_TR = 0), `no_sr` (λ_SR = 0), `all` (the whole pool).
 Every other switch is `--config.odsd.<part>.<key>` (kd_jax/methods/odsd.py).
 
@@ -64,13 +64,15 @@ def get_config(arg=None):
     if "no_sr" in flags:
         c.odsd.sr.weight = 0.0
     if smoke:  # the smallest run through every part (tests/test_segmentation_odsd.py)
-        c.data.transfer.pool_canvases = 256  # a 256-canvas pool composed the same way
+        c.data.transfer.pool_canvases = 128  # a 128-canvas pool composed the same way
         c.data.target.max_eval_examples = 64
         c.eval_batch_size = 64
-        c.batch_size, c.num_steps = 16, 6
+        c.batch_size, c.num_steps = 16, 4
         c.optimizer.warmup_steps = 2
-        c.odsd.aps.size = 64
-        c.odsd.aps.score_batch_size = 128
-        c.odsd.diagnostics.bn_images = 32
-        c.log_every, c.eval_every, c.checkpoint_every = 3, 6, 6
+        c.odsd.aps.size = 32
+        c.odsd.aps.score_batch_size = 64
+        # no sampling.png / BN-statistics distance: each costs compilations, not coverage
+        c.odsd.diagnostics.plot = False
+        c.odsd.diagnostics.bn_images = 0
+        c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
     return c

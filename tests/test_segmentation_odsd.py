@@ -2,6 +2,7 @@
 against float64 NumPy references, padded / ignored pixels, the streamed segmentation pool pass
 (= in memory, invariant to the pool's order) and `odsd_segmnist.py:smoke` end to end."""
 
+import functools
 import json
 
 import jax
@@ -187,18 +188,21 @@ def test_padded_and_ignored_pixels_change_nothing():
 # ----- the streamed segmentation pool pass ----------------------------------------------------
 
 
-def _teacher(size=32):
-    """A random DeepLabV3 with a sharpened 1×1 classifier, centred on a few structured images
-    (bias = minus the mean class response) so its pixel predictions spread over the classes."""
+@functools.lru_cache(maxsize=1)
+def _teacher():
+    """A random DeepLabV3 with a sharpened 1×1 classifier, centred on the test pool (bias =
+    minus the mean class response) so its pixel predictions spread over the classes. Returns
+    (model, variables, the centred logits and the features of `_pool_images()`): one forward
+    pass, compiled once for the whole file."""
     model = models.create_model("deeplabv3_resnet_small", C)
-    x = _normalise(_pool_images(16, size, seed=9))
+    x = _normalise(_pool_images())
     v = jax.device_get(model.init(jax.random.PRNGKey(0), x[:1]))
     head = v["params"]["classifier_4"]
     head["kernel"] = head["kernel"] * 30.0
     head["bias"] = np.zeros_like(head["bias"])
-    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-    head["bias"] = -np.asarray(logits).mean((0, 1, 2))
-    return model, v
+    logits, feats = jax.device_get(jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x))
+    head["bias"] = -logits.mean((0, 1, 2))
+    return model, v, logits + head["bias"], feats
 
 
 def _normalise(images):
@@ -243,30 +247,26 @@ def _aps():
     return cfg
 
 
-def test_segmentation_pool_pass_streamed_equals_in_memory_and_ignores_order(tmp_path):
-    model, variables = _teacher()
+def test_segmentation_pool_pass_streamed_equals_in_memory_in_any_order(tmp_path):
+    model, variables, logits, feats = _teacher()
     images = _pool_images()
     ids = np.arange(500, 500 + len(images))
     aps = _aps()
     heap = odsd.heap_size(aps, aps.size, C)
-    shards.write_shards(tmp_path / "a", images, ids=ids, num_shards=3, sources=["s"] * len(ids))
+    # The shards hold the pool in another order (and split) than the in-memory pass.
     perm = np.random.default_rng(1).permutation(len(ids))
     shards.write_shards(
-        tmp_path / "b", images[perm], ids=ids[perm], num_shards=2, sources=["s"] * len(ids)
+        tmp_path / "p", images[perm], ids=ids[perm], num_shards=3, sources=["s"] * len(ids)
     )
-    a = _score(tmp_path / "wa", shards.shard_pattern(tmp_path / "a"), heap, model, variables)
-    b = _score(tmp_path / "wb", shards.shard_pattern(tmp_path / "b"), heap, model, variables)
+    streamed = _score(tmp_path / "w", shards.shard_pattern(tmp_path / "p"), heap, model, variables)
 
-    # In memory: one forward pass over the whole pool, statistics by the same pure function.
-    x = _normalise(images)
-    logits, feats = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    # In memory: one forward pass over the pool in id order, the same pure statistics.
     ref = jax.device_get(_stats_fn(logits))
     assert len(np.unique(ref["pred"])) >= 3  # the balance has several classes to work with
-    for got in (a, b):
-        np.testing.assert_array_equal(got.ids, ids)
-        np.testing.assert_array_equal(got.pred, ref["pred"])
-        for k in ("confidence", "entropy", "energy", "margin"):
-            np.testing.assert_allclose(getattr(got, k), ref[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(streamed.ids, ids)
+    np.testing.assert_array_equal(streamed.pred, ref["pred"])
+    for k in ("confidence", "entropy", "energy", "margin"):
+        np.testing.assert_allclose(getattr(streamed, k), ref[k], rtol=1e-5, atol=1e-6)
     f = np.asarray(feats["pre_logits"], np.float64)
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     keep = []
@@ -289,7 +289,15 @@ def test_segmentation_pool_pass_streamed_equals_in_memory_and_ignores_order(tmp_
     )
     head = odsd.head_kernel(variables["params"], f.shape[1], C, conv_1x1=True)
     assert head is not None and head.shape == (f.shape[1], C)
-    chosen = [odsd.aps_selection(s, aps.size, C, aps, head)[0] for s in (mem, a, b)]
+    # The candidates listed in another order select the same images too.
+    shuffled = pool.PoolScores(
+        **{k: getattr(mem, k) for k in pool.PoolScores._SCALARS},
+        cand_ids=mem.cand_ids[::-1],
+        cand_class=mem.cand_class[::-1],
+        cand_feat=mem.cand_feat[::-1],
+        cand_logp=mem.cand_logp[::-1],
+    )
+    chosen = [odsd.aps_selection(s, aps.size, C, aps, head)[0] for s in (mem, streamed, shuffled)]
     for out in chosen[1:]:
         np.testing.assert_array_equal(np.sort(out["ids"]), np.sort(chosen[0]["ids"]))
     assert len(chosen[0]["ids"]) == aps.size and BG not in chosen[0]["classes"]
@@ -298,10 +306,10 @@ def test_segmentation_pool_pass_streamed_equals_in_memory_and_ignores_order(tmp_
 # ----- end to end ------------------------------------------------------------------------------
 
 
-def _write_teacher(workdir, size=64):
-    """A finished teacher workdir holding a random DeepLabV3-ResNet (what `export_teacher`
-    writes): the e2e test checks the ODSD path, not a teacher's training."""
-    model, variables = _teacher(size)
+def _write_teacher(workdir):
+    """A finished teacher workdir holding `_teacher()` (what `export_teacher` writes): the e2e
+    test checks the ODSD path, not a teacher's training."""
+    _, variables, _, _ = _teacher()
     state = {
         "step": np.asarray(0, np.int32),
         "params": {"model": variables["params"]},
