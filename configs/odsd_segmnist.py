@@ -14,8 +14,9 @@ pixel_accuracy, per_class_iou, teacher_miou, selection: per-class counts, source
 (digit canvas) shares of the selection vs the pool), selection.npz, sampling.png.
 
 Arguments (comma-separated): `smoke` (the smallest run through every part, for tests: the
-teacher's smoke, a 128-canvas pool, N = 32, 4 student steps of 16), or one ablation: `no_aps` (a random pool subset of N), `no_lnr`
-(plain per-pixel KD targets), `no_tr` (λ_TR = 0), `no_sr` (λ_SR = 0), `all` (the whole pool).
+teacher's smoke, a 128-canvas pool, N = 32, 4 student steps of 16, no plot or BN distance), or
+one ablation: `no_aps` (a random pool subset of N), `no_lnr` (plain per-pixel KD targets),
+`no_tr` (λ_TR = 0), `no_sr` (λ_SR = 0), `all` (the whole pool).
 Every other switch is `--config.odsd.<part>.<key>` (kd_jax/methods/odsd.py).
 
 Measured runtime: README "Segmentation" (AMD EPYC, 2 cores shared with other jobs).

@@ -593,9 +593,9 @@ class ODSD(Method):
                 tag="odsd",
             )
         counts = np.bincount(out["classes"], minlength=num_classes)
-        short = {
-            int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size, num_classes)
-        }
+        quota = per_class_quota(size, num_classes)
+        # segmentation's background is nobody's class: its quota always goes to the others
+        short = {int(c): int(n) for c, n in enumerate(counts) if n < quota and c != self.background}
         if short:
             log.info(
                 f"APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
