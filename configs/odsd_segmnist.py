@@ -19,7 +19,9 @@ one ablation: `no_aps` (a random pool subset of N), `no_lnr` (plain per-pixel KD
 `no_tr` (λ_TR = 0), `no_sr` (λ_SR = 0), `all` (the whole pool).
 Every other switch is `--config.odsd.<part>.<key>` (kd_jax/methods/odsd.py).
 
-Measured runtime: README "Segmentation" (AMD EPYC, 2 cores shared with other jobs).
+Measured runtime (AMD EPYC, 2 cores shared with other jobs): the full run is not measured yet;
+`:smoke` from a random teacher (tests/test_segmentation_odsd.py) 103 s at load 3–5, mostly
+XLA compilation (README "Segmentation").
 """
 
 from kd_jax import config_utils
