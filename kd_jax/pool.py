@@ -152,7 +152,7 @@ def read_report(workdir: str) -> dict | None:
 def _report(workdir, spec, scores, selection, num_classes, rule_name, report_fn, plot_title):
     from kd_jax import diagnostics
 
-    related = None
+    related = spec.get("related_sources")  # a pool that knows its related sources
     if spec.source == "offline_pool":
         from kd_jax.data import offline
 
@@ -222,6 +222,7 @@ class PoolScores:
     extra: dict = dataclasses.field(default_factory=dict)
 
     _SCALARS = ("ids", "pred", "confidence", "entropy", "energy", "margin", "sources")
+    _STATS = ("pred", "confidence", "entropy", "energy", "margin")  # what `image_stats` gives
 
     def score(self, kind: str) -> np.ndarray:
         """Score per item, higher = more wanted (kd_jax.sampling's sign convention)."""
@@ -269,16 +270,19 @@ class OODSpec:
         return any(k in self.kinds for k in ("mahalanobis", "knn"))
 
 
-def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int, ood: OODSpec | None = None):
-    """The first pass: per-item scalars, ODSD's heaps, and (with `ood`) the Gaussian fit's
-    sufficient statistics over confident images and the per-item BatchNorm score."""
+def _teacher_stats_fn(
+    apply_fn, heap_size: int, num_classes: int, ood: OODSpec | None = None, image_stats=None
+):
+    """The first pass: per-item scalars (`image_stats(logits)`), ODSD's heaps, and (with `ood`)
+    the Gaussian fit's sufficient statistics over confident images and the per-item BatchNorm
+    score."""
     import flax.linen as nn
-    import jax
     import jax.numpy as jnp
 
     from kd_jax import sampling
 
     ood = ood or OODSpec()
+    image_stats = image_stats or sampling.image_statistics
 
     def stats(variables, images, ids, mask, carry):
         moments = []
@@ -305,17 +309,8 @@ def _teacher_stats_fn(apply_fn, heap_size: int, num_classes: int, ood: OODSpec |
                 logits, feats = apply_fn(variables, images, train=False)
         else:
             logits, feats = apply_fn(variables, images, train=False)
-        logits = logits.astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits)
-        p = jnp.exp(logp)
-        top2 = jax.lax.top_k(p, 2)[0]
-        out = {
-            "pred": jnp.argmax(logits, -1).astype(jnp.int32),
-            "confidence": top2[:, 0],
-            "entropy": -jnp.sum(p * logp, -1),
-            "energy": jax.nn.logsumexp(logits, -1),
-            "margin": top2[:, 0] - top2[:, 1],
-        }
+        stats = image_stats(logits)
+        out = {k: stats[k] for k in PoolScores._STATS}
         if "bn" in ood.kinds:
             out["bn"] = sampling.bn_statistics_score(moments)
         carry = dict(carry)
@@ -445,6 +440,7 @@ def score_pool(
     batch_size: int,
     heap_size: int = 0,
     ood: OODSpec | None = None,
+    image_stats: Callable | None = None,
 ) -> PoolScores:
     """One streamed teacher pass over this host's pool shards, resumable shard by shard.
 
@@ -455,6 +451,9 @@ def score_pool(
     confident items with their features (ODSD's candidates); memory stays O(C·L·d). `ood`
     adds feature-space scores (`OODSpec`); a fitted one costs a second pass over the shards
     through the same machinery (`workdir/pool_scores/features/`), O(C·d + d²) state.
+    `image_stats`: the teacher's logits -> per-image `pred` / `confidence` / `entropy` /
+    `energy` / `margin` (default `sampling.image_statistics`, a classifier's; segmentation
+    passes `sampling.segmentation_image_statistics` over the pixel logits, ODSD §5).
     """
     import jax
     import jax.numpy as jnp
@@ -501,7 +500,7 @@ def score_pool(
                 f"(knn_bank={ood.knn_bank}, heap size {heap_size})"
             )
         heap_size = max(heap_size, bank_size)  # the bank is a prefix of the heaps
-    stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes, ood)
+    stats_fn = _teacher_stats_fn(teacher_model.apply, heap_size, num_classes, ood, image_stats)
     d_fit = int(np.prod(feats.shape[1:]))
 
     def init_carry():

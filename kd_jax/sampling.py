@@ -63,6 +63,69 @@ def disagreement_score(teacher_logits, student_logits, temperature=1.0):
     return cm.kl_rows(log_q, p)
 
 
+def image_statistics(logits):
+    """Per-image teacher statistics of a classifier, [B, C] logits -> dict of [B] arrays:
+    `pred` (argmax), `confidence` (max p), `entropy` (H(p)), `energy` (logsumexp z),
+    `margin` (p_1 - p_2). What the pool pass (`kd_jax.pool.score_pool`) records per image."""
+    z = jnp.asarray(logits).astype(jnp.float32)
+    logp = jax.nn.log_softmax(z)
+    p = jnp.exp(logp)
+    top2 = jax.lax.top_k(p, 2)[0]
+    return {
+        "pred": jnp.argmax(z, -1).astype(jnp.int32),
+        "confidence": top2[:, 0],
+        "entropy": -jnp.sum(p * logp, -1),
+        "energy": jax.nn.logsumexp(z, -1),
+        "margin": top2[:, 0] - top2[:, 1],
+    }
+
+
+def segmentation_image_statistics(logits, background=None, pixel_mask=None):
+    """ODSD §5: per-image statistics of a segmentation teacher, [B, H, W, C] pixel logits ->
+    the same keys as `image_statistics`, each a mean over the image's counted pixels:
+
+    * `confidence`: mean over pixels of max_c p(c|pixel), APS's image score;
+    * `pred`: the image's class for APS's class balance, its dominant non-background class by
+      *soft* pixel share, argmax_{c != background} mean_pixels p(c|pixel) (ties: smaller c).
+      Soft rather than counted (argmax) pixels: a teacher that labels every pixel background
+      (a weak one, or an image with no object) still ranks the foreground classes, where
+      counts would tie at 0 and send every image to class 0. `background` None (e.g. NYUv2's
+      13 classes) takes the argmax over every class;
+    * `entropy`, `energy`, `margin`: pixel means of H(p), logsumexp(z), p_1 - p_2;
+    * `share` [B, C]: the soft pixel share itself.
+
+    `pixel_mask` [B, H, W] (1 = counted; 0 = padding or ignored) leaves the other pixels out
+    of every mean; an image without a counted pixel gets 0 statistics and `pred` = the
+    smallest foreground class.
+    """
+    z = cm.as_float(logits)  # float32 or wider (the float64 reference tests)
+    b = z.shape[0]
+    logp = jax.nn.log_softmax(z)
+    p = jnp.exp(logp)
+    top2 = jax.lax.top_k(p, 2)[0]
+    w = jnp.ones(z.shape[:-1], jnp.float32) if pixel_mask is None else pixel_mask
+    w = (jnp.asarray(w) > 0).astype(z.dtype).reshape(b, -1)
+    count = jnp.sum(w, -1)
+
+    def mean(x):  # [B, H, W(, K)] -> [B(, K)], over counted pixels
+        x = x.reshape((b, w.shape[1]) + x.shape[3:])
+        wx = w.reshape(w.shape + (1,) * (x.ndim - 2))
+        # where, not a product: a NaN at an uncounted pixel must not leak into the mean
+        total = jnp.sum(jnp.where(wx > 0, x, 0.0), 1)
+        return cm.safe_div(total, count.reshape((b,) + (1,) * (x.ndim - 2)))
+
+    share = mean(p)
+    fg = share if background is None else share.at[:, background].set(-1.0)
+    return {
+        "pred": jnp.argmax(fg, -1).astype(jnp.int32),
+        "confidence": mean(top2[..., 0]),
+        "entropy": mean(-jnp.sum(p * logp, -1)),
+        "energy": mean(jax.nn.logsumexp(z, -1)),
+        "margin": mean(top2[..., 0] - top2[..., 1]),
+        "share": share,
+    }
+
+
 def class_prototypes(features, labels, num_classes, weights=None, normalize_features=True):
     """Normalised class means mu_c = normalize(sum_{i: y_i = c} w_i f^_i)  ([N, D] -> [C, D]).
 

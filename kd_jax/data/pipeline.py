@@ -156,7 +156,7 @@ def open_source(
         elif kind == "segmnist_pool":
             from kd_jax.data import segmnist
 
-            pattern = segmnist.ensure_pool_shards(cache_dir=spec.get("cache_dir") or None)
+            pattern = segmnist.pool_pattern(spec)
         ds, n = _shard_source(pattern, process_index, process_count, keep_ids)
         keep_ids = None  # already applied before decoding
     else:
@@ -779,8 +779,8 @@ def train_iterator(
             f"this host holds fewer examples than one local batch ({local_batch}); lower "
             f"config.batch_size or use a larger transfer set"
         )
-    if domain.task == "segmentation" and (views != 1 or view_augments):
-        raise ValueError("segmentation streams have one view (views=1, no view_augments)")
+    if domain.task == "segmentation" and (views not in (1, 2) or view_augments):
+        raise ValueError("segmentation streams have one or two views (no view_augments)")
     if cache:
         ds = ds.cache()
     if view_augments is None:
@@ -799,10 +799,7 @@ def train_iterator(
             )
             out = {"label": e["label"], "id": e["id"]}
             if domain.task == "segmentation":
-                out["image"], mask = preprocess_segmentation(e, domain, augment, elem_seed)
-                if mask is not None:
-                    out["label"] = mask
-                return out
+                return _segmentation_train_element(e, domain, augment, elem_seed, views)
             for i, (key, view) in enumerate(view_augments.items()):
                 view_seed = (
                     elem_seed if i == 0 else tf.random.experimental.stateless_fold_in(elem_seed, i)
@@ -814,6 +811,24 @@ def train_iterator(
         epoch_ds = epoch_ds.batch(local_batch, drop_remainder=True).prefetch(2)
         yield from epoch_ds.as_numpy_iterator()
         epoch, skip = epoch + 1, 0
+
+
+def _segmentation_train_element(e, domain: Domain, augment: str, seed, views: int) -> dict:
+    """One augmented segmentation training element: `image` and `label` (the mask, or the
+    pool's -1), plus for an unlabeled (pool) image `valid` [H, W] float (0 where the crop
+    padded it: no pixel of the image is there) and, with `views=2`, `image2`, a second
+    independent rescale / crop / flip of the same image (ODSD's L_SR views; geometric only)."""
+    out = {"label": e["label"], "id": e["id"]}
+    if e["label"].shape.rank == 2:
+        out["image"], out["label"] = preprocess_segmentation(e, domain, augment, seed)
+    else:  # a zero mask through the same geometry marks the padded pixels ignore
+        zeros = tf.zeros(tf.shape(e["image"])[:2], tf.int32)
+        out["image"], mask = preprocess_segmentation(dict(e, label=zeros), domain, augment, seed)
+        out["valid"] = tf.cast(tf.not_equal(mask, IGNORE_INDEX), tf.float32)
+    if views == 2:
+        seed2 = tf.random.experimental.stateless_fold_in(seed, 1)
+        out["image2"], _ = preprocess_segmentation(e, domain, augment, seed2)
+    return out
 
 
 def eval_batches(ds, *, host_count: int, max_host_count: int, local_batch: int, domain: Domain):

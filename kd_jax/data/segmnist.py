@@ -118,32 +118,48 @@ def build_pool(seed: int = POOL_SEED, count: int = POOL_CANVASES, pool_seed: int
     return {"images": images, "sources": names[which]}
 
 
-def ensure_pool_shards(cache_dir: str | None = None, num_shards: int = 8) -> str:
+def ensure_pool_shards(
+    cache_dir: str | None = None, num_shards: int = 8, count: int = POOL_CANVASES
+) -> str:
     """The canvas pool written once as TFRecord shards (source tags kept, labels -1) in the
-    offline cache (`offline.ensure_cached_shards`); returns their file pattern."""
+    offline cache (`offline.ensure_cached_shards`); returns their file pattern. `count` other
+    than `POOL_CANVASES`: a pool of that many canvases composed the same way (tests; not a
+    prefix of the full pool)."""
+    count = int(count)
+    if count < 1:
+        raise ValueError(f"config.data.transfer.pool_canvases={count} must be > 0 (0 = default)")
     expect = {
         "segmnist_version": VERSION,
         "pool_version": offline.POOL_VERSION,
         "seed": POOL_SEED,
-        "count": POOL_CANVASES,
+        "count": count,
         "num_shards_requested": int(num_shards),
     }
     digest = hashlib.sha256(repr(sorted(expect.items())).encode()).hexdigest()[:8]
-    key = f"{POOL_PREFIX}_v{VERSION}_n{POOL_CANVASES}_{digest}_shards{num_shards}"
+    key = f"{POOL_PREFIX}_v{VERSION}_n{count}_{digest}_shards{num_shards}"
 
     def build():
-        pool = build_pool()
+        pool = build_pool(count=count)
         return pool["images"], pool["sources"]
 
     return offline.ensure_cached_shards(key, POOL_PREFIX, expect, build, num_shards, cache_dir)
 
 
+def pool_pattern(spec) -> str:
+    """The shard pattern of a `segmnist_pool` spec: `POOL_CANVASES` canvases, or
+    `spec.pool_canvases` when set (> 0)."""
+    count = int(spec.get("pool_canvases", 0) or POOL_CANVASES)
+    return ensure_pool_shards(spec.get("cache_dir") or None, count=count)
+
+
 def pool_spec(spec):
     """A transfer spec with `source = segmnist_pool` as the `shards` spec of its cached pool
-    (what `kd_jax.pool` reads); any other spec unchanged."""
+    (what `kd_jax.pool` reads), whose `related_sources` (the canvases of digits, as the
+    bundled pool's) the selection report reads; any other spec unchanged."""
     if spec.get("source") != "segmnist_pool":
         return spec
     resolved = spec.copy_and_resolve_references()
     resolved.source = "shards"
-    resolved.pattern = ensure_pool_shards(spec.get("cache_dir") or None)
+    resolved.pattern = pool_pattern(spec)
+    resolved.related_sources = tuple(offline.RELATED_SOURCES)
     return resolved

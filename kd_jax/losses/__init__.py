@@ -18,7 +18,7 @@ Conventions shared by all losses:
     O(B^2 D + B^3) approximation for CPUs. Memory stays O(chunk * B * max(B, D)) either way.
 
 Modules: `distill` (KD, class dropping, low-noise targets, features), `segmentation` (per-pixel
-cross-entropy and KD with an ignore index), `relational` (RKD, SP,
+cross-entropy, KD and ODSD's LNR with an ignore index), `relational` (RKD, SP,
 PKT, relation KL, InfoNCE, NT-Xent/SupCon), `ncd` (Sinkhorn-Knopp, swapped prediction,
 SCKD's replica similarity and pseudo-label synthesis, and the relation-based spatial mutual
 information / self-cooperation), `generator` (DAFL's one-hot / activation / information
@@ -61,7 +61,7 @@ from kd_jax.losses.relational import (
     rkd_pdist,
     similarity_preserving_loss,
 )
-from kd_jax.losses.segmentation import pixel_cross_entropy, pixel_kd_loss
+from kd_jax.losses.segmentation import pixel_cross_entropy, pixel_kd_loss, pixel_low_noise_loss
 
 __all__ = [
     "activation_loss",
@@ -80,6 +80,7 @@ __all__ = [
     "nt_xent",
     "pixel_cross_entropy",
     "pixel_kd_loss",
+    "pixel_low_noise_loss",
     "pkt_loss",
     "pseudo_label_kl",
     "relation_kl_loss",

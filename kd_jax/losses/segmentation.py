@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses import _common as cm
-from kd_jax.losses.distill import kd_loss
+from kd_jax.losses.distill import kd_loss, low_noise_targets, soft_target_cross_entropy
 
 IGNORE_INDEX = 255
 
@@ -53,3 +53,41 @@ def pixel_kd_loss(student_logits, teacher_logits, temperature=4.0, weights=None)
         temperature=temperature,
         weights=w,
     )
+
+
+def pixel_low_noise_loss(
+    student_logits,
+    teacher_logits,
+    temperature,
+    *,
+    weights=None,
+    pixel_mask=None,
+    apply_to="teacher",
+    confidence_weight=False,
+    **lnr,
+):
+    """ODSD §2 LNR per pixel (§5): `low_noise_targets` on every pixel's [C] teacher logits
+    (`lnr`: rule, rho, k, threshold, k_max, tail), then `soft_target_cross_entropy` of the
+    student's full pixel softmax (`apply_to="teacher"`) or `kd_loss` with both softmaxes cut
+    to K (`"both"`), averaged over the counted pixels: `weights` [B] per image (0 = a padded
+    image), `pixel_mask` [B, H, W] (0 = a padded or ignored pixel, which then changes nothing).
+    `confidence_weight`: pixel weight c1 / mean(c1), c1 = max_c p_T(c|pixel), the mean over
+    the counted pixels. Returns (loss, targets [B, H, W, C], kept [B, H, W, C] bool)."""
+    shape = jnp.shape(teacher_logits)
+    c = shape[-1]
+    zs = jnp.reshape(student_logits, (-1, c))
+    zt = jnp.reshape(teacher_logits, (-1, c))
+    targets, kept = low_noise_targets(zt, temperature, **lnr)
+    w = _pixel_weights(shape[:-1], weights)
+    if pixel_mask is not None:
+        w = w * (jnp.reshape(pixel_mask, (-1,)) > 0)
+    if confidence_weight:
+        c1 = jnp.max(jax.nn.softmax(jax.lax.stop_gradient(cm.as_float(zt)), -1), -1)
+        w = w * cm.safe_div(c1, cm.weighted_mean(c1, w, w > 0))
+    if apply_to == "both":
+        loss = kd_loss(zs, zt, temperature, class_mask=kept, weights=w, mask_student=True)
+    elif apply_to == "teacher":
+        loss = soft_target_cross_entropy(zs, targets, temperature, weights=w)
+    else:
+        raise ValueError(f"apply_to={apply_to!r}: use teacher or both")
+    return loss, targets.reshape(shape), kept.reshape(shape)

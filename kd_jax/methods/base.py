@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from kd_jax import checkpoint, inference, log, metrics, models, parallel
-from kd_jax.data import pipeline
+from kd_jax.data import pipeline, segmnist
 from kd_jax.teacher import FrozenTeacher, load_teacher, teacher_workdir
 
 
@@ -159,6 +159,11 @@ class Method:
         """Frozen teacher forward in eval mode (running BN statistics), no gradient."""
         logits, feats = self.teacher_model.apply(teacher_vars, images, train=False)
         return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, feats)
+
+    @functools.cached_property
+    def transfer_spec(self):
+        """`config.data.transfer`, with SegMNIST's canvas pool resolved to its shards."""
+        return segmnist.pool_spec(self.config.data.transfer)
 
     @property
     def pool_teacher_model(self):

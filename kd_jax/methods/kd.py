@@ -8,22 +8,15 @@ pool scored through `Method.pool_teacher_model`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
 from kd_jax import losses, pool
-from kd_jax.data import pipeline, segmnist
+from kd_jax.data import pipeline
 from kd_jax.methods.base import Method
 
 
 class KD(Method):
     name = "kd"
-
-    @functools.cached_property
-    def transfer_spec(self):
-        """`config.data.transfer`, with SegMNIST's canvas pool resolved to its shards."""
-        return segmnist.pool_spec(self.config.data.transfer)
 
     def prepare(self):
         transfer = self.transfer_spec

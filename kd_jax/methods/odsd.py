@@ -22,6 +22,17 @@ key of `config.odsd` (defaults as in the paper, see `default_config()`):
   augmented views through a 2-layer MLP head. Both over the global batch.
 
 L = L_LN + λ_TR·L_TR + λ_SR·L_SR; no labels anywhere.
+
+**Segmentation** (§5, `data.target.task = "segmentation"`): the same class, pool lifecycle and
+switches. The pool pass reads the teacher's pixel logits through
+`sampling.segmentation_image_statistics`: an image's APS score (confidence) is the mean over
+its pixels of max_c p_T, its class for the balance, the gate and the heaps is its dominant
+non-background class by soft pixel share (argmax over c ≠ `odsd.segmentation.background` of
+the mean pixel probability; see that function for why soft), and the prototype term uses the
+pooled `pre_logits` (prototypes start from the 1×1 classifier's kernel rows, the linear head
+of the pooled features). LNR runs per pixel (`losses.pixel_low_noise_loss`; pixels the crop
+padded weigh 0); L_TR / L_SR run on the pooled features, weighted by the image confidence; the
+second view is an independent rescale / crop / flip.
 """
 
 from __future__ import annotations
@@ -124,6 +135,13 @@ def default_config() -> ml_collections.ConfigDict:
                     "temperature": 0.5,  # τ_s
                     "positives": "instance",  # instance | pseudo_label (§3b)
                     "proj_dim": 128,
+                }
+            ),
+            "segmentation": ml_collections.ConfigDict(
+                {
+                    # the class no image is balanced as (SegMNIST's background, 10); -1 = none
+                    # (every class a foreground class, e.g. NYUv2's 13)
+                    "background": -1,
                 }
             ),
             "diagnostics": ml_collections.ConfigDict(
@@ -383,15 +401,20 @@ def quality_rules(
     return rules
 
 
-def head_kernel(params, feature_dim: int, num_classes: int):
-    """The teacher's classifier kernel [d, C] (the last 2-D `kernel` of that shape), or None."""
+def head_kernel(params, feature_dim: int, num_classes: int, conv_1x1: bool = False):
+    """The teacher's classifier kernel [d, C] (the last 2-D `kernel` of that shape), or None.
+    `conv_1x1` (segmentation) also takes a 1×1 conv kernel [1, 1, d, C]: a pixel classifier
+    is linear, so on pooled features it is the same map."""
     found = []
+    shapes = {(feature_dim, num_classes)}
+    if conv_1x1:
+        shapes.add((1, 1, feature_dim, num_classes))
 
     def visit(tree):
         if isinstance(tree, dict) or hasattr(tree, "items"):
             for k, v in tree.items():
-                if k == "kernel" and getattr(v, "shape", None) == (feature_dim, num_classes):
-                    found.append(v)
+                if k == "kernel" and getattr(v, "shape", None) in shapes:
+                    found.append(np.reshape(v, (feature_dim, num_classes)))
                 elif hasattr(v, "items"):
                     visit(v)
 
@@ -418,11 +441,18 @@ class ODSD(Method):
         check_choice(cfg.tr.kind, TR_KINDS, "odsd.tr.kind")
         check_choice(cfg.tr.rel_space, REL_SPACES, "odsd.tr.rel_space")
         check_choice(cfg.sr.positives, SR_POSITIVES, "odsd.sr.positives")
-        if config.data.transfer.source not in ("offline_pool", "shards"):
+        if config.data.transfer.source not in ("offline_pool", "shards", "segmnist_pool"):
             raise ValueError(
                 f"config.data.transfer.source={config.data.transfer.source!r}: "
-                f"ODSD samples from a pool (offline_pool or shards)"
+                f"ODSD samples from a pool (offline_pool, shards or segmnist_pool)"
             )
+        bg = int(cfg.get("segmentation", {}).get("background", -1))
+        if not -1 <= bg < config.num_classes:
+            raise ValueError(
+                f"config.odsd.segmentation.background={bg} must be a class in "
+                f"[0, {config.num_classes}) or -1 (none)"
+            )
+        self.background = bg if bg >= 0 and self.segmentation else None
         self.views = 2 if cfg.sr.weight > 0 else 1
         size, ch = self.domain.image_size, self.domain.channels
         self.d_student = feature_shapes(self.student, size, ch)["pre_logits"][-1]
@@ -466,7 +496,7 @@ class ODSD(Method):
 
     def prepare(self):
         aps = self.config.odsd.aps
-        spec = self.config.data.transfer
+        spec = self.transfer_spec
         self.keep_ids, self.report = None, {}
         if aps.selection == "all":
             return
@@ -507,6 +537,7 @@ class ODSD(Method):
                 ood=ood_spec(self.config.odsd, self._size(), num_classes, kinds)
                 if aps.selection == "aps"
                 else None,
+                image_stats=self._image_stats,
             )
 
         if aps.selection == "random":
@@ -538,7 +569,18 @@ class ODSD(Method):
 
     def _head_weight(self):
         params = jax.tree.map(np.asarray, self.teacher_vars["params"])
-        return head_kernel(params, self.d_teacher, self.config.num_classes)
+        return head_kernel(
+            params, self.d_teacher, self.config.num_classes, conv_1x1=self.segmentation
+        )
+
+    def _image_stats(self, logits, pixel_mask=None):
+        """Per-image teacher statistics (`PoolScores`'s): a classifier's, or §5's over the
+        pixels of a segmentation teacher."""
+        if self.segmentation:
+            return sampling.segmentation_image_statistics(
+                logits, background=self.background, pixel_mask=pixel_mask
+            )
+        return sampling.image_statistics(logits)
 
     def _aps(self, scores: pool.PoolScores, size: int):
         aps = self.config.odsd.aps
@@ -551,9 +593,9 @@ class ODSD(Method):
                 tag="odsd",
             )
         counts = np.bincount(out["classes"], minlength=num_classes)
-        short = {
-            int(c): int(n) for c, n in enumerate(counts) if n < per_class_quota(size, num_classes)
-        }
+        quota = per_class_quota(size, num_classes)
+        # segmentation's background is nobody's class: its quota always goes to the others
+        short = {int(c): int(n) for c, n in enumerate(counts) if n < quota and c != self.background}
         if short:
             log.info(
                 f"APS: classes below the quota n_c={per_class_quota(size, num_classes)} "
@@ -589,7 +631,7 @@ class ODSD(Method):
         random pool subset of the same size."""
         report = dict(getattr(self, "_aps_extra", {}))
         dcfg = self.config.odsd.diagnostics
-        spec = self.config.data.transfer
+        spec = self.transfer_spec
         if getattr(self, "_quality", False):
             report["selection_quality"] = self._plot_quality(scores, selection)
         if dcfg.bn_images and diagnostics.has_batch_norm(self.teacher_vars):
@@ -639,7 +681,11 @@ class ODSD(Method):
     def _image_batches(self, spec, ids, batch: int = 256):
         ds, _ = pipeline.open_source(spec, spec.get("split", "train"), keep_ids=ids)
         domain = self.domain
-        ds = ds.map(lambda e: pipeline.preprocess(e, domain, "none")).batch(batch)
+        if self.segmentation:
+            prep = lambda e: pipeline.preprocess_segmentation(e, domain, "none")[0]
+        else:
+            prep = lambda e: pipeline.preprocess(e, domain, "none")
+        ds = ds.map(prep).batch(batch)
         return ds.as_numpy_iterator()
 
     # ----- §1F adaptive refresh ------------------------------------------------------------------
@@ -696,7 +742,7 @@ class ODSD(Method):
                     f"selection was made without them: start a new workdir"
                 )
             cand = self._candidates = fileio.load_npz(path)
-        spec = self.config.data.transfer
+        spec = self.transfer_spec
         ds, count = pipeline.open_source(
             spec,
             spec.get("split", "train"),
@@ -756,14 +802,16 @@ class ODSD(Method):
         return selection, report
 
     def _disagreement(self, state, teacher_vars, batch):
-        """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student)."""
+        """Per image KL(p_T ‖ p_S) at temperature 1 (eval-mode student); segmentation: its
+        mean over the pixels."""
         t_logits, _ = self.teacher_apply(teacher_vars, batch["image"])
         (s_logits, _), _ = self.student_apply(
             state.params, state.batch_stats, batch["image"], False
         )
         logp_t = jax.nn.log_softmax(at_least_float32(t_logits), -1)
         logp_s = jax.nn.log_softmax(at_least_float32(s_logits), -1)
-        return {"kl": jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)}
+        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), -1)
+        return {"kl": kl.reshape(kl.shape[0], -1).mean(-1)}
 
     @functools.cached_property
     def _batched_disagreement(self) -> inference.BatchedApply:
@@ -772,7 +820,7 @@ class ODSD(Method):
     # ----- data --------------------------------------------------------------------------------
     def transfer_source(self):
         return pool.open_transfer_set(
-            self.config.data.transfer, self.keep_ids, jax.process_index(), jax.process_count()
+            self.transfer_spec, self.keep_ids, jax.process_index(), jax.process_count()
         )
 
     # ----- the loss ----------------------------------------------------------------------------
@@ -791,19 +839,8 @@ class ODSD(Method):
         s_logits = s_logits_all[:b]
         f_s_all = at_least_float32(s_feats_all["pre_logits"])
         f_s = f_s_all[:b]
-        p_t = jax.nn.softmax(at_least_float32(t_logits), -1)
-        conf = jnp.max(p_t, -1)
-        pred = jnp.argmax(t_logits, -1)
-        metrics = {
-            "teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
-            "teacher_confidence": jnp.mean(conf),
-        }
-
-        # LNR (§2)
         lnr = cfg.lnr
-        targets, kept = losses.low_noise_targets(
-            t_logits,
-            tau,
+        rule = dict(
             rule=lnr.rule,
             rho=lnr.rho,
             k=lnr.k or None,
@@ -811,14 +848,48 @@ class ODSD(Method):
             k_max=lnr.k_max or None,
             tail=lnr.tail,
         )
-        w_ln = conf / jnp.mean(conf) if lnr.confidence_weight else None
-        if lnr.apply_to == "both":
-            l_ln = losses.kd_loss(
-                s_logits, t_logits, tau, class_mask=kept, weights=w_ln, mask_student=True
+        if self.segmentation:
+            # §5: per-image conf / class over the pixels (for L_TR's weights, L_SR's positives);
+            # LNR per pixel. `valid`: 0 where the crop padded the pool image.
+            valid = batch.get("valid")
+            pixel_w = jnp.ones(t_logits.shape[:-1]) if valid is None else valid
+            stats = sampling.segmentation_image_statistics(t_logits, self.background, valid)
+            conf, pred = stats["confidence"], stats["pred"]
+            agree = s_logits.argmax(-1) == t_logits.argmax(-1)
+            metrics = {
+                "teacher_agreement": _masked_mean(agree, pixel_w),
+                "teacher_confidence": jnp.mean(conf),
+            }
+            l_ln, targets, kept = losses.pixel_low_noise_loss(
+                s_logits,
+                t_logits,
+                tau,
+                pixel_mask=valid,
+                apply_to=lnr.apply_to,
+                confidence_weight=lnr.confidence_weight,
+                **rule,
             )
+            kept_classes = _masked_mean(jnp.sum(kept, -1), pixel_w)
         else:
-            l_ln = losses.soft_target_cross_entropy(s_logits, targets, tau, weights=w_ln)
-        metrics.update(lnr=l_ln, lnr_kept_classes=jnp.mean(jnp.sum(kept, -1)))
+            p_t = jax.nn.softmax(at_least_float32(t_logits), -1)
+            conf = jnp.max(p_t, -1)
+            pred = jnp.argmax(t_logits, -1)
+            metrics = {
+                "teacher_agreement": jnp.mean(s_logits.argmax(-1) == pred),
+                "teacher_confidence": jnp.mean(conf),
+            }
+
+            # LNR (§2)
+            targets, kept = losses.low_noise_targets(t_logits, tau, **rule)
+            w_ln = conf / jnp.mean(conf) if lnr.confidence_weight else None
+            if lnr.apply_to == "both":
+                l_ln = losses.kd_loss(
+                    s_logits, t_logits, tau, class_mask=kept, weights=w_ln, mask_student=True
+                )
+            else:
+                l_ln = losses.soft_target_cross_entropy(s_logits, targets, tau, weights=w_ln)
+            kept_classes = jnp.mean(jnp.sum(kept, -1))
+        metrics.update(lnr=l_ln, lnr_kept_classes=kept_classes)
         total = l_ln
 
         # L_TR (§3a): teacher structure -> student
@@ -828,6 +899,8 @@ class ODSD(Method):
             if tr.rel_space == "lnr_prob":
                 e_t = targets
                 e_s = jax.nn.softmax(s_logits / tau, -1)
+                if self.segmentation:  # an image's distribution: its pixels' mean
+                    e_t, e_s = _pixel_mean(e_t, pixel_w), _pixel_mean(e_s, pixel_w)
             else:
                 e_t = at_least_float32(t_feats["pre_logits"])
                 e_s = f_s
@@ -862,4 +935,19 @@ class ODSD(Method):
         return total, (new_stats, metrics)
 
     def results(self, state) -> dict:
-        return {"selection": self.report} if self.report else {}
+        out = {"selection": self.report} if self.report else {}
+        if self.segmentation and self.teacher_info.get("miou") is not None:
+            out["teacher_miou"] = self.teacher_info["miou"]
+        return out
+
+
+def _masked_mean(x, w):
+    """Mean of x [B, H, W] over the pixels with w > 0 (0 when none)."""
+    w = (w > 0).astype(jnp.float32)
+    return jnp.sum(jnp.where(w > 0, x, 0).astype(jnp.float32)) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _pixel_mean(x, w):
+    """[B, H, W, K] -> [B, K]: each image's mean over its pixels with w > 0."""
+    w = (w > 0).astype(x.dtype)[..., None]
+    return jnp.sum(jnp.where(w > 0, x, 0), (1, 2)) / jnp.maximum(jnp.sum(w, (1, 2)), 1.0)
