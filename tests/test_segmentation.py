@@ -15,12 +15,6 @@ from kd_jax.data import pipeline, segmnist
 from kd_jax.methods import get_method
 
 IGNORE = 255
-# Bounds of the SegMNIST smoke (test_segmnist_teacher_and_kd_smoke): the all-background
-# prediction scores pixel accuracy 0.927 / mIoU 0.084 on the test canvases; a run must not fall
-# below it by more than the margin (a broken loss, label path or eval counts far lower). Not yet
-# a learning bound from a measured seed spread (README "Segmentation").
-SMOKE_PIXEL_ACCURACY = 0.927 - 0.02
-SMOKE_MIOU = 0.084 - 0.01
 
 # ----- metrics -------------------------------------------------------------------------------
 
@@ -442,26 +436,3 @@ def test_convert_nyuv2_maps_dfad_labels(tmp_path):
     small = convert_nyuv2.convert_split(str(root), "test", short_side=6)
     assert small["images"].shape == (1, 6, 8, 3) and small["masks"].shape == (1, 6, 8)
     assert set(np.unique(small["masks"])) <= set(range(13)) | {255}
-
-
-@pytest.mark.slow
-def test_segmnist_teacher_and_kd_smoke(tmp_path):
-    """teacher_segmnist.py:smoke, then kd_segmnist.py:original,smoke from it: results.json holds
-    miou / pixel_accuracy / per_class_iou (11 classes), accuracy = pixel accuracy, and neither
-    run falls below the all-background prediction by more than the margin."""
-    from kd_jax import train
-
-    t = config("teacher_segmnist.py", "smoke", async_checkpoints=False)
-    res = train.train_and_evaluate(t, str(tmp_path / "teacher"))
-    assert res["final_accuracy"] == res["pixel_accuracy"]
-    assert len(res["per_class_iou"]) == 11
-    assert res["pixel_accuracy"] > SMOKE_PIXEL_ACCURACY and res["miou"] > SMOKE_MIOU, res
-    s = config(
-        "kd_segmnist.py",
-        "original,smoke",
-        async_checkpoints=False,
-        **{"teacher.workdir": str(tmp_path / "teacher")},
-    )
-    kd = train.train_and_evaluate(s, str(tmp_path / "kd"))
-    assert kd["teacher_miou"] == res["miou"] and np.isfinite(kd["miou"])
-    assert kd["pixel_accuracy"] > SMOKE_PIXEL_ACCURACY and kd["miou"] > SMOKE_MIOU, kd
