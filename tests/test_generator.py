@@ -4,39 +4,22 @@ an end-to-end smoke run and resume."""
 
 import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import as64, config, max_distance, record
+from helpers import as64, config, max_distance, np_softmax, record, rng
 
 from kd_jax import checkpoint, losses, models, parallel, train
 from kd_jax.teacher import FrozenTeacher
 
-SEED = int(os.environ.get("KD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
-
-
-def rng(offset=0):
-    return np.random.default_rng(SEED + offset)
-
 
 def close(actual, expected, rtol=1e-10, atol=1e-12, name=""):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        rtol=rtol,
-        atol=atol,
-        err_msg=f"{name} KD_TEST_SEED={SEED}",
-    )
+    helpers.close(actual, expected, rtol, atol, name)
 
 
 # ----- float64 NumPy references (from the papers' formulas) ---------------------------------
-
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def ref_one_hot(z):

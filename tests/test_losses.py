@@ -2,7 +2,7 @@
 
 Regenerate the stored golden values (only after an intended change of a loss):
     python tests/test_losses.py --regen-golden
-Fresh random inputs use a per-run seed (set KD_TEST_SEED to reproduce a failure).
+Random inputs come from helpers.SEED (fixed; KD_TEST_SEED=<n> draws others).
 """
 
 import functools
@@ -14,23 +14,19 @@ if __name__ == "__main__":  # standalone (regen) runs get the same 8 fake device
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import conftest  # noqa: F401
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import as64, max_distance, record
+from helpers import SEED, as64, max_distance, record, rng
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax import losses as L
 
-SEED = int(os.environ.get("KD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "losses_golden.npz")
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def rng(offset=0):
-    return np.random.default_rng(SEED + offset)
 
 
 def f32(x):
@@ -38,13 +34,7 @@ def f32(x):
 
 
 def close(actual, expected, rtol=RTOL, atol=ATOL, name=""):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64),
-        np.asarray(expected, np.float64),
-        rtol=rtol,
-        atol=atol,
-        err_msg=f"{name} KD_TEST_SEED={SEED}",
-    )
+    helpers.close(actual, expected, rtol, atol, name)
 
 
 # ==========================================================================================
@@ -623,6 +613,7 @@ def _sinkhorn_variants(logits, padded, w):
     return {
         "q3": L.sinkhorn_knopp(logits),
         "q200": L.sinkhorn_knopp(logits, n_iters=200),
+        "q2000": L.sinkhorn_knopp(logits, n_iters=2000),
         "padded": L.sinkhorn_knopp(padded, weights=w),
         "tiny_eps": L.sinkhorn_knopp(logits * 50, epsilon=0.01),
     }
@@ -636,7 +627,10 @@ def test_sinkhorn_marginals():
     close(v["q3"].sum(1), np.ones(24), rtol=1e-5)
     assert (v["q3"] >= 0).all()
     close(v["q200"].sum(1), np.ones(24), rtol=1e-5)
-    close(v["q200"].sum(0), np.full(6, 24 / 6), rtol=1e-3)
+    # 200 iterations follow the float64 recursion; they need not have converged (on ~3 % of
+    # random draws the columns are still 0.3 % off), 2000 iterations have on every draw tried
+    close(v["q200"], ref_sinkhorn(np.asarray(logits), 200, 0.05), rtol=1e-4, atol=2e-5)
+    close(v["q2000"].sum(0), np.full(6, 24 / 6), rtol=1e-3)
     # padded rows get nothing and change nothing
     close(v["padded"][:24], v["q3"])
     assert (v["padded"][24:] == 0).all()

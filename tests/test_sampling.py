@@ -1,36 +1,19 @@
 """Tests for kd_jax.sampling: scores vs float64 NumPy, selection, streaming, APS pieces."""
 
-import os
-
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import np_softmax, rng
 from scipy.stats import rankdata
 
 from kd_jax import sampling as S
 
 NS = 48  # one pool size for most tests, so eagerly compiled ops are shared between tests
-SEED = int(os.environ.get("KD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
 
 
-def rng(offset=0):
-    return np.random.default_rng(SEED + offset)
-
-
-def close(a, b, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        rtol=rtol,
-        atol=atol,
-        err_msg=f"KD_TEST_SEED={SEED}",
-    )
-
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+def close(actual, expected, rtol=1e-5, atol=1e-6, name=""):
+    helpers.close(actual, expected, rtol, atol, name)
 
 
 def np_normalize(x):

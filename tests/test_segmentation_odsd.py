@@ -160,7 +160,8 @@ def test_padded_and_ignored_pixels_change_nothing():
     w = np.array([1, 1, 1, 0], np.float32)
     pad_m = np.concatenate([mask, np.ones_like(mask[:1])])
     lp = losses.pixel_low_noise_loss(pad_s, pad_t, 4.0, weights=w, pixel_mask=pad_m, **kw)[0]
-    assert float(lp) == float(la)
+    # another batch shape regroups the float32 sums: equal up to rounding, on any CPU
+    np.testing.assert_allclose(float(lp), float(la), rtol=1e-6)
     # The pipeline marks what a scale-down crop padded: `valid` 0 there, the image unchanged.
     domain = pipeline.Domain(
         image_size=16,

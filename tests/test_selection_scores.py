@@ -7,33 +7,24 @@ shards) is checked against the pure functions applied to a direct forward pass."
 import os
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import SEED, rng
 
 from kd_jax import models, pool
 from kd_jax import sampling as S
 from kd_jax.data import pipeline, shards
 from kd_jax.methods import odsd
 
-SEED = int(os.environ.get("KD_TEST_SEED", "0"))  # fixed: CI must not draw a new pool per run
 C, D = 4, 6
 
 
-def rng(offset=0):
-    return np.random.default_rng(SEED + offset)
-
-
-def close(a, b, rtol=1e-9, atol=1e-9):
-    np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        rtol=rtol,
-        atol=atol,
-        err_msg=f"KD_TEST_SEED={SEED}",
-    )
+def close(actual, expected, rtol=1e-9, atol=1e-9, name=""):
+    helpers.close(actual, expected, rtol, atol, name)
 
 
 def np_fit(f, y, w, shrinkage):
