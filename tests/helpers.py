@@ -42,7 +42,8 @@ def np_softmax(z):
 
 def config(name, arg=None, **overrides):
     """configs/<name>[:arg] with dotted-key overrides, e.g. config("kd_mnist.py", "smoke",
-    **{"teacher.workdir": path})."""
+    **{"teacher.workdir": path}); locked, as `python -m kd_jax.main` hands it over (existing
+    keys can be set, a new one raises), so code that adds keys to it fails here too."""
     c = config_utils.load_config(os.path.join(ROOT, "configs", name), arg)
     for key, value in overrides.items():
         node = c
@@ -50,6 +51,7 @@ def config(name, arg=None, **overrides):
         for p in path:
             node = node[p]
         node[leaf] = value
+    c.lock()
     return c
 
 

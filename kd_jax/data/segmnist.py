@@ -159,7 +159,8 @@ def pool_spec(spec):
     if spec.get("source") != "segmnist_pool":
         return spec
     resolved = spec.copy_and_resolve_references()
-    resolved.source = "shards"
-    resolved.pattern = pool_pattern(spec)
-    resolved.related_sources = tuple(offline.RELATED_SOURCES)
+    with resolved.unlocked():  # the command line hands in a locked config
+        resolved.source = "shards"
+        resolved.pattern = pool_pattern(spec)
+        resolved.related_sources = tuple(offline.RELATED_SOURCES)
     return resolved
