@@ -93,3 +93,56 @@ def as64(tree):
         ),
         tree,
     )
+
+
+def write_fake_nyuv2(root, train, test, shape=(12, 16), seed=0):
+    """A DFAD-format NYUv2 folder, what `kd_jax.data.convert_nyuv2` reads: `splits.mat` listing
+    the 1-based indices `train` / `test` in that order and, per index (ascending), a random RGB
+    image `480_640/IMAGE/<idx - 1>.png` of `shape` and a random label (0 = unlabeled, 1..13)
+    `nyuv2-meta-data/<split>_labels_13/new_nyu_class13_<idx:04d>.png`. Returns {idx: label}."""
+    import numpy as np
+    from PIL import Image
+    from scipy.io import savemat
+
+    root = str(root)
+    os.makedirs(os.path.join(root, "480_640", "IMAGE"))
+    for split in ("train", "test"):
+        os.makedirs(os.path.join(root, "nyuv2-meta-data", f"{split}_labels_13"))
+    savemat(
+        os.path.join(root, "nyuv2-meta-data", "splits.mat"),
+        {"trainNdxs": [[i] for i in train], "testNdxs": [[i] for i in test]},
+    )
+    gen = np.random.default_rng(seed)
+    labels = {}
+    split_of = {**{i: "train" for i in train}, **{i: "test" for i in test}}
+    for idx in sorted(split_of):
+        image = gen.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        labels[idx] = gen.integers(0, 14, shape).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, "480_640", "IMAGE", f"{idx - 1}.png"))
+        name = f"new_nyu_class13_{idx:04d}.png"
+        labels_dir = os.path.join(root, "nyuv2-meta-data", f"{split_of[idx]}_labels_13")
+        Image.fromarray(labels[idx]).save(os.path.join(labels_dir, name))
+    return labels
+
+
+def write_teacher(workdir, model, num_classes, variables):
+    """A finished teacher workdir holding `variables` of `model` (what `export_teacher` writes),
+    for tests of a student's path that need no trained teacher."""
+    import json
+
+    import numpy as np
+
+    from kd_jax import checkpoint
+
+    state = {
+        "step": np.asarray(0, np.int32),
+        "params": {"model": variables["params"]},
+        "batch_stats": {"model": variables["batch_stats"]},
+        "opt_state": {},
+    }
+    ckpt = checkpoint.Checkpointer(str(workdir), keep=1, async_save=False)
+    ckpt.save(0, state, force=True)
+    ckpt.close()
+    info = {"method": "teacher", "model": model, "num_classes": num_classes}
+    with open(os.path.join(str(workdir), "results.json"), "w") as f:
+        json.dump(info, f)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import config, max_distance, record
+from helpers import config, max_distance, record, write_fake_nyuv2
 
 from kd_jax import losses, metrics, models, parallel
 from kd_jax.data import pipeline, segmnist
@@ -410,24 +410,10 @@ def test_task_and_model_must_match():
 def test_convert_nyuv2_maps_dfad_labels(tmp_path):
     """A fake DFAD-format NYUv2 root (2 train, 1 test image): label 0 -> 255 (ignore), l -> l-1,
     images kept; `--short_side` resizes image (bilinear) and mask (nearest) together."""
-    from PIL import Image
-    from scipy.io import savemat
-
     from kd_jax.data import convert_nyuv2
 
-    rng = np.random.default_rng(0)
     root = tmp_path / "nyu"
-    os.makedirs(root / "480_640" / "IMAGE")
-    for split in ("train", "test"):
-        os.makedirs(root / "nyuv2-meta-data" / f"{split}_labels_13")
-    savemat(root / "nyuv2-meta-data" / "splits.mat", {"trainNdxs": [[3], [1]], "testNdxs": [[2]]})
-    labels = {}
-    for idx, split in ((1, "train"), (2, "test"), (3, "train")):
-        image = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        labels[idx] = rng.integers(0, 14, (12, 16)).astype(np.uint8)
-        Image.fromarray(image).save(root / "480_640" / "IMAGE" / f"{idx - 1}.png")
-        path = root / "nyuv2-meta-data" / f"{split}_labels_13" / f"new_nyu_class13_{idx:04d}.png"
-        Image.fromarray(labels[idx]).save(path)
+    labels = write_fake_nyuv2(root, train=(3, 1), test=(2,), shape=(12, 16))
     assert convert_nyuv2.main([f"--root={root}", f"--out={tmp_path / 'out'}"]) == 0
     with np.load(tmp_path / "out" / "nyuv2_train.npz") as z:
         assert z["images"].shape == (2, 12, 16, 3) and z["masks"].dtype == np.uint8

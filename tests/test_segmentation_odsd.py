@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import config
+from helpers import config, write_teacher
 
-from kd_jax import checkpoint, losses, models, pool, sampling
+from kd_jax import losses, models, pool, sampling
 from kd_jax.data import pipeline, segmnist, shards
 from kd_jax.methods import odsd
 
@@ -308,20 +308,9 @@ def test_segmentation_pool_pass_streamed_equals_in_memory_in_any_order(tmp_path)
 
 
 def _write_teacher(workdir):
-    """A finished teacher workdir holding `_teacher()` (what `export_teacher` writes): the e2e
-    test checks the ODSD path, not a teacher's training."""
-    _, variables, _, _ = _teacher()
-    state = {
-        "step": np.asarray(0, np.int32),
-        "params": {"model": variables["params"]},
-        "batch_stats": {"model": variables["batch_stats"]},
-        "opt_state": {},
-    }
-    ckpt = checkpoint.Checkpointer(str(workdir), keep=1, async_save=False)
-    ckpt.save(0, state, force=True)
-    ckpt.close()
-    info = {"method": "teacher", "model": "deeplabv3_resnet_small", "num_classes": C}
-    (workdir / "results.json").write_text(json.dumps(info))
+    """A finished teacher workdir holding `_teacher()`: the e2e test checks the ODSD path, not a
+    teacher's training."""
+    write_teacher(workdir, "deeplabv3_resnet_small", C, _teacher()[1])
 
 
 @pytest.mark.parametrize("arg", ["smoke"])

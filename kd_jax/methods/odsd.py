@@ -679,13 +679,12 @@ class ODSD(Method):
         return {k: {str(n): v for n, v in c.items()} for k, c in curves.items()}
 
     def _image_batches(self, spec, ids, batch: int = 256):
+        """Pool images `ids` as the pool pass scored them (`image_size` square, segmentation
+        too: a pool's images may differ in size, e.g. ImageNet's, and could not be batched at
+        their own)."""
         ds, _ = pipeline.open_source(spec, spec.get("split", "train"), keep_ids=ids)
         domain = self.domain
-        if self.segmentation:
-            prep = lambda e: pipeline.preprocess_segmentation(e, domain, "none")[0]
-        else:
-            prep = lambda e: pipeline.preprocess(e, domain, "none")
-        ds = ds.map(prep).batch(batch)
+        ds = ds.map(lambda e: pipeline.preprocess(e, domain, "none")).batch(batch)
         return ds.as_numpy_iterator()
 
     # ----- §1F adaptive refresh ------------------------------------------------------------------
