@@ -21,7 +21,8 @@ Data, once:
 
 The teacher is a finished run of configs/teacher_nyuv2.py (same data, same domain), or a
 PyTorch DeepLabV3-ResNet50 state dict converted with `python -m kd_jax.tools.convert_torch
---arch=deeplabv3_resnet50 --num_classes=13`. DFAD's own checkpoint is not a drop-in: it was
+--arch=deeplabv3_resnet50 --num_classes=13` (its generic naming rule; logits parity against
+torchvision's deeplabv3_resnet50 is not tested yet). DFAD's own checkpoint is not a drop-in: it was
 trained on inputs normalised with mean = std = 0.5 (this domain uses ImageNet's statistics) and
 its ASPP rates are (12, 24, 32), not torchvision's (12, 24, 36).
 

@@ -59,7 +59,8 @@ AUGMENTATIONS = ("none", "crop", "crop_flip", "inception")
 TASKS = ("classification", "segmentation")
 # Joint image + mask augmentations of segmentation: a horizontal flip; a random crop of
 # `image_size` (padded where smaller: image 0, mask ignore) + flip; the crop after a random
-# rescale by a factor in `Domain.scale_range` (DFAD's NYUv2 recipe: 0.5..2, 256 px, flip).
+# rescale by a factor in `Domain.scale_range` (DeepLabV3's usual 0.5..2). DFAD's released NYUv2
+# code resizes to 256 px (shorter side) once, then takes 128 px crops + flip: `crop_flip`.
 SEG_AUGMENTATIONS = ("none", "flip", "crop_flip", "scale_crop_flip")
 IGNORE_INDEX = 255
 
