@@ -88,6 +88,8 @@ def main(argv=None):
 def _share(r):
     """Digit-canvas share of the transfer set: a pool selection reports it; KD on the whole pool
     has the pool's share (reported by any selection of the same pool); the originals are 1."""
+    if r.get("method") == "teacher":  # trained on the labelled canvases, no transfer set
+        return None
     sel = r.get("selection") or {}
     if "selection_related_share" in sel:
         return sel["selection_related_share"]
