@@ -115,7 +115,7 @@ def _write(table, args, argv):
         for r in rs:
             s = _share(r)
             transfer = r.get("config", {}).get("data", {}).get("transfer", {})
-            if s is None and transfer.get("subset") == "all":
+            if s is None and r.get("method") != "teacher" and transfer.get("subset") == "all":
                 s = pool_share
             values.append(s)
         return harness.mean_std(values, digits=1) if None not in values else "—"
