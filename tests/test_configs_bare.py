@@ -108,27 +108,50 @@ def test_bare_config_starts_training_or_names_every_missing_key(
         pytest.fail(f"{name} ran to the end instead of stopping at its first step")
 
 
-def test_odsd_imagenet_names_teacher_pool_and_data_at_once(tmp_path, no_tfds_data):
-    c = config_utils.load_config(os.path.join(CONFIG_DIR, "odsd_imagenet.py"))
+# The open-world configs need a teacher, a pool and target data the user brings: all three
+# are named at once, each with the command that makes it, and nothing is created.
+OPEN_WORLD_INPUTS = {
+    "odsd_imagenet.py": (
+        ["teacher.workdir", "data.target.data_dir", "data.transfer.pattern"],
+        (
+            "python -m kd_jax.tools.convert_torch --arch=resnet50 --num_classes=1000 "
+            "--src=resnet50.pth --out=DIR",
+            "torchvision.models.resnet50(",
+            "python -m kd_jax.data.make_shards --src=IMAGES --out=DIR",
+            "--config.data.target.data_dir=DIR",
+            "tfds build imagenet2012",
+            "--manual_dir=",
+            "ILSVRC2012_img_train.tar",
+        ),
+    ),
+    "odsd_nyuv2.py": (
+        ["teacher.workdir", "data.target.path", "data.transfer.pattern"],
+        (
+            "--arch=deeplabv3_resnet50 --num_classes=13",
+            "--config.data.target.path=FILE.npz",
+            "python -m kd_jax.data.make_shards",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_WORLD_INPUTS))
+def test_open_world_config_names_teacher_pool_and_data_at_once(tmp_path, no_tfds_data, name):
+    keys, commands = OPEN_WORLD_INPUTS[name]
+    c = config_utils.load_config(os.path.join(CONFIG_DIR, name))
     with pytest.raises(prerequisites.MissingPrerequisites) as err:
         prerequisites.check(c, str(tmp_path / "run"))
-    assert err.value.keys() == ["teacher.workdir", "data.target.data_dir", "data.transfer.pattern"]
+    assert err.value.keys() == keys
     message = str(err.value)
     for expected in (
         "3 prerequisites",
         "--config.teacher.workdir=DIR",
-        "python -m kd_jax.tools.convert_torch --arch=resnet50 --num_classes=1000 "
-        "--src=resnet50.pth --out=DIR",
-        "torchvision.models.resnet50(",
         "--config.data.transfer.pattern='DIR/pool-*-of-*.tfrecord'",
-        "python -m kd_jax.data.make_shards --src=IMAGES --out=DIR",
-        "--config.data.target.data_dir=DIR",
-        "tfds build imagenet2012",
-        "--manual_dir=",
-        "ILSVRC2012_img_train.tar",
+        *commands,
     ):
         assert expected in message, expected
     assert isinstance(err.value, ValueError) and isinstance(err.value, FileNotFoundError)
+    assert not (tmp_path / "run").exists()
 
 
 def test_design_card_command_fails_in_one_block(tmp_path, no_tfds_data):
