@@ -1,17 +1,50 @@
-"""ResNet-34 → ResNet-18 (CIFAR, 32 px) KD + RKD train step: kd_jax vs PyTorch eager, same CPU.
+"""kd_jax's train step vs a straightforward PyTorch eager version of it, same CPU, side by side.
 
-    python benchmarks/vs_pytorch.py                      # torch, then kd_jax variants
+Two workloads (`--workload`):
+
+* `kd_rkd` (default): ResNet-34 → ResNet-18 (CIFAR, 32 px) KD + RKD step.
+* `dafl`: the generator method's DAFL step at configs/dafl_mnist.py's sizes (LeNet-5 →
+  LeNet-5-half, 32×32×1, batch 128, latent 100, ngf 16), issue 22's comparison.
+
+    python benchmarks/vs_pytorch.py                      # kd_rkd: torch, then kd_jax variants
     python benchmarks/vs_pytorch.py --batch=64 --steps=10 --variants=baseline,onednn
     python benchmarks/vs_pytorch.py --variants=baseline --repeats=3   # interleaved, medians
+    python benchmarks/vs_pytorch.py --workload dafl --repeats 3       # DAFL, interleaved
 
-One step: frozen teacher forward (eval-mode BN) + student forward/backward (train-mode BN) +
+Results (tables, the machine, its load) belong in the README / benchmarks/results/, not here.
+
+kd_rkd step: frozen teacher forward (eval-mode BN) + student forward/backward (train-mode BN) +
 loss = KD(T=4) + 25·RKD-distance + 50·RKD-angle on the pooled features + SGD (momentum 0.9,
 coupled weight decay 5e-4). Both sides use the same batch and architecture (the PyTorch models
 are kd_jax.tools.torch_reference's CIFAR ResNets, the reference kd_jax's are checked against).
 
+dafl step: kd_jax's side is the library's own compiled step (`method = generator`, preset dafl,
+built from configs/dafl_mnist.py by benchmarks/step_throughput.py's `build_method`, jitted by
+`train.build` with the state donated, on a one-device mesh; random teacher weights). PyTorch's
+side is DAFL-train.py's step written out in eager float32 with the settings read from the same
+config: a DCGAN generator (below, the shape of kd_jax.models.generator's), the frozen LeNet-5
+teacher (eval, no parameter gradients) and the LeNet-5-half student of
+kd_jax.tools.torch_reference; g_steps generator updates, each z → G(z) → teacher (logits, the
+ReLU'd 120-d conv3 features) → w_oh·CE(logits, argmax) − w_a·mean|features| − w_ie·H(mean
+softmax) → Adam on G; then s_steps student updates, each on a fresh G(z) (G in train mode, no
+gradient into G) with KD at the config's temperature → Adam(W) on the student, cosine lr. The
+config's g_steps / s_steps are mirrored. images/s counts the generated images the student
+trains on (batch × s_steps per step). Differences in work between the two, for a fair reading:
+kd_jax's step also computes a few diagnostics (the generator's and the student's global
+gradient norms, teacher–student agreement, the teacher's class histogram of the batch as a
+balance score: O(batch) work) and the step counter / rng folding; the timed kd_jax steps reuse one
+latent batch drawn on the host beforehand (training draws it on the host, outside the step),
+while PyTorch draws z with torch.randn inside its step, as DAFL does; PyTorch's no-grad G(z) of
+the student update updates G's running BatchNorm statistics, kd_jax's discards them. DAFL-train.py
+itself trains G and the student on one generated batch per iteration (one G and one teacher
+forward fewer); both sides here do kd_jax's fresh-batch student update instead.
+
 Every measurement runs in a fresh subprocess (one framework's thread pool never competes with
-the other's, and XLA flags only take effect at start-up). Each prints images/s and the share of
-the step spent in the teacher forward (timed alone). kd_jax variants:
+the other's, and XLA flags only take effect at start-up); kd_jax children run on one CPU device
+(a `--xla_force_host_platform_device_count` in XLA_FLAGS is dropped). Each prints images/s, ms
+per step and, for kd_rkd, the share of the step spent in the teacher forward (timed alone); the
+header names the CPU model, the footer the thread counts. kd_jax variants (all but `separate`
+apply to dafl too):
 
   baseline   default XLA:CPU flags, float32, state donated (kd_jax's chunked im2col and
              Winograd convolutions on, see kd_jax/models/cpu_conv.py)
@@ -24,7 +57,7 @@ the step spent in the teacher forward (timed alone). kd_jax variants:
   no_eigen_mt --xla_cpu_multi_thread_eigen=false
   bf16       models in bfloat16 (compute), float32 params and losses
   no_donate  state not donated (shows what donation saves)
-  separate   teacher and student in two jitted calls instead of one program
+  separate   teacher and student in two jitted calls instead of one program (kd_rkd only)
 
 An unknown flag (a different jaxlib) makes its variant fail; it is reported and skipped.
 torch is a benchmark-only dependency (`pip install torch`); kd_jax never imports it.
@@ -34,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,16 +90,33 @@ VARIANTS = {
     "separate": ({}, {"separate": True}),
 }
 KD_T, W_DIST, W_ANGLE = 4.0, 25.0, 50.0
+WORKLOADS = ("kd_rkd", "dafl")
+DAFL_CONFIG = os.path.join(ROOT, "configs", "dafl_mnist.py")
+# per workload: batch (0: the config's), timed steps, default variants
+DEFAULTS = {
+    "kd_rkd": (64, 5, "baseline,native_conv,onednn,bf16,separate"),
+    "dafl": (0, 20, "baseline,native_conv,onednn"),
+}
+KD_RKD_ONLY = ("separate",)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--workload", default="kd_rkd", choices=WORKLOADS)
+    p.add_argument(
+        "--batch", type=int, default=0, help="batch (default: kd_rkd 64, dafl the config's 128)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="timed steps after 2 warm-up steps (default: kd_rkd 5, dafl 20)",
+    )
     p.add_argument(
         "--variants",
-        default="baseline,native_conv,onednn,bf16,separate",
-        help=f"kd_jax variants, comma-separated, of {list(VARIANTS)}",
+        default="",
+        help=f"kd_jax variants, comma-separated, of {list(VARIANTS)} (default: kd_rkd "
+        f"{DEFAULTS['kd_rkd'][2]}; dafl {DEFAULTS['dafl'][2]})",
     )
     p.add_argument(
         "--repeats",
@@ -79,13 +130,53 @@ def parse_args(argv=None):
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--child_opts", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
+    batch, steps, variants = DEFAULTS[args.workload]
+    args.batch = args.batch or batch
+    args.steps = args.steps or steps
+    args.variants = [v for v in (args.variants or variants).split(",") if v]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
-    if args.batch < 3 or args.steps < 1 or args.repeats < 1:
-        p.error("--batch must be >= 3 (RKD angles need triplets), --steps and --repeats >= 1")
+    if args.workload != "kd_rkd" and set(args.variants) & set(KD_RKD_ONLY):
+        p.error(f"variant(s) {list(KD_RKD_ONLY)} apply to --workload kd_rkd only")
+    if args.steps < 1 or args.repeats < 1:
+        p.error("--steps and --repeats must be >= 1")
+    if args.workload == "kd_rkd" and args.batch < 3:
+        p.error("--batch must be >= 3 (RKD angles need triplets)")
+    if args.workload == "dafl" and args.batch and args.batch < 2:
+        p.error("--batch must be >= 2 (the generator's BatchNorm uses batch statistics)")
     return args
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "cpu model", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def os_threads() -> int | None:
+    """Threads of this process now (/proc/self/status), after its runs: every pool started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: XLA:CPU's intra-op pool size (its default)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _time(fn, steps):
@@ -166,6 +257,8 @@ def torch_child(batch, steps) -> dict:
         "step_ms": 1e3 * seconds,
         "teacher_share": teacher_s / seconds,
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "os_threads": os_threads(),
         "version": torch.__version__,
     }
 
@@ -257,7 +350,225 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="
         "teacher_share": teacher_s / seconds,
         "compile_s": compile_s,
         "version": jax.__version__,
+        "devices": f"{jax.device_count()}× {jax.devices()[0].device_kind}",
+        "xla_threads": usable_cores(),
+        "os_threads": os_threads(),
         "loss_finite": bool(np.isfinite(float(step(holder["state"], t_vars, x)[1]))),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# DAFL: the generator method's step (configs/dafl_mnist.py) vs DAFL-train.py's step in PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def dafl_settings() -> dict:
+    """What the PyTorch DAFL step needs from configs/dafl_mnist.py (read in the parent: the
+    torch child does not import jax)."""
+    from kd_jax import config_utils
+
+    c = config_utils.load_config(DAFL_CONFIG)
+    g = c.generator
+    if (c.teacher.model, c.model.name) != ("lenet5", "lenet5_half"):
+        raise ValueError(f"{DAFL_CONFIG}: the PyTorch side has LeNet-5 → LeNet-5-half only")
+    if g.activation_feature != "stage3" or g.model != "dcgan" or g.student_loss != "kd":
+        raise ValueError(f"{DAFL_CONFIG}: the PyTorch side has DAFL's terms only ({g})")
+    if g.weights.adversarial or g.weights.bn:
+        raise ValueError(f"{DAFL_CONFIG}: adversarial / bn terms are not in DAFL's step")
+    for name, opt in (("optimizer", c.optimizer), ("generator.optimizer", g.optimizer)):
+        if opt.name != "adamw" or opt.get("grad_clip", 0.0) or opt.get("warmup_steps", 0):
+            raise ValueError(f"{DAFL_CONFIG}: config.{name} is not plain Adam(W) ({opt})")
+        if opt.schedule not in ("cosine", "constant"):
+            raise ValueError(f"{DAFL_CONFIG}: config.{name}.schedule={opt.schedule!r}")
+    adam = lambda o: {
+        "lr": float(o.lr),
+        "weight_decay": float(o.weight_decay),
+        "schedule": o.schedule,
+        "end_lr": float(o.get("end_lr", 0.0)),
+    }
+    return {
+        "batch": int(c.batch_size),
+        "image_size": int(c.data.image_size),
+        "channels": int(c.data.channels),
+        "num_classes": int(c.num_classes),
+        "latent_dim": int(g.latent_dim),
+        "ngf": int(g.ngf),
+        "g_steps": int(g.g_steps),
+        "s_steps": int(g.s_steps),
+        "weights": {k: float(g.weights[k]) for k in ("one_hot", "activation", "entropy")},
+        "temperature": float(c.kd.temperature),
+        "num_steps": int(c.num_steps),
+        "student_opt": adam(c.optimizer),
+        "generator_opt": adam(g.optimizer),
+        "dtype": str(c.dtype),
+    }
+
+
+def torch_dafl_child(batch, steps, settings) -> dict:
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    from kd_jax.tools.torch_reference import LeNet5
+
+    st = settings
+
+    class Generator(tnn.Module):
+        """DAFL's / DFAD's DCGAN generator, the shape of kd_jax.models.generator's `dcgan`:
+        Linear → BN → up×2 → conv3×3 → BN → LeakyReLU(0.2) → up×2 → conv3×3 → BN →
+        LeakyReLU(0.2) → conv3×3 → tanh → BN(affine=False); BatchNorm eps 1e-5 (as kd_jax's)."""
+
+        def __init__(self, image_size, channels, latent_dim, ngf):
+            super().__init__()
+            c, self.s = 2 * ngf, image_size // 4
+            self.l1 = tnn.Linear(latent_dim, c * self.s * self.s)
+            self.bn0 = tnn.BatchNorm2d(c)
+            self.conv1 = tnn.Conv2d(c, c, 3, 1, 1)
+            self.bn1 = tnn.BatchNorm2d(c)
+            self.conv2 = tnn.Conv2d(c, ngf, 3, 1, 1)
+            self.bn2 = tnn.BatchNorm2d(ngf)
+            self.conv3 = tnn.Conv2d(ngf, channels, 3, 1, 1)
+            self.bn_out = tnn.BatchNorm2d(channels, affine=False)
+
+        def forward(self, z):
+            x = self.bn0(self.l1(z).view(z.shape[0], -1, self.s, self.s))
+            x = F.interpolate(x, scale_factor=2)
+            x = F.leaky_relu(self.bn1(self.conv1(x)), 0.2)
+            x = F.interpolate(x, scale_factor=2)
+            x = F.leaky_relu(self.bn2(self.conv2(x)), 0.2)
+            return self.bn_out(torch.tanh(self.conv3(x)))
+
+    torch.manual_seed(0)
+    gen = Generator(st["image_size"], st["channels"], st["latent_dim"], st["ngf"]).train()
+    teacher = LeNet5(num_classes=st["num_classes"]).eval()
+    student = LeNet5((3, 8, 60, 42), st["num_classes"]).train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    # DAFL's activation feature is the ReLU'd conv3 output (lenet.py `out_feature=True`);
+    # torch_reference's LeNet5 returns fc1's, so conv3's output is tapped and ReLU'd here.
+    tap = {}
+    teacher.conv3.register_forward_hook(lambda m, i, o: tap.__setitem__("conv3", o))
+
+    def adam(params, o, num_updates):
+        cls = torch.optim.AdamW if o["weight_decay"] else torch.optim.Adam
+        opt = cls(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        sched = None
+        if o["schedule"] == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=num_updates, eta_min=o["end_lr"]
+            )
+        return opt, sched
+
+    opt_g, sched_g = adam(gen.parameters(), st["generator_opt"], st["num_steps"] * st["g_steps"])
+    opt_s, sched_s = adam(student.parameters(), st["student_opt"], st["num_steps"] * st["s_steps"])
+    w, T, nz = st["weights"], st["temperature"], st["latent_dim"]
+
+    def generator_update():
+        z = torch.randn(batch, nz)
+        logits, _ = teacher(gen(z))
+        features = F.relu(tap["conv3"]).flatten(1)
+        loss_oh = F.cross_entropy(logits, logits.detach().argmax(1))
+        loss_a = -features.abs().mean()
+        p = F.softmax(logits, 1).mean(0)
+        loss_ie = (p * torch.log(p)).sum()  # DAFL: log10 with weight 5 = log with 5 / ln 10
+        loss = w["one_hot"] * loss_oh + w["activation"] * loss_a + w["entropy"] * loss_ie
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        if sched_g is not None:
+            sched_g.step()
+        return loss
+
+    def student_update():
+        with torch.no_grad():
+            images = gen(torch.randn(batch, nz))  # G in train mode, as DAFL's
+            t_logits, _ = teacher(images)
+        s_logits, _ = student(images)
+        loss = (
+            F.kl_div(
+                F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean"
+            )
+            * T**2
+        )
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        if sched_s is not None:
+            sched_s.step()
+        return loss
+
+    losses = []
+
+    def step():
+        for _ in range(st["g_steps"]):
+            g_loss = generator_update()
+        for _ in range(st["s_steps"]):
+            s_loss = student_update()
+        losses[:] = [float(g_loss), float(s_loss)]
+
+    seconds = _time(step, steps)
+    count = lambda m: int(sum(p.numel() for p in m.parameters()))
+    return {
+        "images_per_s": batch * st["s_steps"] / seconds,
+        "step_ms": 1e3 * seconds,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "os_threads": os_threads(),
+        "version": torch.__version__,
+        "params": {"generator": count(gen), "teacher": count(teacher), "student": count(student)},
+        "loss_finite": all(map(math.isfinite, losses)),
+    }
+
+
+def jax_dafl_child(batch, steps, dtype="float32", donate=True, conv="auto") -> dict:
+    """The library's own DAFL step: `train.build` of configs/dafl_mnist.py (via
+    step_throughput.build_method) on a one-device mesh, compiled once, then timed."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+    import xla_cost
+
+    from kd_jax import parallel
+
+    mesh = xla_cost.one_device_mesh()
+    built, c = step_throughput.build_method("dafl", "lenet", batch, dtype, mesh, conv=conv)
+    method, state = built.method, built.state
+    step = built.train_step  # jax.jit(method.train_step, donate_argnums=(0,), ...)
+    if not donate:
+        rep = parallel.replicated(mesh)
+        step = jax.jit(method.train_step, out_shardings=(rep, rep))
+    gbatch, key = xla_cost.step_inputs(built, c, mesh)
+    teacher_vars = method.teacher_vars
+    t = time.perf_counter()
+    compiled = step.lower(state, teacher_vars, gbatch, key).compile()
+    compile_s = time.perf_counter() - t
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], teacher_vars, gbatch, key)
+        holder["metrics"] = jax.block_until_ready(metrics)
+
+    seconds = _time(run, steps)
+    m = jax.device_get(holder["metrics"])
+    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+    params = holder["state"].params
+    return {
+        "images_per_s": batch * int(c.generator.s_steps) / seconds,
+        "step_ms": 1e3 * seconds,
+        "compile_s": compile_s,
+        "version": jax.__version__,
+        "devices": f"{jax.device_count()}× {jax.devices()[0].device_kind}",
+        "xla_threads": usable_cores(),
+        "os_threads": os_threads(),
+        "params": {
+            "generator": count(params["generator"]),
+            "teacher": count(teacher_vars["params"]),
+            "student": count(params["model"]),
+        },
+        "loss_finite": bool(np.isfinite(float(m["loss"])) and np.isfinite(float(m["g_loss"]))),
+        "metrics": sorted(m),
     }
 
 
@@ -268,11 +579,17 @@ def jax_child(batch, steps, dtype="float32", donate=True, separate=False, conv="
 
 def measure(kind, args, env_extra=None, opts=None) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    # one CPU device: a forced host device count (the test suite's 8) would split the step
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
     for key, value in (env_extra or {}).items():
         env[key] = (env.get(key, "") + " " + value).strip() if key == "XLA_FLAGS" else value
+    if not env["XLA_FLAGS"]:
+        del env["XLA_FLAGS"]
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
+        f"--workload={args.workload}",
         f"--child={kind}",
         f"--child_opts={json.dumps(opts or {})}",
         f"--batch={args.batch}",
@@ -291,27 +608,46 @@ def measure(kind, args, env_extra=None, opts=None) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def run_child(args):
+    opts = json.loads(args.child_opts)
+    if args.workload == "dafl":
+        if args.child == "torch":
+            return torch_dafl_child(args.batch, args.steps, opts["settings"])
+        opts.pop("separate", None)  # rejected by parse_args for dafl
+        return jax_dafl_child(args.batch, args.steps, **opts)
+    if args.child == "torch":
+        return torch_child(args.batch, args.steps)
+    return jax_child(args.batch, args.steps, **opts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
-        opts = json.loads(args.child_opts)
-        r = (
-            torch_child(args.batch, args.steps)
-            if args.child == "torch"
-            else jax_child(args.batch, args.steps, **opts)
-        )
-        print("RESULT " + json.dumps(r), flush=True)
+        print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    torch_opts = None
+    if args.workload == "dafl":
+        settings = dafl_settings()
+        args.batch = args.batch or settings["batch"]
+        torch_opts = {"settings": settings}
+        what = (
+            f"DAFL generator-method step (configs/dafl_mnist.py: LeNet-5 → LeNet-5-half, "
+            f"{settings['image_size']}×{settings['image_size']}×{settings['channels']}, latent "
+            f"{settings['latent_dim']}, ngf {settings['ngf']}, g_steps {settings['g_steps']}, "
+            f"s_steps {settings['s_steps']})"
+        )
+    else:
+        what = "ResNet-34 → ResNet-18 KD+RKD step"
     print(
-        f"ResNet-34 → ResNet-18 KD+RKD step, batch {args.batch}, {args.steps} timed steps, "
-        f"{os.cpu_count()} CPU cores, load average {load:.1f}; measuring: "
-        f"{'' if args.no_torch else 'pytorch, '}kd_jax {args.variants}",
+        f"{what}, batch {args.batch}, {args.steps} timed steps, CPU {cpu_model()!r}, "
+        f"{os.cpu_count()} CPU cores ({usable_cores()} usable), load average {load:.1f}; "
+        f"measuring: {'' if args.no_torch else 'pytorch, '}kd_jax {args.variants}",
         flush=True,
     )
     runs = {}  # name -> one result per repeat
     for rep in range(args.repeats):
-        todo = ([] if args.no_torch else [("pytorch eager", "torch", None, None)]) + [
+        todo = ([] if args.no_torch else [("pytorch eager", "torch", None, torch_opts)]) + [
             (f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants
         ]
         for name, kind, env_extra, opts in todo:
@@ -328,9 +664,11 @@ def main(argv=None):
         median = ok[[r["images_per_s"] for r in ok].index(ips[(len(ips) - 1) // 2])]
         results[name] = dict(median, range=(ips[0], ips[-1]), runs=len(ok))
     torch_ips = results.get("pytorch eager", {}).get("images_per_s")
+    dafl = args.workload == "dafl"
+    third = "compile (s)" if dafl else "teacher fwd share"
     print(
         f"\n| implementation | images/s{' (median, range)' if args.repeats > 1 else ''} | "
-        f"step (ms) | teacher fwd share | kd_jax / PyTorch |\n|---|---|---|---|---|"
+        f"step (ms) | {third} | kd_jax / PyTorch |\n|---|---|---|---|---|"
     )
     for name, r in results.items():
         if "error" in r:
@@ -338,10 +676,38 @@ def main(argv=None):
             continue
         ratio = f"{r['images_per_s'] / torch_ips:.2f}×" if torch_ips and "kd_jax" in name else ""
         spread = f" ({r['range'][0]:.1f}–{r['range'][1]:.1f})" if r["runs"] > 1 else ""
+        if dafl:
+            col = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        else:
+            col = f"{100 * r['teacher_share']:.0f} %"
         print(
-            f"| {name} | {r['images_per_s']:.1f}{spread} | {r['step_ms']:.0f} | "
-            f"{100 * r['teacher_share']:.0f} % | {ratio} |"
+            f"| {name} | {r['images_per_s']:.1f}{spread} | {r['step_ms']:.{1 if dafl else 0}f} | "
+            f"{col} | {ratio} |"
         )
+    if dafl:
+        print(
+            "\nimages/s: generated images the student trains on (batch × s_steps per step); "
+            "kd_jax / PyTorch > 1: kd_jax faster"
+        )
+    tr = results.get("pytorch eager", {})
+    jx = next((r for n, r in results.items() if "kd_jax" in n and "error" not in r), {})
+    threads = []
+    if "threads" in tr:
+        threads.append(
+            f"torch {tr.get('version')}: {tr['threads']} intra-op threads "
+            f"(torch.get_num_threads()), {tr.get('interop_threads', '?')} inter-op, "
+            f"{tr.get('os_threads', '?')} OS threads in its process"
+        )
+    if "version" in jx:
+        threads.append(
+            f"jax {jx['version']}: XLA:CPU intra-op pool = {jx.get('xla_threads', usable_cores())}"
+            f" usable cores (its default; 1 under no_eigen_mt), {jx.get('os_threads', '?')} OS "
+            f"threads in its process, {jx.get('devices', '1 CPU device')}"
+        )
+    if threads:
+        print("threads: " + "; ".join(threads))
+    if dafl and "params" in tr and "params" in jx and tr["params"] != jx["params"]:
+        print(f"WARNING: parameter counts differ: pytorch {tr['params']}, kd_jax {jx['params']}")
     print(
         f"\nload average at the end: {os.getloadavg()[0]:.1f} (numbers on a shared machine are "
         f"disturbed; rerun on an idle one)"

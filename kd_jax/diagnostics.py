@@ -351,13 +351,28 @@ def run_summary(results: dict, workdir: str, reference: str = "") -> str:
     transfer set's composition (a pool selection with source tags), `reference` (a config's
     measured baselines, e.g. README table rows) and the diagnostic files written."""
     lines = [f"summary of {workdir}"]
-    if results.get("teacher_accuracy") is not None:
-        lines.append(f"  teacher accuracy   {100 * results['teacher_accuracy']:.1f} %")
-    lines.append(
-        f"  {results['method']} ({results['model']}) accuracy "
-        f"{100 * results['final_accuracy']:.1f} % (best {100 * results['best_accuracy']:.1f} %) "
-        f"after {results['steps']} steps, {results.get('wall_seconds', 0.0):.0f} s"
-    )
+    run = f"  {results['method']} ({results['model']})"
+    after = f"after {results['steps']} steps, {results.get('wall_seconds', 0.0):.0f} s"
+    if results.get("miou") is not None:
+        # Segmentation: mIoU is the figure; pixel accuracy (what `*_accuracy` hold) is mostly
+        # background and would read as a good result for a background-only predictor.
+        if results.get("teacher_miou") is not None:
+            pixels = results.get("teacher_accuracy")
+            lines.append(
+                f"  teacher mIoU       {results['teacher_miou']:.3f}"
+                + (f" (pixel accuracy {100 * pixels:.1f} %)" if pixels is not None else "")
+            )
+        lines.append(
+            f"{run} mIoU {results['miou']:.3f} "
+            f"(pixel accuracy {100 * results['pixel_accuracy']:.1f} %) {after}"
+        )
+    else:
+        if results.get("teacher_accuracy") is not None:
+            lines.append(f"  teacher accuracy   {100 * results['teacher_accuracy']:.1f} %")
+        lines.append(
+            f"{run} accuracy {100 * results['final_accuracy']:.1f} % "
+            f"(best {100 * results['best_accuracy']:.1f} %) {after}"
+        )
     sel = results.get("selection") or {}
     if sel.get("selection_size"):
         lines.append(

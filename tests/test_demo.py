@@ -8,7 +8,7 @@ import jax
 import pytest
 from helpers import config
 
-from kd_jax import parallel, run
+from kd_jax import diagnostics, parallel, run
 from kd_jax.methods import get_method
 from kd_jax.methods.base import evaluate_variables
 
@@ -41,3 +41,29 @@ def test_demo_smoke_uses_the_bundled_teacher_and_prints_a_summary(tmp_path, caps
     summary = out[out.index(f"summary of {tmp_path}") :]
     for line in ("teacher accuracy   98.1 %", "related images", "reference", "sampling.png"):
         assert line in summary, (line, summary)
+
+
+def test_summary_reports_miou_for_segmentation_and_accuracy_for_classification(tmp_path):
+    common = {"method": "kd", "model": "m", "steps": 10, "wall_seconds": 3.0}
+    seg = diagnostics.run_summary(
+        {
+            **common,
+            "final_accuracy": 0.93,
+            "best_accuracy": 0.93,
+            "pixel_accuracy": 0.93,
+            "miou": 0.0898,
+            "teacher_accuracy": 0.948,
+            "teacher_miou": 0.417,
+        },
+        str(tmp_path),
+    )
+    # A background-only predictor has 93 % pixel accuracy: the run line must lead with mIoU.
+    assert "teacher mIoU       0.417 (pixel accuracy 94.8 %)" in seg
+    assert "kd (m) mIoU 0.090 (pixel accuracy 93.0 %) after 10 steps" in seg
+    assert "kd (m) accuracy" not in seg
+    cls = diagnostics.run_summary(
+        {**common, "final_accuracy": 0.9, "best_accuracy": 0.91, "teacher_accuracy": 0.98},
+        str(tmp_path),
+    )
+    assert "teacher accuracy   98.0 %" in cls
+    assert "kd (m) accuracy 90.0 % (best 91.0 %) after 10 steps" in cls and "mIoU" not in cls
