@@ -21,10 +21,11 @@ Data, once:
 
 The teacher is a finished run of configs/teacher_nyuv2.py (same data, same domain), or a
 PyTorch DeepLabV3-ResNet50 state dict converted with `python -m kd_jax.tools.convert_torch
---arch=deeplabv3_resnet50 --num_classes=13` (its generic naming rule; logits parity against
-torchvision's deeplabv3_resnet50 is not tested yet). DFAD's own checkpoint is not a drop-in: it was
-trained on inputs normalised with mean = std = 0.5 (this domain uses ImageNet's statistics) and
-its ASPP rates are (12, 24, 32), not torchvision's (12, 24, 36).
+--arch=deeplabv3_resnet50 --num_classes=13` (torchvision's naming; logits parity with
+torchvision's deeplabv3_resnet50, and of the student with VainF's deeplabv3_mobilenet, is
+checked by tests/test_convert_torch.py on reduced-width fixtures). DFAD's own checkpoint is not a
+drop-in: it was trained on inputs normalised with mean = std = 0.5 (this domain uses ImageNet's
+statistics) and its ASPP rates are (12, 24, 32), not torchvision's (12, 24, 36).
 
 Protocol, from DFAD's released code (dataloader.py, DFAD_nyu_deeplab.py): images resized to 256
 px on the shorter side (the "256 px" of the protocol), random 128×128 crops (padded where

@@ -32,6 +32,8 @@ FAMILIES = (
     "vgg",
     "mobilenet_v2",
     "vit",
+    "deeplabv3_resnet",  # torchvision deeplabv3_resnet50, output stride 8
+    "deeplabv3_mobilenetv2",  # VainF deeplabv3_mobilenet (its naming), output stride 8
 )
 
 
@@ -93,6 +95,20 @@ def test_bn_statistics_are_used_in_eval_mode():
     )
     logits, _ = apply(arch, num_classes, kwargs, reset, data["input"])
     assert np.abs(logits - data["logits"]).max() > 1e-2
+
+
+def test_vainf_deeplab_naming_and_padding():
+    # The file holds VainF's names, which the converter renames; and parity needs VainF's
+    # MobileNetV2 (unpadded stem, blocks padding their input before the expansion): the same
+    # variables in torchvision's padding give other logits.
+    arch, num_classes, kwargs, sd, data = fixture("deeplabv3_mobilenetv2")
+    assert any(k.startswith("backbone.low_level_features.") for k in sd)
+    assert any(k.startswith("backbone.high_level_features.") for k in sd)
+    assert any(k.startswith("classifier.classifier.0.convs.4.1.") for k in sd)
+    variables = ct.convert_state_dict(arch, num_classes, sd, **kwargs)
+    tv_padding = {**kwargs, "vainf_padding": False}
+    logits, _ = apply(arch, num_classes, tv_padding, variables, data["input"])
+    assert np.abs(logits - data["logits"]).max() > 1e-3
 
 
 def test_dino_style_headless_vit_backbone():
@@ -215,6 +231,20 @@ def test_wrong_num_classes_hints_at_the_file_classifier():
     assert "linear.weight: file (10, 32) vs resnet18_cifar (100, 32)" in msg
     assert "linear.bias: file (10,) vs resnet18_cifar (100,)" in msg
     assert "classifier has 10 outputs" in msg
+
+
+def test_torchvision_deeplab_aux_head_hints_at_skip():
+    # torchvision's COCO deeplabv3_resnet50 weights come with aux_loss=True's FCNHead.
+    arch, num_classes, kwargs, sd, _ = fixture("deeplabv3_resnet")
+    aux = {
+        "aux_classifier.0.weight": np.zeros((4, 32, 3, 3), np.float32),
+        "aux_classifier.4.bias": np.zeros((num_classes,), np.float32),
+    }
+    msg = _error(arch, num_classes, sd | aux, **kwargs)
+    assert "aux_classifier.0.weight (4, 32, 3, 3): no deeplabv3_resnet50 variable" in msg
+    assert "--skip='aux_classifier\\..*'" in msg
+    conv = ct.convert(arch, num_classes, sd | aux, skip=[r"aux_classifier\..*"], **kwargs)
+    assert sorted(k for k in conv.ignored if k.startswith("aux")) == sorted(aux)
 
 
 def test_wrong_architecture_names_keys_and_the_matching_arch():

@@ -6,10 +6,16 @@ ASPP(2048 → 256: a 1×1 branch, three 3×3 branches at rates (12, 24, 36), an 
 of a 1×1 conv on the global average upsampled back; concatenated, 1×1 projection, dropout 0.5),
 a 3×3 conv + BN + ReLU, and a 1×1 conv to the classes; logits upsampled bilinearly
 (`align_corners=False`) to the input size. `deeplabv3_mobilenetv2` is DFAD's student
-(VainF/DeepLabV3Plus-Pytorch `deeplabv3_mobilenet`): MobileNetV2 `features[1:18]` (320 ch, the
-last 1×1 conv to 1280 dropped) with strides turned into dilations past the output stride, the
-same head with projection dropout 0.1. Output stride 16 uses ASPP rates (6, 12, 18) (both
+(VainF/DeepLabV3Plus-Pytorch `deeplabv3_mobilenet`): VainF's MobileNetV2 `features[:-1]` (stem
++ 17 inverted residuals, 320 ch; the last 1×1 conv to 1280 dropped) with strides turned into
+dilations past the output stride, the same head with projection dropout 0.1. VainF's
+MobileNetV2 pads unlike torchvision's (`VainFMobileNetV2`): its 3×3 stride-2 stem conv is
+unpadded, and each inverted residual zero-pads its *input* by the depthwise dilation, then runs
+its convs unpadded, so the expansion's 1×1 conv + BN + ReLU6 turns the padded border into
+ReLU6(BN(0)); block widths are int(c·width_mult). `vainf_padding=False` gives torchvision's
+padding instead (the SegMNIST variant). Output stride 16 uses ASPP rates (6, 12, 18) (both
 references do). All convs are bias-free except the classifier; BN after every other conv.
+Logits parity with both references (reduced widths): tests/test_convert_torch.py.
 
 Parameter counts (`tests/test_models.py`), computed from the reference definitions:
 deeplabv3_resnet50 39,638,869 at 21 classes (+ torchvision's aux FCNHead(1024) of 2,365,205 =
@@ -18,11 +24,12 @@ deeplabv3_resnet50 39,638,869 at 21 classes (+ torchvision's aux FCNHead(1024) o
 
 Small variants for the offline SegMNIST benchmark (64×64×1, 11 classes; not references):
 `deeplabv3_resnet_small` (BasicBlock ResNet (1, 1, 1, 1) × widths (16, 32, 64, 128), ASPP 64)
-and `deeplabv3_mobilenetv2_small` (MobileNetV2 width 0.5, one block per stage, ASPP 32), both
-at output stride 8 with ASPP rates (2, 4, 6) (their 8×8 maps).
+and `deeplabv3_mobilenetv2_small` (torchvision-padded MobileNetV2 width 0.5, one block per
+stage, ASPP 32), both at output stride 8 with ASPP rates (2, 4, 6) (their 8×8 maps).
 
-Module names follow the torchvision / VainF state_dict with `.<digit>` folded (the zoo's
-conversion rule): `backbone/...`, `classifier_0/convs_{0..3}_{0,1}`,
+Module names follow torchvision's state_dict with `.<digit>` folded (the zoo's conversion
+rule; `kd_jax.tools.convert_torch` renames VainF's `backbone.{low,high}_level_features` and
+`classifier.classifier`): `backbone/...`, `classifier_0/convs_{0..3}_{0,1}`,
 `classifier_0/convs_4_{1,2}` (pooling branch), `classifier_0/project_{0,1}`, `classifier_1`
 (3×3), `classifier_2` (BN), `classifier_4` (1×1 to classes).
 
@@ -45,6 +52,7 @@ from kd_jax.models.layers import (
     at_least_float32,
     batch_norm,
     conv2d,
+    conv_options,
     global_avg_pool,
     kaiming_normal_fan_out,
 )
@@ -189,8 +197,112 @@ def _resnet_backbone(output_stride, dtype, conv, conv_groups, **kwargs):
     )
 
 
-def _mobilenet_backbone(output_stride, dtype, conv, conv_groups, **kwargs):
+class VainFInvertedResidual(nn.Module):
+    """VainF's `InvertedResidual`: the block zero-pads its *input* by the depthwise conv's
+    dilation and runs every conv unpadded, so the expansion's 1×1 conv + BN + ReLU6 also covers
+    the border (which then holds ReLU6(BN(0)), not the zeros of torchvision's padding)."""
+
+    out_planes: int
+    stride: int
+    expand_ratio: int
+    dilation: int = 1
+    dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
+
+    def _conv(self, features, k, in_features, name, stride=1, groups=1):
+        return conv2d(
+            features,
+            k,
+            in_features=in_features,
+            stride=stride,
+            groups=groups,
+            dilation=self.dilation if k == 3 else 1,
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            name=name,
+            **conv_options(self),
+        )
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        inp = x.shape[-1]
+        hidden = int(round(inp * self.expand_ratio))
+        d = self.dilation
+        out = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))  # fixed_padding(3, dilation)
+        idx = 0
+        if self.expand_ratio != 1:
+            out = self._conv(hidden, 1, inp, "conv_0_0")(out)
+            out = nn.relu6(batch_norm(train, dtype=self.dtype, name="conv_0_1")(out))
+            idx = 1
+        out = self._conv(hidden, 3, hidden, f"conv_{idx}_0", self.stride, hidden)(out)
+        out = nn.relu6(batch_norm(train, dtype=self.dtype, name=f"conv_{idx}_1")(out))
+        out = self._conv(self.out_planes, 1, hidden, f"conv_{idx + 1}")(out)
+        out = batch_norm(train, dtype=self.dtype, name=f"conv_{idx + 2}")(out)
+        return x + out if self.stride == 1 and inp == self.out_planes else out
+
+
+class VainFMobileNetV2(nn.Module):
+    """VainF's `mobilenet_v2(output_stride=...)` as its `deeplabv3_mobilenet` uses it:
+    features[0:-1] (no 1×1 conv to 1280), an *unpadded* 3×3 stride-2 stem, `VainFInvertedResidual`
+    blocks, block widths int(c·width_mult) (the stem's rounded to 8), strides past the output
+    stride turned into dilations (a stage's first block keeps the previous dilation). Same
+    variable names and taps as `mobilenetv2.MobileNetV2(include_top=False)`; returns
+    (320-ch map, taps)."""
+
+    width_mult: float = 1.0
+    inverted_residual_setting: Any = mobilenetv2.INVERTED_RESIDUAL_SETTING
+    output_stride: int = 8
+    dtype: Any = jnp.float32
+    conv: str = "auto"
+    conv_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        feats = {}
+        x = jnp.asarray(x, self.dtype)
+        inp = mobilenetv2.make_divisible(32 * self.width_mult)
+        x = conv2d(
+            inp,
+            3,
+            in_features=x.shape[-1],
+            stride=2,
+            kernel_init=kaiming_normal_fan_out,
+            dtype=self.dtype,
+            name="features_0_0",
+            **conv_options(self),
+        )(x)
+        x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
+        idx, current_stride, dilation = 1, 2, 1
+        for t, c, n, s in self.inverted_residual_setting:
+            previous = dilation
+            if current_stride == self.output_stride:
+                stride, dilation = 1, dilation * s
+            else:
+                stride, current_stride = s, current_stride * s
+            for i in range(n):
+                x = VainFInvertedResidual(
+                    int(c * self.width_mult),
+                    stride if i == 0 else 1,
+                    t,
+                    dilation=previous if i == 0 else dilation,
+                    dtype=self.dtype,
+                    **conv_options(self),
+                    name=f"features_{idx}",
+                )(x, train)
+                idx += 1
+            if c in (16, 24, 32, 96):
+                feats[f"stage{len(feats) + 1}"] = x
+        feats["pre_logits"] = global_avg_pool(x)
+        return x, feats
+
+
+def _mobilenet_backbone(output_stride, dtype, conv, conv_groups, vainf=False, **kwargs):
     aspp_rates(output_stride)
+    if vainf:
+        return VainFMobileNetV2(
+            output_stride=output_stride, dtype=dtype, conv=conv, conv_groups=conv_groups, **kwargs
+        )
     return mobilenetv2.MobileNetV2(
         output_stride=output_stride,
         include_top=False,
@@ -209,15 +321,20 @@ def deeplabv3_resnet50(
     conv_groups: int = 1,
     output_stride: int = 8,
     dropout_rate: float = 0.5,
+    aspp_channels: int = 256,
+    rates: Sequence[int] | None = None,
     **backbone,
 ) -> DeepLabV3:
     """torchvision's `deeplabv3_resnet50(aux_loss=False)`; `backbone` kwargs (`layers=`,
-    `widths=`) shrink the ResNet for tests."""
+    `widths=`), `aspp_channels=` and `rates=` shrink it for tests (tests/test_convert_torch.py's
+    reduced-width parity fixture)."""
     backbone.setdefault("layers", (3, 4, 6, 3))
     return DeepLabV3(
         _resnet_backbone(output_stride, dtype, conv, conv_groups, bottleneck=True, **backbone),
         output_stride=output_stride,
         num_classes=num_classes,
+        aspp_channels=aspp_channels,
+        rates=rates,
         dropout_rate=dropout_rate,
         dtype=dtype,
         conv=conv,
@@ -234,12 +351,17 @@ def deeplabv3_mobilenetv2(
     dropout_rate: float = 0.1,
     aspp_channels: int = 256,
     rates: Sequence[int] | None = None,
+    vainf_padding: bool = True,
     **backbone,
 ) -> DeepLabV3:
     """DFAD's student (VainF `deeplabv3_mobilenet`); `backbone` kwargs (`width_mult=`,
-    `inverted_residual_setting=`) shrink the MobileNetV2."""
+    `inverted_residual_setting=`) shrink the MobileNetV2. `vainf_padding=False` swaps VainF's
+    backbone (`VainFMobileNetV2`: unpadded stem, blocks padding their input) for torchvision's
+    `MobileNetV2` padding, same variables (the SegMNIST student)."""
     return DeepLabV3(
-        _mobilenet_backbone(output_stride, dtype, conv, conv_groups, **backbone),
+        _mobilenet_backbone(
+            output_stride, dtype, conv, conv_groups, vainf=vainf_padding, **backbone
+        ),
         output_stride=output_stride,
         num_classes=num_classes,
         aspp_channels=aspp_channels,
@@ -304,6 +426,7 @@ def deeplabv3_mobilenetv2_small(
         output_stride=output_stride,
         aspp_channels=kwargs.pop("aspp_channels", 32),
         rates=kwargs.pop("rates", SMALL_RATES),
+        vainf_padding=kwargs.pop("vainf_padding", False),
         width_mult=0.5,
         inverted_residual_setting=SMALL_MOBILENET_SETTING,
         **kwargs,

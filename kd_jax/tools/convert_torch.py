@@ -24,8 +24,14 @@ a Flax module path is the state_dict key with every `.<digit>` folded into the p
 `scale`, `bias` -> `bias`, BN `running_mean`/`running_var` -> `batch_stats` `mean`/`var` (both
 sides use epsilon 1e-5), `num_batches_tracked` dropped; other parameters (`cls_token`,
 `pos_embed`) keep their layout. LeNet also accepts the CMI / Fast-Datafree naming
-(`features.0/3/6`, `fc.0/2`) besides DAFL's (`conv1..3`, `fc1`, `fc2`). The models pad
-symmetrically like PyTorch and flatten only 1x1 maps, so no layout change beyond these is needed.
+(`features.0/3/6`, `fc.0/2`) besides DAFL's (`conv1..3`, `fc1`, `fc2`); `deeplabv3_mobilenetv2`
+also accepts VainF/DeepLabV3Plus-Pytorch's `deeplabv3_mobilenet` naming
+(`backbone.low_level_features.N` = features.N, `backbone.high_level_features.N` = features.N+4,
+`classifier.classifier.*` = `classifier.*`). `deeplabv3_resnet50` takes torchvision's
+`deeplabv3_resnet50` state dict as it is; its COCO weights also hold the auxiliary head, to drop
+with `--skip='aux_classifier\\..*'`. The models pad symmetrically like PyTorch and flatten only
+1x1 maps, so no layout change beyond these is needed (logits parity per family, DeepLabV3s
+included: tests/test_convert_torch.py).
 
 Every Flax variable must come from the file and every file entry must land somewhere, with the
 converted shape: otherwise `ConversionError` lists the offending keys with both shapes (and
@@ -73,6 +79,13 @@ _LENET_ALIASES = {
     "fc.0.": "fc1.",
     "fc.2.": "fc2.",
 }
+
+# VainF/DeepLabV3Plus-Pytorch `deeplabv3_mobilenet` -> kd_jax's torchvision-style names: its
+# `_segm_mobilenet` splits MobileNetV2's `features` into `low_level_features` = features[:4] and
+# `high_level_features` = features[4:-1], and its `DeepLabHead` nests the Sequential as
+# `classifier.classifier`.
+_VAINF_MOBILENET_SPLIT = 4
+_VAINF_DEEPLAB_RE = re.compile(r"backbone\.(low|high)_level_features\.(\d+)\.")
 
 _MAX_LISTED = 25
 
@@ -162,7 +175,23 @@ def rename_variant(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
                     break
             renamed[k] = v
         sd = renamed
+    if arch.startswith("deeplabv3_mobilenetv2") and any(
+        k.startswith(("backbone.high_level_features.", "classifier.classifier.")) for k in sd
+    ):
+        sd = {_vainf_deeplab_key(k): v for k, v in sd.items()}
     return sd
+
+
+def _vainf_deeplab_key(key: str) -> str:
+    """`backbone.{low,high}_level_features.N.` -> `backbone.features.M.` (M = N, or N + 4 for
+    the high-level part), `classifier.classifier.` -> `classifier.`."""
+    m = _VAINF_DEEPLAB_RE.match(key)
+    if m:
+        n = int(m.group(2)) + (_VAINF_MOBILENET_SPLIT if m.group(1) == "high" else 0)
+        return f"backbone.features.{n}." + key[m.end() :]
+    if key.startswith("classifier.classifier."):
+        return key[len("classifier.") :]
+    return key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +423,12 @@ def _hints(arch, num_classes, sd, mismatched, unexpected, missing) -> list[str]:
         hints.append(
             f"  hint: the file's classifier has {outs.pop()} outputs: pass "
             f"--num_classes accordingly (0 for a headless ViT backbone such as DINO's)"
+        )
+    if any(u.startswith("aux_classifier.") for u in unexpected):
+        hints.append(
+            "  hint: aux_classifier.* is torchvision's auxiliary FCN head (aux_loss=True, as in "
+            "its COCO DeepLabV3 weights), which kd_jax's DeepLabV3 does not have: pass "
+            "--skip='aux_classifier\\..*'"
         )
     if (
         num_classes is not None

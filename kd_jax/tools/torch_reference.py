@@ -1,7 +1,8 @@
 """Dev check: the kd_jax model zoo against PyTorch reference definitions.
 
 For every registered model this builds the reference PyTorch module (written out below, following
-DAFL / CMI / Fast-Datafree / RepDistiller / torchvision / timm), then checks
+DAFL / CMI / Fast-Datafree / RepDistiller / torchvision / timm / VainF's DeepLabV3Plus-Pytorch;
+the SegMNIST DeepLabV3 variants have none and are skipped), then checks
   1. the trainable parameter count equals the Flax `params` count,
   2. every state_dict entry maps, by the naming rule of `kd_jax.models` (implemented once, torch-
      free, in `kd_jax.tools.convert_torch`), onto a Flax leaf of the converted shape and no leaf
@@ -172,8 +173,10 @@ class VGG(tnn.Module):  # RepDistiller vgg.py, batch_norm=True
 class TVBasicBlock(tnn.Module):  # torchvision resnet.py
     expansion = 1
 
-    def __init__(self, inp, planes, stride=1):
+    def __init__(self, inp, planes, stride=1, dilation=1):
         super().__init__()
+        if dilation > 1:  # as torchvision's BasicBlock
+            raise NotImplementedError("dilation > 1 not supported in BasicBlock")
         self.conv1 = tnn.Conv2d(inp, planes, 3, stride, 1, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)
         self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
@@ -192,12 +195,12 @@ class TVBasicBlock(tnn.Module):  # torchvision resnet.py
 class TVBottleneck(tnn.Module):
     expansion = 4
 
-    def __init__(self, inp, planes, stride=1):
+    def __init__(self, inp, planes, stride=1, dilation=1):
         super().__init__()
         outp = planes * 4
         self.conv1 = tnn.Conv2d(inp, planes, 1, bias=False)
         self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, stride, dilation, dilation=dilation, bias=False)
         self.bn2 = tnn.BatchNorm2d(planes)
         self.conv3 = tnn.Conv2d(planes, outp, 1, bias=False)
         self.bn3 = tnn.BatchNorm2d(outp)
@@ -215,24 +218,37 @@ class TVBottleneck(tnn.Module):
 
 
 class TVResNet(tnn.Module):
-    def __init__(self, block, layers, num_classes=1000, widths=(64, 128, 256, 512)):
+    def __init__(
+        self,
+        block,
+        layers,
+        num_classes=1000,
+        widths=(64, 128, 256, 512),
+        replace_stride_with_dilation=(False, False, False),
+    ):
         super().__init__()
         self.conv1 = tnn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
         self.bn1 = tnn.BatchNorm2d(widths[0])
         self.maxpool = tnn.MaxPool2d(3, 2, 1)
-        inp = widths[0]
-        for i, (p, n, s) in enumerate(zip(widths, layers, (1, 2, 2, 2)), 1):
+        inp, dilation = widths[0], 1
+        dilate = (False, *replace_stride_with_dilation)
+        for i, (p, n, s, d) in enumerate(zip(widths, layers, (1, 2, 2, 2), dilate), 1):
+            previous = dilation  # _make_layer: the stage's first block keeps the old dilation
+            if d:
+                dilation, s = dilation * s, 1
             blocks = []
             for j in range(n):
-                blocks.append(block(inp, p, s if j == 0 else 1))
+                blocks.append(block(inp, p, s if j == 0 else 1, previous if j == 0 else dilation))
                 inp = p * block.expansion
             setattr(self, f"layer{i}", tnn.Sequential(*blocks))
         self.fc = tnn.Linear(widths[-1] * block.expansion, num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        f = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
         return self.fc(f), f
 
 
@@ -286,6 +302,207 @@ class TVMobileNetV2(tnn.Module):
     def forward(self, x):
         f = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
         return self.classifier(f), f
+
+
+def _make_divisible(v, divisor=8):  # torchvision / VainF `_make_divisible`
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def _cbr(inp, outp, k, dilation=1):
+    return tnn.Sequential(
+        tnn.Conv2d(inp, outp, k, padding=dilation if k == 3 else 0, dilation=dilation, bias=False),
+        tnn.BatchNorm2d(outp),
+        tnn.ReLU(),
+    )
+
+
+class ASPPPooling(tnn.Sequential):  # torchvision segmentation/deeplabv3.py (VainF: the same)
+    def __init__(self, inp, ch):
+        super().__init__(
+            tnn.AdaptiveAvgPool2d(1),
+            tnn.Conv2d(inp, ch, 1, bias=False),
+            tnn.BatchNorm2d(ch),
+            tnn.ReLU(),
+        )
+
+    def forward(self, x):
+        y = super().forward(x)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(tnn.Module):
+    """`convs` = [1x1, 3x3 at each rate, pooling], `project` = 1x1 + BN + ReLU + Dropout; the
+    references fix the width at 256 (`ch` reduces it for fixtures)."""
+
+    def __init__(self, inp, rates, ch=256, dropout=0.5):
+        super().__init__()
+        convs = [_cbr(inp, ch, 1)] + [_cbr(inp, ch, 3, r) for r in rates] + [ASPPPooling(inp, ch)]
+        self.convs = tnn.ModuleList(convs)
+        self.project = tnn.Sequential(
+            tnn.Conv2d(len(convs) * ch, ch, 1, bias=False),
+            tnn.BatchNorm2d(ch),
+            tnn.ReLU(),
+            tnn.Dropout(dropout),
+        )
+
+    def forward(self, x):
+        return self.project(torch.cat([c(x) for c in self.convs], 1))
+
+
+def deeplab_head(inp, num_classes, rates, ch=256, dropout=0.5):
+    """torchvision's `DeepLabHead` (VainF's `DeepLabHead.classifier`): ASPP, 3x3 conv, BN, ReLU,
+    1x1 conv with bias to the classes."""
+    return tnn.Sequential(
+        ASPP(inp, rates, ch, dropout),
+        tnn.Conv2d(ch, ch, 3, padding=1, bias=False),
+        tnn.BatchNorm2d(ch),
+        tnn.ReLU(),
+        tnn.Conv2d(ch, num_classes, 1),
+    )
+
+
+def _segment(head, features, size):
+    """(logits upsampled to `size` (NCHW, bilinear, align_corners=False), the head's 256-ch map
+    averaged over space = kd_jax's pre_logits)."""
+    h = head[3](head[2](head[1](head[0](features))))
+    logits = F.interpolate(head[4](h), size=size, mode="bilinear", align_corners=False)
+    return logits, h.mean((2, 3))
+
+
+def aspp_rates(output_stride):
+    return (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+
+
+class TVDeepLabV3(tnn.Module):
+    """torchvision `deeplabv3_resnet50(aux_loss=False)`: `backbone` = the ResNet as
+    IntermediateLayerGetter(return_layers={'layer4': 'out'}) keeps it (no avgpool / fc), layer3/4
+    dilated (output stride 8; 16: layer4 only), `classifier` = DeepLabHead(2048)."""
+
+    def __init__(
+        self,
+        num_classes=21,
+        layers=(3, 4, 6, 3),
+        widths=(64, 128, 256, 512),
+        output_stride=8,
+        rates=None,
+        aspp_channels=256,
+    ):
+        super().__init__()
+        dilate = {8: (False, True, True), 16: (False, False, True)}[output_stride]
+        self.backbone = TVResNet(TVBottleneck, layers, 1, widths, dilate)
+        del self.backbone.fc
+        self.classifier = deeplab_head(
+            widths[-1] * TVBottleneck.expansion,
+            num_classes,
+            rates or aspp_rates(output_stride),
+            aspp_channels,
+            0.5,
+        )
+
+    def forward(self, x):
+        return _segment(self.classifier, self.backbone.features(x), x.shape[-2:])
+
+
+def _vainf_cbr6(inp, outp, k=3, stride=1, dilation=1, groups=1):
+    # VainF's ConvBNReLU pads nothing: its stem is unpadded, blocks pad their input themselves.
+    return tnn.Sequential(
+        tnn.Conv2d(inp, outp, k, stride, 0, dilation=dilation, groups=groups, bias=False),
+        tnn.BatchNorm2d(outp),
+        tnn.ReLU6(),
+    )
+
+
+class VainFInvertedResidual(tnn.Module):  # VainF network/backbone/mobilenetv2.py
+    def __init__(self, inp, outp, stride, dilation, t):
+        super().__init__()
+        hidden = int(round(inp * t))
+        self.use_res = stride == 1 and inp == outp
+        layers = [] if t == 1 else [_vainf_cbr6(inp, hidden, 1)]
+        layers += [
+            _vainf_cbr6(hidden, hidden, 3, stride, dilation, hidden),
+            tnn.Conv2d(hidden, outp, 1, bias=False),
+            tnn.BatchNorm2d(outp),
+        ]
+        self.conv = tnn.Sequential(*layers)
+        self.pad = (dilation,) * 4  # fixed_padding(3, dilation), applied before the expansion
+
+    def forward(self, x):
+        y = self.conv(F.pad(x, self.pad))
+        return x + y if self.use_res else y
+
+
+MBV2_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class VainFMobileNetV2Backbone(tnn.Module):
+    """VainF `mobilenet_v2(output_stride=...)` as `_segm_mobilenet` leaves it:
+    `low_level_features` = features[:4], `high_level_features` = features[4:-1] (the 1x1 conv to
+    1280 and the classifier dropped). Past the output stride a stage's stride becomes dilation
+    (its first block keeps the previous one)."""
+
+    def __init__(self, output_stride=8, width_mult=1.0, setting=MBV2_SETTING):
+        super().__init__()
+        inp = _make_divisible(32 * width_mult)
+        feats = [_vainf_cbr6(3, inp, 3, 2)]
+        current, dilation = 2, 1
+        for t, c, n, s in setting:
+            previous = dilation
+            if current == output_stride:
+                stride, dilation = 1, dilation * s
+            else:
+                stride, current = s, current * s
+            outp = int(c * width_mult)
+            for i in range(n):
+                feats.append(
+                    VainFInvertedResidual(
+                        inp, outp, stride if i == 0 else 1, previous if i == 0 else dilation, t
+                    )
+                )
+                inp = outp
+        self.out_channels = inp
+        self.low_level_features = tnn.Sequential(*feats[:4])
+        self.high_level_features = tnn.Sequential(*feats[4:])
+
+    def forward(self, x):
+        return self.high_level_features(self.low_level_features(x))
+
+
+class VainFDeepLabHead(tnn.Module):  # VainF network/_deeplab.py: the Sequential is `classifier`
+    def __init__(self, inp, num_classes, rates, ch=256):
+        super().__init__()
+        self.classifier = deeplab_head(inp, num_classes, rates, ch, 0.1)
+
+
+class VainFDeepLabV3(tnn.Module):
+    """VainF/DeepLabV3Plus-Pytorch `deeplabv3_mobilenet(num_classes, output_stride)`."""
+
+    def __init__(
+        self,
+        num_classes=21,
+        output_stride=8,
+        rates=None,
+        aspp_channels=256,
+        width_mult=1.0,
+        setting=MBV2_SETTING,
+    ):
+        super().__init__()
+        self.backbone = VainFMobileNetV2Backbone(output_stride, width_mult, setting)
+        rates = rates or aspp_rates(output_stride)
+        self.classifier = VainFDeepLabHead(
+            self.backbone.out_channels, num_classes, rates, aspp_channels
+        )
+
+    def forward(self, x):
+        return _segment(self.classifier.classifier, self.backbone(x), x.shape[-2:])
 
 
 class ViTAttention(tnn.Module):  # timm / DINO vision_transformer.py
@@ -372,6 +589,8 @@ REFERENCES = {
     "mobilenet_v2": lambda c: TVMobileNetV2(c),
     "vit_b16": lambda c: ViT(768, 12, 12, c),
     "vit_s16": lambda c: ViT(384, 12, 6, c),
+    "deeplabv3_resnet50": lambda c: TVDeepLabV3(c),
+    "deeplabv3_mobilenetv2": lambda c: VainFDeepLabV3(c),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -379,12 +598,14 @@ REFERENCES = {
 # ----------------------------------------------------------------------------------------------
 
 
-def convert(sd: dict, variables: dict) -> tuple[dict, list[str]]:
-    """state_dict -> Flax variables of `variables`' tree by the converter's mapping; problems are
-    returned as lines (the converter's error message) instead of raised."""
+def convert(sd: dict, variables: dict, arch: str = "") -> tuple[dict, list[str]]:
+    """state_dict -> Flax variables of `variables`' tree by the converter's mapping (with its
+    renaming of `arch`'s alternative namings, e.g. VainF's DeepLabV3); problems are returned as
+    lines (the converter's error message) instead of raised."""
     from kd_jax.tools import convert_torch
 
     arrays = {k: v.detach().cpu().numpy() for k, v in sd.items()}
+    arrays = convert_torch.rename_variant(arch, arrays)
     try:
         conv = convert_torch.convert_tree(arrays, variables)
     except convert_torch.ConversionError as e:
@@ -411,6 +632,9 @@ def main(argv=None) -> int:
     names = args.models.split(",") if args.models else list_models()
     ok = True
     for name in names:
+        if name not in REFERENCES:  # the SegMNIST DeepLabV3 variants follow no reference
+            print(f"SKIP {name:16s} (no reference definition)", flush=True)
+            continue
         nc = 1000 if model_input_shape(name)[0] == 224 else 10
         ref = REFERENCES[name](nc).eval()
         n_torch = sum(p.numel() for p in ref.parameters())
@@ -428,12 +652,14 @@ def main(argv=None) -> int:
                     m.running_var.uniform_(0.5, 1.5)
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
-        conv, problems = convert(ref.state_dict(), variables)
+        conv, problems = convert(ref.state_dict(), variables, name)
         line = f"{name:16s} classes={nc:5d} torch={n_torch:>11,d} flax={n_flax:>11,d}"
         good = n_torch == n_flax and not problems
         if args.parity and good:
             with torch.no_grad():
                 tl, tf = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+            if tl.ndim == 4:  # segmentation logits NCHW -> kd_jax's NHWC
+                tl = tl.permute(0, 2, 3, 1)
             jl, jf = model.apply(conv, jnp.asarray(x), train=False)
             dl = float(np.max(np.abs(np.asarray(jl) - tl.numpy())))
             df = float(np.max(np.abs(np.asarray(jf["pre_logits"]) - tf.numpy())))
