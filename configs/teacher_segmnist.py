@@ -21,7 +21,9 @@ def get_config(arg=None):
     c.model.name = "deeplabv3_mobilenetv2_small" if "student" in flags else "deeplabv3_resnet_small"
     c.teacher.model = ""
     c.data.image_size, c.data.channels, c.data.normalization = 64, 1, "mnist"
-    c.data.augment = "scale_crop_flip"
+    # no flip: a mirrored digit is another glyph (the MNIST classification configs crop only);
+    # with flips this teacher reached mIoU 0.256 / 0.417 at 500 / 1,500 steps, without 0.368 / 0.454
+    c.data.augment = "scale_crop"
     c.data.scale_range = (0.75, 1.25)
     c.data.target.source = "segmnist"
     c.data.target.task = "segmentation"

@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
             "normalization": "cifar10",
             "eval_crop": 1.0,
             "augment": "crop_flip",
-            # Segmentation only: `scale_crop_flip`'s rescale range; eval at full resolution (0)
+            # Segmentation only: `scale_crop(_flip)`'s rescale range; eval at full resolution (0)
             # or resized to eval_size x eval_size.
             "scale_range": (0.5, 2.0),
             "eval_size": 0,

@@ -264,6 +264,25 @@ def test_joint_augmentation_keeps_image_and_mask_aligned():
     assert m is None and out.shape == (48, 48, 1)
 
 
+def test_scale_crop_never_flips_and_the_flip_variant_does():
+    """Digits are not mirror-symmetric: `scale_crop` (SegMNIST) must keep the orientation."""
+    import tensorflow as tf
+
+    image, mask = _block_image(np.random.default_rng(0))
+    element = {"image": tf.constant(image), "label": tf.constant(mask, tf.int32)}
+    # canvas-sized crop, no rescale: any geometry left is a flip
+    domain = pipeline.Domain(64, 1, "none", task="segmentation", scale_range=(1.0, 1.0))
+    mirrored = []
+    for k in range(8):
+        seed = tf.constant([3, k], tf.int64)
+        out, m = pipeline.preprocess_segmentation(element, domain, "scale_crop", seed)
+        assert np.array_equal(np.asarray(m), mask), k
+        assert np.allclose(np.asarray(out)[..., 0] * 255.0, image[..., 0], atol=1e-3), k
+        _, m = pipeline.preprocess_segmentation(element, domain, "scale_crop_flip", seed)
+        mirrored.append(np.array_equal(np.asarray(m), mask[:, ::-1]))
+    assert 0 < sum(mirrored) < 8, mirrored  # the flip variant flips about half of the draws
+
+
 def _spec(**kw):
     import ml_collections
 

@@ -59,9 +59,10 @@ AUGMENTATIONS = ("none", "crop", "crop_flip", "inception")
 TASKS = ("classification", "segmentation")
 # Joint image + mask augmentations of segmentation: a horizontal flip; a random crop of
 # `image_size` (padded where smaller: image 0, mask ignore) + flip; the crop after a random
-# rescale by a factor in `Domain.scale_range` (DeepLabV3's usual 0.5..2). DFAD's released NYUv2
-# code resizes to 256 px (shorter side) once, then takes 128 px crops + flip: `crop_flip`.
-SEG_AUGMENTATIONS = ("none", "flip", "crop_flip", "scale_crop_flip")
+# rescale by a factor in `Domain.scale_range` (DeepLabV3's usual 0.5..2), with or without the
+# flip (`scale_crop`: digits are not mirror-symmetric). DFAD's released NYUv2 code resizes to
+# 256 px (shorter side) once, then takes 128 px crops + flip: `crop_flip`.
+SEG_AUGMENTATIONS = ("none", "flip", "crop_flip", "scale_crop_flip", "scale_crop")
 IGNORE_INDEX = 255
 
 
@@ -74,7 +75,7 @@ class Domain:
     normalization: str
     eval_crop: float = 1.0  # ImageNet: resize to size/0.875 then centre crop.
     task: str = "classification"  # or "segmentation" (per-pixel labels)
-    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation's `scale_crop_flip`
+    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation's `scale_crop(_flip)`
     eval_size: int = 0  # segmentation eval: 0 = full resolution, else resized to S x S
 
     def __post_init__(self):
@@ -587,8 +588,8 @@ def preprocess_segmentation(element, domain: Domain, augment: str, seed=None):
     Train (`seed` given, `augment` in SEG_AUGMENTATIONS): `scale_crop_flip` rescales both by
     f ~ U(scale_range) (image bilinear, mask nearest), then a random `image_size` crop (padded
     where smaller: image 0, mask IGNORE_INDEX) and a horizontal flip with p 1/2, all from one
-    stacked tensor so the same pixels move together; `crop_flip` is that without the rescale,
-    `flip` resizes to `image_size` and flips. Eval (`seed` None or `none`): resized to
+    stacked tensor so the same pixels move together; `scale_crop` is that without the flip,
+    `crop_flip` without the rescale, `flip` resizes to `image_size` and flips. Eval (`seed` None or `none`): resized to
     `eval_size` when > 0 (mask nearest), else full resolution.
     """
     if augment not in SEG_AUGMENTATIONS:
@@ -615,7 +616,7 @@ def preprocess_segmentation(element, domain: Domain, augment: str, seed=None):
         size = domain.image_size
         if augment == "flip":
             image, mask = resize(image, mask, (size, size))
-        if augment == "scale_crop_flip":
+        if augment in ("scale_crop_flip", "scale_crop"):
             lo, hi = domain.scale_range
             factor = tf.random.stateless_uniform([], s[0], lo, hi)
             hw = tf.cast(tf.shape(image)[:2], tf.float32) * factor
@@ -624,7 +625,7 @@ def preprocess_segmentation(element, domain: Domain, augment: str, seed=None):
             stacked = image
         else:  # ignore + 1 so padding with 0 then subtracting 1 marks padded pixels ignore
             stacked = tf.concat([image, tf.cast(mask - IGNORE_INDEX - 1, tf.float32)], -1)
-        if augment in ("crop_flip", "scale_crop_flip"):
+        if augment in ("crop_flip", "scale_crop_flip", "scale_crop"):
             hw = tf.shape(stacked)[:2]
             pad = tf.maximum(size - hw, 0)
             stacked = tf.pad(
@@ -633,7 +634,8 @@ def preprocess_segmentation(element, domain: Domain, augment: str, seed=None):
             )
             depth = channels + (mask is not None)
             stacked = tf.image.stateless_random_crop(stacked, (size, size, depth), seed=s[1])
-        stacked = tf.image.stateless_random_flip_left_right(stacked, seed=s[2])
+        if augment.endswith("flip"):
+            stacked = tf.image.stateless_random_flip_left_right(stacked, seed=s[2])
         image = stacked[..., :channels]
         if mask is not None:
             mask = tf.cast(tf.round(stacked[..., channels:]), tf.int32) + IGNORE_INDEX + 1
