@@ -277,18 +277,21 @@ class TVInvertedResidual(tnn.Module):  # torchvision mobilenetv2.py
         return x + self.conv(x) if self.use_res else self.conv(x)
 
 
+MBV2_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
 class TVMobileNetV2(tnn.Module):
     def __init__(self, num_classes=1000, setting=None, last_channel=1280):
         super().__init__()
-        setting = setting or [
-            (1, 16, 1, 1),
-            (6, 24, 2, 2),
-            (6, 32, 3, 2),
-            (6, 64, 4, 2),
-            (6, 96, 3, 1),
-            (6, 160, 3, 2),
-            (6, 320, 1, 1),
-        ]
+        setting = setting or MBV2_SETTING
         feats = [_cna(3, 32, 3, 2)]
         inp = 32
         for t, c, n, s in setting:
@@ -430,17 +433,6 @@ class VainFInvertedResidual(tnn.Module):  # VainF network/backbone/mobilenetv2.p
     def forward(self, x):
         y = self.conv(F.pad(x, self.pad))
         return x + y if self.use_res else y
-
-
-MBV2_SETTING = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
 
 
 class VainFMobileNetV2Backbone(tnn.Module):
