@@ -273,25 +273,18 @@ class VainFMobileNetV2(nn.Module):
             **conv_options(self),
         )(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
-        idx, current_stride, dilation = 1, 2, 1
-        for t, c, n, s in self.inverted_residual_setting:
-            previous = dilation
-            if current_stride == self.output_stride:
-                stride, dilation = 1, dilation * s
-            else:
-                stride, current_stride = s, current_stride * s
-            for i in range(n):
-                x = VainFInvertedResidual(
-                    int(c * self.width_mult),
-                    stride if i == 0 else 1,
-                    t,
-                    dilation=previous if i == 0 else dilation,
-                    dtype=self.dtype,
-                    **conv_options(self),
-                    name=f"features_{idx}",
-                )(x, train)
-                idx += 1
-            if c in (16, 24, 32, 96):
+        plan = mobilenetv2.block_plan(self.inverted_residual_setting, self.output_stride)
+        for idx, (t, c, stride, dilation, stage_end) in enumerate(plan, start=1):
+            x = VainFInvertedResidual(
+                int(c * self.width_mult),
+                stride,
+                t,
+                dilation=dilation,
+                dtype=self.dtype,
+                **conv_options(self),
+                name=f"features_{idx}",
+            )(x, train)
+            if stage_end and c in mobilenetv2.STAGE_TAPS:
                 feats[f"stage{len(feats) + 1}"] = x
         feats["pre_logits"] = global_avg_pool(x)
         return x, feats

@@ -46,6 +46,24 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 320, 1, 1),
 )
 
+# stages whose last block is a named tap (stage1..4: strides 4, 8, 16 and the 96-ch stage)
+STAGE_TAPS = (16, 24, 32, 96)
+
+
+def block_plan(setting, output_stride):
+    """Per inverted residual of `setting` ((t, c, n, s) stages): (t, c, stride, dilation,
+    last block of its stage). Strides past `output_stride` (the stem's 2 counted) become
+    dilations; a stage's first block keeps the previous dilation, as torchvision / VainF do."""
+    current_stride, dilation = 2, 1
+    for t, c, n, s in setting:
+        previous = dilation
+        if current_stride == output_stride:
+            stride, dilation = 1, dilation * s
+        else:
+            stride, current_stride = s, current_stride * s
+        for i in range(n):
+            yield t, c, (stride if i == 0 else 1), (previous if i == 0 else dilation), i == n - 1
+
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """torchvision's `_make_divisible`: round to a multiple of `divisor`, never down by >10%."""
@@ -156,28 +174,20 @@ class MobileNetV2(nn.Module):
             name="features_0_0",
         )(x)
         x = nn.relu6(batch_norm(train, dtype=self.dtype, name="features_0_1")(x))
-        idx = 1
-        current_stride, dilation = 2, 1
-        for t, c, n, s in self.inverted_residual_setting:
-            out_c = make_divisible(c * self.width_mult)
-            previous = dilation
-            if current_stride == self.output_stride:
-                stride, dilation = 1, dilation * s
-            else:
-                stride, current_stride = s, current_stride * s
-            for i in range(n):
-                x = InvertedResidual(
-                    out_c,
-                    stride if i == 0 else 1,
-                    t,
-                    dtype=self.dtype,
-                    **conv_options(self),
-                    dilation=previous if i == 0 else dilation,
-                    name=f"features_{idx}",
-                )(x, train)
-                idx += 1
-            if c in (16, 24, 32, 96):
+        plan = block_plan(self.inverted_residual_setting, self.output_stride)
+        for idx, (t, c, stride, dilation, stage_end) in enumerate(plan, start=1):
+            x = InvertedResidual(
+                make_divisible(c * self.width_mult),
+                stride,
+                t,
+                dtype=self.dtype,
+                **conv_options(self),
+                dilation=dilation,
+                name=f"features_{idx}",
+            )(x, train)
+            if stage_end and c in STAGE_TAPS:
                 feats[f"stage{len(feats) + 1}"] = x
+        idx += 1  # the 1x1 conv after the last block
         if not self.include_top:
             feats["pre_logits"] = global_avg_pool(x)
             return x, feats
