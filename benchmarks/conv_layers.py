@@ -31,6 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = [
     (128, 32, 1, 6, 5, 1),
     (128, 14, 6, 16, 5, 1),
+    (128, 16, 32, 32, 3, 1),  # DAFL / DFAD generator (configs/dafl_mnist.py, ngf 16)
+    (128, 32, 32, 16, 3, 1),
+    (128, 32, 16, 1, 3, 1),
     (128, 32, 8, 8, 3, 1),
     (128, 32, 16, 16, 3, 1),
     (128, 32, 8, 16, 3, 2),
@@ -87,14 +90,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=7, help="timed rounds (median)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch columns")
+    p.add_argument(
+        "--only", default="", help="comma-separated rows of SHAPES to time (0-based; default all)"
+    )
     p.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.only:
+        global SHAPES
+        SHAPES = [SHAPES[int(i)] for i in args.only.split(",")]
     if args.torch_child:
         return torch_times(args.steps)
     torch = {}
     if not args.no_torch:
         run = subprocess.run(
-            [sys.executable, __file__, "--torch_child", "--steps", str(args.steps)],
+            [sys.executable, __file__, "--torch_child", "--steps", str(args.steps)]
+            + (["--only", args.only] if args.only else []),
             capture_output=True,
             text=True,
         )

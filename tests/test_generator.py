@@ -128,6 +128,59 @@ def _subtrees(state):
     }
 
 
+@pytest.mark.parametrize("conv", ["xla", "auto", "im2col"])
+def test_upsample_conv_equals_upsample_then_conv(conv):
+    """The generator's sub-pixel "up x2 -> conv3x3" (`UpsampleConv3x3`) against the two layers
+    written out (`conv2d` on the nearest-upsampled map), float64: the same variables from the
+    same key (names, shapes, values), the same output on a non-square odd-sized map, the same
+    gradients for the input and both variables; a kernel with one tap moved changes the output
+    (the comparison is not vacuous)."""
+    from kd_jax.models.generator import UpsampleConv3x3
+    from kd_jax.models.layers import conv2d
+
+    class WrittenOut(models.generator.nn.Module):
+        @models.generator.nn.compact
+        def __call__(self, x):
+            up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            return conv2d(
+                6,
+                3,
+                in_features=4,
+                padding=1,
+                use_bias=True,
+                dtype=jnp.float64,
+                conv=conv,
+                name="conv",
+            )(up)
+
+    class SubPixel(models.generator.nn.Module):
+        @models.generator.nn.compact
+        def __call__(self, x):
+            return UpsampleConv3x3(6, 4, jnp.float64, conv=conv, name="conv")(x)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng(0).normal(size=(3, 5, 7, 4)))
+        key = jax.random.PRNGKey(1)
+        v_ref, v_new = WrittenOut().init(key, x), SubPixel().init(key, x)
+        assert jax.tree_util.tree_structure(v_ref) == jax.tree_util.tree_structure(v_new)
+        assert max_distance(v_ref, v_new) == 0.0
+        y_ref, y_new = WrittenOut().apply(v_ref, x), SubPixel().apply(v_ref, x)
+        assert y_new.shape == (3, 10, 14, 6)
+        close(y_new, y_ref, name="sub-pixel up+conv")
+
+        def loss(module):
+            return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+        g_ref = jax.grad(loss(WrittenOut()), (0, 1))(v_ref, x)
+        g_new = jax.grad(loss(SubPixel()), (0, 1))(v_ref, x)
+        gradients = record("sub-pixel up+conv gradients", max_distance(g_new, g_ref))
+        assert gradients < 1e-12, gradients
+        moved = jax.tree_util.tree_map(lambda a: a, v_ref)
+        kernel = moved["params"]["conv"]["kernel"]
+        moved["params"]["conv"]["kernel"] = kernel.at[0, 0].set(kernel[2, 2])
+        assert max_distance(SubPixel().apply(moved, x), y_ref) > 1e-3
+
+
 def test_updates_touch_only_their_network_and_step_is_their_composition():
     """deepinv on WRN-10-1 (every term but DAFL's, BatchNorm in both nets), float64: the
     generator update changes only the generator, the student update only the student, the
