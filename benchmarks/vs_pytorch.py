@@ -37,7 +37,11 @@ latent batch drawn on the host beforehand (training draws it on the host, outsid
 while PyTorch draws z with torch.randn inside its step, as DAFL does; PyTorch's no-grad G(z) of
 the student update updates G's running BatchNorm statistics, kd_jax's discards them. DAFL-train.py
 itself trains G and the student on one generated batch per iteration (one G and one teacher
-forward fewer); both sides here do kd_jax's fresh-batch student update instead.
+forward fewer); both sides here do kd_jax's fresh-batch student update instead. kd_jax computes
+the generator's two "upsample x2 -> conv3x3" pairs in their sub-pixel form (one 2x2 conv of the
+low-res map, 2.25x fewer multiplies, the same function: kd_jax.models.generator);
+`--torch_subpixel` also times PyTorch with that form (checked against DAFL's layers in float64
+in the child), so the table separates the algorithm from the framework.
 
 Every measurement runs in a fresh subprocess (one framework's thread pool never competes with
 the other's, and XLA flags only take effect at start-up); kd_jax children run on one CPU device
@@ -126,6 +130,11 @@ def parse_args(argv=None):
         "PyTorch, ...); the table gives the median and the range",
     )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch measurement")
+    p.add_argument(
+        "--torch_subpixel",
+        action="store_true",
+        help="dafl: also time PyTorch with kd_jax's sub-pixel up+conv in the generator",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--child_opts", default="{}", help=argparse.SUPPRESS)
@@ -143,6 +152,8 @@ def parse_args(argv=None):
         p.error("--steps and --repeats must be >= 1")
     if args.workload == "kd_rkd" and args.batch < 3:
         p.error("--batch must be >= 3 (RKD angles need triplets)")
+    if args.torch_subpixel and (args.workload != "dafl" or args.no_torch):
+        p.error("--torch_subpixel needs --workload dafl and the PyTorch measurement")
     if args.workload == "dafl" and args.batch and args.batch < 2:
         p.error("--batch must be >= 2 (the generator's BatchNorm uses batch statistics)")
     return args
@@ -404,12 +415,31 @@ def dafl_settings() -> dict:
     }
 
 
-def torch_dafl_child(batch, steps, settings) -> dict:
+def torch_dafl_child(batch, steps, settings, subpixel=False) -> dict:
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
 
+    from kd_jax.models.generator import SUBPIXEL_TAPS
     from kd_jax.tools.torch_reference import LeNet5
+
+    taps = torch.from_numpy(SUBPIXEL_TAPS)
+
+    def upsample_conv(x, conv):
+        """conv(interpolate(x, 2)) as kd_jax computes it (kd_jax.models.generator's
+        `upsample2_conv3x3`): one 2x2 conv of the low-res map whose 4·C_out channels are the
+        output phases (p, q); phase (p, q) at (i, j) lies at (i + p, j + q)."""
+        b, _, h, w = x.shape
+        o = conv.out_channels
+        t = taps.to(conv.weight.dtype)
+        k = torch.einsum("pak,qbl,ockl->pqocab", t, t, conv.weight)
+        y = F.conv2d(x, k.reshape(4 * o, -1, 2, 2), padding=1).view(b, 2, 2, o, h + 1, w + 1)
+        rows = [
+            torch.stack([y[:, p, q, :, p : p + h, q : q + w] for q in (0, 1)], dim=-1)
+            for p in (0, 1)
+        ]
+        out = torch.stack(rows, dim=3).reshape(b, o, 2 * h, 2 * w)  # [b, o, h, p, w, q]
+        return out + conv.bias.view(1, -1, 1, 1)
 
     st = settings
 
@@ -432,14 +462,25 @@ def torch_dafl_child(batch, steps, settings) -> dict:
 
         def forward(self, z):
             x = self.bn0(self.l1(z).view(z.shape[0], -1, self.s, self.s))
-            x = F.interpolate(x, scale_factor=2)
-            x = F.leaky_relu(self.bn1(self.conv1(x)), 0.2)
-            x = F.interpolate(x, scale_factor=2)
-            x = F.leaky_relu(self.bn2(self.conv2(x)), 0.2)
+            x = F.leaky_relu(self.bn1(self.up_conv(x, self.conv1)), 0.2)
+            x = F.leaky_relu(self.bn2(self.up_conv(x, self.conv2)), 0.2)
             return self.bn_out(torch.tanh(self.conv3(x)))
+
+        @staticmethod
+        def up_conv(x, conv):
+            if subpixel:
+                return upsample_conv(x, conv)
+            return conv(F.interpolate(x, scale_factor=2))
 
     torch.manual_seed(0)
     gen = Generator(st["image_size"], st["channels"], st["latent_dim"], st["ngf"]).train()
+    check = {}
+    if subpixel:  # the same function as DAFL's layers (float64, away from the timed steps)
+        conv = tnn.Conv2d(5, 3, 3, 1, 1).double()
+        x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+        with torch.no_grad():
+            diff = (upsample_conv(x, conv) - conv(F.interpolate(x, scale_factor=2))).abs().max()
+        check["subpixel_max_diff_float64"] = float(diff)
     teacher = LeNet5(num_classes=st["num_classes"]).eval()
     student = LeNet5((3, 8, 60, 42), st["num_classes"]).train()
     for p in teacher.parameters():
@@ -517,6 +558,7 @@ def torch_dafl_child(batch, steps, settings) -> dict:
         "version": torch.__version__,
         "params": {"generator": count(gen), "teacher": count(teacher), "student": count(student)},
         "loss_finite": all(map(math.isfinite, losses)),
+        **check,
     }
 
 
@@ -612,7 +654,7 @@ def run_child(args):
     opts = json.loads(args.child_opts)
     if args.workload == "dafl":
         if args.child == "torch":
-            return torch_dafl_child(args.batch, args.steps, opts["settings"])
+            return torch_dafl_child(args.batch, args.steps, **opts)
         opts.pop("separate", None)  # rejected by parse_args for dafl
         return jax_dafl_child(args.batch, args.steps, **opts)
     if args.child == "torch":
@@ -647,9 +689,12 @@ def main(argv=None):
     )
     runs = {}  # name -> one result per repeat
     for rep in range(args.repeats):
-        todo = ([] if args.no_torch else [("pytorch eager", "torch", None, torch_opts)]) + [
-            (f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants
-        ]
+        todo = [] if args.no_torch else [("pytorch eager", "torch", None, torch_opts)]
+        if args.torch_subpixel:
+            todo.append(
+                ("pytorch eager, sub-pixel G", "torch", None, dict(torch_opts, subpixel=True))
+            )
+        todo += [(f"kd_jax {v}", "jax", *VARIANTS[v]) for v in args.variants]
         for name, kind, env_extra, opts in todo:
             r = measure(kind, args, env_extra, opts)
             runs.setdefault(name, []).append(r)

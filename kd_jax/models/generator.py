@@ -43,8 +43,8 @@ from kd_jax.models.layers import (
 
 # Along one axis, output pixel 2i + d of "nearest up x2, then a 3-tap kernel w (padding 1)" reads
 # low-resolution pixels i-1, i, i (d = 0) or i, i, i+1 (d = 1): two taps, [w0, w1 + w2] at
-# offsets (-1, 0) or [w0 + w1, w2] at (0, +1). _PHASE_TAPS[d, a, k]: weight of w_k in tap a.
-_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+# offsets (-1, 0) or [w0 + w1, w2] at (0, +1). SUBPIXEL_TAPS[d, a, k]: weight of w_k in tap a.
+SUBPIXEL_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
 def upsample2_conv3x3(x, kernel, conv_general_dilated=None):
@@ -55,7 +55,7 @@ def upsample2_conv3x3(x, kernel, conv_general_dilated=None):
     XLA's (an `nn.Conv`'s hook, `cpu_conv.conv_function`, otherwise)."""
     b, h, w, _ = x.shape
     out = kernel.shape[-1]
-    taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
+    taps = jnp.asarray(SUBPIXEL_TAPS, kernel.dtype)
     phase_kernel = jnp.einsum("pak,qbl,klco->abcpqo", taps, taps, kernel)
     phase_kernel = phase_kernel.reshape(2, 2, kernel.shape[2], 4 * out)
     conv = conv_general_dilated or jax.lax.conv_general_dilated
