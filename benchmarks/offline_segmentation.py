@@ -9,7 +9,10 @@ pool · KD on a random pool subset of N = 2,000 · ODSD (configs/odsd_segmnist.p
 ablations. Columns: mIoU and pixel accuracy on the 1,000 held-out test canvases (mean ± std over
 seeds), the share of digit canvases in the transfer set, wall time per run. The teacher is
 trained once into <out>/teacher unless --teacher names a finished configs/teacher_segmnist.py
-run. Finished runs are reused. Writes benchmarks/results/offline_segmentation.md and prints it.
+run. Finished runs are reused, and rows that earlier `--only` invocations finished in the same
+--out (every seed, the same --steps) stay in the table. Writes
+benchmarks/results/offline_segmentation.md (offline_segmentation_s<steps>.md with --steps) and
+prints it.
 """
 
 from __future__ import annotations
@@ -72,7 +75,11 @@ def main(argv=None):
 
     names = [n for n in RUN_ORDER if args.only is None or n in args.only]
     extra = {"num_steps": args.steps} if args.steps else {}
-    done = {}
+    # rows an earlier --only invocation finished in the same --out stay in the table
+    done = {n: rs for n in VARIANTS if n not in names and (rs := _finished(args, n))}
+    table = {"teacher (deeplabv3_resnet_small)": [t], **done}
+    if done:
+        _write(table, args, argv)
     for name in names:
         key = _key(name)
         done[name] = harness.run_variants(
@@ -83,6 +90,21 @@ def main(argv=None):
             **{k: done[k] for k in VARIANTS if k in done},
         }
         _write(table, args, argv)  # after every row, so a partial table survives
+
+
+def _finished(args, name):
+    """The results of row `name` in --out when every seed finished it at --steps, else None."""
+    results = []
+    for seed in args.seeds:
+        path = os.path.join(args.out, _key(name), f"seed{seed}", "results.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            r = json.load(f)
+        if args.steps and r.get("steps") != args.steps:
+            return None
+        results.append(r)
+    return results
 
 
 def _share(r):
@@ -144,7 +166,8 @@ def _write(table, args, argv):
             "",
         ]
     )
-    path = os.path.join(harness.ROOT, "benchmarks", "results", "offline_segmentation.md")
+    name = f"offline_segmentation_s{args.steps}.md" if args.steps else "offline_segmentation.md"
+    path = os.path.join(harness.ROOT, "benchmarks", "results", name)
     with open(path, "w") as f:
         f.write(text)
     print(text)
