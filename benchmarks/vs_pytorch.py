@@ -9,7 +9,7 @@ Two workloads (`--workload`):
     python benchmarks/vs_pytorch.py                      # kd_rkd: torch, then kd_jax variants
     python benchmarks/vs_pytorch.py --batch=64 --steps=10 --variants=baseline,onednn
     python benchmarks/vs_pytorch.py --variants=baseline --repeats=3   # interleaved, medians
-    python benchmarks/vs_pytorch.py --workload dafl --repeats 3       # DAFL, interleaved
+    python benchmarks/vs_pytorch.py --workload dafl --repeats 3 --torch_subpixel  # DAFL
 
 Results (tables, the machine, its load) belong in the README / benchmarks/results/, not here.
 
@@ -99,7 +99,7 @@ DAFL_CONFIG = os.path.join(ROOT, "configs", "dafl_mnist.py")
 # per workload: batch (0: the config's), timed steps, default variants
 DEFAULTS = {
     "kd_rkd": (64, 5, "baseline,native_conv,onednn,bf16,separate"),
-    "dafl": (0, 20, "baseline,native_conv,onednn"),
+    "dafl": (0, 20, "baseline"),
 }
 KD_RKD_ONLY = ("separate",)
 
