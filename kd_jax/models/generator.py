@@ -51,13 +51,15 @@ def upsample2_conv3x3(x, kernel, conv_general_dilated=None):
     """`conv3x3(padding 1)(nearest_upsample_x2(x))` on NHWC, as one 2x2 convolution of the low-res
     `x` (padding 1, an (H+1)x(W+1) output) whose 4·C_out channels are the four output phases:
     phase (dh, dw) at low-res (i, j) lies at (i + dh, j + dw) of that output, because phase 1's
-    taps start one pixel later. `kernel` [3, 3, C_in, C_out]; `conv_general_dilated` defaults to
-    XLA's (an `nn.Conv`'s hook, `cpu_conv.conv_function`, otherwise)."""
+    taps start one pixel later. `kernel` [3, 3, C_in, C_out] (its taps are summed in the wider of its
+    and x's dtype, then cast to x's); `conv_general_dilated`: None for XLA's, or a replacement with its
+    signature (`cpu_conv.conv_function`)."""
     b, h, w, _ = x.shape
     out = kernel.shape[-1]
-    taps = jnp.asarray(SUBPIXEL_TAPS, kernel.dtype)
-    phase_kernel = jnp.einsum("pak,qbl,klco->abcpqo", taps, taps, kernel)
-    phase_kernel = phase_kernel.reshape(2, 2, kernel.shape[2], 4 * out)
+    wide = jnp.promote_types(kernel.dtype, x.dtype)  # bfloat16 activations: taps summed in f32
+    taps = jnp.asarray(SUBPIXEL_TAPS, wide)
+    phase_kernel = jnp.einsum("pak,qbl,klco->abcpqo", taps, taps, kernel.astype(wide))
+    phase_kernel = phase_kernel.reshape(2, 2, kernel.shape[2], 4 * out).astype(x.dtype)
     conv = conv_general_dilated or jax.lax.conv_general_dilated
     y = conv(
         x,
@@ -79,7 +81,7 @@ class UpsampleConv3x3(nn.Module):
     """Nearest upsampling x2 then `conv2d(features, 3, padding=1, use_bias=True)`, with that
     conv's variables (`kernel` [3, 3, C_in, C_out], `bias`, PyTorch's default init), computed by
     `upsample2_conv3x3`: 2.25x fewer multiplies and 9x smaller im2col patches than the two
-    layers written out (the DCGAN generator's cost on the CPU was these convolutions)."""
+    layers written out."""
 
     features: int
     in_features: int
@@ -98,11 +100,7 @@ class UpsampleConv3x3(nn.Module):
         )
         bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), jnp.float32)
         x = jnp.asarray(x, self.dtype)
-        y = upsample2_conv3x3(
-            x,
-            kernel.astype(self.dtype),
-            cpu_conv.conv_function(self.conv, self.conv_groups),
-        )
+        y = upsample2_conv3x3(x, kernel, cpu_conv.conv_function(self.conv, self.conv_groups))
         return y + bias.astype(self.dtype)
 
 
