@@ -480,6 +480,8 @@ def torch_dafl_child(batch, steps, settings, subpixel=False) -> dict:
         x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
         with torch.no_grad():
             diff = (upsample_conv(x, conv) - conv(F.interpolate(x, scale_factor=2))).abs().max()
+        if not diff < 1e-10:
+            raise AssertionError(f"sub-pixel generator differs from DAFL's layers by {diff}")
         check["subpixel_max_diff_float64"] = float(diff)
     teacher = LeNet5(num_classes=st["num_classes"]).eval()
     student = LeNet5((3, 8, 60, 42), st["num_classes"]).train()
