@@ -135,11 +135,13 @@ def test_upsample_conv_equals_upsample_then_conv(conv):
     same key (names, shapes, values), the same output on a non-square odd-sized map, the same
     gradients for the input and both variables; a kernel with one tap moved changes the output
     (the comparison is not vacuous)."""
+    import flax.linen as nn
+
     from kd_jax.models.generator import UpsampleConv3x3
     from kd_jax.models.layers import conv2d
 
-    class WrittenOut(models.generator.nn.Module):
-        @models.generator.nn.compact
+    class WrittenOut(nn.Module):
+        @nn.compact
         def __call__(self, x):
             up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
             return conv2d(
@@ -153,8 +155,8 @@ def test_upsample_conv_equals_upsample_then_conv(conv):
                 name="conv",
             )(up)
 
-    class SubPixel(models.generator.nn.Module):
-        @models.generator.nn.compact
+    class SubPixel(nn.Module):
+        @nn.compact
         def __call__(self, x):
             return UpsampleConv3x3(6, 4, jnp.float64, conv=conv, name="conv")(x)
 
