@@ -15,7 +15,8 @@ Rows: the teacher · KD on the original train images (upper bound) · KD on the 
 a random pool subset of N = 4,000 · DFND-style global confidence top-N (an ODSD switch setting,
 KD loss) · ODSD · ODSD with the adaptive refresh (§1F) · ODSD's losses on the whole pool · ODSD
 without APS / LNR / L_TR / L_SR · APS with plain KD (all three loss terms off) · ODSD ranking
-by the k-NN or the BatchNorm-statistics score (`odsd.score`) · EIKD at the same steps. Columns:
+by the k-NN or the BatchNorm-statistics score (`odsd.score`) · EIKD at the same steps · ODSD
+with LNR's `prior` rule (`odsd.lnr.rule`). Columns:
 student accuracy on the held-out MNIST-5k test split (mean ± std over seeds), the share of
 digits (related sources) in the transfer set, and wall time per run. Every run shares one teacher (trained once into
 <out>/teacher unless --teacher names a finished run). Finished runs are reused, so the table can
@@ -66,6 +67,8 @@ VARIANTS = {
         {"odsd.score": "bn", "odsd.diagnostics.quality_plot": False},
     ),
     "EIKD (its defaults, same steps)": ("configs/eikd_mnist.py", {}),
+    # LNR's rule=prior: the teacher's targets keep every class, minus the batch's shared lean
+    "ODSD, LNR rule prior": ("configs/odsd_mnist.py", {"odsd.lnr.rule": "prior"}),
 }
 
 RUN_ORDER = [
@@ -84,6 +87,7 @@ RUN_ORDER = [
     "ODSD, k-NN score",
     "ODSD, BN-statistics score (BatchNorm teachers)",
     "EIKD (its defaults, same steps)",
+    "ODSD, LNR rule prior",
 ]
 
 

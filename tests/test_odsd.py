@@ -265,6 +265,42 @@ def test_lnr_uniform_tail_against_float64_reference():
         losses.low_noise_targets(jnp.asarray(zt, jnp.float32), tau, tail="flat")
 
 
+def test_lnr_prior_rule_against_float64_reference_and_global_over_devices():
+    """rule=prior: t_i = softmax(z_i/τ - log π), π the (weighted) batch mean of softmax(z/τ);
+    a class every row leans to loses that lean; the mean is over the global batch."""
+    rng = np.random.default_rng(2)
+    tau = 4.0
+    zt = rng.normal(0, 3, (32, C))
+    zt[:, 3] += 6.0  # a "sink" class: every row's tail leans to class 3
+    w = rng.uniform(0.5, 2.0, 32)
+    w[:5] = 0.0  # rows not counted in the mean
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    pi = (w[:, None] * softmax(zt / tau)).sum(0) / w.sum()
+    want = softmax(zt / tau - np.log(pi))
+    with jax.enable_x64(True):
+        t, kept = losses.low_noise_targets(jnp.asarray(zt), tau, rule="prior", row_weights=w)
+        np.testing.assert_allclose(np.asarray(t), want, rtol=1e-12, atol=1e-15)
+        assert bool(kept.all())
+        # permuting the rows permutes the targets; unweighted = weights of one
+        perm = rng.permutation(32)
+        t_perm, _ = losses.low_noise_targets(jnp.asarray(zt[perm]), tau, rule="prior")
+        t_all, _ = losses.low_noise_targets(jnp.asarray(zt), tau, rule="prior")
+        np.testing.assert_allclose(np.asarray(t_perm), np.asarray(t_all)[perm], rtol=1e-12)
+        # sharded over 8 devices inside jit = one device: the mean is the global batch's
+        mesh = parallel.make_mesh(jax.devices()[:8])
+        zt_sharded = parallel.global_batch({"z": np.asarray(zt)}, mesh)["z"]
+        f = jax.jit(lambda z: losses.low_noise_targets(z, tau, rule="prior")[0])
+        np.testing.assert_allclose(np.asarray(f(zt_sharded)), np.asarray(t_all), rtol=1e-12)
+    # the sink class's mean target mass falls from the teacher's to about 1 / C
+    p_tau = softmax(zt / tau)
+    sink = float(np.asarray(t)[:, 3].mean())
+    assert p_tau[:, 3].mean() > 2.5 / C and abs(sink - 1 / C) < 0.03, (p_tau[:, 3].mean(), sink)
+
+
 # ----- DCRD ---------------------------------------------------------------------------------
 
 

@@ -111,6 +111,7 @@ def low_noise_targets(
     threshold=None,
     k_max=None,
     tail="drop",
+    row_weights=None,
 ):
     """ODSD §2 low-noise representation: per-sample truncated, renormalised teacher targets.
 
@@ -121,7 +122,13 @@ def low_noise_targets(
       rule="top_k": the top-k classes (k defaults to ceil(C/2)).
       rule="threshold": classes with p_T >= threshold, plus the argmax.
       rule="none": every class (plain KD targets).
-    For top_k / threshold / none, k_max (if given) also caps |K_i|. K_i always holds the
+      rule="prior" (a kd_jax option): every class, and the part of the tail every row shares
+        is removed: the logits at tau are shifted by -log pi, pi = the batch's mean
+        softmax(z_T / tau) (rows weighted by `row_weights`, [B], 0 = not counted), so
+        t_i = softmax(z_T,i / tau - log pi). A teacher that puts the same extra mass on one
+        class for every open-world image (a "sink" class) loses that bias; the per-image shape
+        of the tail (dark knowledge) stays. The mean is over the whole (global) batch.
+    For top_k / threshold / none / prior, k_max (if given) also caps |K_i|. K_i always holds the
     argmax (ties by smaller class index).
 
     Target (tail="drop", the paper's): t_i(c) = softmax over K_i of z_T,i / tau, exactly 0 outside
@@ -159,16 +166,23 @@ def low_noise_targets(
         if threshold is None:
             raise ValueError("rule='threshold' needs threshold")
         kept = (jax.nn.softmax(z, axis=-1) >= threshold) | (ranks == 0)
-    elif rule == "none":
+    elif rule in ("none", "prior"):
         kept = jnp.ones(z.shape, bool)
     else:
         raise ValueError(f"unknown rule {rule!r}")
     if k_max is not None and rule != "top_p":
         kept = kept & (ranks < k_max)
+    z_tau = z / temperature
+    if rule == "prior":
+        w, valid = cm.row_weights(row_weights, z.shape[0], z.dtype)
+        p_tau = jnp.where(valid[:, None], jax.nn.softmax(z_tau, axis=-1), 0.0)
+        p_mean = cm.safe_div(jnp.sum(w[:, None] * p_tau, axis=0), jnp.sum(w))
+        # the floor keeps log finite where a class's mean underflows (or no row is counted)
+        z_tau = z_tau - jnp.log(jnp.maximum(p_mean, jnp.finfo(z.dtype).tiny))
     if tail == "drop":
-        targets = jax.nn.softmax(jnp.where(kept, z / temperature, cm.NEG), axis=-1)
+        targets = jax.nn.softmax(jnp.where(kept, z_tau, cm.NEG), axis=-1)
     elif tail == "uniform":
-        p_tau = jax.nn.softmax(z / temperature, axis=-1)
+        p_tau = jax.nn.softmax(z_tau, axis=-1)
         mass_out = jnp.sum(jnp.where(kept, 0.0, p_tau), axis=-1, keepdims=True)
         n_out = jnp.sum(~kept, axis=-1, keepdims=True)
         targets = jnp.where(kept, p_tau, mass_out / jnp.maximum(n_out, 1))

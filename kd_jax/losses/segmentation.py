@@ -67,7 +67,8 @@ def pixel_low_noise_loss(
     **lnr,
 ):
     """ODSD §2 LNR per pixel (§5): `low_noise_targets` on every pixel's [C] teacher logits
-    (`lnr`: rule, rho, k, threshold, k_max, tail), then `soft_target_cross_entropy` of the
+    (`lnr`: rule, rho, k, threshold, k_max, tail; rule="prior"'s mean is over the
+    counted pixels), then `soft_target_cross_entropy` of the
     student's full pixel softmax (`apply_to="teacher"`) or `kd_loss` with both softmaxes cut
     to K (`"both"`), averaged over the counted pixels: `weights` [B] per image (0 = a padded
     image), `pixel_mask` [B, H, W] (0 = a padded or ignored pixel, which then changes nothing).
@@ -77,10 +78,10 @@ def pixel_low_noise_loss(
     c = shape[-1]
     zs = jnp.reshape(student_logits, (-1, c))
     zt = jnp.reshape(teacher_logits, (-1, c))
-    targets, kept = low_noise_targets(zt, temperature, **lnr)
     w = _pixel_weights(shape[:-1], weights)
     if pixel_mask is not None:
         w = w * (jnp.reshape(pixel_mask, (-1,)) > 0)
+    targets, kept = low_noise_targets(zt, temperature, row_weights=w, **lnr)
     if confidence_weight:
         c1 = jnp.max(jax.nn.softmax(jax.lax.stop_gradient(cm.as_float(zt)), -1), -1)
         w = w * cm.safe_div(c1, cm.weighted_mean(c1, w, w > 0))

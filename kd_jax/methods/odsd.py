@@ -59,7 +59,7 @@ SELECTIONS = ("aps", "random", "all")
 SCORES = ("aps", "energy", "mahalanobis", "knn", "bn")
 INITS = ("fc_weight", "confident_mean")
 GATES = ("quantile", "global", "none")
-LNR_RULES = ("top_p", "top_k", "threshold", "none")
+LNR_RULES = ("top_p", "top_k", "threshold", "none", "prior")
 TR_KINDS = ("rel_kl", "crd_nce", "rkd")
 REL_SPACES = ("feature", "lnr_prob")
 SR_POSITIVES = ("instance", "pseudo_label")
@@ -105,7 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
             ),
             "lnr": ml_collections.ConfigDict(
                 {
-                    "rule": "top_p",  # top_p | top_k | threshold | none (= plain KD) (§2)
+                    "rule": "top_p",  # top_p | top_k | threshold | none (= plain KD) | prior (§2)
                     "rho": 0.9,
                     "k": 0,  # top_k: k (0 = ⌈C/2⌉)
                     "threshold": 0.01,  # threshold rule: keep p_T >= threshold (+ argmax)
@@ -438,6 +438,11 @@ class ODSD(Method):
         check_choice(cfg.lnr.rule, LNR_RULES, "odsd.lnr.rule")
         check_choice(cfg.lnr.apply_to, ("teacher", "both"), "odsd.lnr.apply_to")
         check_choice(cfg.lnr.tail, ("drop", "uniform"), "odsd.lnr.tail")
+        if cfg.lnr.rule == "prior" and cfg.lnr.apply_to == "both":
+            raise ValueError(
+                "odsd.lnr.rule='prior' shifts the teacher's targets, which "
+                "odsd.lnr.apply_to='both' (class dropping) does not use: pick one"
+            )
         check_choice(cfg.tr.kind, TR_KINDS, "odsd.tr.kind")
         check_choice(cfg.tr.rel_space, REL_SPACES, "odsd.tr.rel_space")
         check_choice(cfg.sr.positives, SR_POSITIVES, "odsd.sr.positives")
