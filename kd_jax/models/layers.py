@@ -161,11 +161,14 @@ def linear(
     )
 
 
+BN_MOMENTUM = 0.9  # Flax's: running = 0.9·running + 0.1·batch (PyTorch's momentum 0.1)
+
+
 def batch_norm(train: bool, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
     """`torch.nn.BatchNorm2d` defaults (momentum 0.1 → Flax 0.9, eps 1e-5, weight 1, bias 0)."""
     return nn.BatchNorm(
         use_running_average=not train,
-        momentum=0.9,
+        momentum=BN_MOMENTUM,
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,
