@@ -127,7 +127,8 @@ def low_noise_targets(
         softmax(z_T / tau) (rows weighted by `row_weights`, [B], 0 = not counted), so
         t_i = softmax(z_T,i / tau - log pi). A teacher that puts the same extra mass on one
         class for every open-world image (a "sink" class) loses that bias; the per-image shape
-        of the tail (dark knowledge) stays. The mean is over the whole (global) batch.
+        of the tail (dark knowledge) stays, up to the shift. The mean is over the whole
+        (global) batch. It assumes the original classes are balanced.
     For top_k / threshold / none / prior, k_max (if given) also caps |K_i|. K_i always holds the
     argmax (ties by smaller class index).
 

@@ -67,11 +67,11 @@ def pixel_low_noise_loss(
     **lnr,
 ):
     """ODSD §2 LNR per pixel (§5): `low_noise_targets` on every pixel's [C] teacher logits
-    (`lnr`: rule, rho, k, threshold, k_max, tail; rule="prior"'s mean is over the
-    counted pixels), then `soft_target_cross_entropy` of the
-    student's full pixel softmax (`apply_to="teacher"`) or `kd_loss` with both softmaxes cut
-    to K (`"both"`), averaged over the counted pixels: `weights` [B] per image (0 = a padded
-    image), `pixel_mask` [B, H, W] (0 = a padded or ignored pixel, which then changes nothing).
+    (`lnr`: rule, rho, k, threshold, k_max, tail; rule="prior"'s mean is over the counted
+    pixels, and it also removes the background's lean, which is real in segmentation), then
+    `soft_target_cross_entropy` of the student's full pixel softmax (`apply_to="teacher"`) or
+    `kd_loss` with both softmaxes cut to K (`"both"`), averaged over the counted pixels:
+    `weights` [B] per image (0 = a padded image), `pixel_mask` [B, H, W] (0 = a padded or ignored pixel, which then changes nothing).
     `confidence_weight`: pixel weight c1 / mean(c1), c1 = max_c p_T(c|pixel), the mean over
     the counted pixels. Returns (loss, targets [B, H, W, C], kept [B, H, W, C] bool)."""
     shape = jnp.shape(teacher_logits)
