@@ -48,7 +48,7 @@ def main(argv=None):
     import ml_collections
     import tensorflow as tf
 
-    from kd_jax import inference, models, parallel
+    from kd_jax import inference, losses, models, parallel
     from kd_jax.data import offline, pipeline
     from kd_jax.models.layers import BN_MOMENTUM
     from kd_jax.teacher import model_variables
@@ -56,12 +56,41 @@ def main(argv=None):
     mesh = parallel.make_mesh(jax.devices()[:1])
 
     def load(workdir):
+        """(results.json, eval logits of images [N, ...], the same with BatchNorm statistics
+        replaced by those of a set; both compiled once per run)."""
         with open(os.path.join(workdir, "results.json")) as f:
             info = json.load(f)
         model = models.create_model(info["model"], info.get("num_classes", 10))
-        return info, model, model_variables(workdir)
+        variables = model_variables(workdir)
+        apply = inference.BatchedApply(
+            lambda v, b: {"logits": model.apply(v, b["image"], train=False)[0]}, mesh
+        )
+        batch_stats = jax.jit(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+        )
 
-    t_info, t_model, t_vars = load(args.teacher)
+        def logits(x, v=variables):
+            batches = (
+                {"image": x[i : i + BATCH], "mask": np.ones(len(x[i : i + BATCH]), np.float32)}
+                for i in range(0, len(x), BATCH)
+            )
+            return apply.gather(v, batches=batches, pad_to=BATCH)["logits"]
+
+        def logits_with_statistics_of(statistics_images, x):
+            """The running statistics replaced by those of one train-mode batch."""
+            pick = np.random.default_rng(0).permutation(len(statistics_images))[:BN_IMAGES]
+            new = batch_stats(variables, statistics_images[pick])
+            stats = jax.tree.map(
+                lambda n, o: (n - BN_MOMENTUM * o) / (1 - BN_MOMENTUM),
+                new,
+                variables["batch_stats"],
+            )
+            return logits(x, {"params": variables["params"], "batch_stats": stats})
+
+        has_bn = bool(variables["batch_stats"])
+        return info, logits, logits_with_statistics_of if has_bn else None
+
+    t_info, t_logits, _ = load(args.teacher)
     domain = pipeline.domain_from_config(ml_collections.ConfigDict(t_info["config"]["data"]))
 
     def prepare(images):  # the eval geometry and normalisation of kd_jax.data.pipeline
@@ -70,42 +99,12 @@ def main(argv=None):
         )
         return np.concatenate(list(ds.batch(1024).as_numpy_iterator()))
 
-    def logits(model, variables, x):
-        apply = inference.BatchedApply(
-            lambda v, b: {"logits": model.apply(v, b["image"], train=False)[0]}, mesh
-        )
-        batches = (
-            {"image": x[i : i + BATCH], "mask": np.ones(len(x[i : i + BATCH]), np.float32)}
-            for i in range(0, len(x), BATCH)
-        )
-        return apply.gather(variables, batches=batches, pad_to=BATCH)["logits"]
-
-    def with_statistics_of(model, variables, x):
-        """`variables` with the BatchNorm running statistics of the batch x (train mode)."""
-        x = x[np.random.default_rng(0).permutation(len(x))[:BN_IMAGES]]
-        new = jax.jit(
-            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
-        )(variables, x)
-        stats = jax.tree.map(
-            lambda n, o: (n - BN_MOMENTUM * o) / (1 - BN_MOMENTUM), new, variables["batch_stats"]
-        )
-        return {"params": variables["params"], "batch_stats": stats}
-
     data = offline.mnist5k()
     x_test, y_test = prepare(data["test_images"]), data["test_labels"]
     pool = offline.build_offline_pool(seed=0)
     x_pool = prepare(pool["images"])
     related = np.isin(pool["sources"].astype(str), offline.RELATED_SOURCES)
-    zt_pool, zt_test = logits(t_model, t_vars, x_pool), logits(t_model, t_vars, x_test)
-
-    def softmax(z, tau):
-        z = z / tau - (z / tau).max(-1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(-1, keepdims=True)
-
-    def kl(zt, zs, tau):
-        pt, ps = softmax(zt, tau), softmax(zs, tau)
-        return float((pt * (np.log(pt + 1e-12) - np.log(ps + 1e-12))).sum(-1).mean())
+    zt_pool, zt_test = t_logits(x_pool), t_logits(x_test)
 
     columns = [
         "test acc. (%)",
@@ -127,7 +126,7 @@ def main(argv=None):
         for workdir in sorted(glob.glob(os.path.join(directory, "seed*"))):
             if not os.path.exists(os.path.join(workdir, "results.json")):
                 continue
-            info, model, variables = load(workdir)
+            info, logits, logits_with_statistics_of = load(workdir)
             selection = os.path.join(workdir, "selection.npz")
             if os.path.exists(selection):
                 with np.load(selection) as z:
@@ -135,7 +134,7 @@ def main(argv=None):
             else:  # KD on the whole pool
                 ids = np.arange(len(x_pool))
             tau = info["config"]["kd"]["temperature"]
-            zs, zs_test = logits(model, variables, x_pool[ids]), logits(model, variables, x_test)
+            zs, zs_test = logits(x_pool[ids]), logits(x_test)
             agree, digit = zs.argmax(-1) == zt_pool[ids].argmax(-1), related[ids]
             values = [
                 (zs_test.argmax(-1) == y_test).mean() * 100,
@@ -143,13 +142,13 @@ def main(argv=None):
                 agree[digit].mean() * 100,
                 agree[~digit].mean() * 100,
                 (zs_test.argmax(-1) == zt_test.argmax(-1)).mean() * 100,
-                kl(zt_pool[ids], zs, tau),
-                softmax(zt_pool[ids], tau).mean(0).max() * 100,
+                float(losses.kd_loss(zs, zt_pool[ids], tau)) / tau**2,  # the mean KL
+                float(jax.nn.softmax(zt_pool[ids] / tau).mean(0).max()) * 100,
                 len(np.unique(zs_test.argmax(-1))),
             ]
-            if variables["batch_stats"]:
+            if logits_with_statistics_of:
                 for x in (x_test, x_pool[ids[digit]], x_pool[ids[~digit]]):
-                    z = logits(model, with_statistics_of(model, variables, x), x_test)
+                    z = logits_with_statistics_of(x, x_test)
                     values.append((z.argmax(-1) == y_test).mean() * 100)
             else:
                 values += [np.nan] * 3

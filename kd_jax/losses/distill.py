@@ -176,8 +176,8 @@ def low_noise_targets(
     z_tau = z / temperature
     if rule == "prior":
         w, valid = cm.row_weights(row_weights, z.shape[0], z.dtype)
-        p_tau = jnp.where(valid[:, None], jax.nn.softmax(z_tau, axis=-1), 0.0)
-        p_mean = cm.safe_div(jnp.sum(w[:, None] * p_tau, axis=0), jnp.sum(w))
+        p_rows = jnp.where(valid[:, None], jax.nn.softmax(z_tau, axis=-1), 0.0)
+        p_mean = cm.safe_div(jnp.sum(w[:, None] * p_rows, axis=0), jnp.sum(w))
         # the floor keeps log finite where a class's mean underflows (or no row is counted)
         z_tau = z_tau - jnp.log(jnp.maximum(p_mean, jnp.finfo(z.dtype).tiny))
     if tail == "drop":
